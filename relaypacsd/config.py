@@ -1,0 +1,465 @@
+"""Load relaypacs.toml, apply the operators' environment variables, validate, and mask secrets."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from relaypacsd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/relaypacs/relaypacs.toml")
+PACS_TYPES = ("orthanc", "dcm4chee", "dicomweb")
+OBSERVERS = ("auto", "native", "polling")
+MASK = "********"
+
+
+class Secret:
+    """A password or token: prints as a mask everywhere, so it never reaches a log or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        """The real value, for the one place that must send it."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Process-wide settings."""
+
+    state_dir: str = "/var/lib/relaypacs"
+    log_level: str = "INFO"
+    log_format: str = "text"
+    log_file: str = ""
+    log_rotation: str = "50 MB"
+    log_retention: str = "14 days"
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    heartbeat_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """How and when files are forwarded."""
+
+    enabled: bool = True
+    active_pacs: tuple[str, ...] = ()
+    retry_attempts: int = 3
+    retry_delay: float = 2.0
+    retry_sweep_interval: float = 30.0
+    retry_backoff_max: float = 3600.0
+    max_age_hours: float = 72.0
+    health_interval: float = 30.0
+    batch_max_instances: int = 50
+    batch_max_bytes: int = 64 * 1024 * 1024
+    workers_per_pacs: int = 4
+    sent_retention_days: float = 0.0
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """One watch root: its inbox/, sending/, sent/ and failed/ live beneath `path`."""
+
+    path: str = ""
+    observer: str = "auto"
+    settle_seconds: float = 2.0
+    poll_interval: float = 1.0
+    rescan_interval: float = 30.0
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    """One PACS: where it is, how to log in, and how to reach its DICOM port for C-STORE."""
+
+    name: str = ""
+    type: str = "dicomweb"
+    url: str = ""
+    dicomweb_root: str = ""
+    username: str = ""
+    password: Secret = field(default_factory=lambda: Secret(""))
+    password_file: str = ""
+    token: Secret = field(default_factory=lambda: Secret(""))
+    token_file: str = ""
+    oauth2_token_url: str = ""
+    client_id: str = ""
+    client_secret: Secret = field(default_factory=lambda: Secret(""))
+    client_secret_file: str = ""
+    oauth2_scope: str = ""
+    ca_bundle: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    verify_tls: bool = True
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    ae_title: str = ""
+    calling_ae_title: str = "RELAYPACS_GW"
+    dicom_host: str = ""
+    dicom_port: int = 0
+    fallback: str = ""
+
+    @property
+    def stow_base(self) -> str:
+        """The DICOMweb root URL (no trailing slash) for this PACS type."""
+        if self.dicomweb_root:
+            root = self.dicomweb_root
+            if root.startswith("http://") or root.startswith("https://"):
+                return root.rstrip("/")
+            return self.url.rstrip("/") + "/" + root.strip("/")
+        base = self.url.rstrip("/")
+        if self.type == "orthanc":
+            return base + "/dicom-web"
+        if self.type == "dcm4chee":
+            return f"{base}/dcm4chee-arc/aets/{self.ae_title or 'DCM4CHEE'}/rs"
+        return base
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration: file, then environment, validated."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    watch: tuple[WatchConfig, ...] = ()
+    pacs: Mapping[str, PacsConfig] = field(default_factory=dict)
+    source: str = ""
+
+    def active(self) -> list[PacsConfig]:
+        """The PACS that files are forwarded to, in ACTIVE_PACS order."""
+        return [self.pacs[n] for n in self.delivery.active_pacs]
+
+
+# Keys the operators' environment already uses, mapped to [delivery].
+_DELIVERY_ENV = {
+    "PACS_ENABLED": "enabled",
+    "ACTIVE_PACS": "active_pacs",
+    "PACS_RETRY_ATTEMPTS": "retry_attempts",
+    "PACS_RETRY_DELAY": "retry_delay",
+}
+_PACS_ENV_SUFFIXES = {
+    "URL": "url",
+    "USERNAME": "username",
+    "PASSWORD": "password",
+    "AE_TITLE": "ae_title",
+    "PASSWORD_FILE": "password_file",
+    "TOKEN": "token",
+    "TYPE": "type",
+}
+_SECRET_FILES = {"password_file": "password", "token_file": "token", "client_secret_file": "client_secret"}
+# Names whose environment variables are honoured even when no file mentions them.
+_WELL_KNOWN_PACS = ("orthanc", "dcm4chee")
+
+
+def find_config_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """`--config`, then $RELAYPACS_CONFIG, then /etc/relaypacs/relaypacs.toml; None when none exists."""
+    environ = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if environ.get("RELAYPACS_CONFIG"):
+        return Path(environ["RELAYPACS_CONFIG"])
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the file (when given), apply the environment, validate; raise ConfigError on any problem."""
+    environ = dict(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    source = "(no file)"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found: create it with `relaypacsd init --config {path}`") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: not readable by this user: fix its permissions (chmod 640, group of the service)") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory: point --config at the relaypacs.toml file inside it") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc}): fix the syntax at that line") from None
+    return build_config(raw, environ, source)
+
+
+def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str = "") -> Config:
+    """Turn parsed TOML plus environment into a validated Config."""
+    where = source or "config"
+    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs"}, "", where)
+
+    daemon = _section(DaemonConfig, raw.get("daemon", {}), "daemon", where)
+    delivery_raw = dict(_as_table(raw.get("delivery", {}), "delivery", where))
+    for var, key in _DELIVERY_ENV.items():
+        if var in environ:
+            delivery_raw[key] = _from_env(var, environ[var], DeliveryConfig, key)
+    delivery = _section(DeliveryConfig, delivery_raw, "delivery", where)
+
+    watch_raw = raw.get("watch", [])
+    if isinstance(watch_raw, dict):
+        watch_raw = [watch_raw]
+    if not isinstance(watch_raw, list):
+        raise ConfigError(f"{where}: 'watch' must be a list of [[watch]] tables, each with path = \"/srv/relaypacs/...\"")
+    watches = tuple(_section(WatchConfig, w, f"watch[{i}]", where) for i, w in enumerate(watch_raw))
+
+    pacs_raw = {name: dict(_as_table(tbl, f"pacs.{name}", where)) for name, tbl in _as_table(raw.get("pacs", {}), "pacs", where).items()}
+    names = list(pacs_raw)
+    for name in list(delivery.active_pacs) + list(_WELL_KNOWN_PACS):
+        if name not in names:
+            names.append(name)
+    pacs: dict[str, PacsConfig] = {}
+    for name in names:
+        table = pacs_raw.get(name, {})
+        prefix = _env_prefix(name)
+        from_env = {key: _from_env(prefix + suf, environ[prefix + suf], PacsConfig, key)
+                    for suf, key in _PACS_ENV_SUFFIXES.items() if prefix + suf in environ}
+        if name not in pacs_raw and "url" not in from_env:
+            continue  # a well-known name nobody configured
+        table.update(from_env)
+        table.setdefault("type", name if name in PACS_TYPES else "dicomweb")
+        table["name"] = name
+        pacs[name] = _section(PacsConfig, table, f"pacs.{name}", where)
+
+    if not delivery.active_pacs:
+        delivery = _replace(delivery, active_pacs=tuple(pacs))
+    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, source=source)
+    validate(config, where)
+    return config
+
+
+def validate(config: Config, where: str = "config") -> None:
+    """Cross-key checks; raise ConfigError naming the key and the fix."""
+    d = config.daemon
+    if d.log_format not in ("text", "json"):
+        raise ConfigError(f"{where}: daemon.log_format = {d.log_format!r}: use \"text\" or \"json\"")
+    if d.log_level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{where}: daemon.log_level = {d.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+    if not 0 <= d.metrics_port <= 65535:
+        raise ConfigError(f"{where}: daemon.metrics_port = {d.metrics_port}: use 0 (off) or a port 1-65535")
+    dl = config.delivery
+    for key in ("retry_attempts", "batch_max_instances", "batch_max_bytes", "workers_per_pacs"):
+        if getattr(dl, key) < 1:
+            env = {"retry_attempts": " (or PACS_RETRY_ATTEMPTS)"}.get(key, "")
+            raise ConfigError(f"{where}: delivery.{key}{env} = {getattr(dl, key)}: must be 1 or more")
+    for key in ("retry_delay", "retry_sweep_interval", "health_interval", "max_age_hours", "retry_backoff_max"):
+        if getattr(dl, key) <= 0:
+            env = {"retry_delay": " (or PACS_RETRY_DELAY)"}.get(key, "")
+            raise ConfigError(f"{where}: delivery.{key}{env} = {getattr(dl, key)}: must be a number of seconds/hours above 0")
+    for name in dl.active_pacs:
+        if name not in config.pacs:
+            known = ", ".join(sorted(config.pacs)) or "none"
+            raise ConfigError(
+                f"{where}: ACTIVE_PACS / delivery.active_pacs names {name!r}, which is not configured (configured: {known}): "
+                f"add a [pacs.{name}] table with a url, or set {_env_prefix(name)}URL")
+    for i, w in enumerate(config.watch):
+        if not w.path:
+            raise ConfigError(f"{where}: watch[{i}].path is missing: set path = \"/srv/relaypacs/<modality>\"")
+        if w.observer not in OBSERVERS:
+            raise ConfigError(f"{where}: watch[{i}].observer = {w.observer!r}: use \"auto\", \"native\" or \"polling\"")
+        for key in ("settle_seconds", "poll_interval", "rescan_interval"):
+            if getattr(w, key) <= 0:
+                raise ConfigError(f"{where}: watch[{i}].{key} = {getattr(w, key)}: must be above 0 seconds")
+    paths = [os.path.abspath(w.path) for w in config.watch]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"{where}: two [[watch]] tables have the same path: give each watch root its own folder")
+    for p in config.pacs.values():
+        _validate_pacs(p, where)
+
+
+def _validate_pacs(p: PacsConfig, where: str) -> None:
+    key = f"pacs.{p.name}"
+    env = _env_prefix(p.name)
+    if p.type not in PACS_TYPES:
+        raise ConfigError(f"{where}: {key}.type = {p.type!r}: use \"orthanc\", \"dcm4chee\" or \"dicomweb\"")
+    if not p.url:
+        raise ConfigError(f"{where}: {key}.url is missing: set url = \"http://host:8042\" in [{key}] or {env}URL")
+    if not (p.url.startswith("http://") or p.url.startswith("https://")):
+        raise ConfigError(f"{where}: {key}.url = {p.url!r} (or {env}URL): must start with http:// or https://")
+    if p.fallback not in ("", "cstore"):
+        raise ConfigError(f"{where}: {key}.fallback = {p.fallback!r}: use \"cstore\" or leave it empty")
+    if p.fallback == "cstore" and not (p.dicom_port and p.ae_title):
+        raise ConfigError(f"{where}: {key}.fallback = \"cstore\" needs dicom_port and ae_title (or {env}AE_TITLE)")
+    if p.password and p.password_file:
+        raise ConfigError(f"{where}: {key} has both password and password_file: keep one")
+    if bool(p.client_cert) != bool(p.client_key) and not _pem_holds_key(p.client_cert):
+        raise ConfigError(f"{where}: {key}.client_cert and client_key go together: set both (or a PEM holding both as client_cert)")
+    if p.oauth2_token_url and not p.client_id:
+        raise ConfigError(f"{where}: {key}.oauth2_token_url needs client_id and client_secret (or client_secret_file)")
+    for tkey in ("connect_timeout", "read_timeout"):
+        if getattr(p, tkey) <= 0:
+            raise ConfigError(f"{where}: {key}.{tkey} = {getattr(p, tkey)}: must be above 0 seconds")
+    for len_key in ("ae_title", "calling_ae_title"):
+        if len(getattr(p, len_key)) > 16:
+            raise ConfigError(f"{where}: {key}.{len_key} = {getattr(p, len_key)!r}: an AE title has at most 16 characters")
+
+
+def _pem_holds_key(path: str) -> bool:
+    try:
+        return "PRIVATE KEY" in Path(path).read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def resolve_secret(p: PacsConfig, name: str) -> Secret:
+    """The secret `name` (password, token, client_secret) from the config or its *_file."""
+    value: Secret = getattr(p, name)
+    file_key = name + "_file"
+    path = getattr(p, file_key, "")
+    if value or not path:
+        return value
+    try:
+        return Secret(Path(path).read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"pacs.{p.name}.{file_key} = {path!r}: cannot read it ({exc.strerror}): fix the path or its permissions") from None
+
+
+def _env_prefix(name: str) -> str:
+    return name.upper().replace("-", "_") + "_"
+
+
+def _as_table(value: Any, key: str, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' must be a table ([{key}]), not {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(table: Mapping[str, Any], allowed: set[str], prefix: str, where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(allowed))}"
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}': {fix}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", tuple: "a list of strings"}
+
+
+def _section(cls: type, table: Any, key: str, where: str) -> Any:
+    table = _as_table(table, key, where)
+    spec = {f.name: f for f in fields(cls)}
+    _reject_unknown(table, set(spec), f"{key}.", where)
+    values = {}
+    for name, value in table.items():
+        values[name] = _coerce(value, _field_type(cls, name), f"{key}.{name}", where)
+    return cls(**values)
+
+
+def _field_type(cls: type, name: str) -> type:
+    from dataclasses import MISSING
+
+    spec = {f.name: f for f in fields(cls)}[name]
+    sample = spec.default_factory() if spec.default_factory is not MISSING else spec.default  # type: ignore[misc]
+    return type(sample)
+
+
+def _coerce(value: Any, typ: type, key: str, where: str) -> Any:
+    ok = False
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif typ is str:
+        ok = isinstance(value, str)
+    elif typ is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    elif typ is Secret:
+        if isinstance(value, Secret):
+            return value
+        ok = isinstance(value, str)
+        value = Secret(value) if ok else value
+    if not ok:
+        shown = "(hidden)" if typ is Secret else repr(value)
+        raise ConfigError(f"{where}: {key} = {shown} must be {_TYPE_WORDS.get(typ, 'a string')}: fix its value")
+    return value
+
+
+def _from_env(var: str, text: str, cls: type, key: str) -> Any:
+    """Parse one environment variable by the type of the field it sets."""
+    typ = _field_type(cls, key)
+    text = text.strip()
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"environment: {var}={text!r}: use true or false")
+    if typ is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"environment: {var}={text!r}: must be a whole number, e.g. {var}=3") from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"environment: {var}={text!r}: must be a number of seconds, e.g. {var}=2") from None
+    if typ is tuple:
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    if typ is Secret:
+        return Secret(text)
+    return text
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(obj, **changes)
+
+
+def to_toml(config: Config, *, mask: bool = True) -> str:
+    """The effective config as TOML; secrets are masked unless mask=False (used by `init` only)."""
+
+    def plain(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(obj):
+            if f.name in skip:
+                continue
+            v = getattr(obj, f.name)
+            if isinstance(v, Secret):
+                v = (MASK if v else "") if mask else v.reveal()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    doc: dict[str, Any] = {
+        "daemon": plain(config.daemon),
+        "delivery": plain(config.delivery),
+        "watch": [plain(w) for w in config.watch],
+        "pacs": {name: plain(p, skip=("name",)) for name, p in config.pacs.items()},
+    }
+    return tomli_w.dumps(doc)

@@ -1,0 +1,37 @@
+"""The exceptions of relaypacsd: each message says what a technician can do about it."""
+
+
+class RelayPacsError(Exception):
+    """Base of every error relaypacsd raises on purpose."""
+
+
+class ConfigError(RelayPacsError):
+    """The configuration is unusable; the message names the key and the fix."""
+
+
+class SpoolError(RelayPacsError):
+    """A watch root cannot be used as a spool (permissions, several filesystems, ...)."""
+
+
+class InvalidDicomError(RelayPacsError):
+    """A file is not a DICOM instance this gateway can forward (a permanent, per-file problem)."""
+
+
+class PacsError(RelayPacsError):
+    """Talking to a PACS failed; `transient` says whether waiting may help."""
+
+    def __init__(self, message: str, *, transient: bool = True, status: int | None = None):
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
+
+
+class PacsUnreachable(PacsError):
+    """The PACS did not answer at all (DNS, refused connection, timeout, TLS)."""
+
+
+class DestinationProblem(PacsError):
+    """The PACS answered, but its setup is wrong for us (401/403/404/405/415): not the file's fault."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message, transient=True, status=status)
