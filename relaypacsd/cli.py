@@ -1,0 +1,171 @@
+"""The `relaypacsd` command line: one function per command, each callable in-process with args."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from relaypacsd import __version__
+from relaypacsd.config import Config, find_config_path, load_config, to_toml
+from relaypacsd.errors import RelayPacsError
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(find_config_path(args.config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    from relaypacsd.daemon import Daemon
+    from relaypacsd.logs import setup_logging
+
+    config = _load(args)
+    setup_logging(config.daemon, level=args.log_level)
+    if not config.watch:
+        raise RelayPacsError(f"{config.source}: no [[watch]] table: add one with path = \"/srv/relaypacs/inbox-root\"")
+    from loguru import logger
+
+    logger.info("relaypacsd {} starting with {}", __version__, config.source)
+    for line in to_toml(config).splitlines():
+        logger.debug("config: {}", line)
+    return Daemon(config).run()
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the effective configuration (file + environment) as TOML, secrets masked."""
+    config = _load(args)
+    print(f"# effective configuration from {config.source} and the environment; secrets masked")
+    print(to_toml(config), end="")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a starter relaypacs.toml, taking values from the operators' environment variables."""
+    from relaypacsd.config import build_config
+
+    target = Path(args.config or os.environ.get("RELAYPACS_CONFIG") or "relaypacs.toml")
+    if target.exists() and not args.force:
+        raise RelayPacsError(f"{target} exists: pass --force to overwrite it, or choose another --config path")
+    root = args.watch or "/srv/relaypacs/default"
+    raw = {"daemon": {"state_dir": args.state_dir}, "watch": [{"path": root}]}
+    config = build_config(raw, os.environ, str(target))
+    # Secrets that came from the environment stay out of the file: the environment keeps providing them.
+    text = to_toml(config, mask=True).replace('"********"', '""')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("# relaypacsd configuration, written by `relaypacsd init`.\n"
+                      "# Every key is documented in relaypacs.toml.example; environment variables override it.\n" + text)
+    os.chmod(target, 0o640)
+    print(f"wrote {target}: watch root {root}; PACS: {', '.join(config.pacs) or 'none yet (set ORTHANC_URL)'}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and test every active PACS, one line per check with the fix for each failure."""
+    from relaypacsd.destinations import build_sender
+    from relaypacsd.errors import PacsError
+    from relaypacsd.spool import Spool
+
+    config = _load(args)
+    failures = 0
+    print(f"ok   config {config.source}")
+    for w in config.watch:
+        try:
+            Spool(Path(w.path)).prepare()
+            print(f"ok   watch root {w.path}")
+        except RelayPacsError as exc:
+            failures += 1
+            print(f"FAIL watch root {w.path}: {exc}")
+    for pacs in config.active():
+        sender = build_sender(pacs)
+        try:
+            sender.probe()
+            print(f"ok   PACS {pacs.name} at {sender.target}: reachable, credentials accepted")
+        except PacsError as exc:
+            failures += 1
+            print(f"FAIL PACS {pacs.name}: {exc}")
+    if not config.active():
+        print("warn no active PACS: set ORTHANC_URL (or [pacs.NAME] url) and ACTIVE_PACS")
+    return EXIT_FAIL if failures else EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 only if the running daemon's heartbeat is fresh and its threads are alive."""
+    config = _load(args)
+    path = Path(config.daemon.state_dir) / "heartbeat.json"
+    try:
+        beat = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"unhealthy: no heartbeat at {path}: is relaypacsd running with state_dir {config.daemon.state_dir}?")
+        return EXIT_FAIL
+    age = time.time() - float(beat.get("time", 0))
+    limit = max(15.0, 3 * config.daemon.heartbeat_interval)
+    if age > limit:
+        print(f"unhealthy: last heartbeat {age:.0f} s ago (limit {limit:.0f} s): the daemon is stuck or stopped")
+        return EXIT_FAIL
+    if not beat.get("alive", False):
+        print("unhealthy: a watcher, worker or scheduler thread has died: see the log, restart the service")
+        return EXIT_FAIL
+    print(f"healthy: heartbeat {age:.0f} s ago, {beat.get('in_flight', 0)} file(s) in flight")
+    return EXIT_OK
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="relaypacsd",
+        description="Forward DICOM files dropped into inbox folders to PACS over DICOMweb STOW-RS (C-STORE fallback).")
+    parser.add_argument("--version", action="version", version=f"relaypacsd {__version__}")
+    parser.add_argument("-c", "--config", help="path of relaypacs.toml (default: $RELAYPACS_CONFIG, then "
+                                               "/etc/relaypacs/relaypacs.toml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (systemd and Docker run this)")
+    p.add_argument("--log-level", help="override daemon.log_level (DEBUG, INFO, WARNING)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate the config and test every PACS (reachable, credentials, endpoint)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("init", help="write a starter relaypacs.toml from the environment (ORTHANC_URL, ...)")
+    p.add_argument("--watch", help="the first watch root (default /srv/relaypacs/default)")
+    p.add_argument("--state-dir", default="/var/lib/relaypacs", help="where the journal lives")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    show = csub.add_parser("show", help="print the effective configuration, secrets masked")
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("health", help="exit 0 if the running daemon is alive (Docker HEALTHCHECK, monitoring)")
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run one command, turn our errors into one line and an exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Command | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return func(args)
+    except RelayPacsError as exc:
+        from relaypacsd.errors import ConfigError
+
+        print(f"relaypacsd: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130

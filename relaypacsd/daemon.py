@@ -1,0 +1,254 @@
+"""The daemon: wires watchers, validation, delivery and scheduled jobs; handles signals and shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from loguru import logger
+
+from relaypacsd import dicomfile
+from relaypacsd.config import Config
+from relaypacsd.delivery import Engine, Sender
+from relaypacsd.destinations import build_sender
+from relaypacsd.errors import InvalidDicomError
+from relaypacsd.journal import Journal
+from relaypacsd.spool import Spool, now_iso
+from relaypacsd.watcher import InboxWatcher
+
+TICK = 0.2  # seconds between looks at the watchers' candidates
+HEARTBEAT_FILE = "heartbeat.json"
+
+
+class Daemon:
+    """One running relaypacsd: the only long-lived mutable object in the process."""
+
+    def __init__(self, config: Config, senders: dict[str, Sender] | None = None):
+        self.config = config
+        self.state_dir = Path(config.daemon.state_dir)
+        self.stop_event = threading.Event()
+        self.spools = [Spool(Path(w.path)) for w in config.watch]
+        self.watchers = [InboxWatcher(s.inbox, w) for s, w in zip(self.spools, config.watch)]
+        self.journal = Journal(self.state_dir / "journal.sqlite3")
+        if senders is None:
+            active = config.active() if config.delivery.enabled else []
+            senders = {p.name: build_sender(p, pool_size=config.delivery.workers_per_pacs) for p in active}
+        self.engine = Engine(config, self.journal, senders)
+        self.engine.on_finished = self._on_finished
+        self._intake: "queue.Queue[tuple[Spool, Path]]" = queue.Queue()
+        self._intake_paths: set[Path] = set()
+        self._intake_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.counters = {"sent": 0, "failed": 0}
+        self.ready = threading.Event()
+        self.on_ready: Callable[[], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Prepare spools, recover sending/, start watchers, workers and jobs."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for spool in self.spools:
+            spool.prepare()
+        if not self.config.delivery.enabled:
+            logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
+                           "valid files wait in sending/")
+        elif not self.engine.destinations:
+            logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
+        self.engine.start()
+        for name in range(2):
+            self._spawn(self._validator, f"validate-{name}")
+        recovered = self._recover()
+        if recovered:
+            logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
+        for watcher in self.watchers:
+            watcher.start()
+        self._spawn(self._scanner, "scanner")
+        self._start_jobs()
+        self.engine.probe()
+        self._write_heartbeat()
+        self.ready.set()
+        logger.info("relaypacsd ready: {} watch root(s), forwarding to {}", len(self.spools),
+                    ", ".join(f"{d.name} ({d.sender.target})" for d in self.engine.destinations.values()) or "nobody")
+        if self.on_ready:
+            self.on_ready()
+
+    def run(self) -> int:
+        """Run in the foreground until SIGTERM/SIGINT; return the exit code."""
+        self._install_signals()
+        self.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                pass
+        finally:
+            self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop (safe from a signal handler: only sets a flag)."""
+        self.stop_event.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop claiming, let batches in flight finish, stop jobs; unfinished files stay in sending/."""
+        logger.info("relaypacsd stopping: no new files are claimed; batches in flight finish")
+        self.stop_event.set()
+        for watcher in self.watchers:
+            watcher.stop()
+        try:
+            self.scheduler.shutdown(wait=True)
+        except Exception:  # not started
+            pass
+        self.engine.stop(timeout=timeout)
+        for t in self._threads:
+            t.join(timeout=5)
+        self.journal.close()
+        logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def alive(self) -> bool:
+        """True while the watchers, the scanner, the validators, the workers and the scheduler run."""
+        return (all(w.alive() for w in self.watchers) and all(t.is_alive() for t in self._threads)
+                and self.engine.alive() and self.scheduler.running)
+
+    # -- finding and validating files ------------------------------------------------------------------
+
+    def _scanner(self) -> None:
+        while not self.stop_event.is_set():
+            for spool, watcher in zip(self.spools, self.watchers):
+                try:
+                    for path in watcher.tick():
+                        if self.stop_event.is_set():
+                            return
+                        claimed = spool.claim(path)
+                        if claimed is not None:
+                            self._queue_intake(spool, claimed)
+                except Exception:
+                    logger.exception("watch {}: scan failed; retrying", spool.inbox)
+            self.stop_event.wait(TICK)
+
+    def _queue_intake(self, spool: Spool, path: Path) -> None:
+        with self._intake_lock:
+            if path in self._intake_paths:
+                return
+            self._intake_paths.add(path)
+        self._intake.put((spool, path))
+
+    def _validator(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                spool, path = self._intake.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self._validate(spool, path)
+            except Exception:
+                logger.exception("validation of {} failed unexpectedly; it stays in sending/ for the next sweep", path)
+            finally:
+                with self._intake_lock:
+                    self._intake_paths.discard(path)
+
+    def _validate(self, spool: Spool, path: Path) -> None:
+        if self.engine.known(path):
+            return
+        try:
+            info = dicomfile.inspect(path)
+        except FileNotFoundError:
+            return
+        except InvalidDicomError as exc:
+            stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
+            new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
+                                                "next_step": "fix or replace the file; `relaypacsd retry FILE` "
+                                                             "queues it again"})
+            self.counters["failed"] += 1
+            logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
+            return
+        self.engine.submit(path, spool, info)
+
+    def _recover(self) -> int:
+        """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason."""
+        count = 0
+        for spool in self.spools:
+            for path in spool.files("sending"):
+                if not self.engine.known(path):
+                    self._queue_intake(spool, path)
+                    count += 1
+        return count
+
+    def _on_finished(self, item: object, folder: str) -> None:
+        self.counters[folder] += 1
+
+    # -- scheduled jobs --------------------------------------------------------------------------------
+
+    def _start_jobs(self) -> None:
+        d = self.config.delivery
+        common = dict(coalesce=True, max_instances=1, replace_existing=True)
+        self.scheduler.add_job(self._sweep_job, "interval", seconds=d.retry_sweep_interval, id="retry-sweep",
+                               misfire_grace_time=max(1, int(d.retry_sweep_interval)), **common)
+        self.scheduler.add_job(self.engine.probe, "interval", seconds=d.health_interval, id="health-probe",
+                               jitter=min(5, d.health_interval / 10), misfire_grace_time=max(1, int(d.health_interval)),
+                               **common)
+        self.scheduler.add_job(self._write_heartbeat, "interval", seconds=self.config.daemon.heartbeat_interval,
+                               id="heartbeat", misfire_grace_time=5, **common)
+        if d.sent_retention_days > 0:
+            self.scheduler.add_job(self._retention_job, "interval", hours=1, id="retention", misfire_grace_time=600,
+                                   **common)
+        self.scheduler.add_listener(self._job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        self.scheduler.start()
+
+    def _job_event(self, event: JobEvent) -> None:
+        if event.code == EVENT_JOB_ERROR:
+            logger.error("scheduled job {} failed: {}", event.job_id, getattr(event, "exception", ""))
+        else:
+            logger.warning("scheduled job {} skipped a run (still busy or late)", event.job_id)
+
+    def _sweep_job(self) -> None:
+        released = self.engine.sweep()
+        orphans = self._recover()
+        if released or orphans:
+            logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
+
+    def _retention_job(self) -> None:
+        limit = time.time() - self.config.delivery.sent_retention_days * 86400
+        removed = 0
+        for spool in self.spools:
+            for path in spool.files("sent"):
+                try:
+                    if path.stat().st_mtime < limit:
+                        path.unlink()
+                        removed += 1
+                except OSError:
+                    continue
+        if removed:
+            logger.info("retention: removed {} file(s) from sent/ older than {:g} days", removed,
+                        self.config.delivery.sent_retention_days)
+
+    def _write_heartbeat(self) -> None:
+        """Write the liveness file that `relaypacsd health` reads."""
+        body = {"time": time.time(), "pid": os.getpid(), "alive": self.alive() if self.ready.is_set() else True,
+                "in_flight": self.engine.in_flight(), "sent": self.counters["sent"], "failed": self.counters["failed"]}
+        tmp = self.state_dir / f".{HEARTBEAT_FILE}.tmp"
+        try:
+            tmp.write_text(json.dumps(body))
+            os.replace(tmp, self.state_dir / HEARTBEAT_FILE)
+        except OSError as exc:
+            logger.warning("cannot write heartbeat in {}: {}", self.state_dir, exc)

@@ -1,0 +1,425 @@
+"""Deliver claimed files to every active destination: batch, send, reconcile each instance, decide the next state."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from loguru import logger
+
+from relaypacsd.config import Config, PacsConfig
+from relaypacsd.dicomfile import DicomInfo
+from relaypacsd.dicomweb import StowPart
+from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
+from relaypacsd.journal import Journal
+from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
+from relaypacsd.spool import Spool, now_iso
+
+# How many deliveries an instance with an unclear rejection (0x0110, "200 but not confirmed") gets.
+LIMITED_MAX_DELIVERIES = 3
+DELIVERED = (Outcome.DELIVERED, Outcome.DUPLICATE)
+
+
+class Sender(Protocol):
+    """What the pipeline needs from a destination, whatever the protocol (STOW-RS, C-STORE)."""
+
+    name: str
+    target: str  # the URL or host:port shown in logs
+
+    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
+        """Store the parts; return one result per part and the HTTP status (None for DIMSE)."""
+
+    def probe(self) -> None:
+        """Raise PacsError unless the destination answers and accepts our credentials."""
+
+
+@dataclass(eq=False)
+class Item:
+    """One claimed, valid file waiting in sending/ for one or more destinations."""
+
+    path: Path
+    spool: Spool
+    info: DicomInfo
+    first_seen: float
+    pending: set[str]
+    failures: dict[str, InstanceResult] = field(default_factory=dict)
+    done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def part(self) -> StowPart:
+        return StowPart(path=self.path, sop_uid=self.info.sop_instance_uid, size=self.info.size)
+
+
+class Destination:
+    """One active PACS: its queue of ready items, its workers and its health."""
+
+    def __init__(self, config: PacsConfig, sender: Sender, engine: "Engine"):
+        self.config = config
+        self.name = config.name
+        self.sender = sender
+        self.engine = engine
+        self.ready: deque[Item] = deque()
+        self.waiting: dict[Item, float] = {}  # item -> next try (monotonic)
+        self.cond = threading.Condition()
+        self.healthy = True
+        self.down_reason = ""
+        self.threads: list[threading.Thread] = []
+        self.busy = 0
+
+    def put(self, item: Item, at: float = 0.0) -> None:
+        """Queue an item now, or park it until `at` (monotonic time) for the sweep."""
+        with self.cond:
+            if at and at > time.monotonic():
+                self.waiting[item] = at
+            else:
+                self.waiting.pop(item, None)
+                self.ready.append(item)
+                self.cond.notify()
+
+    def release_due(self, everything: bool = False) -> int:
+        """Move waiting items whose time has come (or all of them) to the ready queue."""
+        now = time.monotonic()
+        with self.cond:
+            due = [i for i, t in self.waiting.items() if everything or t <= now]
+            for item in due:
+                del self.waiting[item]
+                self.ready.append(item)
+            if due:
+                self.cond.notify_all()
+        return len(due)
+
+    def take_batch(self, stop: threading.Event) -> list[Item]:
+        """Block until a batch is ready (and the PACS healthy); group by study within the caps."""
+        cfg = self.engine.config.delivery
+        with self.cond:
+            while not stop.is_set() and (not self.ready or not self.healthy):
+                self.cond.wait(0.5)
+            if stop.is_set():
+                return []
+            first = self.ready.popleft()
+            batch, size = [first], first.info.size
+            study = first.info.study_instance_uid
+            # Same study first, then anything else, so requests stay full under mixed traffic.
+            for same_study in (True, False):
+                for item in list(self.ready):
+                    if len(batch) >= cfg.batch_max_instances:
+                        break
+                    if same_study != (item.info.study_instance_uid == study):
+                        continue
+                    if size + item.info.size > cfg.batch_max_bytes:
+                        continue
+                    self.ready.remove(item)
+                    batch.append(item)
+                    size += item.info.size
+            self.busy += 1
+            return batch
+
+    def set_health(self, healthy: bool, reason: str = "") -> None:
+        """Mark the destination up or down; log each change once; wake workers when it comes back."""
+        with self.cond:
+            changed = healthy != self.healthy
+            self.healthy, self.down_reason = healthy, ("" if healthy else reason)
+            self.cond.notify_all()
+        if not changed:
+            return
+        self.engine.journal.set_health(self.name, healthy, reason)
+        if healthy:
+            logger.info("PACS {} at {} is reachable again: resuming deliveries", self.name, self.sender.target)
+            self.engine.on_destination_back(self)
+        else:
+            logger.error("PACS {} at {} is DOWN, deliveries paused, files wait in sending/: {}",
+                         self.name, self.sender.target, reason)
+
+    def queued(self) -> int:
+        with self.cond:
+            return len(self.ready) + len(self.waiting) + self.busy
+
+
+class Engine:
+    """Wires destinations, journal and spool moves; the one place that turns outcomes into folder moves."""
+
+    def __init__(self, config: Config, journal: Journal, senders: dict[str, Sender],
+                 sleep: Callable[[float], bool] | None = None):
+        self.config = config
+        self.journal = journal
+        self.stop_event = threading.Event()
+        self.destinations = {name: Destination(config.pacs[name], s, self) for name, s in senders.items()}
+        self._sleep = sleep or self.stop_event.wait
+        self._items: dict[Path, Item] = {}
+        self._items_lock = threading.Lock()
+        self.on_finished: Callable[[Item, str], None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the workers of every destination."""
+        for dest in self.destinations.values():
+            for i in range(self.config.delivery.workers_per_pacs):
+                t = threading.Thread(target=self._worker, args=(dest,), name=f"deliver-{dest.name}-{i}", daemon=True)
+                t.start()
+                dest.threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking batches; wait for batches in flight (their files stay in sending/ if abandoned)."""
+        self.stop_event.set()
+        for dest in self.destinations.values():
+            with dest.cond:
+                dest.cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for dest in self.destinations.values():
+            for t in dest.threads:
+                t.join(max(0.1, deadline - time.monotonic()))
+
+    def alive(self) -> bool:
+        """True while every worker thread runs."""
+        return all(t.is_alive() for d in self.destinations.values() for t in d.threads)
+
+    def in_flight(self) -> int:
+        """Files known to the engine and not yet in sent/ or failed/."""
+        with self._items_lock:
+            return len(self._items)
+
+    # -- intake ------------------------------------------------------------------------------------
+
+    def submit(self, path: Path, spool: Spool, info: DicomInfo) -> None:
+        """Take a valid file in sending/ and queue it for every destination that has not confirmed it."""
+        key = str(path)
+        rows = self.journal.ensure(key, self.destinations)
+        first_seen = min((r.first_seen for r in rows.values()), default=time.time())
+        pending = {d for d, r in rows.items() if d in self.destinations and r.state != "delivered"}
+        item = Item(path=path, spool=spool, info=info, first_seen=first_seen, pending=set(pending))
+        with self._items_lock:
+            if path in self._items:
+                return  # already queued (a rescan of sending/ found it again)
+            self._items[path] = item
+        if not self.destinations:
+            return  # PACS_ENABLED=false: validated and parked in sending/
+        if not pending:
+            self._finish(item)
+            return
+        now_wall, now_mono = time.time(), time.monotonic()
+        for name in pending:
+            row = rows[name]
+            at = now_mono + max(0.0, row.next_try - now_wall) if row.state == "waiting" else 0.0
+            self.destinations[name].put(item, at)
+
+    def known(self, path: Path) -> bool:
+        """True if the engine already tracks this file."""
+        with self._items_lock:
+            return path in self._items
+
+    # -- delivery ----------------------------------------------------------------------------------
+
+    def _worker(self, dest: Destination) -> None:
+        while not self.stop_event.is_set():
+            batch = dest.take_batch(self.stop_event)
+            if not batch:
+                continue
+            try:
+                self._deliver(dest, batch)
+            except Exception:  # a bug must not kill the worker: the files wait for the sweep
+                logger.exception("PACS forward {}: unexpected error; {} file(s) wait for the retry sweep",
+                                 dest.name, len(batch))
+                for item in batch:
+                    dest.put(item, time.monotonic() + self.config.delivery.retry_sweep_interval)
+            finally:
+                with dest.cond:
+                    dest.busy -= 1
+
+    def _deliver(self, dest: Destination, batch: list[Item]) -> None:
+        """Send a batch with quick retries for what may succeed soon; split batches that failed whole."""
+        cfg = self.config.delivery
+        todo, attempt = batch, 0
+        while todo:
+            attempt += 1
+            results, status, ms = self._send_once(dest, todo)
+            retry: list[Item] = []
+            split: list[Item] = []
+            for item, result in zip(todo, results):
+                if result.outcome is Outcome.SPLIT:
+                    split.append(item)
+                elif result.outcome in (Outcome.TRANSIENT, Outcome.LIMITED) and attempt < cfg.retry_attempts \
+                        and dest.healthy and not self.stop_event.is_set():
+                    retry.append(item)
+                else:
+                    self._record(dest, item, result)
+            self._log_batch(dest, todo, results, status, ms, attempt)
+            if split:
+                half = max(1, len(split) // 2)
+                # Blame no single file for a whole-batch failure: resend in halves down to one file.
+                for part in (split[:half], split[half:]):
+                    if part:
+                        self._deliver(dest, part)
+            if retry:
+                delay = cfg.retry_delay * (2 ** (attempt - 1))
+                if self._sleep(delay):
+                    for item in retry:  # stopping: leave them for the next start
+                        self._record(dest, item, results_for_error([item.info.sop_instance_uid], Outcome.TRANSIENT,
+                                                                   "daemon stopping")[0])
+                    return
+            todo = retry
+
+    def _send_once(self, dest: Destination, items: list[Item]) -> tuple[list[InstanceResult], int | None, float]:
+        parts = [i.part for i in items]
+        uids = [p.sop_uid for p in parts]
+        started = time.monotonic()
+        try:
+            results, status = dest.sender.send(parts)
+        except DestinationProblem as exc:
+            dest.set_health(False, str(exc))
+            return results_for_error(uids, Outcome.DESTINATION, str(exc), exc.status), exc.status, _ms(started)
+        except PacsUnreachable as exc:
+            dest.set_health(False, str(exc))
+            return results_for_error(uids, Outcome.TRANSIENT, str(exc)), None, _ms(started)
+        except PacsError as exc:
+            outcome = Outcome.TRANSIENT if exc.transient else Outcome.PERMANENT
+            return results_for_error(uids, outcome, str(exc), exc.status), exc.status, _ms(started)
+        except OSError as exc:  # the file vanished or became unreadable under us
+            return results_for_error(uids, Outcome.TRANSIENT, f"cannot read file: {exc}"), None, _ms(started)
+        return results, status, _ms(started)
+
+    def _log_batch(self, dest: Destination, items: list[Item], results: list[InstanceResult],
+                   status: int | None, ms: float, attempt: int) -> None:
+        by_outcome: dict[Outcome, list[tuple[Item, InstanceResult]]] = {}
+        for item, result in zip(items, results):
+            by_outcome.setdefault(result.outcome, []).append((item, result))
+        http = f"HTTP {status}" if status is not None else "no answer"
+        for outcome, pairs in by_outcome.items():
+            files = ",".join(str(i.spool.relative(i.path)) for i, _ in pairs)
+            uids = ",".join(i.info.sop_instance_uid for i, _ in pairs)
+            reason = pairs[0][1].reason
+            if outcome in DELIVERED:
+                logger.info("PACS forward {} {}: {} file(s) {} in {:.0f} ms ({}) files={} uids={}", dest.name,
+                            outcome.value, len(pairs), outcome.value, ms, http, files, uids)
+            else:
+                logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} uids={}",
+                               dest.name, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids)
+
+    # -- outcomes -> states --------------------------------------------------------------------------
+
+    def _record(self, dest: Destination, item: Item, result: InstanceResult) -> None:
+        """Turn one instance's outcome at one destination into journal state and, when settled, a folder move."""
+        key = str(item.path)
+        cfg = self.config.delivery
+        row = self.journal.rows(key).get(dest.name)
+        attempts = (row.attempts if row else 0) + 1
+        detail = _detail(result)
+        if result.outcome in DELIVERED:
+            self.journal.update(key, dest.name, state="delivered", event=result.outcome.value, detail=detail,
+                                attempts=attempts, code=result.reason_code)
+            with item.lock:
+                item.pending.discard(dest.name)
+        elif result.outcome is Outcome.PERMANENT or (
+                result.outcome is Outcome.LIMITED and attempts >= LIMITED_MAX_DELIVERIES):
+            self._fail(dest, item, result, attempts)
+        elif time.time() - item.first_seen > cfg.max_age_hours * 3600:
+            self._fail(dest, item, result, attempts, expired=True)
+        else:
+            # Transient, limited, destination problem: the file waits; a destination problem spends no attempt.
+            spent = attempts if result.outcome is not Outcome.DESTINATION else attempts - 1
+            delay = backoff(cfg.retry_delay, spent, cfg.retry_backoff_max)
+            self.journal.update(key, dest.name, state="waiting", event=result.outcome.value, detail=detail,
+                                attempts=spent, next_try=time.time() + delay, code=result.reason_code)
+            dest.put(item, time.monotonic() + delay)
+            return
+        self._maybe_finish(item)
+
+    def _fail(self, dest: Destination, item: Item, result: InstanceResult, attempts: int, expired: bool = False) -> None:
+        detail = _detail(result)
+        if expired:
+            detail = f"gave up after {self.config.delivery.max_age_hours:g} h of retries; last error: {detail}"
+        self.journal.update(str(item.path), dest.name, state="failed", event="failed", detail=detail,
+                            attempts=attempts, code=result.reason_code)
+        logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
+                     item.info.sop_instance_uid, detail)
+        with item.lock:
+            item.failures[dest.name] = result
+            item.pending.discard(dest.name)
+
+    def _maybe_finish(self, item: Item) -> None:
+        with item.lock:
+            if item.pending or item.done:
+                return
+            item.done = True
+        self._finish(item)
+
+    def _finish(self, item: Item) -> None:
+        """Every destination has settled: sent/ when all confirmed, else failed/ with the whole story."""
+        key = str(item.path)
+        rows = self.journal.rows(key)
+        failed = {d: r for d, r in rows.items() if r.state == "failed"}
+        if not failed:
+            item.spool.finish(item.path, "sent")
+            self.journal.forget(key)
+            folder = "sent"
+        else:
+            sidecar = {
+                "reason": "; ".join(f"{d}: {r.last_error}" for d, r in failed.items()),
+                "stage": "delivery",
+                "time": now_iso(),
+                "sop_instance_uid": item.info.sop_instance_uid,
+                "study_instance_uid": item.info.study_instance_uid,
+                "pacs": {d: {"state": r.state, "attempts": r.attempts, "reason_code": _hex(r.last_code),
+                             "error": r.last_error} for d, r in rows.items()},
+                "history": self.journal.history(key),
+                "next_step": "fix the cause, then `relaypacsd retry FILE` sends it again to the PACS that still need it",
+            }
+            new = item.spool.finish(item.path, "failed", sidecar)
+            self.journal.rename(key, str(new))
+            folder = "failed"
+        with self._items_lock:
+            self._items.pop(item.path, None)
+        if self.on_finished:
+            self.on_finished(item, folder)
+
+    # -- sweep and health --------------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Release every waiting item whose next try has come, at healthy destinations."""
+        released = 0
+        for dest in self.destinations.values():
+            if dest.healthy:
+                released += dest.release_due()
+        return released
+
+    def probe(self) -> None:
+        """Probe every destination once and update its health."""
+        for dest in self.destinations.values():
+            try:
+                dest.sender.probe()
+            except PacsError as exc:
+                dest.set_health(False, str(exc))
+            except Exception as exc:  # a probe must never kill the scheduler job
+                dest.set_health(False, f"{type(exc).__name__}: {exc}")
+            else:
+                dest.set_health(True)
+
+    def on_destination_back(self, dest: Destination) -> None:
+        """A destination came back: everything waiting for it goes now, not at its next sweep."""
+        dest.release_due(everything=True)
+
+
+def backoff(base: float, attempts: int, cap: float) -> float:
+    """Delay before the next delivery: base doubled per attempt, capped, with +-20 % jitter."""
+    delay = min(cap, base * (2 ** max(0, attempts)))
+    return delay * random.uniform(0.8, 1.2)
+
+
+def _ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000
+
+
+def _hex(code: int | None) -> str | None:
+    return None if code is None else f"0x{code:04X}"
+
+
+def _detail(result: InstanceResult) -> str:
+    code = f" [{_hex(result.reason_code)}]" if result.reason_code is not None else ""
+    http = f" (HTTP {result.http_status})" if result.http_status is not None else ""
+    return f"{result.outcome.value}{code}{http}: {result.reason}"

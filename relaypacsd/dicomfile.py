@@ -1,0 +1,199 @@
+"""Decide whether a file is a complete DICOM Part-10 instance and read the UIDs delivery needs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError as _PydicomInvalid
+
+from relaypacsd.errors import InvalidDicomError
+
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# Values above this stay on disk during validation: pixel data is never loaded here.
+_DEFER = 1024
+_UNDEFINED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """What delivery needs to know about one valid instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    size: int
+
+
+class DicomDirFound(InvalidDicomError):
+    """The file is a DICOMDIR (an index of a media set), which is never sent as an instance."""
+
+
+def is_dicomdir(path: str | os.PathLike[str]) -> bool:
+    """True when the file's meta header says Media Storage Directory (DICOMDIR)."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:
+        return False
+    return str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS
+
+
+def inspect(path: str | os.PathLike[str]) -> DicomInfo:
+    """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidDicomError("empty file (0 bytes): the sender wrote nothing; send the image again from the modality")
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER, force=False)
+    except _PydicomInvalid:
+        raise InvalidDicomError(_no_part10_reason(path)) from None
+    except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
+        raise InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; send it again") from None
+    meta = ds.file_meta
+    if str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS:
+        raise DicomDirFound(
+            "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
+            "the image files it lists are forwarded as files of their own")
+    _check_complete(ds, size)
+    if 0x00280010 in ds._dict and not any(t in ds._dict for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)):
+        # A writer cut off right before the pixel data leaves a structurally complete header.
+        raise InvalidDicomError("image attributes (Rows) present but no pixel data: the file is incomplete "
+                                "(cut off before the image); send it again")
+    values = {}
+    for keyword in REQUIRED:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # a damaged element decodes lazily and may fail here
+            value = None
+        if not value or not str(value).strip():
+            raise InvalidDicomError(f"required attribute {keyword} is missing or empty: the PACS cannot file this "
+                                    "instance; fix it at the modality or with a DICOM editor, then resend")
+        values[keyword] = str(value).strip()
+    media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip()
+    if media_sop and media_sop != values["SOPInstanceUID"]:
+        raise InvalidDicomError(
+            f"file meta MediaStorageSOPInstanceUID ({media_sop}) differs from SOPInstanceUID "
+            f"({values['SOPInstanceUID']}): the file was altered inconsistently; re-export it from the source")
+    return DicomInfo(
+        sop_class_uid=values["SOPClassUID"],
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")) or "1.2.840.10008.1.2",
+        size=size,
+    )
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _check_complete(ds: pydicom.Dataset, size: int) -> None:
+    """Raise if the data set stops before the end its elements promise (a truncated or half-copied file).
+
+    pydicom swallows an end-of-file inside the data set and, with large values deferred, never reads them,
+    so a clean parse proves nothing. Walk the element headers (seeking over values) and require the last one
+    to end exactly at the end of the file.
+    """
+    ts = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    if ts == _DEFLATED:
+        return  # the deflate stream is checked by zlib while pydicom inflates it
+    explicit = ts != "1.2.840.10008.1.2"
+    little = ts != "1.2.840.10008.1.2.2"
+    start = _dataset_start(ds.filename)  # type: ignore[arg-type]
+    with open(ds.filename, "rb") as fh:  # type: ignore[arg-type]
+        try:
+            pos = _walk(fh, start, size, explicit, little, until=None)
+        except _Truncated as exc:
+            raise InvalidDicomError(f"truncated: {exc} (the file was cut off while being written or copied); "
+                                    "send it again") from None
+    if pos != size:
+        raise InvalidDicomError(f"truncated or damaged: the data set ends at byte {pos} of {size}; send it again")
+
+
+def _dataset_start(path: str) -> int:
+    """Byte offset where the main data set begins: after the preamble, 'DICM' and group 0002."""
+    with open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        pydicom.filereader._read_file_meta_info(fh)
+        return fh.tell()
+
+
+def _walk(fh, pos: int, size: int, explicit: bool, little: bool, until: int | None) -> int:
+    """Walk elements from `pos`; stop at EOF, or after the delimiter tag `until`. Return the end offset."""
+    order = "little" if little else "big"
+    while True:
+        if until is None and pos == size:
+            return pos
+        header = _read(fh, pos, 8, size)
+        group = int.from_bytes(header[0:2], order)
+        element = int.from_bytes(header[2:4], order)
+        tag = (group << 16) | element
+        if group == 0xFFFE:  # item and delimiter tags are always implicit: 4-byte length
+            length = int.from_bytes(header[4:8], order)
+            pos += 8
+            if tag == until:
+                return pos
+            if tag == _ITEM:
+                if length == _UNDEFINED:
+                    pos = _walk(fh, pos, size, explicit, little, until=_ITEM_END)
+                else:
+                    pos = _skip(pos, length, size, tag)
+                continue
+            raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos - 8}")
+        vr = header[4:6]
+        if explicit and vr in _LONG_VRS:
+            length = int.from_bytes(_read(fh, pos + 8, 4, size), order)
+            pos += 12
+        elif explicit and vr.isalpha() and vr.isupper():
+            length = int.from_bytes(header[6:8], order)
+            pos += 8
+        else:
+            vr = b"SQ" if int.from_bytes(header[4:8], order) == _UNDEFINED else b"??"
+            length = int.from_bytes(header[4:8], order)
+            pos += 8
+        if length == _UNDEFINED:
+            # an undefined-length UN holds an implicit little-endian sequence
+            inner_explicit = explicit and vr != b"UN"
+            pos = _walk(fh, pos, size, inner_explicit, little or vr == b"UN", until=_SEQ_END)
+        else:
+            pos = _skip(pos, length, size, tag)
+
+
+def _skip(pos: int, length: int, size: int, tag: int) -> int:
+    end = pos + length
+    if end > size:
+        raise _Truncated(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {end} bytes but the file has {size}")
+    return end
+
+
+def _read(fh, pos: int, n: int, size: int) -> bytes:
+    if pos + n > size:
+        raise _Truncated(f"the file ends inside an element header at byte {pos}")
+    fh.seek(pos)
+    return fh.read(n)
+
+
+def _no_part10_reason(path: Path) -> str:
+    """Say why a file without the Part-10 preamble is refused, telling a bare data set from junk."""
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "SOPClassUID"])
+        bare = bool(str(ds.get("SOPInstanceUID", "")).strip()) and bool(str(ds.get("SOPClassUID", "")).strip())
+    except Exception:
+        bare = False
+    if bare:
+        return ("a DICOM data set without the Part-10 file header (128-byte preamble + 'DICM' + file meta): STOW-RS "
+                "carries Part-10 files only; convert it (DCMTK: `dcmconv IN OUT`) and drop the result into inbox/")
+    return "not a DICOM file (no 'DICM' marker at byte 128): only DICOM Part-10 files can be forwarded"

@@ -1,0 +1,419 @@
+"""DICOMweb client for one PACS: STOW-RS (streamed from disk), QIDO-RS, WADO-RS and a health probe.
+
+Errors are turned into relaypacsd exceptions whose messages name the PACS, the URL and what to
+check; STOW-RS answers are reconciled per instance by relaypacsd.outcomes, never by status alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pydicom
+import requests
+
+from relaypacsd.config import PacsConfig
+from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
+from relaypacsd.http import env_prefix, make_session
+from relaypacsd.outcomes import InstanceResult, reconcile
+
+CHUNK_SIZE = 256 * 1024
+DICOM_JSON = "application/dicom+json"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MAX_PART_HEADERS = 64 * 1024
+
+
+class PartChanged(RelayPacsError):
+    """A file changed size between batching and sending (still being written?): resend it later."""
+
+    def __init__(self, path: Path, expected: int, actual: int):
+        super().__init__(f"{path}: size changed from {expected} to {actual} bytes while sending: "
+                         "is another program still writing it?")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class StowPart:
+    """One file to send: its path, SOPInstanceUID and the size it had when it was batched."""
+
+    path: Path
+    sop_uid: str
+    size: int
+
+
+@dataclass
+class StowResponse:
+    """The PACS's answer to one STOW-RS request, reconciled per instance."""
+
+    http_status: int
+    body: dict | None
+    elapsed_ms: float
+    results: list[InstanceResult]
+
+
+class StowBody:
+    """A multipart/related body read from disk chunk by chunk; re-iterable (a 401 re-send restarts it)
+    and sized, so requests sends Content-Length instead of chunked transfer encoding."""
+
+    def __init__(self, parts: list[StowPart], boundary: str, chunk_size: int = CHUNK_SIZE):
+        self.parts = parts
+        self.boundary = boundary
+        self.chunk_size = chunk_size
+        self._head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+        self._tail = f"--{boundary}--\r\n".encode("ascii")
+
+    def __len__(self) -> int:
+        return sum(len(self._head) + p.size + 2 for p in self.parts) + len(self._tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for part in self.parts:
+            yield self._head
+            sent = 0
+            with open(part.path, "rb") as fh:
+                actual = os.fstat(fh.fileno()).st_size
+                if actual != part.size:
+                    raise PartChanged(part.path, part.size, actual)
+                while sent < part.size:
+                    chunk = fh.read(min(self.chunk_size, part.size - sent))
+                    if not chunk:
+                        raise PartChanged(part.path, part.size, sent)
+                    sent += len(chunk)
+                    yield chunk
+            yield b"\r\n"
+        yield self._tail
+
+
+class DicomWebClient:
+    """DICOMweb (STOW-RS, QIDO-RS, WADO-RS) for one PACS; one client per thread, like its session."""
+
+    def __init__(self, pacs: PacsConfig, session: requests.Session | None = None, pool_size: int = 4):
+        self.pacs = pacs
+        self.session = session if session is not None else make_session(pacs, pool_size)
+        self.base = pacs.stow_base
+        self.timeout = (pacs.connect_timeout, pacs.read_timeout)
+
+    # -- STOW-RS ---------------------------------------------------------------------------------
+
+    def store(self, parts: list[StowPart]) -> StowResponse:
+        """POST the parts to {base}/studies in one request and reconcile the answer per instance."""
+        if not parts:
+            raise ValueError("store() needs at least one part")
+        for part in parts:
+            # Fail before the request when a file is obviously still growing.
+            actual = part.path.stat().st_size
+            if actual != part.size:
+                raise PartChanged(part.path, part.size, actual)
+        # Unquoted token: Orthanc only strips a quoted boundary since a hotfix of its bug #190.
+        boundary = "relaypacs-" + secrets.token_hex(16)
+        body = StowBody(parts, boundary)
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": DICOM_JSON,
+            "Content-Length": str(len(body)),
+        }
+        url = f"{self.base}/studies"
+        start = time.monotonic()
+        resp = self._request("POST", url, data=body, headers=headers)
+        try:
+            content = resp.content
+        except requests.RequestException as exc:
+            raise self._unreachable(url, exc) from None
+        elapsed = (time.monotonic() - start) * 1000.0
+        self._raise_for_destination(resp, url)
+        parsed = _json_or_none(content)
+        doc = parsed if isinstance(parsed, dict) else None
+        results = reconcile(resp.status_code, doc, [p.sop_uid for p in parts])
+        return StowResponse(resp.status_code, doc, elapsed, results)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Raise PacsUnreachable / DestinationProblem / PacsError unless the PACS answers properly."""
+        if self.pacs.type == "orthanc":
+            url = self.pacs.url.rstrip("/") + "/system"
+            resp = self._request("GET", url, headers={"Accept": "application/json"})
+            self._check(resp, url, what="Orthanc's /system")
+        # QIDO as well for Orthanc: /system answers even when the DICOMweb plugin is missing.
+        url = f"{self.base}/studies"
+        resp = self._request("GET", url, params={"limit": "1"}, headers={"Accept": DICOM_JSON})
+        self._check(resp, url, what="QIDO-RS")
+
+    # -- QIDO-RS ---------------------------------------------------------------------------------
+
+    def search(self, level: str = "studies", params: dict | None = None, study_uid: str | None = None,
+               series_uid: str | None = None) -> list[dict]:
+        """QIDO-RS at `level` (studies, series, instances), optionally inside a study/series."""
+        if level not in ("studies", "series", "instances"):
+            raise ValueError(f"QIDO level must be studies, series or instances, not {level!r}")
+        path = ""
+        if study_uid:
+            path += f"/studies/{quote(study_uid, safe='')}"
+            if series_uid:
+                path += f"/series/{quote(series_uid, safe='')}"
+        if not (level == "studies" and study_uid):
+            path += f"/{level}"
+        url = self.base + path
+        resp = self._request("GET", url, params=params or None, headers={"Accept": DICOM_JSON})
+        if resp.status_code == 204:
+            return []
+        self._check(resp, url, what="QIDO-RS")
+        doc = _json_or_none(resp.content)
+        if doc is None and not resp.content.strip():
+            return []
+        if not isinstance(doc, list):
+            raise PacsError(f"PACS '{self.pacs.name}': QIDO-RS at {url} did not answer a DICOM JSON array",
+                            transient=True, status=resp.status_code)
+        return [d for d in doc if isinstance(d, dict)]
+
+    def instance_exists(self, study_uid: str, sop_uid: str) -> bool:
+        """True when QIDO finds this SOPInstanceUID in this study."""
+        try:
+            found = self.search("instances", {"SOPInstanceUID": sop_uid}, study_uid=study_uid)
+        except DestinationProblem as exc:
+            # Some servers answer 404 for a study they do not have; the probe catches real 404s.
+            if exc.status == 404:
+                return False
+            raise
+        return any(_first(d, "00080018") == sop_uid for d in found)
+
+    # -- WADO-RS ---------------------------------------------------------------------------------
+
+    def retrieve_study(self, study_uid: str, out_dir: Path,
+                       progress: Callable[[int], None] | None = None) -> list[Path]:
+        """WADO-RS a whole study into out_dir/<SOPInstanceUID>.dcm, streamed part by part.
+
+        `progress`, when given, is called with the number of instances written so far."""
+        url = f"{self.base}/studies/{quote(study_uid, safe='')}"
+        headers = {"Accept": 'multipart/related; type="application/dicom"'}
+        resp = self._request("GET", url, headers=headers, stream=True)
+        with resp:
+            if resp.status_code == 404:
+                raise PacsError(f"PACS '{self.pacs.name}': study {study_uid} not found at {url} (HTTP 404)",
+                                transient=False, status=404)
+            self._check(resp, url, what="WADO-RS")
+            boundary = _boundary_of(resp.headers.get("Content-Type", ""))
+            if boundary is None:
+                raise PacsError(f"PACS '{self.pacs.name}': WADO-RS at {url} answered "
+                                f"{resp.headers.get('Content-Type')!r}, not multipart/related",
+                                transient=False, status=resp.status_code)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                return _MultipartWriter(boundary, out_dir, progress).run(resp.iter_content(CHUNK_SIZE))
+            except requests.RequestException as exc:
+                raise self._unreachable(url, exc) from None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise self._unreachable(url, exc) from None
+
+    def _unreachable(self, url: str, exc: BaseException) -> PacsUnreachable:
+        name, env = self.pacs.name, env_prefix(self.pacs)
+        product = "Orthanc" if self.pacs.type == "orthanc" else "the PACS"
+        what = _why(exc, self.pacs)
+        hint = f"is {product} running? check {env}URL / [pacs.{name}] url, DNS, firewall"
+        if isinstance(exc, requests.exceptions.SSLError):
+            hint = (f"check the PACS's certificate and [pacs.{name}] ca_bundle (the CA that signed it), "
+                    "client_cert / client_key")
+        elif isinstance(exc, requests.exceptions.ReadTimeout):
+            hint = (f"the PACS accepted the connection but is overloaded or stuck; raise [pacs.{name}] "
+                    "read_timeout if it is merely slow")
+        return PacsUnreachable(f"PACS '{name}' unreachable at {url}: {what}: {hint}")
+
+    def _raise_for_destination(self, resp: requests.Response, url: str) -> None:
+        status = resp.status_code
+        name, env = self.pacs.name, env_prefix(self.pacs)
+        if status == 401:
+            if self.pacs.oauth2_token_url:
+                creds = f"client_id / client_secret (or client_secret_file) in [pacs.{name}]"
+            elif self.pacs.token or self.pacs.token_file:
+                creds = f"{env}TOKEN (or token_file in [pacs.{name}])"
+            elif self.pacs.username:
+                creds = (f"{env}USERNAME / {env}PASSWORD (or password_file in [pacs.{name}]); "
+                         f"user {self.pacs.username!r} was refused")
+            else:
+                creds = f"the PACS wants a login: set {env}USERNAME and {env}PASSWORD (or password_file)"
+            raise DestinationProblem(f"PACS '{name}' refused our credentials at {url} (HTTP 401): check {creds}",
+                                     status=status)
+        if status == 403:
+            who = f"user {self.pacs.username!r}" if self.pacs.username else "our credentials"
+            raise DestinationProblem(
+                f"PACS '{name}' denied access at {url} (HTTP 403): {who} lacks the permission; "
+                f"grant it on the PACS or check {env}USERNAME / {env}PASSWORD (or password_file)", status=status)
+        if status in (404, 405, 415):
+            raise DestinationProblem(
+                f"PACS '{name}': DICOMweb endpoint not found at {url} (HTTP {status}): is the DICOMweb plugin "
+                f"installed/enabled? check [pacs.{name}] type ({self.pacs.type!r}) / dicomweb_root, "
+                f"and {env}URL", status=status)
+
+    def _check(self, resp: requests.Response, url: str, *, what: str) -> None:
+        """Raise for any answer but 2xx: destination problems first, then a transient PacsError."""
+        self._raise_for_destination(resp, url)
+        if not 200 <= resp.status_code <= 299:
+            transient = resp.status_code in (408, 429) or resp.status_code >= 500
+            raise PacsError(f"PACS '{self.pacs.name}': {what} at {url} answered HTTP {resp.status_code}",
+                            transient=transient, status=resp.status_code)
+
+
+class _MultipartWriter:
+    """Streams a multipart/related answer into one file per part, holding at most a chunk in memory."""
+
+    def __init__(self, boundary: str, out_dir: Path, progress: Callable[[int], None] | None):
+        self.delim = b"--" + boundary.encode("ascii")
+        self.out_dir = out_dir
+        self.progress = progress
+        self.written: list[Path] = []
+        self._fh: Any = None
+        self._tmp: Path | None = None
+
+    def run(self, chunks: Iterator[bytes]) -> list[Path]:
+        """Consume the response chunks; return the files written."""
+        buf = b""
+        state = "preamble"
+        try:
+            for chunk in chunks:
+                buf += chunk
+                buf, state = self._feed(buf, state)
+                if state == "end":
+                    break
+            if state != "end":
+                raise PacsError(f"WADO-RS answer ended before its closing boundary ({len(self.written)} "
+                                "instances received): connection cut?", transient=True)
+        finally:
+            if self._fh is not None:
+                self._fh.close()
+                if self._tmp is not None:
+                    self._tmp.unlink(missing_ok=True)
+        return self.written
+
+    def _feed(self, buf: bytes, state: str) -> tuple[bytes, str]:
+        while True:
+            if state == "preamble":
+                i = buf.find(self.delim)
+                if i < 0:
+                    return buf[-len(self.delim):], state
+                buf, state = buf[i + len(self.delim):], "after_delim"
+            if state == "after_delim":
+                if len(buf) < 2:
+                    return buf, state
+                if buf.startswith(b"--"):
+                    return b"", "end"
+                j = buf.find(b"\r\n")
+                if j < 0:
+                    return self._guard(buf), state
+                buf, state = buf[j + 2:], "headers"
+            if state == "headers":
+                if buf.startswith(b"\r\n"):  # a part without headers
+                    buf = buf[2:]
+                else:
+                    j = buf.find(b"\r\n\r\n")
+                    if j < 0:
+                        return self._guard(buf), state
+                    buf = buf[j + 4:]
+                self._open()
+                state = "body"
+            if state == "body":
+                end = buf.find(b"\r\n" + self.delim)
+                if end < 0:
+                    # Keep a tail that may hold the start of the next delimiter.
+                    keep = len(self.delim) + 1
+                    if len(buf) > keep:
+                        self._fh.write(buf[:-keep])
+                        buf = buf[-keep:]
+                    return buf, state
+                self._fh.write(buf[:end])
+                self._finish()
+                buf, state = buf[end + 2:], "preamble"
+
+    def _guard(self, buf: bytes) -> bytes:
+        if len(buf) > _MAX_PART_HEADERS:
+            raise PacsError("WADO-RS answer has a malformed part header", transient=False)
+        return buf
+
+    def _open(self) -> None:
+        self._tmp = self.out_dir / f".wado-{len(self.written):06d}-{secrets.token_hex(4)}.part"
+        self._fh = open(self._tmp, "wb")
+
+    def _finish(self) -> None:
+        assert self._fh is not None and self._tmp is not None
+        self._fh.close()
+        self._fh = None
+        tmp, self._tmp = self._tmp, None
+        uid = _sop_uid_of(tmp)
+        name = f"{uid}.dcm" if uid else f"part-{len(self.written):06d}.dcm"
+        final = self.out_dir / name
+        os.replace(tmp, final)
+        self.written.append(final)
+        if self.progress is not None:
+            self.progress(len(self.written))
+
+
+def _sop_uid_of(path: Path) -> str | None:
+    """The file's SOPInstanceUID when it is a plausible UID (it becomes a file name)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
+        uid = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID", "")).strip()
+    except Exception:  # noqa: BLE001 - any unreadable part is still kept, under a neutral name
+        return None
+    # A UID from the network becomes a path: digits and dots only, so no "../" can sneak in.
+    return uid if _UID_RE.match(uid) and len(uid) <= 64 else None
+
+
+def _boundary_of(content_type: str) -> str | None:
+    if not content_type.lower().startswith("multipart/"):
+        return None
+    m = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type, re.IGNORECASE)
+    return (m.group(1) or m.group(2)) if m else None
+
+
+def _json_or_none(content: bytes) -> Any:
+    # Orthanc's non-200 answers carry no Content-Type, so parse regardless of the header.
+    if not content or not content.strip():
+        return None
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def _first(dataset: dict, tag: str) -> Any:
+    element = dataset.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
+
+
+def _why(exc: BaseException, pacs: PacsConfig) -> str:
+    """A few words for what went wrong on the wire, from a requests exception."""
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"no connection within {pacs.connect_timeout:g} s (connect_timeout)"
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return f"no answer within {pacs.read_timeout:g} s (read_timeout)"
+    if isinstance(exc, requests.exceptions.SSLError):
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0].strip(" )'\"")
+            return f"TLS certificate verification failed ({detail or 'untrusted certificate'})"
+        return "TLS handshake failed"
+    if "Connection refused" in text:
+        return "connection refused (nothing listening on that port)"
+    if "Name or service not known" in text or "Temporary failure in name resolution" in text \
+            or "nodename nor servname" in text:
+        return "host name not found (DNS)"
+    if "No route to host" in text or "Network is unreachable" in text:
+        return "no route to host"
+    if "timed out" in text:
+        return "timed out"
+    if isinstance(exc, PartChanged):
+        return str(exc)
+    return f"connection failed ({type(exc).__name__})"

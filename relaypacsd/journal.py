@@ -1,0 +1,174 @@
+"""The delivery memory: per file and per destination, state, attempts, next try and history (SQLite, WAL).
+
+The folders are the truth; this is only memory. Losing it costs duplicate sends, never a file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    path TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    state TEXT NOT NULL,            -- pending | delivered | waiting | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    last_code INTEGER,
+    updated REAL NOT NULL,
+    PRIMARY KEY (path, dest)
+);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    dest TEXT NOT NULL,
+    time REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS history_path ON history(path);
+CREATE TABLE IF NOT EXISTS destinations (
+    dest TEXT PRIMARY KEY,
+    healthy INTEGER NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    last_change REAL NOT NULL,
+    last_success REAL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One file's state at one destination."""
+
+    path: str
+    dest: str
+    state: str
+    attempts: int
+    next_try: float
+    first_seen: float
+    last_error: str
+    last_code: int | None
+
+
+class Journal:
+    """Thread-safe access to the journal database in the state directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash; only an OS crash may lose the last commits,
+        # and then the files are simply sent again.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def rows(self, path: str) -> dict[str, DeliveryRow]:
+        """Every destination's row for one file."""
+        found = self._exec("SELECT path, dest, state, attempts, next_try, first_seen, last_error, last_code "
+                           "FROM deliveries WHERE path = ?", (path,))
+        return {r[1]: DeliveryRow(*r) for r in found}
+
+    def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None) -> dict[str, DeliveryRow]:
+        """Create pending rows for the destinations a file has none for; return all rows."""
+        now = time.time()
+        seen = first_seen or now
+        self._tx([("INSERT OR IGNORE INTO deliveries (path, dest, state, first_seen, updated) VALUES (?, ?, 'pending', ?, ?)",
+                   (path, d, seen, now)) for d in dests])
+        return self.rows(path)
+
+    def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
+               attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:
+        """Record a new state for one file at one destination, with a history line."""
+        now = time.time()
+        sets = "state = ?, next_try = ?, updated = ?, last_error = ?, last_code = ?"
+        args: list[Any] = [state, next_try, now, detail if state != "delivered" else "", code]
+        if attempts is not None:
+            sets += ", attempts = ?"
+            args.append(attempts)
+        stmts = [(f"UPDATE deliveries SET {sets} WHERE path = ? AND dest = ?", tuple(args + [path, dest])),
+                 ("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
+                  (path, dest, now, event, detail))]
+        if state == "delivered":
+            stmts.append(("UPDATE destinations SET last_success = ?, delivered = delivered + 1 WHERE dest = ?", (now, dest)))
+        elif state == "failed":
+            stmts.append(("UPDATE destinations SET failed = failed + 1 WHERE dest = ?", (dest,)))
+        self._tx(stmts)
+
+    def history(self, path: str) -> list[dict[str, Any]]:
+        """The history of one file, oldest first, for its sidecar."""
+        found = self._exec("SELECT time, dest, event, detail FROM history WHERE path = ? ORDER BY id", (path,))
+        return [{"time": _iso(t), "pacs": d, "event": e, "detail": x} for t, d, e, x in found]
+
+    def rename(self, old: str, new: str) -> None:
+        """Follow a file that moved (sending/ -> failed/ and back)."""
+        self._tx([("UPDATE deliveries SET path = ? WHERE path = ?", (new, old)),
+                  ("UPDATE history SET path = ? WHERE path = ?", (new, old))])
+
+    def forget(self, path: str) -> None:
+        """Drop a file that reached sent/: its memory is no longer needed."""
+        self._tx([("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))])
+
+    def set_health(self, dest: str, healthy: bool, error: str = "") -> None:
+        """Remember a destination's health for `relaypacsd status`."""
+        now = time.time()
+        self._tx([("INSERT INTO destinations (dest, healthy, last_error, last_change) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT(dest) DO UPDATE SET healthy = excluded.healthy, last_change = excluded.last_change, "
+                   "last_error = CASE WHEN excluded.last_error = '' THEN last_error ELSE excluded.last_error END",
+                   (dest, int(healthy), error, now))])
+
+    def destinations(self) -> dict[str, dict[str, Any]]:
+        """Health, last error, last success and counters per destination."""
+        found = self._exec("SELECT dest, healthy, last_error, last_change, last_success, delivered, failed FROM destinations")
+        return {r[0]: {"healthy": bool(r[1]), "last_error": r[2], "last_change": _iso(r[3]),
+                       "last_success": _iso(r[4]) if r[4] else None, "delivered": r[5], "failed": r[6]} for r in found}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Number of rows per destination and state."""
+        out: dict[str, dict[str, int]] = {}
+        for dest, state, n in self._exec("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
+            out.setdefault(dest, {})[state] = n
+        return out
+
+
+def _iso(t: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON for history details."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

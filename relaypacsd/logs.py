@@ -1,0 +1,40 @@
+"""Logging setup: loguru to stderr (plain or JSON), an optional rotated file, stdlib logging routed in."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from loguru import logger
+
+from relaypacsd.config import DaemonConfig
+
+TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {message}"
+
+
+class _InterceptHandler(logging.Handler):
+    """Send records of urllib3, apscheduler, pynetdicom and watchdog through loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
+
+
+def setup_logging(cfg: DaemonConfig | None = None, *, level: str | None = None) -> None:
+    """Configure sinks. diagnose stays off so tracebacks never print variable values (secrets)."""
+    cfg = cfg or DaemonConfig()
+    lvl = (level or cfg.log_level).upper()
+    logger.remove()
+    serialize = cfg.log_format == "json"
+    logger.add(sys.stderr, level=lvl, format=TEXT_FORMAT, serialize=serialize, backtrace=False, diagnose=False,
+               colorize=False, enqueue=False)
+    if cfg.log_file:
+        logger.add(cfg.log_file, level=lvl, format=TEXT_FORMAT, serialize=serialize, backtrace=False,
+                   diagnose=False, rotation=cfg.log_rotation, retention=cfg.log_retention, enqueue=True)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    # pynetdicom logs every PDU at INFO: keep it to warnings unless debugging.
+    for name in ("pynetdicom", "apscheduler", "urllib3", "watchdog"):
+        logging.getLogger(name).setLevel(logging.DEBUG if lvl in ("DEBUG", "TRACE") else logging.WARNING)

@@ -1,0 +1,222 @@
+"""The folder state machine of one watch root: inbox/ -> sending/ -> sent/ | failed/, by atomic renames."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from relaypacsd.errors import SpoolError
+
+FOLDERS = ("inbox", "sending", "sent", "failed")
+SIDECAR_SUFFIX = ".error.json"
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _renameat2 = _libc.renameat2
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+except (AttributeError, OSError):  # not glibc >= 2.28: fall back to check-then-rename
+    _renameat2 = None
+# Tests on a fake filesystem (pyfakefs) turn this off: ctypes calls would reach the real disk.
+USE_RENAMEAT2 = _renameat2 is not None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable: fsync the directory itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse fsync on a directory; the rename itself stands
+        pass
+    finally:
+        os.close(fd)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename atomically, failing with FileExistsError instead of overwriting `dst`."""
+    if USE_RENAMEAT2:
+        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+        # this filesystem (older NFS/CIFS) cannot do it: fall through to check-then-rename
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    os.replace(src, dst)
+
+
+@dataclass(frozen=True)
+class Spool:
+    """One watch root and its four folders, all on one filesystem so every move is one rename."""
+
+    root: Path
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def sending(self) -> Path:
+        return self.root / "sending"
+
+    @property
+    def sent(self) -> Path:
+        return self.root / "sent"
+
+    @property
+    def failed(self) -> Path:
+        return self.root / "failed"
+
+    def prepare(self) -> None:
+        """Create the four folders and refuse a layout that would need copies instead of renames."""
+        try:
+            for name in FOLDERS:
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"watch root {self.root}: cannot create {name}/ ({exc.strerror}): "
+                             "create it and give the service user write access") from None
+        devices = {name: os.stat(self.root / name).st_dev for name in FOLDERS}
+        if len(set(devices.values())) != 1:
+            raise SpoolError(f"watch root {self.root}: inbox/, sending/, sent/ and failed/ are on different "
+                             f"filesystems ({devices}): put all four on one filesystem (one volume in Docker) so "
+                             "every move is an atomic rename")
+        for name in FOLDERS:
+            if not os.access(self.root / name, os.W_OK | os.X_OK):
+                raise SpoolError(f"watch root {self.root}: {name}/ is not writable by this user: "
+                                 "chown it to the service user or fix its mode")
+
+    def relative(self, path: Path) -> Path:
+        """The path of a spooled file below its folder (inbox/a/b.dcm -> a/b.dcm)."""
+        for name in FOLDERS:
+            try:
+                return path.relative_to(self.root / name)
+            except ValueError:
+                continue
+        raise ValueError(f"{path} is not inside watch root {self.root}")
+
+    def claim(self, path: Path) -> Path | None:
+        """Move a complete file from inbox/ to sending/; None if someone else took it first."""
+        return self._move(path, self.sending / self.relative(path), missing_ok=True)
+
+    def finish(self, path: Path, folder: str, error: dict[str, Any] | None = None) -> Path:
+        """Move a file from sending/ to sent/ or failed/; a failed file gets its sidecar first."""
+        if folder not in ("sent", "failed"):
+            raise ValueError(folder)
+        dest = self.root / folder / self.relative(path)
+        # The sidecar goes first: a file that reaches failed/ always has its reason beside it.
+        before = (lambda d: write_sidecar(d, error or {"reason": "unknown"})) if folder == "failed" else None
+        moved = self._move(path, dest, missing_ok=False, before=before)
+        assert moved is not None
+        return moved
+
+    def requeue(self, path: Path) -> Path:
+        """Move a failed file back into sending/ (operator retry) and drop its sidecar."""
+        sidecar = sidecar_path(path)
+        moved = self._move(path, self.sending / self.relative(path), missing_ok=False)
+        assert moved is not None
+        try:
+            sidecar.unlink()
+        except FileNotFoundError:
+            pass
+        return moved
+
+    def files(self, folder: str) -> Iterator[Path]:
+        """Regular files below a folder (recursively), sidecars and temp files excluded."""
+        base = self.root / folder
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.endswith(SIDECAR_SUFFIX) or name.startswith(".relaypacs-"):
+                    continue
+                yield Path(dirpath) / name
+
+    def _reserve(self, dest: Path) -> Path:
+        """A free name near `dest`: a same-named file never overwrites another (a.dcm, a~1.dcm, ...)."""
+        candidate, n = dest, 0
+        while os.path.lexists(candidate) or os.path.lexists(sidecar_path(candidate)):
+            n += 1
+            candidate = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
+        return candidate
+
+    def _move(self, src: Path, dest: Path, *, missing_ok: bool,
+              before: Callable[[Path], object] | None = None) -> Path | None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        wanted = dest
+        for _ in range(1000):
+            dest = self._reserve(wanted)
+            if before is not None:
+                before(dest)
+            try:
+                rename_noreplace(src, dest)
+            except OSError as exc:
+                if before is not None:
+                    sidecar_path(dest).unlink(missing_ok=True)
+                if isinstance(exc, FileExistsError):
+                    continue  # another process took that name between our check and the rename
+                if isinstance(exc, FileNotFoundError) and missing_ok and not os.path.lexists(src):
+                    return None
+                if exc.errno == errno.EXDEV:
+                    raise SpoolError(f"{src} -> {dest}: crosses filesystems; keep the watch root on one "
+                                     "filesystem") from None
+                raise
+            fsync_dir(dest.parent)
+            if src.parent != dest.parent:
+                fsync_dir(src.parent)
+            return dest
+        raise SpoolError(f"cannot find a free name for {dest}: clean up {dest.parent}")
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where the reason for a failed file is kept: <name>.error.json beside it."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(path: Path, error: dict[str, Any]) -> Path:
+    """Write <name>.error.json atomically (temp file, fsync, rename)."""
+    side = sidecar_path(path)
+    body = dict(error)
+    body.setdefault("file", path.name)
+    body.setdefault("time", now_iso())
+    tmp = side.with_name(f".relaypacs-{side.name}.{os.getpid()}.tmp")
+    side.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(body, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, side)
+    return side
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar of a failed file, or None."""
+    try:
+        return json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601, for sidecars and journals."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def age_seconds(path: Path) -> float:
+    """Seconds since the file was last modified."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return 0.0

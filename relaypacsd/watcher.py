@@ -1,0 +1,207 @@
+"""Turn file events and periodic scans of the inboxes into "this file is complete and may be claimed"."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import queue
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from relaypacsd.config import WatchConfig
+from relaypacsd.spool import SIDECAR_SUFFIX
+
+# Names that modalities, copy tools and editors use while a file is still being written.
+DEFAULT_IGNORE = (".*", "*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.filepart", "~*", "*~",
+                  ".~lock*", "*.swp", "*" + SIDECAR_SUFFIX, "Thumbs.db", "desktop.ini")
+# Filesystems where writes by other hosts raise no inotify event: poll them.
+REMOTE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "9p", "ceph", "glusterfs", "afs", "davfs",
+             "vboxsf", "sshfs", "lustre", "gpfs", "beegfs", "ocfs2", "gfs2")
+
+
+def is_ignored(name: str, extra: tuple[str, ...] = ()) -> bool:
+    """True for names that mean "not finished" or "not an image" (temp files, dotfiles, sidecars)."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in DEFAULT_IGNORE + tuple(extra))
+
+
+def filesystem_type(path: str | os.PathLike[str], mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The filesystem type of the mount holding `path`, from /proc/self/mountinfo ('' if unknown)."""
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                parts = left.split()
+                if len(parts) < 5 or not right:
+                    continue
+                mount_point = parts[4].replace("\\040", " ")
+                fstype = right.split()[0]
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, best_type = mount_point, fstype
+    except OSError:
+        return ""
+    return best_type
+
+
+def choose_observer(path: str | os.PathLike[str], mode: str) -> str:
+    """'native' or 'polling' for a watch root: `auto` polls on network and FUSE filesystems."""
+    if mode != "auto":
+        return mode
+    fstype = filesystem_type(path)
+    base = fstype.split(".")[0]  # fuse.sshfs, fuse.bindfs ...
+    return "polling" if base in REMOTE_FS else "native"
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs on the observer's thread: only queues paths, never blocks (watchdog #931)."""
+
+    def __init__(self, events: "queue.SimpleQueue[tuple[str, bool]]"):
+        self.events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        kind = event.event_type
+        if kind == "moved":
+            # A rename into the inbox means the writer finished elsewhere: complete at once.
+            self.events.put((os.fsdecode(event.dest_path), True))
+        elif kind == "closed":
+            self.events.put((os.fsdecode(event.src_path), True))
+        elif kind in ("created", "modified"):
+            self.events.put((os.fsdecode(event.src_path), False))
+
+
+@dataclass
+class _Candidate:
+    key: tuple[int, int, int]
+    since: float
+    closed_key: tuple[int, int, int] | None = None
+
+
+@dataclass
+class InboxWatcher:
+    """Watches one inbox (native events or polling, plus rescans) and reports complete files."""
+
+    inbox: Path
+    config: WatchConfig
+    mode: str = field(init=False, default="")
+    _events: "queue.SimpleQueue[tuple[str, bool]]" = field(init=False, default_factory=queue.SimpleQueue)
+    _candidates: dict[str, _Candidate] = field(init=False, default_factory=dict)
+    _observer: BaseObserver | None = field(init=False, default=None)
+    _next_rescan: float = field(init=False, default=0.0)
+    _warned: set[str] = field(init=False, default_factory=set)
+
+    def start(self) -> None:
+        """Start the observer; fall back to polling when inotify limits are exhausted."""
+        self.mode = choose_observer(self.inbox, self.config.observer)
+        try:
+            self._observer = self._start_observer(self.mode)
+        except OSError as exc:
+            if self.mode != "native":
+                raise
+            logger.warning("watch {}: native events unavailable ({}); polling every {} s instead. Raise "
+                           "fs.inotify.max_user_watches / max_user_instances to use inotify",
+                           self.inbox, exc, self.config.poll_interval)
+            self.mode = "polling"
+            self._observer = self._start_observer("polling")
+        logger.info("watch {}: {} observer (filesystem {}), settle {} s, rescan every {} s", self.inbox, self.mode,
+                    filesystem_type(self.inbox) or "?", self.config.settle_seconds, self.config.rescan_interval)
+        self._next_rescan = 0.0  # the first tick scans: files that arrived while we were stopped
+
+    def _start_observer(self, mode: str) -> BaseObserver:
+        observer = PollingObserver(timeout=self.config.poll_interval) if mode == "polling" else Observer()
+        observer.daemon = True
+        observer.schedule(_Handler(self._events), str(self.inbox), recursive=True)
+        observer.start()
+        return observer
+
+    def stop(self) -> None:
+        """Stop the observer thread and wait for it."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
+
+    def alive(self) -> bool:
+        """True while the observer thread runs."""
+        return self._observer is not None and self._observer.is_alive()
+
+    def tick(self, now: float | None = None) -> list[Path]:
+        """Drain events, rescan when due, and return the files that are complete now."""
+        now = time.monotonic() if now is None else now
+        while True:
+            try:
+                path, closed = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self._note(path, closed, now)
+        if now >= self._next_rescan:
+            self._rescan(now)
+            self._next_rescan = now + self.config.rescan_interval
+        ready: list[Path] = []
+        for path, cand in list(self._candidates.items()):
+            key = self._key(path)
+            if key is None:
+                del self._candidates[path]
+                continue
+            if key != cand.key:
+                cand.key, cand.since = key, now
+                continue
+            # An empty file that was closed may be touched first and written later: let it settle.
+            closed_done = cand.closed_key == key and key[0] > 0
+            if closed_done or now - cand.since >= self.config.settle_seconds:
+                del self._candidates[path]
+                ready.append(Path(path))
+        return ready
+
+    def pending(self) -> int:
+        """Files seen but not yet complete."""
+        return len(self._candidates)
+
+    def _note(self, path: str, closed: bool, now: float) -> None:
+        if is_ignored(os.path.basename(path), self.config.ignore):
+            return
+        key = self._key(path)
+        if key is None:
+            self._candidates.pop(path, None)
+            return
+        cand = self._candidates.get(path)
+        if cand is None:
+            cand = self._candidates[path] = _Candidate(key=key, since=now)
+        elif cand.key != key:
+            cand.key, cand.since = key, now
+        if closed:
+            cand.closed_key = key
+
+    def _rescan(self, now: float) -> None:
+        """The source of truth: events are hints, a directory walk finds whatever they missed."""
+        for dirpath, dirnames, filenames in os.walk(self.inbox):
+            dirnames[:] = [d for d in dirnames if not is_ignored(d, self.config.ignore)]
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if path not in self._candidates and not is_ignored(name, self.config.ignore):
+                    self._note(path, False, now)
+
+    def _key(self, path: str) -> tuple[int, int, int] | None:
+        """(size, mtime, inode) of a regular file; None for anything else (gone, symlink, device)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            if path not in self._warned:
+                self._warned.add(path)
+                logger.warning("watch {}: ignoring {} (not a regular file: symlinks, devices and pipes are "
+                               "never forwarded; copy the real file in)", self.inbox, path)
+            return None
+        return (st.st_size, st.st_mtime_ns, st.st_ino)

@@ -1,0 +1,74 @@
+"""Fixtures of the integration suite: real, private, loopback-only Orthanc servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relaypacsd.localorthanc import LocalOrthanc, OrthancNotInstalled
+
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration as `integration`."""
+    for item in items:
+        if _HERE in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _not_installed(error: Exception) -> None:
+    # A skipped integration suite must never look green in CI.
+    message = f"real Orthanc unavailable: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOrthanc]:
+    """One Orthanc for the whole session, basic auth on (user "relaypacs", random password)."""
+    server = LocalOrthanc(tmp_path_factory.mktemp("orthanc"), username="relaypacs")
+    try:
+        server.start()
+    except OrthancNotInstalled as e:
+        _not_installed(e)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def clean_orthanc(orthanc: LocalOrthanc) -> LocalOrthanc:
+    """The session Orthanc, emptied before the test."""
+    orthanc.reset()
+    return orthanc
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LocalOrthanc]]:
+    """Start extra Orthanc servers: factory(**LocalOrthanc kwargs); all killed at teardown.
+
+    Teardown does not wait for a graceful stop: Orthanc 1.10 always needs ~3.5 s for one, and the data is throwaway.
+    """
+    started: list[LocalOrthanc] = []
+
+    def factory(**kwargs: Any) -> LocalOrthanc:
+        server = LocalOrthanc(tmp_path_factory.mktemp("orthanc-extra"), **kwargs)
+        try:
+            server.start()
+        except OrthancNotInstalled as e:
+            _not_installed(e)
+        started.append(server)
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in started:
+            server.stop(timeout=0)

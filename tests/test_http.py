@@ -1,0 +1,406 @@
+"""relaypacsd.http: auth (Basic, bearer, OAuth2 client credentials), TLS settings, retries, warnings.
+
+The peers are a local ThreadingHTTPServer with canned answers (CannedServer, also used by
+test_dicomweb.py): a real PACS will not give a 401 for an expired token on demand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import requests
+from loguru import logger
+
+from relaypacsd import http as rhttp
+from relaypacsd.config import PacsConfig, Secret
+from relaypacsd.errors import DestinationProblem
+from relaypacsd.http import BasicAuth, BearerAuth, OAuth2ClientCredentials, make_session
+
+PASSWORD = "s3cr3t-Pa55-word"
+
+
+@dataclass
+class Received:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    chunked: bool
+    reads: int = 0
+
+
+@dataclass
+class Answer:
+    """A canned answer."""
+
+    status: int = 200
+    body: bytes | dict | list = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+Responder = Callable[[Received], Answer]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
+        pass
+
+    def _read_body(self) -> tuple[bytes, bool, int]:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out, reads = b"", 0
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                reads += 1
+                if size == 0:
+                    self.rfile.readline()
+                    return out, True, reads
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length", "0") or 0)
+        out, reads = b"", 0
+        while len(out) < length:
+            piece = self.rfile.read1(min(65536, length - len(out)))  # type: ignore[attr-defined]
+            if not piece:
+                break
+            out += piece
+            reads += 1
+        return out, False, reads
+
+    def _serve(self) -> None:
+        body, chunked, reads = self._read_body()
+        rec = Received(self.command, self.path, dict(self.headers.items()), body, chunked, reads)
+        server: CannedServer = self.server.owner  # type: ignore[attr-defined]
+        server.received.append(rec)
+        answer = server.respond(rec)
+        if answer.delay:
+            time.sleep(answer.delay)
+        payload = answer.body
+        headers = dict(answer.headers)
+        if isinstance(payload, (dict, list)):
+            payload = json.dumps(payload).encode()
+            headers.setdefault("Content-Type", "application/dicom+json")
+        try:
+            self.send_response(answer.status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    do_GET = do_POST = do_PUT = _serve
+
+
+class CannedServer:
+    """A ThreadingHTTPServer on 127.0.0.1:<free port> whose answers come from `responder`."""
+
+    def __init__(self, responder: Responder | None = None):
+        self.responder = responder or (lambda rec: Answer())
+        self.received: list[Received] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def respond(self, rec: Received) -> Answer:
+        return self.responder(rec)
+
+    def start(self) -> CannedServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def canned() -> Iterator[CannedServer]:
+    server = CannedServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Everything loguru logs during the test (formatted messages), and a fresh warn-once memory."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
+    rhttp._warned.clear()
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+        rhttp._warned.clear()
+
+
+def pacs(url: str, **kwargs: Any) -> PacsConfig:
+    return PacsConfig(name=kwargs.pop("name", "main-pacs"), type=kwargs.pop("type", "dicomweb"), url=url, **kwargs)
+
+
+# -- Basic and bearer -------------------------------------------------------------------------
+
+
+def test_basic_auth_header_and_no_password_in_repr(canned: CannedServer, log_lines: list[str]) -> None:
+    s = make_session(pacs(canned.url, username="relay", password=Secret(PASSWORD)))
+    assert s.get(canned.url + "/x", timeout=5).status_code == 200
+    sent = canned.received[0].headers["Authorization"]
+    assert sent == "Basic " + base64.b64encode(f"relay:{PASSWORD}".encode()).decode()
+    assert isinstance(s.auth, BasicAuth)
+    assert PASSWORD not in repr(s.auth) and PASSWORD not in str(s.__dict__)
+    assert not any(PASSWORD in line for line in log_lines)
+
+
+def test_password_file(tmp_path: Any, canned: CannedServer) -> None:
+    f = tmp_path / "pw"
+    f.write_text(PASSWORD + "\n")
+    s = make_session(pacs(canned.url, username="relay", password_file=str(f)))
+    s.get(canned.url, timeout=5)
+    assert canned.received[0].headers["Authorization"].startswith("Basic ")
+    assert base64.b64decode(canned.received[0].headers["Authorization"][6:]).decode() == f"relay:{PASSWORD}"
+
+
+def test_static_bearer_token(canned: CannedServer) -> None:
+    s = make_session(pacs(canned.url, token=Secret("abc.def.ghi")))
+    s.get(canned.url, timeout=5)
+    assert canned.received[0].headers["Authorization"] == "Bearer abc.def.ghi"
+    assert isinstance(s.auth, BearerAuth) and "abc.def" not in repr(s.auth)
+
+
+def test_no_credentials_no_header(canned: CannedServer) -> None:
+    s = make_session(pacs(canned.url))
+    assert s.auth is None
+    s.get(canned.url, timeout=5)
+    assert "Authorization" not in canned.received[0].headers
+
+
+def test_plain_http_with_credentials_warns_once(canned: CannedServer, log_lines: list[str]) -> None:
+    cfg = pacs(canned.url, username="relay", password=Secret(PASSWORD))
+    for _ in range(3):
+        make_session(cfg)
+    warnings = [line for line in log_lines if line.startswith("WARNING") and "plain http://" in line]
+    assert len(warnings) == 1
+    assert "main-pacs" in warnings[0] and "MAIN_PACS_URL" in warnings[0]
+    assert PASSWORD not in "".join(log_lines)
+
+
+def test_plain_http_without_credentials_does_not_warn(canned: CannedServer, log_lines: list[str]) -> None:
+    make_session(pacs(canned.url))
+    assert not [line for line in log_lines if "plain http" in line]
+
+
+# -- TLS settings -----------------------------------------------------------------------------
+
+
+def test_tls_verify_ca_bundle_and_client_cert(log_lines: list[str]) -> None:
+    s = make_session(pacs("https://pacs.example:443", ca_bundle="/etc/ca.pem",
+                          client_cert="/etc/c.crt", client_key="/etc/c.key"))
+    assert s.verify == "/etc/ca.pem"
+    assert s.cert == ("/etc/c.crt", "/etc/c.key")
+    assert not log_lines
+
+
+def test_tls_single_pem_client_cert() -> None:
+    s = make_session(pacs("https://pacs.example", client_cert="/etc/both.pem"))
+    assert s.verify is True and s.cert == "/etc/both.pem"
+
+
+def test_verify_off_is_loud_and_once(log_lines: list[str]) -> None:
+    cfg = pacs("https://pacs.example", verify_tls=False)
+    s = make_session(cfg)
+    make_session(cfg)
+    assert s.verify is False
+    loud = [line for line in log_lines if "verification is OFF" in line]
+    assert len(loud) == 1 and loud[0].startswith("WARNING") and "ca_bundle" in loud[0]
+
+
+def test_tls_kwargs_reach_the_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_send(self: Any, request: Any, **kwargs: Any) -> requests.Response:
+        seen.update(kwargs)
+        r = requests.Response()
+        r.status_code = 200
+        r.request = request
+        r._content = b""
+        return r
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", fake_send)
+    # Plain requests would let this variable replace session.verify (requests #3829).
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/env-bundle.pem")
+    s = make_session(pacs("https://pacs.example", ca_bundle="/etc/ca.pem", client_cert="/c", client_key="/k"))
+    s.get("https://pacs.example/x", timeout=(1, 2))
+    assert seen["verify"] == "/etc/ca.pem" and seen["cert"] == ("/c", "/k") and seen["timeout"] == (1, 2)
+
+
+# -- pool and retries -------------------------------------------------------------------------
+
+
+def test_adapter_pool_and_connect_only_retries() -> None:
+    s = make_session(pacs("http://127.0.0.1:1"), pool_size=7)
+    adapter = s.get_adapter("http://127.0.0.1:1/")
+    assert adapter._pool_maxsize == 7
+    retry = adapter.max_retries
+    assert retry.connect == 2 and retry.read is False and retry.status == 0 and retry.other == 0
+
+
+def test_post_not_retried_after_server_error(canned: CannedServer) -> None:
+    canned.responder = lambda rec: Answer(503)
+    s = make_session(pacs(canned.url))
+    assert s.post(canned.url + "/studies", data=b"x", timeout=5).status_code == 503
+    assert len(canned.received) == 1
+
+
+def test_read_timeout_not_retried(canned: CannedServer) -> None:
+    canned.responder = lambda rec: Answer(200, delay=1.0)
+    s = make_session(pacs(canned.url))
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        s.post(canned.url + "/studies", data=b"x", timeout=(2, 0.3))
+    time.sleep(0.9)
+    assert len(canned.received) == 1
+
+
+def test_connection_refused_retried_then_raised() -> None:
+    s = make_session(pacs("http://127.0.0.1:1"))
+    start = time.monotonic()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        s.get("http://127.0.0.1:1/system", timeout=(1, 1))
+    assert time.monotonic() - start < 5
+
+
+# -- OAuth2 client credentials ----------------------------------------------------------------
+
+
+class OAuthServer:
+    """Token endpoint + resource: counts token requests; tokens can be revoked to force a 401."""
+
+    def __init__(self, server: CannedServer, expires_in: int = 3600):
+        self.server = server
+        self.expires_in = expires_in
+        self.issued: list[str] = []
+        self.valid: set[str] = set()
+        self.token_requests: list[Received] = []
+        self.lock = threading.Lock()
+        server.responder = self.respond
+
+    def respond(self, rec: Received) -> Answer:
+        if rec.path == "/token":
+            with self.lock:
+                self.token_requests.append(rec)
+                token = f"tok-{len(self.issued) + 1}"
+                self.issued.append(token)
+                self.valid.add(token)
+            return Answer(200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in},
+                          headers={"Content-Type": "application/json"})
+        auth = rec.headers.get("Authorization", "")
+        if auth.startswith("Bearer ") and auth[7:] in self.valid:
+            return Answer(200, {"ok": auth[7:]})
+        return Answer(401, b"", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def oauth_pacs(server: CannedServer, **kwargs: Any) -> PacsConfig:
+    return pacs(server.url.replace("127.0.0.1", "127.0.0.1"), oauth2_token_url=server.url + "/token",
+                client_id="relay-gw", client_secret=Secret("cl1ent-s3cret"), oauth2_scope="stow", **kwargs)
+
+
+def test_oauth2_token_fetched_once_for_many_calls(canned: CannedServer) -> None:
+    oauth = OAuthServer(canned)
+    s = make_session(oauth_pacs(canned))
+    assert isinstance(s.auth, OAuth2ClientCredentials)
+    for _ in range(5):
+        assert s.get(canned.url + "/studies", timeout=5).json() == {"ok": "tok-1"}
+    assert len(oauth.token_requests) == 1
+    tr = oauth.token_requests[0]
+    assert tr.method == "POST"
+    assert b"grant_type=client_credentials" in tr.body and b"scope=stow" in tr.body
+    assert tr.headers["Authorization"] == "Basic " + base64.b64encode(b"relay-gw:cl1ent-s3cret").decode()
+    assert "cl1ent" not in repr(s.auth)
+
+
+def test_oauth2_token_refreshed_before_expiry(canned: CannedServer) -> None:
+    oauth = OAuthServer(canned, expires_in=300)
+    s = make_session(oauth_pacs(canned))
+    now = [1000.0]
+    s.auth.clock = lambda: now[0]  # type: ignore[union-attr]
+    s.get(canned.url + "/a", timeout=5)
+    now[0] += 300 - 31  # inside the 30 s margin: still the old token
+    s.get(canned.url + "/a", timeout=5)
+    assert len(oauth.token_requests) == 1
+    now[0] += 2  # past expires_in minus the margin
+    assert s.get(canned.url + "/a", timeout=5).json() == {"ok": "tok-2"}
+    assert len(oauth.token_requests) == 2
+
+
+def test_oauth2_refetched_exactly_once_on_401_then_success(canned: CannedServer) -> None:
+    oauth = OAuthServer(canned)
+    s = make_session(oauth_pacs(canned))
+    s.get(canned.url + "/a", timeout=5)
+    oauth.valid.clear()  # the PACS revoked tok-1 before its expiry
+    resp = s.get(canned.url + "/a", timeout=5)
+    assert resp.status_code == 200 and resp.json() == {"ok": "tok-2"}
+    assert [h.status_code for h in resp.history] == [401]
+    assert len(oauth.token_requests) == 2
+    resource_calls = [r for r in canned.received if r.path == "/a"]
+    assert len(resource_calls) == 3  # first call, the 401, the one re-send
+
+
+def test_oauth2_persistent_401_is_not_a_loop(canned: CannedServer) -> None:
+    oauth = OAuthServer(canned)
+    s = make_session(oauth_pacs(canned))
+    oauth.respond_resource_401 = True  # type: ignore[attr-defined]
+    canned.responder = lambda rec: oauth.respond(rec) if rec.path == "/token" else Answer(401)
+    resp = s.get(canned.url + "/a", timeout=5)
+    assert resp.status_code == 401
+    assert len(oauth.token_requests) == 2
+    assert len([r for r in canned.received if r.path == "/a"]) == 2
+
+
+def test_oauth2_threads_share_one_token(canned: CannedServer) -> None:
+    oauth = OAuthServer(canned)
+    s = make_session(oauth_pacs(canned))
+    auth = s.auth
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            sess = make_session(oauth_pacs(canned))
+            sess.auth = auth  # one token cache for the PACS, as the delivery workers share it
+            for _ in range(5):
+                sess.get(canned.url + "/a", timeout=5).raise_for_status()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors and len(oauth.token_requests) == 1
+
+
+def test_oauth2_bad_client_secret_is_destination_problem(canned: CannedServer) -> None:
+    canned.responder = lambda rec: Answer(401, {"error": "invalid_client"}) if rec.path == "/token" else Answer()
+    s = make_session(oauth_pacs(canned))
+    with pytest.raises(DestinationProblem) as info:
+        s.get(canned.url + "/a", timeout=5)
+    msg = str(info.value)
+    assert "main-pacs" in msg and "client_secret" in msg and "cl1ent-s3cret" not in msg
