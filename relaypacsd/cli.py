@@ -104,6 +104,13 @@ def cmd_health(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         print(f"unhealthy: no heartbeat at {path}: is relaypacsd running with state_dir {config.daemon.state_dir}?")
         return EXIT_FAIL
+    if beat.get("stopped"):
+        print(f"unhealthy: relaypacsd (pid {beat.get('pid')}) stopped at {time.ctime(float(beat.get('time', 0)))}")
+        return EXIT_FAIL
+    if _process_gone(beat):
+        print(f"unhealthy: relaypacsd (pid {beat.get('pid')}) is not running (crashed or killed): "
+              "start the service, then see its log")
+        return EXIT_FAIL
     age = time.time() - float(beat.get("time", 0))
     limit = max(15.0, 3 * config.daemon.heartbeat_interval)
     if age > limit:
@@ -114,6 +121,29 @@ def cmd_health(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(f"healthy: heartbeat {age:.0f} s ago, {beat.get('in_flight', 0)} file(s) in flight")
     return EXIT_OK
+
+
+def _process_gone(beat: dict) -> bool:
+    """True if the heartbeat's writer ran on this host (same PID namespace) and its pid no longer exists."""
+    import socket
+
+    pid = beat.get("pid")
+    if not isinstance(pid, int) or beat.get("host") != socket.gethostname():
+        return False  # written elsewhere (another container, an old heartbeat): only its age counts
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, run by another user
+        return False
+    return False
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run a working local setup: a private Orthanc on 127.0.0.1 (unless ORTHANC_URL is set) and a demo spool."""
+    from relaypacsd.demo import run_demo
+
+    return run_demo(Path(args.dir))
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -146,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     show = csub.add_parser("show", help="print the effective configuration, secrets masked")
     show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("demo", help="start a private Orthanc on 127.0.0.1 and run the daemon on ./demo/spool")
+    p.add_argument("--dir", default="demo", help="working folder of the demo (default ./demo)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("health", help="exit 0 if the running daemon is alive (Docker HEALTHCHECK, monitoring)")
     p.set_defaults(func=cmd_health)

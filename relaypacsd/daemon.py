@@ -6,23 +6,28 @@ import json
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from relaypacsd import dicomfile
-from relaypacsd.config import Config
+from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Sender
 from relaypacsd.destinations import build_sender
-from relaypacsd.errors import InvalidDicomError
+from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
+from relaypacsd.notify import Notifier
 from relaypacsd.spool import Spool, now_iso
 from relaypacsd.watcher import InboxWatcher
+
+if TYPE_CHECKING:
+    from relaypacsd.metrics import Metrics
 
 TICK = 0.2  # seconds between looks at the watchers' candidates
 HEARTBEAT_FILE = "heartbeat.json"
@@ -32,9 +37,23 @@ class Daemon:
     """One running relaypacsd: the only long-lived mutable object in the process."""
 
     def __init__(self, config: Config, senders: dict[str, Sender] | None = None):
+        self.counters = {"sent": 0, "failed": 0}
+        self.ready = threading.Event()
+        self.on_ready: Callable[[], None] | None = None
+        self.notifier = Notifier()
+        self.metrics: "Metrics | None" = None
+        self._senders = senders  # tests inject senders; a reload keeps them
+        self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
+        self._wake = threading.Event()
+        self._build(config)
+
+    def _build(self, config: Config) -> None:
+        """Create the running pieces (spools, watchers, journal, engine, scheduler) from `config`; start nothing."""
+        senders = self._senders
         self.config = config
         self.state_dir = Path(config.daemon.state_dir)
-        self.stop_event = threading.Event()
+        self.stop_event = threading.Event()  # stops this generation's threads (a reload makes a new one)
         self.spools = [Spool(Path(w.path)) for w in config.watch]
         self.watchers = [InboxWatcher(s.inbox, w) for s, w in zip(self.spools, config.watch)]
         self.journal = Journal(self.state_dir / "journal.sqlite3")
@@ -43,14 +62,13 @@ class Daemon:
             senders = {p.name: build_sender(p, pool_size=config.delivery.workers_per_pacs) for p in active}
         self.engine = Engine(config, self.journal, senders)
         self.engine.on_finished = self._on_finished
+        if self.metrics is not None:
+            self.engine.on_batch = self.metrics.observe_batch
         self._intake: "queue.Queue[tuple[Spool, Path]]" = queue.Queue()
         self._intake_paths: set[Path] = set()
         self._intake_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.counters = {"sent": 0, "failed": 0}
-        self.ready = threading.Event()
-        self.on_ready: Callable[[], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -75,31 +93,89 @@ class Daemon:
         self._spawn(self._scanner, "scanner")
         self._start_jobs()
         self.engine.probe()
-        self._write_heartbeat()
         self.ready.set()
+        self._write_heartbeat()
         logger.info("relaypacsd ready: {} watch root(s), forwarding to {}", len(self.spools),
                     ", ".join(f"{d.name} ({d.sender.target})" for d in self.engine.destinations.values()) or "nobody")
+        if self.notifier.enabled:
+            self.notifier.ready(self.status_line())
         if self.on_ready:
             self.on_ready()
 
     def run(self) -> int:
-        """Run in the foreground until SIGTERM/SIGINT; return the exit code."""
+        """Run in the foreground until SIGTERM/SIGINT, reloading on SIGHUP; return the exit code."""
         self._install_signals()
-        self.start()
+        self._start_metrics()
         try:
-            while not self.stop_event.wait(1.0):
-                pass
+            self.start()
+            tick = min(1.0, self.notifier.watchdog_interval or 1.0)
+            next_ping = 0.0
+            while not self._stop_requested.is_set():
+                if self.notifier.watchdog_interval and time.monotonic() >= next_ping and self.alive():
+                    # Only a daemon whose threads all run resets systemd's watchdog; else systemd restarts it.
+                    self.notifier.watchdog()
+                    next_ping = time.monotonic() + self.notifier.watchdog_interval
+                self._wake.wait(tick)
+                self._wake.clear()
+                if self._reload_requested.is_set() and not self._stop_requested.is_set():
+                    self._reload_requested.clear()
+                    self.reload()
         finally:
             self.shutdown()
+            if self.metrics is not None:
+                self.metrics.stop_server()
         return 0
 
     def request_stop(self) -> None:
-        """Ask the daemon to stop (safe from a signal handler: only sets a flag)."""
+        """Ask the daemon to stop (safe from a signal handler: only sets flags)."""
+        self._stop_requested.set()
         self.stop_event.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the config (safe from a signal handler: only sets flags)."""
+        self._reload_requested.set()
+        self._wake.set()
+
+    def reload(self) -> bool:
+        """Re-read the config file; if valid, restart the pieces with it, else keep running the old one.
+
+        Files in flight stay in sending/ and the new pieces' recovery picks them up: nothing is lost.
+        """
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        source = self.config.source
+        try:
+            new = load_config(None if source in ("", "(no file)") else source)
+            if not new.watch:
+                raise RelayPacsError(f"{new.source}: no [[watch]] table")
+            for w in new.watch:
+                Spool(Path(w.path)).prepare()
+        except Exception as exc:  # any problem: one line, and the running configuration stays
+            logger.error("reload of {} refused, still running the previous configuration: {}", source, exc)
+            self.notifier.ready(self.status_line())
+            return False
+        for key in ("log_level", "log_format", "log_file", "metrics_port", "metrics_address"):
+            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+                logger.warning("reload: daemon.{} changed; it takes effect at the next restart", key)
+        logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
+        self.ready.clear()
+        self._stop_pieces()
+        self._build(new)
+        self.start()
+        logger.info("reload of {} done", source)
+        return True
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop claiming, let batches in flight finish, stop jobs; unfinished files stay in sending/."""
         logger.info("relaypacsd stopping: no new files are claimed; batches in flight finish")
+        self.notifier.stopping()
+        self._stop_requested.set()
+        self._stop_pieces(timeout)
+        self._write_heartbeat(stopped=True)
+        logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
+
+    def _stop_pieces(self, timeout: float = 30.0) -> None:
+        """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/."""
         self.stop_event.set()
         for watcher in self.watchers:
             watcher.stop()
@@ -111,7 +187,6 @@ class Daemon:
         for t in self._threads:
             t.join(timeout=5)
         self.journal.close()
-        logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
     def _install_signals(self) -> None:
         def handler(signum: int, _frame: object) -> None:
@@ -119,6 +194,24 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, lambda _s, _f: self.request_reload())
+
+    def _start_metrics(self) -> None:
+        """Serve Prometheus metrics on daemon.metrics_address:metrics_port (off when the port is 0)."""
+        if not self.config.daemon.metrics_port:
+            return
+        from relaypacsd.metrics import Metrics
+
+        self.metrics = Metrics(self)
+        self.engine.on_batch = self.metrics.observe_batch
+        self.metrics.start_server(self.config.daemon.metrics_address, self.config.daemon.metrics_port)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: queue figures and PACS health."""
+        pacs = ", ".join(f"{d.name} {'up' if d.healthy else 'DOWN'}" for d in self.engine.destinations.values())
+        waiting = sum(1 for s in self.spools for _ in s.files("sending"))
+        return (f"{len(self.spools)} watch root(s); {waiting} in sending/, {self.engine.in_flight()} in flight; "
+                f"{self.counters['sent']} sent, {self.counters['failed']} failed; PACS: {pacs or 'none'}")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -207,7 +300,7 @@ class Daemon:
         self.scheduler.add_job(self.engine.probe, "interval", seconds=d.health_interval, id="health-probe",
                                jitter=min(5, d.health_interval / 10), misfire_grace_time=max(1, int(d.health_interval)),
                                **common)
-        self.scheduler.add_job(self._write_heartbeat, "interval", seconds=self.config.daemon.heartbeat_interval,
+        self.scheduler.add_job(self._heartbeat_job, "interval", seconds=self.config.daemon.heartbeat_interval,
                                id="heartbeat", misfire_grace_time=5, **common)
         if d.sent_retention_days > 0:
             self.scheduler.add_job(self._retention_job, "interval", hours=1, id="retention", misfire_grace_time=600,
@@ -242,9 +335,15 @@ class Daemon:
             logger.info("retention: removed {} file(s) from sent/ older than {:g} days", removed,
                         self.config.delivery.sent_retention_days)
 
-    def _write_heartbeat(self) -> None:
+    def _heartbeat_job(self) -> None:
+        self._write_heartbeat()
+        if self.notifier.enabled:
+            self.notifier.status(self.status_line())
+
+    def _write_heartbeat(self, stopped: bool = False) -> None:
         """Write the liveness file that `relaypacsd health` reads."""
-        body = {"time": time.time(), "pid": os.getpid(), "alive": self.alive() if self.ready.is_set() else True,
+        body = {"time": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
+                "alive": (self.alive() if self.ready.is_set() else True) and not stopped, "stopped": stopped,
                 "in_flight": self.engine.in_flight(), "sent": self.counters["sent"], "failed": self.counters["failed"]}
         tmp = self.state_dir / f".{HEARTBEAT_FILE}.tmp"
         try:

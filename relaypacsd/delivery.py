@@ -15,7 +15,7 @@ from loguru import logger
 from relaypacsd.config import Config, PacsConfig
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.dicomweb import StowPart
-from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
+from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 from relaypacsd.spool import Spool, now_iso
@@ -154,6 +154,8 @@ class Engine:
         self._items: dict[Path, Item] = {}
         self._items_lock = threading.Lock()
         self.on_finished: Callable[[Item, str], None] | None = None
+        # Observer of every send attempt (metrics): (destination, items, results, HTTP status, ms, attempt).
+        self.on_batch: Callable[[Destination, list[Item], list[InstanceResult], int | None, float, int], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -280,8 +282,11 @@ class Engine:
         except PacsError as exc:
             outcome = Outcome.TRANSIENT if exc.transient else Outcome.PERMANENT
             return results_for_error(uids, outcome, str(exc), exc.status), exc.status, _ms(started)
-        except OSError as exc:  # the file vanished or became unreadable under us
+        except (OSError, RelayPacsError) as exc:  # the file vanished, changed or became unreadable under us
             return results_for_error(uids, Outcome.TRANSIENT, f"cannot read file: {exc}"), None, _ms(started)
+        problem = next((r for r in results if r.outcome is Outcome.DESTINATION), None)
+        if problem is not None:
+            dest.set_health(False, problem.reason)
         return results, status, _ms(started)
 
     def _log_batch(self, dest: Destination, items: list[Item], results: list[InstanceResult],
@@ -295,11 +300,16 @@ class Engine:
             uids = ",".join(i.info.sop_instance_uid for i, _ in pairs)
             reason = pairs[0][1].reason
             if outcome in DELIVERED:
-                logger.info("PACS forward {} {}: {} file(s) {} in {:.0f} ms ({}) files={} uids={}", dest.name,
-                            outcome.value, len(pairs), outcome.value, ms, http, files, uids)
+                logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}", dest.name,
+                            outcome.value, len(pairs), ms, http, files, uids)
             else:
                 logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} uids={}",
                                dest.name, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(dest, items, results, status, ms, attempt)
+            except Exception:  # an observer must never break delivery
+                logger.exception("batch observer failed")
 
     # -- outcomes -> states --------------------------------------------------------------------------
 
@@ -423,3 +433,61 @@ def _detail(result: InstanceResult) -> str:
     code = f" [{_hex(result.reason_code)}]" if result.reason_code is not None else ""
     http = f" (HTTP {result.http_status})" if result.http_status is not None else ""
     return f"{result.outcome.value}{code}{http}: {result.reason}"
+
+
+# -- one-shot delivery (relaypacsd send) ---------------------------------------------------------------
+
+
+def send_safely(sender: Sender, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None, str | None]:
+    """One request: results per part, HTTP status, and the reason the destination is down (or None).
+
+    The same mapping of errors to outcomes as Engine._send_once."""
+    uids = [p.sop_uid for p in parts]
+    try:
+        results, status = sender.send(parts)
+    except DestinationProblem as exc:
+        return results_for_error(uids, Outcome.DESTINATION, str(exc), exc.status), exc.status, str(exc)
+    except PacsUnreachable as exc:
+        return results_for_error(uids, Outcome.TRANSIENT, str(exc)), None, str(exc)
+    except PacsError as exc:
+        outcome = Outcome.TRANSIENT if exc.transient else Outcome.PERMANENT
+        return results_for_error(uids, outcome, str(exc), exc.status), exc.status, None
+    except OSError as exc:
+        return results_for_error(uids, Outcome.TRANSIENT, f"cannot read file: {exc}"), None, None
+    return results, status, None
+
+
+def deliver_parts(sender: Sender, parts: list[StowPart], attempts: int, delay: float,
+                  sleep: Callable[[float], object] = time.sleep,
+                  on_results: Callable[[list[StowPart], list[InstanceResult]], None] | None = None,
+                  ) -> dict[str, InstanceResult]:
+    """Deliver one batch the way Engine._deliver does, without spool or journal: quick retries for
+    transient/limited outcomes (delay doubling), whole-batch failures split in halves down to one
+    file; a destination problem stops the retries. Returns the final result per SOPInstanceUID."""
+    final: dict[str, InstanceResult] = {}
+    todo, attempt = list(parts), 0
+    while todo:
+        attempt += 1
+        results, _status, down = send_safely(sender, todo)
+        retry: list[StowPart] = []
+        split: list[StowPart] = []
+        settled: list[tuple[StowPart, InstanceResult]] = []
+        for part, result in zip(todo, results):
+            if result.outcome is Outcome.SPLIT:
+                split.append(part)
+            elif result.outcome in (Outcome.TRANSIENT, Outcome.LIMITED) and attempt < attempts and down is None:
+                retry.append(part)
+            else:
+                final[part.sop_uid] = result
+                settled.append((part, result))
+        if on_results and settled:
+            on_results([p for p, _ in settled], [r for _, r in settled])
+        if split:
+            half = max(1, len(split) // 2)
+            for chunk in (split[:half], split[half:]):
+                if chunk:
+                    final.update(deliver_parts(sender, chunk, attempts, delay, sleep, on_results))
+        if retry:
+            sleep(delay * (2 ** (attempt - 1)))
+        todo = retry
+    return final

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from loguru import logger
+
 from relaypacsd.config import PacsConfig
 from relaypacsd.delivery import Sender
 from relaypacsd.dicomweb import DicomWebClient, StowPart
+from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.outcomes import InstanceResult
 
 
@@ -26,6 +29,82 @@ class DicomWebSender:
         self.client.probe()
 
 
+# STOW endpoint answers that mean "this endpoint is unusable", never "this file is bad".
+FALLBACK_STATUSES = frozenset({404, 405, 415})
+
+
+def stow_unusable(exc: PacsError) -> bool:
+    """True when a STOW error says the endpoint itself is unusable (no answer, or no STOW-RS there)."""
+    if isinstance(exc, PacsUnreachable):
+        # A read timeout means the server took the connection and is merely slow: not a reason to switch.
+        return "(read_timeout)" not in str(exc)
+    return isinstance(exc, DestinationProblem) and exc.status in FALLBACK_STATUSES
+
+
+class FallbackSender:
+    """STOW-RS first; C-STORE for a batch only when the STOW endpoint itself is unusable.
+
+    Per-instance rejections (a STOW answer, whatever it says) never trigger the fallback: the
+    PACS has spoken about those files. Credentials problems (401/403) neither: C-STORE would
+    hide a setup error the operator must fix."""
+
+    def __init__(self, pacs: PacsConfig, pool_size: int = 4):
+        from relaypacsd.cstore import CStoreSender
+
+        self.name = pacs.name
+        self.stow = DicomWebSender(pacs, pool_size=pool_size)
+        self.cstore = CStoreSender(pacs)
+        self.target = f"{self.stow.target} (fallback {self.cstore.target})"
+        self.last_path = ""
+
+    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
+        """STOW-RS the batch; on an unusable endpoint, C-STORE the same batch."""
+        try:
+            results, status = self.stow.send(parts)
+        except PacsError as exc:
+            if not stow_unusable(exc):
+                raise
+            logger.warning("PACS forward {}: STOW-RS unusable ({}); sending {} file(s) via C-STORE to {}",
+                           self.name, exc, len(parts), self.cstore.target)
+            try:
+                results, status = self.cstore.send(parts)
+            except PacsError as cexc:
+                raise type(cexc)(f"{cexc} (STOW-RS also failed: {exc})", **_kw(cexc)) from None
+            self._used("C-STORE")
+            return results, status
+        self._used("STOW-RS")
+        return results, status
+
+    def _used(self, path: str) -> None:
+        if path != self.last_path:
+            logger.info("PACS forward {}: delivering via {}", self.name, path)
+            self.last_path = path
+
+    def probe(self) -> None:
+        """Healthy when either path works: STOW-RS probe, then C-ECHO; raise only if both fail."""
+        try:
+            self.stow.probe()
+            stow_error = None
+        except PacsError as exc:
+            if not stow_unusable(exc):
+                raise
+            stow_error = exc
+        try:
+            self.cstore.probe()
+        except PacsError as exc:
+            if stow_error is not None:
+                raise type(exc)(f"{exc} (and STOW-RS: {stow_error})", **_kw(exc)) from None
+            logger.warning("PACS {}: STOW-RS fine but the C-STORE fallback fails C-ECHO: {}", self.name, exc)
+
+
+def _kw(exc: PacsError) -> dict:
+    if isinstance(exc, DestinationProblem):
+        return {"status": exc.status}
+    return {"transient": exc.transient, "status": exc.status}
+
+
 def build_sender(pacs: PacsConfig, pool_size: int = 4) -> Sender:
-    """The sender for one PACS."""
+    """The sender for one PACS: STOW-RS, with the C-STORE fallback when `fallback = "cstore"`."""
+    if pacs.fallback == "cstore":
+        return FallbackSender(pacs, pool_size=pool_size)
     return DicomWebSender(pacs, pool_size=pool_size)

@@ -62,10 +62,6 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
             "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
             "the image files it lists are forwarded as files of their own")
     _check_complete(ds, size)
-    if 0x00280010 in ds._dict and not any(t in ds._dict for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)):
-        # A writer cut off right before the pixel data leaves a structurally complete header.
-        raise InvalidDicomError("image attributes (Rows) present but no pixel data: the file is incomplete "
-                                "(cut off before the image); send it again")
     values = {}
     for keyword in REQUIRED:
         try:
@@ -76,6 +72,12 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
             raise InvalidDicomError(f"required attribute {keyword} is missing or empty: the PACS cannot file this "
                                     "instance; fix it at the modality or with a DICOM editor, then resend")
         values[keyword] = str(value).strip()
+    has_pixels = any(t in ds._dict for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+    is_image = 0x00280010 in ds._dict or "Image Storage" in pydicom.uid.UID(values["SOPClassUID"]).name
+    if is_image and not has_pixels:
+        # A file cut off at an element boundary before the pixel data is structurally complete: catch it here.
+        raise InvalidDicomError("an image without pixel data: the file is incomplete (cut off before the image); "
+                                "send it again")
     media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip()
     if media_sop and media_sop != values["SOPInstanceUID"]:
         raise InvalidDicomError(
@@ -113,6 +115,8 @@ def _check_complete(ds: pydicom.Dataset, size: int) -> None:
     explicit = ts != "1.2.840.10008.1.2"
     little = ts != "1.2.840.10008.1.2.2"
     start = _dataset_start(ds.filename)  # type: ignore[arg-type]
+    if start >= size:
+        raise InvalidDicomError("no data set after the file meta header: the file is truncated or empty; send it again")
     with open(ds.filename, "rb") as fh:  # type: ignore[arg-type]
         try:
             pos = _walk(fh, start, size, explicit, little, until=None)

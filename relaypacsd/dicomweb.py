@@ -102,8 +102,9 @@ class DicomWebClient:
 
     # -- STOW-RS ---------------------------------------------------------------------------------
 
-    def store(self, parts: list[StowPart]) -> StowResponse:
-        """POST the parts to {base}/studies in one request and reconcile the answer per instance."""
+    def store(self, parts: list[StowPart], study_uid: str | None = None) -> StowResponse:
+        """POST the parts to {base}/studies (or /studies/{study_uid}, then all must belong to it) in one
+        request and reconcile the answer per instance."""
         if not parts:
             raise ValueError("store() needs at least one part")
         for part in parts:
@@ -119,7 +120,7 @@ class DicomWebClient:
             "Accept": DICOM_JSON,
             "Content-Length": str(len(body)),
         }
-        url = f"{self.base}/studies"
+        url = f"{self.base}/studies" + (f"/{quote(study_uid, safe='')}" if study_uid else "")
         start = time.monotonic()
         resp = self._request("POST", url, data=body, headers=headers)
         try:

@@ -8,10 +8,12 @@ One session per worker thread: requests.Session is not documented as thread-safe
 from __future__ import annotations
 
 import base64
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from loguru import logger
@@ -27,6 +29,8 @@ TOKEN_MARGIN_SECONDS = 30.0
 DEFAULT_TOKEN_LIFETIME = 300.0
 
 _warned: set[tuple[str, ...]] = set()
+_oauth_by_pacs: dict[PacsConfig, OAuth2ClientCredentials] = {}
+_oauth_lock = threading.Lock()
 _warned_lock = threading.Lock()
 
 
@@ -205,7 +209,13 @@ def make_auth(pacs: PacsConfig, verify: bool | str = True,
               cert: str | tuple[str, str] | None = None) -> AuthBase | None:
     """OAuth2 client credentials, else a static bearer token, else Basic; None without credentials."""
     if pacs.oauth2_token_url:
-        return OAuth2ClientCredentials(pacs, resolve_secret(pacs, "client_secret"), verify=verify, cert=cert)
+        # One token cache per PACS, shared by the sessions of all its worker threads.
+        with _oauth_lock:
+            auth = _oauth_by_pacs.get(pacs)
+            if auth is None:
+                auth = OAuth2ClientCredentials(pacs, resolve_secret(pacs, "client_secret"), verify=verify, cert=cert)
+                _oauth_by_pacs[pacs] = auth
+            return auth
     token = resolve_secret(pacs, "token")
     if token:
         return BearerAuth(token)
@@ -227,6 +237,17 @@ class PacsSession(requests.Session):
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
 
 
+def _is_loopback(url: str) -> bool:
+    """True for 127.x, ::1 and localhost: plain http there never leaves the machine."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def make_session(pacs: PacsConfig, pool_size: int = 4) -> requests.Session:
     """A Session for one PACS (use one per thread): auth, TLS, a pool of `pool_size`, connect retries."""
     session = PacsSession()
@@ -235,10 +256,10 @@ def make_session(pacs: PacsConfig, pool_size: int = 4) -> requests.Session:
     session.cert = cert
     auth = make_auth(pacs, verify, cert)
     session.auth = auth
-    if auth is not None and pacs.url.startswith("http://"):
+    if auth is not None and pacs.url.startswith("http://") and not _is_loopback(pacs.url):
         warn_once(("plainhttp", pacs.name, pacs.url),
                   f"PACS '{pacs.name}': credentials are sent over plain http:// to {pacs.url}: anyone on the "
-                  f"network path can read them; use https:// (set {env_prefix(pacs)}URL) unless this is loopback")
+                  f"network path can read them; use https:// (set {env_prefix(pacs)}URL)")
     # Connect errors only: a POST whose body may have reached the PACS is never re-sent here.
     retry = Retry(total=None, connect=CONNECT_RETRIES, read=False, status=0, other=0, redirect=0,
                   allowed_methods=None, backoff_factor=0.2, raise_on_status=False, raise_on_redirect=False)

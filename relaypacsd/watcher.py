@@ -62,30 +62,48 @@ def choose_observer(path: str | os.PathLike[str], mode: str) -> str:
     return "polling" if base in REMOTE_FS else "native"
 
 
+_Key = tuple[int, int, int]
+
+
+def _stat_key(path: str) -> _Key | None:
+    """(size, mtime, inode) of a regular file; None for anything else (gone, symlink, device)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 class _Handler(FileSystemEventHandler):
     """Runs on the observer's thread: only queues paths, never blocks (watchdog #931)."""
 
-    def __init__(self, events: "queue.SimpleQueue[tuple[str, bool]]"):
+    def __init__(self, events: "queue.SimpleQueue[tuple[str, _Key | None]]"):
         self.events = events
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
             return
         kind = event.event_type
+        # For "complete" events the file's state is taken now (one local lstat): if the writer reopens it
+        # before the scanner looks, the key no longer matches and the file waits to settle.
         if kind == "moved":
             # A rename into the inbox means the writer finished elsewhere: complete at once.
-            self.events.put((os.fsdecode(event.dest_path), True))
+            path = os.fsdecode(event.dest_path)
+            self.events.put((path, _stat_key(path)))
         elif kind == "closed":
-            self.events.put((os.fsdecode(event.src_path), True))
+            path = os.fsdecode(event.src_path)
+            self.events.put((path, _stat_key(path)))
         elif kind in ("created", "modified"):
-            self.events.put((os.fsdecode(event.src_path), False))
+            self.events.put((os.fsdecode(event.src_path), None))
 
 
 @dataclass
 class _Candidate:
-    key: tuple[int, int, int]
+    key: _Key
     since: float
-    closed_key: tuple[int, int, int] | None = None
+    closed_key: _Key | None = None
 
 
 @dataclass
@@ -95,7 +113,7 @@ class InboxWatcher:
     inbox: Path
     config: WatchConfig
     mode: str = field(init=False, default="")
-    _events: "queue.SimpleQueue[tuple[str, bool]]" = field(init=False, default_factory=queue.SimpleQueue)
+    _events: "queue.SimpleQueue[tuple[str, _Key | None]]" = field(init=False, default_factory=queue.SimpleQueue)
     _candidates: dict[str, _Candidate] = field(init=False, default_factory=dict)
     _observer: BaseObserver | None = field(init=False, default=None)
     _next_rescan: float = field(init=False, default=0.0)
@@ -141,10 +159,10 @@ class InboxWatcher:
         now = time.monotonic() if now is None else now
         while True:
             try:
-                path, closed = self._events.get_nowait()
+                path, closed_key = self._events.get_nowait()
             except queue.Empty:
                 break
-            self._note(path, closed, now)
+            self._note(path, closed_key, now)
         if now >= self._next_rescan:
             self._rescan(now)
             self._next_rescan = now + self.config.rescan_interval
@@ -168,7 +186,7 @@ class InboxWatcher:
         """Files seen but not yet complete."""
         return len(self._candidates)
 
-    def _note(self, path: str, closed: bool, now: float) -> None:
+    def _note(self, path: str, closed_key: _Key | None, now: float) -> None:
         if is_ignored(os.path.basename(path), self.config.ignore):
             return
         key = self._key(path)
@@ -180,8 +198,8 @@ class InboxWatcher:
             cand = self._candidates[path] = _Candidate(key=key, since=now)
         elif cand.key != key:
             cand.key, cand.since = key, now
-        if closed:
-            cand.closed_key = key
+        if closed_key is not None:
+            cand.closed_key = closed_key
 
     def _rescan(self, now: float) -> None:
         """The source of truth: events are hints, a directory walk finds whatever they missed."""
@@ -190,18 +208,12 @@ class InboxWatcher:
             for name in filenames:
                 path = os.path.join(dirpath, name)
                 if path not in self._candidates and not is_ignored(name, self.config.ignore):
-                    self._note(path, False, now)
+                    self._note(path, None, now)
 
-    def _key(self, path: str) -> tuple[int, int, int] | None:
-        """(size, mtime, inode) of a regular file; None for anything else (gone, symlink, device)."""
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            if path not in self._warned:
-                self._warned.add(path)
-                logger.warning("watch {}: ignoring {} (not a regular file: symlinks, devices and pipes are "
-                               "never forwarded; copy the real file in)", self.inbox, path)
-            return None
-        return (st.st_size, st.st_mtime_ns, st.st_ino)
+    def _key(self, path: str) -> _Key | None:
+        key = _stat_key(path)
+        if key is None and os.path.lexists(path) and path not in self._warned:
+            self._warned.add(path)
+            logger.warning("watch {}: ignoring {} (not a regular file: symlinks, devices and pipes are "
+                           "never forwarded; copy the real file in)", self.inbox, path)
+        return key

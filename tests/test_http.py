@@ -193,18 +193,26 @@ def test_no_credentials_no_header(canned: CannedServer) -> None:
     assert "Authorization" not in canned.received[0].headers
 
 
-def test_plain_http_with_credentials_warns_once(canned: CannedServer, log_lines: list[str]) -> None:
-    cfg = pacs(canned.url, username="relay", password=Secret(PASSWORD))
+def test_plain_http_with_credentials_warns_once(log_lines: list[str]) -> None:
+    cfg = pacs("http://pacs.example:8042", username="relay", password=Secret(PASSWORD))
     for _ in range(3):
         make_session(cfg)
+    make_session(pacs("http://pacs.example:8042", token=Secret("tok")))
     warnings = [line for line in log_lines if line.startswith("WARNING") and "plain http://" in line]
     assert len(warnings) == 1
     assert "main-pacs" in warnings[0] and "MAIN_PACS_URL" in warnings[0]
     assert PASSWORD not in "".join(log_lines)
 
 
-def test_plain_http_without_credentials_does_not_warn(canned: CannedServer, log_lines: list[str]) -> None:
-    make_session(pacs(canned.url))
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8042", "http://localhost:8042", "http://[::1]:8042",
+                                 "https://pacs.example"])
+def test_no_plain_http_warning_for_loopback_or_https(url: str, log_lines: list[str]) -> None:
+    make_session(pacs(url, username="relay", password=Secret(PASSWORD)))
+    assert not [line for line in log_lines if "plain http" in line]
+
+
+def test_plain_http_without_credentials_does_not_warn(log_lines: list[str]) -> None:
+    make_session(pacs("http://pacs.example:8042"))
     assert not [line for line in log_lines if "plain http" in line]
 
 
@@ -376,14 +384,11 @@ def test_oauth2_persistent_401_is_not_a_loop(canned: CannedServer) -> None:
 
 def test_oauth2_threads_share_one_token(canned: CannedServer) -> None:
     oauth = OAuthServer(canned)
-    s = make_session(oauth_pacs(canned))
-    auth = s.auth
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            sess = make_session(oauth_pacs(canned))
-            sess.auth = auth  # one token cache for the PACS, as the delivery workers share it
+            sess = make_session(oauth_pacs(canned))  # one session per worker thread
             for _ in range(5):
                 sess.get(canned.url + "/a", timeout=5).raise_for_status()
         except BaseException as exc:  # noqa: BLE001

@@ -1,0 +1,117 @@
+"""`send PATH...`: a one-shot upload for humans, through the daemon's sender and outcome code; files stay put."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from relaypacsd import dicomfile
+from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, Progress, UsageError, expand_paths, load, print_json, table, targets
+from relaypacsd.config import Config
+from relaypacsd.delivery import DELIVERED, deliver_parts
+from relaypacsd.destinations import build_sender
+from relaypacsd.dicomfile import DicomInfo
+from relaypacsd.dicomweb import StowPart
+from relaypacsd.errors import InvalidDicomError
+from relaypacsd.outcomes import InstanceResult, Outcome
+
+
+def batches(items: list[tuple[Path, DicomInfo]], max_n: int, max_bytes: int) -> list[list[tuple[Path, DicomInfo]]]:
+    """Group by study (as the daemon does), within the instance and byte caps."""
+    by_study: dict[str, list[tuple[Path, DicomInfo]]] = {}
+    for item in items:
+        by_study.setdefault(item[1].study_instance_uid, []).append(item)
+    out: list[list[tuple[Path, DicomInfo]]] = []
+    for group in by_study.values():
+        cur: list[tuple[Path, DicomInfo]] = []
+        size = 0
+        for item in group:
+            if cur and (len(cur) >= max_n or size + item[1].size > max_bytes):
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(item)
+            size += item[1].size
+        if cur:
+            out.append(cur)
+    return out
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Validate, batch and send files/folders to the active PACS (or --to NAME); summary; non-zero if any failed."""
+    config: Config = load(args)
+    pacs_list = targets(config, args.to)
+    files = expand_paths(args.paths)
+    if not files:
+        raise UsageError("no files found under the paths given")
+    valid: list[tuple[Path, DicomInfo]] = []
+    invalid: list[tuple[Path, str]] = []
+    seen: set[str] = set()
+    for path in files:
+        try:
+            info = dicomfile.inspect(path)
+        except InvalidDicomError as exc:
+            invalid.append((path, str(exc)))
+            continue
+        except OSError as exc:
+            invalid.append((path, f"cannot read: {exc.strerror}"))
+            continue
+        if info.sop_instance_uid in seen:
+            invalid.append((path, f"same SOPInstanceUID as another file given ({info.sop_instance_uid}): skipped"))
+            continue
+        seen.add(info.sop_instance_uid)
+        valid.append((path, info))
+    d = config.delivery
+    report: dict[str, dict[str, InstanceResult]] = {}
+    started = time.monotonic()
+    for pacs in pacs_list:
+        sender = build_sender(pacs, pool_size=1)
+        progress = Progress(f"send {pacs.name}", len(valid))
+        done = 0
+        results: dict[str, InstanceResult] = {}
+
+        def on_results(parts: list[StowPart], res: list[InstanceResult]) -> None:
+            nonlocal done
+            done += len(parts)
+            progress.update(done)
+
+        for batch in batches(valid, d.batch_max_instances, d.batch_max_bytes):
+            parts = [StowPart(p, i.sop_instance_uid, i.size) for p, i in batch]
+            results.update(deliver_parts(sender, parts, d.retry_attempts, d.retry_delay, on_results=on_results))
+        progress.done()
+        report[pacs.name] = results
+    elapsed = time.monotonic() - started
+    by_uid = {i.sop_instance_uid: p for p, i in valid}
+    failed = len(invalid) > 0
+    summary = []
+    problems = []
+    for name, results in report.items():
+        counts = Counter(r.outcome for r in results.values())
+        not_ok = [r for r in results.values() if r.outcome not in DELIVERED]
+        failed = failed or bool(not_ok)
+        summary.append({"pacs": name, "sent": counts[Outcome.DELIVERED], "duplicates": counts[Outcome.DUPLICATE],
+                        "rejected": sum(1 for r in not_ok if r.outcome is Outcome.PERMANENT),
+                        "failed": sum(1 for r in not_ok if r.outcome is not Outcome.PERMANENT),
+                        "invalid": len(invalid)})
+        problems += [{"pacs": name, "file": str(by_uid[r.sop_uid]), "outcome": r.outcome.value,
+                      "code": None if r.reason_code is None else f"0x{r.reason_code:04X}", "reason": r.reason}
+                     for r in not_ok]
+    problems += [{"pacs": "-", "file": str(p), "outcome": "invalid", "code": None, "reason": why} for p, why in invalid]
+    if args.json:
+        print_json({"files": len(files), "valid": len(valid), "seconds": round(elapsed, 2),
+                    "summary": summary, "problems": problems})
+    else:
+        print(table(["PACS", "sent", "duplicates", "rejected", "failed", "invalid"],
+                    [list(s.values()) for s in summary]))
+        if problems:
+            print()
+            print(table(["PACS", "file", "outcome", "reason"],
+                        [[p["pacs"], p["file"], p["outcome"] + (f" {p['code']}" if p["code"] else ""), p["reason"]]
+                         for p in problems]))
+        print(f"{len(valid)} valid file(s) of {len(files)} to {len(pacs_list)} PACS in {elapsed:.1f} s"
+              + (": NOT everything was delivered" if failed else ": all delivered"))
+    if failed and args.json:
+        print("relaypacsd: not everything was delivered (see problems)", file=sys.stderr)
+    return EXIT_FAIL if failed else EXIT_OK

@@ -1,0 +1,138 @@
+"""Prometheus metrics of one daemon, in a private registry (no global state), served over HTTP when asked.
+
+Gauges that describe the spool (files per folder, oldest waiting file, PACS health) are computed at scrape
+time from the daemon's current pieces, so they stay right across a SIGHUP reload. Counters of deliveries
+come from the engine's batch observer (`Engine.on_batch`) and the daemon's per-run counters.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from relaypacsd.outcomes import Outcome
+from relaypacsd.spool import FOLDERS
+
+if TYPE_CHECKING:
+    from relaypacsd.daemon import Daemon
+
+PREFIX = "relaypacsd"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _SpoolCollector(Collector):
+    """Reads the daemon's spools and destinations at each scrape."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Any]:
+        d = self.daemon
+        files = GaugeMetricFamily(f"{PREFIX}_files", "Files per folder of each watch root", labels=["root", "folder"])
+        oldest = GaugeMetricFamily(f"{PREFIX}_oldest_waiting_seconds",
+                                   "Age of the oldest file in inbox/ or sending/ of each watch root (0 if none)",
+                                   labels=["root"])
+        now = time.time()
+        for spool in list(d.spools):
+            root = str(spool.root)
+            first = now
+            for folder in FOLDERS:
+                count = 0
+                for path in _walk(spool.root / folder):
+                    count += 1
+                    if folder in ("inbox", "sending"):
+                        try:
+                            first = min(first, os.lstat(path).st_mtime)
+                        except OSError:
+                            pass
+                files.add_metric([root, folder], count)
+            oldest.add_metric([root], max(0.0, now - first))
+        yield files
+        yield oldest
+
+        up = GaugeMetricFamily(f"{PREFIX}_destination_up", "1 while the PACS answers and accepts our credentials",
+                               labels=["pacs"])
+        queued = GaugeMetricFamily(f"{PREFIX}_destination_queued", "Files queued, waiting or in flight per PACS",
+                                   labels=["pacs"])
+        for name, dest in list(d.engine.destinations.items()):
+            up.add_metric([name], 1.0 if dest.healthy else 0.0)
+            queued.add_metric([name], dest.queued())
+        yield up
+        yield queued
+
+        in_flight = GaugeMetricFamily(f"{PREFIX}_in_flight", "Files known to the delivery engine, not yet settled")
+        in_flight.add_metric([], d.engine.in_flight())
+        yield in_flight
+        alive = GaugeMetricFamily(f"{PREFIX}_alive", "1 while every watcher, worker and job thread runs")
+        alive.add_metric([], 1.0 if d.ready.is_set() and d.alive() else 0.0)
+        yield alive
+        settled = CounterMetricFamily(f"{PREFIX}_files_settled", "Files moved to sent/ or failed/ since start",
+                                      labels=["folder"])
+        for folder in ("sent", "failed"):
+            settled.add_metric([folder], d.counters.get(folder, 0))
+        yield settled
+
+
+def _walk(base: Any) -> Iterator[str]:
+    from relaypacsd.spool import SIDECAR_SUFFIX
+
+    for dirpath, _dirs, names in os.walk(base):
+        for name in names:
+            if not name.endswith(SIDECAR_SUFFIX) and not name.startswith(".relaypacs-"):
+                yield os.path.join(dirpath, name)
+
+
+class Metrics:
+    """The metrics of one daemon: a private registry, the engine observer, and an optional HTTP server."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_SpoolCollector(daemon))
+        self.instances = Counter(f"{PREFIX}_instances", "Instance outcomes per PACS and send attempt",
+                                 ["pacs", "outcome"], registry=self.registry)
+        self.delivered = Counter(f"{PREFIX}_delivered", "Instances the PACS confirmed (stored or already there)",
+                                 ["pacs"], registry=self.registry)
+        self.failed = Counter(f"{PREFIX}_delivery_failures", "Instances a send attempt did not deliver",
+                              ["pacs"], registry=self.registry)
+        self.retries = Counter(f"{PREFIX}_retries", "Send attempts that were retries (attempt 2 and later)",
+                               ["pacs"], registry=self.registry)
+        self.latency = Histogram(f"{PREFIX}_delivery_seconds", "Duration of one STOW-RS request (one batch)",
+                                 ["pacs"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def observe_batch(self, dest: Any, items: list[Any], results: list[Any], status: int | None, ms: float,
+                      attempt: int) -> None:
+        """Engine.on_batch: count outcomes, retries and the request's duration."""
+        name = dest.name
+        self.latency.labels(name).observe(ms / 1000.0)
+        if attempt > 1:
+            self.retries.labels(name).inc()
+        for result in results:
+            self.instances.labels(name, result.outcome.value).inc()
+            if result.outcome in (Outcome.DELIVERED, Outcome.DUPLICATE):
+                self.delivered.labels(name).inc()
+            elif result.outcome is not Outcome.SPLIT:
+                self.failed.labels(name).inc()
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+    def start_server(self, address: str, port: int) -> None:
+        """Serve /metrics on address:port (a thread of its own)."""
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(port, addr=address, registry=self.registry)
+
+    def stop_server(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

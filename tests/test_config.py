@@ -1,0 +1,116 @@
+"""Config: file + environment, validation messages, masking."""
+
+import subprocess
+import sys
+
+import pytest
+
+from relaypacsd.config import ConfigError, Secret, build_config, load_config, to_toml
+
+WATCH = {"watch": [{"path": "/srv/relaypacs/ct"}]}
+
+
+def test_only_orthanc_url_in_environment_and_one_watch_root(tmp_path):
+    cfg = tmp_path / "relaypacs.toml"
+    cfg.write_text('[[watch]]\npath = "/srv/relaypacs/ct"\n')
+    config = load_config(cfg, {"ORTHANC_URL": "http://127.0.0.1:8042"})
+    assert [p.name for p in config.active()] == ["orthanc"]
+    assert config.pacs["orthanc"].type == "orthanc"
+    assert config.pacs["orthanc"].stow_base == "http://127.0.0.1:8042/dicom-web"
+    assert config.delivery.retry_attempts == 3 and config.delivery.retry_delay == 2.0
+
+
+def test_seed_environment_variables_override_the_file():
+    raw = {**WATCH, "pacs": {"orthanc": {"url": "http://file:8042", "username": "file"}},
+           "delivery": {"retry_attempts": 9}}
+    env = {"ORTHANC_URL": "http://env:8042", "ORTHANC_USERNAME": "envuser", "ORTHANC_PASSWORD": "pw",
+           "ORTHANC_AE_TITLE": "ORTH", "DCM4CHEE_URL": "http://dcm:8080", "DCM4CHEE_AE_TITLE": "DCM4CHEE",
+           "ACTIVE_PACS": "orthanc, dcm4chee", "PACS_ENABLED": "false", "PACS_RETRY_ATTEMPTS": "5",
+           "PACS_RETRY_DELAY": "0.5"}
+    config = build_config(raw, env)
+    o, d = config.pacs["orthanc"], config.pacs["dcm4chee"]
+    assert (o.url, o.username, o.password.reveal(), o.ae_title) == ("http://env:8042", "envuser", "pw", "ORTH")
+    assert d.type == "dcm4chee" and d.stow_base == "http://dcm:8080/dcm4chee-arc/aets/DCM4CHEE/rs"
+    assert config.delivery.active_pacs == ("orthanc", "dcm4chee")
+    assert config.delivery.enabled is False
+    assert (config.delivery.retry_attempts, config.delivery.retry_delay) == (5, 0.5)
+
+
+def test_any_pacs_name_gets_its_environment_variables():
+    config = build_config({**WATCH, "pacs": {"cloud": {"type": "dicomweb", "url": "https://x/dicomweb"}}},
+                          {"CLOUD_PASSWORD": "t0p", "CLOUD_USERNAME": "u", "ACTIVE_PACS": "cloud"})
+    assert config.pacs["cloud"].password.reveal() == "t0p"
+    assert config.pacs["cloud"].stow_base == "https://x/dicomweb"
+
+
+@pytest.mark.parametrize("raw, env, words", [
+    ({"pacs": {"orthanc": {"url": "http://x", "pasword": "a"}}}, {}, ["pacs.orthanc.pasword", "did you mean 'password'"]),
+    ({"delivery": {"retry_attempts": "three"}}, {}, ["delivery.retry_attempts", "whole number"]),
+    ({"pacs": {"orthanc": {"type": "orthanc"}}}, {}, ["pacs.orthanc.url is missing", "ORTHANC_URL"]),
+    ({}, {"ACTIVE_PACS": "nowhere"}, ["'nowhere'", "NOWHERE_URL"]),
+    ({}, {"PACS_RETRY_DELAY": "soon"}, ["PACS_RETRY_DELAY", "number of seconds"]),
+    ({}, {"PACS_ENABLED": "maybe"}, ["PACS_ENABLED", "true or false"]),
+    ({"watch": [{"path": "/a", "observer": "magic"}]}, {}, ["watch[0].observer", "polling"]),
+    ({"pacs": {"x": {"url": "ftp://x"}}}, {}, ["pacs.x.url", "http://"]),
+    ({"pacs": {"orthanc": {"url": "http://x", "password": 5}}}, {}, ["pacs.orthanc.password", "(hidden)"]),
+])
+def test_bad_config_names_the_key_and_the_fix(raw, env, words):
+    with pytest.raises(ConfigError) as exc:
+        build_config(raw, env)
+    message = str(exc.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unreadable_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml", {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, {})
+
+
+def test_secrets_are_masked_everywhere():
+    config = build_config({**WATCH, "pacs": {"orthanc": {"url": "http://x", "password": "hunter2",
+                                                          "token": "tok-secret"}}}, {})
+    text = to_toml(config) + repr(config) + str(config.pacs["orthanc"])
+    assert "hunter2" not in text and "tok-secret" not in text
+    assert "********" in text
+    assert to_toml(config, mask=False).count("hunter2") == 1
+    assert Secret("a") == Secret("a") and not Secret("")
+
+
+def test_password_file_is_read(tmp_path):
+    from relaypacsd.config import resolve_secret
+
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    config = build_config({**WATCH, "pacs": {"orthanc": {"url": "http://x", "password_file": str(pw)}}}, {})
+    assert resolve_secret(config.pacs["orthanc"], "password").reveal() == "from-file"
+    missing = build_config({**WATCH, "pacs": {"orthanc": {"url": "http://x", "password_file": "/nonexistent"}}}, {})
+    with pytest.raises(ConfigError, match="password_file"):
+        resolve_secret(missing.pacs["orthanc"], "password")
+
+
+def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
+    cfg = tmp_path / "relaypacs.toml"
+    cfg.write_text('[[watch]]\npath = "/tmp/x"\n[pacs.orthanc]\nurl = "http://x"\npasword = "hunter2"\n')
+    proc = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "config", "show"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "pacs.orthanc.pasword" in proc.stderr and "Traceback" not in proc.stderr
+    assert "hunter2" not in proc.stderr
+
+
+def test_config_show_masks_environment_password(tmp_path):
+    cfg = tmp_path / "relaypacs.toml"
+    cfg.write_text('[[watch]]\npath = "/tmp/x"\n')
+    env = {"ORTHANC_URL": "http://127.0.0.1:8042", "ORTHANC_PASSWORD": "s3cr3t-pw", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "config", "show"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "s3cr3t-pw" not in proc.stdout + proc.stderr
+    assert 'password = "********"' in proc.stdout

@@ -1,0 +1,258 @@
+"""Delivery engine: outcomes to states and folder moves, quick retries, splitting, pauses, several destinations.
+
+The PACS here is a scripted stand-in so each outcome class can be forced; the real Orthanc is in tests/integration.
+"""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relaypacsd.config import build_config
+from relaypacsd.delivery import Engine, backoff
+from relaypacsd.dicomfile import inspect
+from relaypacsd.errors import DestinationProblem, PacsUnreachable
+from relaypacsd.journal import Journal
+from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.spool import Spool, sidecar_path
+from tests.dicomfactory import write_study
+
+
+class ScriptedPacs:
+    """A Sender whose answer per instance comes from `rule(uid, batch_size, call_number)`."""
+
+    def __init__(self, name, rule=None):
+        self.name, self.target = name, f"http://{name}.test/dicom-web"
+        self.rule = rule or (lambda uid, n, call: Outcome.DELIVERED)
+        self.calls: list[list[str]] = []
+        self.raise_next: list[Exception] = []
+        self.probe_error: Exception | None = None
+        self.lock = threading.Lock()
+
+    def send(self, parts):
+        with self.lock:
+            uids = [p.sop_uid for p in parts]
+            self.calls.append(uids)
+            call = len(self.calls)
+            if self.raise_next:
+                raise self.raise_next.pop(0)
+        results = []
+        for uid in uids:
+            outcome = self.rule(uid, len(uids), call)
+            code = 0xA900 if outcome is Outcome.PERMANENT else None
+            results.append(InstanceResult(uid, outcome, 200, code, f"scripted {outcome.value}"))
+        return results, 200
+
+    def probe(self):
+        if self.probe_error:
+            raise self.probe_error
+
+    def received(self, uid):
+        return sum(call.count(uid) for call in self.calls)
+
+
+def setup(tmp_path, senders, n=4, **delivery):
+    delivery = {"retry_delay": 0.01, "retry_attempts": 3, "workers_per_pacs": 1, **delivery}
+    config = build_config({"watch": [{"path": str(tmp_path / "root")}], "delivery": delivery,
+                           "pacs": {s.name: {"url": s.target} for s in senders}}, {})
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    study, sops = write_study(spool.inbox, n)
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    engine = Engine(config, journal, {s.name: s for s in senders})
+    return engine, spool, sops
+
+
+def submit_all(engine, spool):
+    for f in list(spool.files("inbox")):
+        claimed = spool.claim(f)
+        engine.submit(claimed, spool, inspect(claimed))
+
+
+def wait_until(pred, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def count(spool, folder):
+    return len(list(spool.files(folder)))
+
+
+def test_all_delivered_go_to_sent_and_are_forgotten(tmp_path):
+    pacs = ScriptedPacs("orthanc")
+    engine, spool, sops = setup(tmp_path, [pacs])
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: count(spool, "sent") == 4)
+    engine.stop()
+    assert count(spool, "sending") == 0 and engine.journal.counts() == {}
+    assert sorted(u for c in pacs.calls for u in c) == sorted(sops)
+    assert len(pacs.calls) == 1  # one batch, not one request per file
+
+
+def test_permanent_rejection_goes_to_failed_with_reason_code_and_history(tmp_path):
+    bad = {}
+    pacs = ScriptedPacs("orthanc", lambda uid, n, c: Outcome.PERMANENT if uid == bad["uid"] else Outcome.DELIVERED)
+    engine, spool, sops = setup(tmp_path, [pacs])
+    bad["uid"] = sops[1]
+    engine.start()
+    submit_all(engine, spool)
+    assert wait_until(lambda: count(spool, "sent") == 3 and count(spool, "failed") == 1)
+    engine.stop()
+    failed = next(spool.files("failed"))
+    side = json.loads(sidecar_path(failed).read_text())
+    assert side["sop_instance_uid"] == sops[1] and side["stage"] == "delivery"
+    assert side["pacs"]["orthanc"]["reason_code"] == "0xA900"
+    assert "permanent" in side["reason"] and side["history"][-1]["event"] == "failed"
+
+
+def test_transient_failure_is_retried_quickly_then_delivered(tmp_path):
+    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.TRANSIENT if call == 1 else Outcome.DELIVERED)
+    engine, spool, sops = setup(tmp_path, [pacs], n=3, batch_max_instances=10)
+    submit_all(engine, spool)  # queue everything first so it goes as one batch
+    engine.start()
+    assert wait_until(lambda: count(spool, "sent") == 3)
+    engine.stop()
+    assert len(pacs.calls) == 2 and count(spool, "failed") == 0
+
+
+def test_transient_beyond_quick_tries_waits_in_sending_for_the_sweep(tmp_path):
+    state = {"ok": False}
+    pacs = ScriptedPacs("orthanc", lambda uid, n, c: Outcome.DELIVERED if state["ok"] else Outcome.TRANSIENT)
+    engine, spool, sops = setup(tmp_path, [pacs], n=2, retry_attempts=2, batch_max_instances=10)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: len(pacs.calls) == 2)
+    time.sleep(0.2)
+    assert count(spool, "sending") == 2 and count(spool, "failed") == 0
+    row = engine.journal.rows(str(next(spool.files("sending"))))["orthanc"]
+    assert row.state == "waiting" and row.attempts == 1 and "transient" in row.last_error
+    state["ok"] = True
+    assert wait_until(lambda: (engine.sweep() or True) and count(spool, "sent") == 2, timeout=15)
+    engine.stop()
+
+
+def test_whole_batch_failure_is_split_before_blaming_one_file(tmp_path):
+    bad = {}
+    pacs = ScriptedPacs("orthanc")
+    engine, spool, sops = setup(tmp_path, [pacs], n=5, batch_max_instances=10)
+    bad["uid"] = sops[3]
+    # like Orthanc's 400 for a batch holding one unparsable part: nothing confirmed, blame unknown
+    pacs.rule = lambda uid, n, call: (Outcome.SPLIT if n > 1 and bad["uid"] in pacs.calls[call - 1]
+                                      else Outcome.PERMANENT if uid == bad["uid"] else Outcome.DELIVERED)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: count(spool, "sent") == 4 and count(spool, "failed") == 1)
+    engine.stop()
+    assert pacs.calls[0] and len(pacs.calls[0]) == 5
+    assert [bad["uid"]] in pacs.calls  # finally sent alone
+
+
+def test_destination_problem_pauses_without_spending_attempts(tmp_path):
+    pacs = ScriptedPacs("orthanc")
+    pacs.raise_next = [DestinationProblem("PACS 'orthanc' refused our credentials (HTTP 401): check ORTHANC_PASSWORD",
+                                          status=401)]
+    engine, spool, sops = setup(tmp_path, [pacs], n=2, batch_max_instances=10)
+    pacs.probe_error = pacs.raise_next[0]
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: not engine.destinations["orthanc"].healthy)
+    time.sleep(0.3)
+    assert len(pacs.calls) == 1 and count(spool, "sending") == 2 and count(spool, "failed") == 0
+    row = engine.journal.rows(str(next(spool.files("sending"))))["orthanc"]
+    assert row.attempts == 0 and "401" in row.last_error
+    engine.sweep()
+    time.sleep(0.2)
+    assert len(pacs.calls) == 1  # nothing is sent while the destination is down
+    pacs.probe_error = None
+    engine.probe()  # the health probe sees it back: everything waiting goes at once
+    assert wait_until(lambda: count(spool, "sent") == 2)
+    engine.stop()
+
+
+def test_unreachable_marks_down_and_resumes_when_back(tmp_path):
+    pacs = ScriptedPacs("orthanc")
+    pacs.raise_next = [PacsUnreachable("PACS 'orthanc' at http://x: connection refused")]
+    pacs.probe_error = pacs.raise_next[0]
+    engine, spool, sops = setup(tmp_path, [pacs], n=3, batch_max_instances=10)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: not engine.destinations["orthanc"].healthy)
+    assert count(spool, "sending") == 3
+    pacs.probe_error = None
+    engine.probe()
+    assert wait_until(lambda: count(spool, "sent") == 3)
+    engine.stop()
+
+
+def test_two_destinations_each_confirm_once(tmp_path):
+    state = {"b_ok": False}
+    a = ScriptedPacs("orthanc")
+    b = ScriptedPacs("dcm4chee", lambda uid, n, c: Outcome.DELIVERED if state["b_ok"] else Outcome.TRANSIENT)
+    engine, spool, sops = setup(tmp_path, [a, b], n=3, retry_attempts=1)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: sum(len(c) for c in a.calls) == 3 and len(b.calls) >= 1)
+    time.sleep(0.2)
+    assert count(spool, "sending") == 3  # not sent/ until every destination confirmed
+    state["b_ok"] = True
+    assert wait_until(lambda: (engine.sweep() or True) and count(spool, "sent") == 3, timeout=15)
+    engine.stop()
+    assert all(a.received(u) == 1 for u in sops)  # a retry for dcm4chee never re-sends to orthanc
+
+
+def test_restart_with_journal_sends_only_what_is_left(tmp_path):
+    a, b = ScriptedPacs("orthanc"), ScriptedPacs("dcm4chee")
+    engine, spool, sops = setup(tmp_path, [a, b], n=2)
+    for f in list(spool.files("inbox")):
+        claimed = spool.claim(f)
+        engine.journal.ensure(str(claimed), ["orthanc", "dcm4chee"])
+        engine.journal.update(str(claimed), "orthanc", state="delivered", event="delivered")
+    for f in spool.files("sending"):
+        engine.submit(f, spool, inspect(f))
+    engine.start()
+    assert wait_until(lambda: count(spool, "sent") == 2)
+    engine.stop()
+    assert a.calls == [] and sorted(u for c in b.calls for u in c) == sorted(sops)
+
+
+def test_limited_outcome_fails_after_a_few_deliveries(tmp_path):
+    pacs = ScriptedPacs("orthanc", lambda uid, n, c: Outcome.LIMITED)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1, retry_attempts=1)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: (engine.destinations["orthanc"].release_due(everything=True) or True)
+                      and count(spool, "failed") == 1, timeout=15)
+    engine.stop()
+    assert len(pacs.calls) == 3
+
+
+def test_max_age_sends_to_failed_with_history(tmp_path):
+    pacs = ScriptedPacs("orthanc", lambda uid, n, c: Outcome.TRANSIENT)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1, retry_attempts=1, max_age_hours=0.0001)
+    f = spool.claim(next(spool.files("inbox")))
+    engine.journal.ensure(str(f), ["orthanc"], first_seen=time.time() - 3600)
+    engine.submit(f, spool, inspect(f))
+    engine.start()
+    assert wait_until(lambda: count(spool, "failed") == 1)
+    engine.stop()
+    side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
+    assert "gave up after" in side["reason"]
+
+
+def test_pacs_disabled_keeps_files_in_sending(tmp_path):
+    engine, spool, sops = setup(tmp_path, [], n=2)
+    submit_all(engine, spool)
+    assert count(spool, "sending") == 2 and engine.in_flight() == 2
+
+
+def test_backoff_doubles_caps_and_jitters():
+    values = [backoff(2, a, 60) for a in range(8)]
+    assert 1.6 <= values[0] <= 2.4 and 3.2 <= values[1] <= 4.8
+    assert max(values) <= 72 and values[-1] >= 48

@@ -1,0 +1,79 @@
+"""Validation: real pydicom samples, generated files, truncations, junk and DICOMDIR."""
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from relaypacsd.dicomfile import DicomDirFound, inspect, is_dicomdir
+from relaypacsd.errors import InvalidDicomError
+from tests.dicomfactory import CT_SMALL, DICOMDIR, MR_SMALL, MR_TRUNCATED, NO_META, fresh, write_instance
+
+GOOD = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm", "image_dfl.dcm", "reportsi.dcm"]
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_real_samples_are_accepted(name):
+    info = inspect(get_testdata_file(name))
+    ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+    assert info.sop_instance_uid == ds.SOPInstanceUID and info.study_instance_uid == ds.StudyInstanceUID
+
+
+def test_generated_instance(tmp_path):
+    sop = write_instance(tmp_path / "a.dcm", MR_SMALL)
+    info = inspect(tmp_path / "a.dcm")
+    assert info.sop_instance_uid == sop and info.size == (tmp_path / "a.dcm").stat().st_size
+
+
+@pytest.mark.parametrize("template", [CT_SMALL, MR_SMALL, Path(get_testdata_file("JPEG2000.dcm"))])
+def test_every_truncation_is_caught(tmp_path, template):
+    data = template.read_bytes()
+    target = tmp_path / "cut.dcm"
+    accepted = []
+    for cut in range(0, len(data), max(1, len(data) // 150)):
+        target.write_bytes(data[:cut])
+        try:
+            inspect(target)
+            accepted.append(cut)
+        except InvalidDicomError:
+            pass
+    assert accepted == []
+
+
+def test_shipped_truncated_sample(tmp_path):
+    with pytest.raises(InvalidDicomError, match="truncated"):
+        inspect(MR_TRUNCATED)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "empty file"),
+    (b"hello world" * 20, "not a DICOM file"),
+    (b"\0" * 128 + b"DICM" + b"\x02\x00", "not readable as DICOM|no data elements|truncated"),
+])
+def test_junk(tmp_path, content, words):
+    p = tmp_path / "junk.dcm"
+    p.write_bytes(content)
+    with pytest.raises(InvalidDicomError, match=words):
+        inspect(p)
+
+
+def test_dataset_without_part10_header_is_refused_with_the_fix():
+    with pytest.raises(InvalidDicomError, match="without the Part-10 file header.*dcmconv"):
+        inspect(NO_META)
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"])
+def test_missing_uid(tmp_path, keyword):
+    ds = fresh(CT_SMALL)
+    delattr(ds, keyword)
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=False)
+    with pytest.raises(InvalidDicomError, match=keyword):
+        inspect(tmp_path / "x.dcm")
+
+
+def test_dicomdir_is_never_an_instance():
+    assert is_dicomdir(DICOMDIR)
+    with pytest.raises(DicomDirFound, match="DICOMDIR"):
+        inspect(DICOMDIR)

@@ -1,0 +1,123 @@
+"""Spool: claims, moves, collisions and sidecars (fake filesystem), plus the real no-overwrite rename."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from relaypacsd import spool as spool_mod
+from relaypacsd.errors import SpoolError
+from relaypacsd.spool import Spool, read_sidecar, rename_noreplace, sidecar_path
+
+
+@pytest.fixture
+def fake_spool(fs, monkeypatch):
+    # ctypes renameat2 would reach the real disk, not pyfakefs: use the portable path here.
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    s = Spool(Path("/spool/ct"))
+    s.prepare()
+    return s
+
+
+def _drop(s: Spool, rel: str, data: str = "x") -> Path:
+    p = s.inbox / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(data)
+    return p
+
+
+def test_prepare_creates_the_four_folders(fake_spool):
+    for name in ("inbox", "sending", "sent", "failed"):
+        assert (fake_spool.root / name).is_dir()
+
+
+def test_claim_keeps_the_subpath_and_leaves_one_copy(fake_spool):
+    src = _drop(fake_spool, "ward/a/img.dcm")
+    claimed = fake_spool.claim(src)
+    assert claimed == fake_spool.sending / "ward/a/img.dcm"
+    assert not src.exists() and claimed.read_text() == "x"
+
+
+def test_claim_of_a_vanished_file_means_someone_else_took_it(fake_spool):
+    src = _drop(fake_spool, "img.dcm")
+    assert fake_spool.claim(src) is not None
+    assert fake_spool.claim(src) is None
+
+
+def test_name_collisions_never_overwrite(fake_spool):
+    first = fake_spool.claim(_drop(fake_spool, "img.dcm", "one"))
+    second = fake_spool.claim(_drop(fake_spool, "img.dcm", "two"))
+    assert first.name == "img.dcm" and second.name == "img~1.dcm"
+    sent1 = fake_spool.finish(first, "sent")
+    third = fake_spool.claim(_drop(fake_spool, "img.dcm", "three"))
+    sent3 = fake_spool.finish(third, "sent")
+    assert sent1.read_text() == "one" and sent3.read_text() == "three" and sent3.name == "img~1.dcm"
+
+
+def test_failed_file_gets_a_readable_sidecar_first(fake_spool):
+    claimed = fake_spool.claim(_drop(fake_spool, "sub/bad.dcm"))
+    failed = fake_spool.finish(claimed, "failed", {"reason": "not a DICOM file", "stage": "validation"})
+    assert failed == fake_spool.failed / "sub/bad.dcm"
+    side = json.loads(sidecar_path(failed).read_text())
+    assert side["reason"] == "not a DICOM file" and side["stage"] == "validation"
+    assert "time" in side and side["file"] == "bad.dcm"
+    # a second failure of the same name gets its own name and its own sidecar
+    again = fake_spool.finish(fake_spool.claim(_drop(fake_spool, "sub/bad.dcm")), "failed", {"reason": "r2"})
+    assert again.name == "bad~1.dcm" and read_sidecar(again)["reason"] == "r2"
+    assert read_sidecar(failed)["reason"] == "not a DICOM file"
+
+
+def test_requeue_moves_back_and_drops_the_sidecar(fake_spool):
+    failed = fake_spool.finish(fake_spool.claim(_drop(fake_spool, "a.dcm")), "failed", {"reason": "x"})
+    back = fake_spool.requeue(failed)
+    assert back == fake_spool.sending / "a.dcm" and not failed.exists() and not sidecar_path(failed).exists()
+
+
+def test_files_skips_sidecars_and_temp_files(fake_spool):
+    fake_spool.finish(fake_spool.claim(_drop(fake_spool, "a.dcm")), "failed", {"reason": "x"})
+    (fake_spool.failed / ".relaypacs-a.tmp").write_text("t")
+    assert [p.name for p in fake_spool.files("failed")] == ["a.dcm"]
+
+
+def test_every_file_is_in_exactly_one_folder(fake_spool):
+    paths = [_drop(fake_spool, f"d{i % 3}/f{i}.dcm") for i in range(30)]
+    for i, p in enumerate(paths):
+        c = fake_spool.claim(p)
+        if i % 2:
+            fake_spool.finish(c, "sent" if i % 4 == 1 else "failed", {"reason": "r"})
+    seen = {}
+    for folder in ("inbox", "sending", "sent", "failed"):
+        for f in fake_spool.files(folder):
+            assert f.name not in seen, f"{f.name} in {seen.get(f.name)} and {folder}"
+            seen[f.name] = folder
+    assert len(seen) == 30
+
+
+def test_unwritable_folder_is_refused(fs, monkeypatch):
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    s = Spool(Path("/spool/x"))
+    s.prepare()
+    monkeypatch.setattr(os, "access", lambda p, m: "failed" not in str(p))
+    with pytest.raises(SpoolError, match="failed/ is not writable"):
+        s.prepare()
+
+
+def test_real_rename_noreplace_refuses_to_overwrite(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("a")
+    b.write_text("b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(a, b)
+    assert a.read_text() == "a" and b.read_text() == "b"
+    rename_noreplace(a, tmp_path / "c")
+    assert (tmp_path / "c").read_text() == "a" and not a.exists()
+
+
+def test_real_spool_on_disk(tmp_path):
+    s = Spool(tmp_path / "root")
+    s.prepare()
+    (s.inbox / "x.dcm").write_text("1")
+    c = s.claim(s.inbox / "x.dcm")
+    assert s.finish(c, "sent").read_text() == "1"
+    assert spool_mod.USE_RENAMEAT2

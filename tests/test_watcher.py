@@ -1,0 +1,157 @@
+"""Watcher: settle logic, close events, ignore rules, rescans, filesystem detection, a real inotify observer."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent
+
+from relaypacsd.config import WatchConfig
+from relaypacsd.watcher import InboxWatcher, _Handler, choose_observer, filesystem_type, is_ignored
+
+
+def make(tmp_path, **kw) -> InboxWatcher:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    return InboxWatcher(inbox, WatchConfig(path=str(tmp_path), settle_seconds=kw.pop("settle", 2.0), **kw))
+
+
+def test_a_file_is_ready_only_after_it_settles(tmp_path):
+    w = make(tmp_path)
+    f = w.inbox / "a.dcm"
+    f.write_bytes(b"x" * 10)
+    assert w.tick(now=100.0) == []
+    with open(f, "ab") as fh:  # still being written
+        fh.write(b"more")
+    assert w.tick(now=101.5) == []
+    assert w.tick(now=103.0) == []  # 1.5 s since the last change
+    assert w.tick(now=103.6) == [f]
+    assert w.tick(now=110.0) == []  # reported once
+
+
+def test_close_event_makes_a_file_ready_at_once(tmp_path):
+    w = make(tmp_path, settle=60)
+    f = w.inbox / "b.dcm"
+    f.write_bytes(b"data")
+    _Handler(w._events).dispatch(FileClosedEvent(str(f)))
+    assert w.tick(now=1.0) == [f]
+
+
+def test_empty_file_closed_still_waits(tmp_path):
+    w = make(tmp_path, settle=5)
+    f = w.inbox / "touched.dcm"
+    f.touch()
+    _Handler(w._events).dispatch(FileClosedEvent(str(f)))
+    assert w.tick(now=1.0) == []
+    assert w.tick(now=6.5) == [f]  # zero bytes for the whole settle time: validation will reject it
+
+
+def test_move_into_the_inbox_is_complete(tmp_path):
+    w = make(tmp_path, settle=60)
+    f = w.inbox / "moved.dcm"
+    f.write_bytes(b"data")
+    _Handler(w._events).dispatch(FileMovedEvent(str(tmp_path / "elsewhere.tmp"), str(f)))
+    assert w.tick(now=1.0) == [f]
+
+
+def test_modified_after_close_waits_again(tmp_path):
+    w = make(tmp_path, settle=5)
+    f = w.inbox / "c.dcm"
+    f.write_bytes(b"one")
+    _Handler(w._events).dispatch(FileCreatedEvent(str(f)))
+    _Handler(w._events).dispatch(FileClosedEvent(str(f)))
+    f.write_bytes(b"one-two")  # reopened and written after the close event was queued
+    assert w.tick(now=1.0) == []
+
+
+@pytest.mark.parametrize("name", [".hidden.dcm", "scan.part", "x.tmp", "y.partial", "~lock.dcm", "backup~",
+                                  ".~lock.file#", "a.dcm.error.json", "Thumbs.db", "dl.crdownload"])
+def test_ignored_names(tmp_path, name):
+    assert is_ignored(name)
+    w = make(tmp_path, settle=0.1)
+    (w.inbox / name).write_bytes(b"x")
+    assert w.tick(now=0.0) == [] and w.tick(now=5.0) == []
+
+
+def test_extra_ignore_patterns():
+    assert is_ignored("notes.txt", ("*.txt",)) and not is_ignored("img.dcm", ("*.txt",))
+
+
+def test_rescan_finds_files_in_subfolders_and_files_present_at_start(tmp_path):
+    w = make(tmp_path, settle=1, rescan_interval=10)
+    deep = w.inbox / "ward" / "2026" / "img.dcm"
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(b"x")
+    (w.inbox / ".cache").mkdir()
+    (w.inbox / ".cache" / "hidden-dir-file").write_bytes(b"x")
+    assert w.tick(now=0.0) == []
+    assert w.tick(now=1.5) == [deep]
+
+
+def test_symlinks_and_fifos_are_never_taken(tmp_path):
+    w = make(tmp_path, settle=0.1)
+    target = tmp_path / "real.dcm"
+    target.write_bytes(b"x")
+    os.symlink(target, w.inbox / "link.dcm")
+    os.mkfifo(w.inbox / "pipe")
+    assert w.tick(now=0.0) == [] and w.tick(now=1.0) == []
+
+
+def test_vanished_file_is_forgotten(tmp_path):
+    w = make(tmp_path, settle=1)
+    f = w.inbox / "gone.dcm"
+    f.write_bytes(b"x")
+    w.tick(now=0.0)
+    f.unlink()
+    assert w.tick(now=5.0) == [] and w.pending() == 0
+
+
+MOUNTINFO = """\
+22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+40 22 0:35 / /mnt/pacs-share rw,relatime shared:20 - cifs //nas/share rw,vers=3.0
+41 22 0:36 / /mnt/nfs rw,relatime shared:21 - nfs4 server:/export rw
+42 22 0:37 / /mnt/view rw,nosuid shared:22 - fuse.bindfs /real rw,user_id=0
+43 22 0:38 / /mnt/with\\040space rw shared:23 - nfs server:/x rw
+"""
+
+
+@pytest.mark.parametrize("path, fstype", [
+    ("/srv/relaypacs", "ext4"), ("/mnt/pacs-share/ct/inbox", "cifs"), ("/mnt/nfs", "nfs4"),
+    ("/mnt/view/inbox", "fuse.bindfs"), ("/mnt/with space/inbox", "nfs"), ("/mnt/nfsx", "ext4"),
+])
+def test_filesystem_type_from_mountinfo(tmp_path, path, fstype):
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    assert filesystem_type(path, str(info)) == fstype
+
+
+def test_auto_observer_polls_on_shares(tmp_path, monkeypatch):
+    import relaypacsd.watcher as wmod
+
+    for fstype, expected in [("ext4", "native"), ("cifs", "polling"), ("nfs4", "polling"), ("fuse.sshfs", "polling"),
+                             ("smb3", "polling"), ("xfs", "native")]:
+        monkeypatch.setattr(wmod, "filesystem_type", lambda p, _t=fstype: _t)
+        assert choose_observer("/x", "auto") == expected
+    assert choose_observer("/x", "native") == "native" and choose_observer("/x", "polling") == "polling"
+
+
+@pytest.mark.parametrize("mode", ["native", "polling"])
+def test_real_observer_reports_a_written_file(tmp_path, mode):
+    w = make(tmp_path, settle=0.5, observer=mode, poll_interval=0.2, rescan_interval=3600)
+    w.start()
+    try:
+        w.tick()  # the initial scan, nothing there yet
+        f = w.inbox / "sub" / "img.dcm"
+        f.parent.mkdir()
+        f.write_bytes(b"x" * 100)
+        deadline = time.monotonic() + 10
+        ready: list[Path] = []
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ready = w.tick()
+        assert ready == [f]
+        assert w.mode == mode and w.alive()
+    finally:
+        w.stop()
+    assert not w.alive()
