@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="override daemon.log_level (DEBUG, INFO, WARNING)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="validate the config and test every PACS (reachable, credentials, endpoint)")
-    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("check", help="validate the config and test every PACS (DNS, TCP, TLS, credentials, "
+                                     "DICOMweb, C-ECHO)")
+    p.set_defaults(func=_lazy("check", "cmd_check"))
 
     p = sub.add_parser("init", help="write a starter relaypacs.toml from the environment (ORTHANC_URL, ...)")
     p.add_argument("--watch", help="the first watch root (default /srv/relaypacs/default)")
@@ -183,7 +184,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("health", help="exit 0 if the running daemon is alive (Docker HEALTHCHECK, monitoring)")
     p.set_defaults(func=cmd_health)
+    _add_operator_commands(sub)
     return parser
+
+
+def _lazy(module: str, name: str) -> Command:
+    """A command implemented in relaypacsd.commands.<module>, imported only when it runs."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"relaypacsd.commands.{module}"), name)(args)
+    run.__name__ = name
+    return run
+
+
+def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """status, retry, send, query, retrieve, verify (docs/commands.md)."""
+    p = sub.add_parser("status", help="counts per folder, oldest waiting file, each PACS's health (safe while running)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_lazy("status", "cmd_status"))
+
+    p = sub.add_parser("retry", help="move failed files back to sending/ so the daemon sends them again")
+    p.add_argument("files", nargs="*", metavar="FILE", help="files in a failed/ folder")
+    p.add_argument("--all", action="store_true", help="every file in every failed/ folder")
+    p.set_defaults(func=_lazy("status", "cmd_retry"))
+
+    p = sub.add_parser("send", help="one-shot upload of files or folders (recursive); files are not moved")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--to", metavar="NAME", help="only this PACS (default: every active PACS)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=_lazy("send", "cmd_send"))
+
+    p = sub.add_parser("query", help="QIDO-RS study search (patient names only with --show-names)")
+    p.add_argument("--patient-id")
+    p.add_argument("--study-date", metavar="DATE", help="YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    p.add_argument("--modality", help="CT, MR, US, ...")
+    p.add_argument("--accession")
+    p.add_argument("--study-uid")
+    p.add_argument("--to", metavar="NAME", help="the PACS to ask (default: the first active one)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many studies (default 100)")
+    p.add_argument("--show-names", action="store_true", help="add the PatientName column")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_lazy("query", "cmd_query"))
+
+    p = sub.add_parser("retrieve", help="WADO-RS download of a study, one file per instance")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the files (created)")
+    p.add_argument("--from", dest="source", metavar="NAME", help="the PACS (default: the first active one)")
+    p.set_defaults(func=_lazy("query", "cmd_retrieve"))
+
+    p = sub.add_parser("verify", help="is every instance (of a study, or of these files) at every active PACS?")
+    p.add_argument("targets", nargs="+", metavar="STUDY_UID|PATH")
+    p.add_argument("--from", dest="source", metavar="NAME", help="the PACS listing the study (default: first active)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_lazy("query", "cmd_verify"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,13 +92,22 @@ class CStoreSender:
         return ae
 
     def _associate(self, ae: AE, contexts: list[Any]):
-        handlers = [(evt.EVT_CONN_OPEN, _set_nodelay)] if self.nodelay else []
+        connected: list[bool] = []
+
+        def on_open(event: Any) -> None:
+            connected.append(True)
+            if self.nodelay:
+                _set_nodelay(event)
+
+        handlers = [(evt.EVT_CONN_OPEN, on_open)]
         try:
             assoc = ae.associate(self.host, self.port, contexts, ae_title=self.called, evt_handlers=handlers)
         except (OSError, RuntimeError) as exc:
             raise self._unreachable(f"{type(exc).__name__}: {exc}") from None
         if assoc.is_established:
             return assoc
+        if not connected:
+            raise self._unreachable("connection refused or timed out (nothing listening on that port?)")
         if assoc.is_rejected:
             raise DestinationProblem(
                 f"PACS '{self.name}' rejected our association at {self.host}:{self.port} (called AE "
@@ -109,7 +118,7 @@ class CStoreSender:
                 f"PACS '{self.name}' aborted our association at {self.host}:{self.port} (called AE "
                 f"{self.called!r}, calling AE {self.calling!r}): the PACS does not accept this peer; "
                 f"check its list of known AE titles and [pacs.{self.name}] calling_ae_title")
-        raise self._unreachable("connection refused or timed out")
+        raise self._unreachable("no answer to our association request within the ACSE timeout")
 
     def _unreachable(self, what: str) -> PacsUnreachable:
         return PacsUnreachable(

@@ -23,7 +23,7 @@ from relaypacsd.destinations import build_sender
 from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.notify import Notifier
-from relaypacsd.spool import Spool, now_iso
+from relaypacsd.spool import Spool, age_seconds, now_iso
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 TICK = 0.2  # seconds between looks at the watchers' candidates
 HEARTBEAT_FILE = "heartbeat.json"
+TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
 
 
 class Daemon:
@@ -56,6 +57,8 @@ class Daemon:
         self.stop_event = threading.Event()  # stops this generation's threads (a reload makes a new one)
         self.spools = [Spool(Path(w.path)) for w in config.watch]
         self.watchers = [InboxWatcher(s.inbox, w) for s, w in zip(self.spools, config.watch)]
+        self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
+        self._growing: set[Path] = set()
         self.journal = Journal(self.state_dir / "journal.sqlite3")
         if senders is None:
             active = config.active() if config.delivery.enabled else []
@@ -263,11 +266,35 @@ class Daemon:
     def _validate(self, spool: Spool, path: Path) -> None:
         if self.engine.known(path):
             return
+        from relaypacsd import archive
+
+        if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
+            try:
+                for member in archive.unpack_to_sending(spool, path):
+                    self._queue_intake(spool, member)
+                logger.info("PACS forward unpacked {} into {}", spool.relative(path), path.with_suffix("").name)
+                spool.finish(path, "sent")
+                return
+            except archive.BadArchive as exc:
+                new = spool.finish(path, "failed", {"reason": str(exc), "stage": "archive", "time": now_iso(),
+                                                    "next_step": "fix the archive, or unzip it into inbox/ yourself"})
+                logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
+                return
         try:
             info = dicomfile.inspect(path)
         except FileNotFoundError:
             return
         except InvalidDicomError as exc:
+            grace = max(TRUNCATION_GRACE, 5 * self._settle[spool.root])
+            if isinstance(exc, dicomfile.TruncatedDicom) and age_seconds(path) < grace:
+                # A writer on a share may pause longer than the settle time: leave it in sending/ and
+                # look again at the next sweep instead of failing a file that may still be growing.
+                if path not in self._growing:
+                    self._growing.add(path)
+                    logger.info("{} looks incomplete and was written {:.0f} s ago: checking again at the next "
+                                "sweep", spool.relative(path), age_seconds(path))
+                return
+            self._growing.discard(path)
             stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
             new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                 "next_step": "fix or replace the file; `relaypacsd retry FILE` "
@@ -316,8 +343,8 @@ class Daemon:
 
     def _sweep_job(self) -> None:
         released = self.engine.sweep()
-        orphans = self._recover()
-        if released or orphans:
+        orphans = self._recover() - len(self._growing)
+        if released or orphans > 0:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:

@@ -31,6 +31,10 @@ class DicomInfo:
     size: int
 
 
+class TruncatedDicom(InvalidDicomError):
+    """The file ends before its data set does: cut off, or still being written."""
+
+
 class DicomDirFound(InvalidDicomError):
     """The file is a DICOMDIR (an index of a media set), which is never sent as an instance."""
 
@@ -76,7 +80,7 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
     is_image = 0x00280010 in ds._dict or "Image Storage" in pydicom.uid.UID(values["SOPClassUID"]).name
     if is_image and not has_pixels:
         # A file cut off at an element boundary before the pixel data is structurally complete: catch it here.
-        raise InvalidDicomError("an image without pixel data: the file is incomplete (cut off before the image); "
+        raise TruncatedDicom("an image without pixel data: the file is incomplete (cut off before the image); "
                                 "send it again")
     media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip()
     if media_sop and media_sop != values["SOPInstanceUID"]:
@@ -121,10 +125,10 @@ def _check_complete(ds: pydicom.Dataset, size: int) -> None:
         try:
             pos = _walk(fh, start, size, explicit, little, until=None)
         except _Truncated as exc:
-            raise InvalidDicomError(f"truncated: {exc} (the file was cut off while being written or copied); "
+            raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "
                                     "send it again") from None
     if pos != size:
-        raise InvalidDicomError(f"truncated or damaged: the data set ends at byte {pos} of {size}; send it again")
+        raise TruncatedDicom(f"truncated or damaged: the data set ends at byte {pos} of {size}; send it again")
 
 
 def _dataset_start(path: str) -> int:

@@ -141,6 +141,20 @@ class Journal:
         """Drop a file that reached sent/: its memory is no longer needed."""
         self._tx([("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))])
 
+    def reset_failed(self, path: str, reason: str = "operator retry") -> list[str]:
+        """Operator retry: 'failed' rows go back to 'pending' with fresh attempts and age; 'delivered'
+        rows stay, so a PACS that confirmed the file never gets it again. Returns the reset destinations."""
+        now = time.time()
+        dests = [r[0] for r in self._exec("SELECT dest FROM deliveries WHERE path = ? AND state = 'failed'", (path,))]
+        stmts: list[tuple[str, tuple[Any, ...]]] = [
+            ("UPDATE deliveries SET state = 'pending', attempts = 0, next_try = 0, last_error = '', last_code = NULL, "
+             "updated = ? WHERE path = ? AND state = 'failed'", (now, path)),
+            ("UPDATE deliveries SET first_seen = ? WHERE path = ?", (now, path))]
+        stmts += [("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
+                   (path, d, now, "retry", reason)) for d in dests]
+        self._tx(stmts)
+        return dests
+
     def set_health(self, dest: str, healthy: bool, error: str = "") -> None:
         """Remember a destination's health for `relaypacsd status`."""
         now = time.time()

@@ -22,6 +22,8 @@ from relaypacsd.spool import SIDECAR_SUFFIX
 # Names that modalities, copy tools and editors use while a file is still being written.
 DEFAULT_IGNORE = (".*", "*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.filepart", "~*", "*~",
                   ".~lock*", "*.swp", "*" + SIDECAR_SUFFIX, "Thumbs.db", "desktop.ini")
+# With native events, a file opened for writing and silent this long is taken anyway (lost close event).
+WRITER_STALL = 60.0
 # Filesystems where writes by other hosts raise no inotify event: poll them.
 REMOTE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "9p", "ceph", "glusterfs", "afs", "davfs",
              "vboxsf", "sshfs", "lustre", "gpfs", "beegfs", "ocfs2", "gfs2")
@@ -63,6 +65,7 @@ def choose_observer(path: str | os.PathLike[str], mode: str) -> str:
 
 
 _Key = tuple[int, int, int]
+_Event = tuple[str, str, "_Key | None"]
 
 
 def _stat_key(path: str) -> _Key | None:
@@ -77,26 +80,37 @@ def _stat_key(path: str) -> _Key | None:
 
 
 class _Handler(FileSystemEventHandler):
-    """Runs on the observer's thread: only queues paths, never blocks (watchdog #931)."""
+    """Runs on the observer's thread: only queues (path, kind, key), never blocks (watchdog #931).
 
-    def __init__(self, events: "queue.SimpleQueue[tuple[str, _Key | None]]"):
+    kind: "complete" (closed after writing, or renamed into place: key is the file's state at that
+    moment, so a file reopened before the scanner looks waits again), "writing" (written to, or
+    created empty: a writer holds it), "seen" (anything else), "dir" (a folder appeared: walk it,
+    a folder moved in brings files that raise no event of their own).
+    """
+
+    def __init__(self, events: "queue.SimpleQueue[_Event]"):
         self.events = events
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
-            return
         kind = event.event_type
-        # For "complete" events the file's state is taken now (one local lstat): if the writer reopens it
-        # before the scanner looks, the key no longer matches and the file waits to settle.
+        if event.is_directory:
+            if kind in ("created", "moved"):
+                target = event.dest_path if kind == "moved" else event.src_path
+                self.events.put((os.fsdecode(target), "dir", None))
+            return
         if kind == "moved":
-            # A rename into the inbox means the writer finished elsewhere: complete at once.
             path = os.fsdecode(event.dest_path)
-            self.events.put((path, _stat_key(path)))
+            self.events.put((path, "complete", _stat_key(path)))
         elif kind == "closed":
             path = os.fsdecode(event.src_path)
-            self.events.put((path, _stat_key(path)))
-        elif kind in ("created", "modified"):
-            self.events.put((os.fsdecode(event.src_path), None))
+            self.events.put((path, "complete", _stat_key(path)))
+        elif kind == "modified":
+            self.events.put((os.fsdecode(event.src_path), "writing", None))
+        elif kind == "created":
+            # A new file is empty when created; one that already has data was moved in from outside.
+            path = os.fsdecode(event.src_path)
+            key = _stat_key(path)
+            self.events.put((path, "writing" if key is not None and key[0] == 0 else "seen", None))
 
 
 @dataclass
@@ -104,6 +118,7 @@ class _Candidate:
     key: _Key
     since: float
     closed_key: _Key | None = None
+    writing: bool = False  # native events only: opened for writing and not closed yet
 
 
 @dataclass
@@ -113,7 +128,7 @@ class InboxWatcher:
     inbox: Path
     config: WatchConfig
     mode: str = field(init=False, default="")
-    _events: "queue.SimpleQueue[tuple[str, _Key | None]]" = field(init=False, default_factory=queue.SimpleQueue)
+    _events: "queue.SimpleQueue[_Event]" = field(init=False, default_factory=queue.SimpleQueue)
     _candidates: dict[str, _Candidate] = field(init=False, default_factory=dict)
     _observer: BaseObserver | None = field(init=False, default=None)
     _next_rescan: float = field(init=False, default=0.0)
@@ -159,10 +174,13 @@ class InboxWatcher:
         now = time.monotonic() if now is None else now
         while True:
             try:
-                path, closed_key = self._events.get_nowait()
+                path, kind, key = self._events.get_nowait()
             except queue.Empty:
                 break
-            self._note(path, closed_key, now)
+            if kind == "dir":
+                self._rescan(now, Path(path))
+            else:
+                self._note(path, kind, key, now)
         if now >= self._next_rescan:
             self._rescan(now)
             self._next_rescan = now + self.config.rescan_interval
@@ -177,7 +195,10 @@ class InboxWatcher:
                 continue
             # An empty file that was closed may be touched first and written later: let it settle.
             closed_done = cand.closed_key == key and key[0] > 0
-            if closed_done or now - cand.since >= self.config.settle_seconds:
+            # With inotify we know a writer still holds the file open: wait for its close, however long it
+            # pauses, unless it stays silent for WRITER_STALL (a lost event must not block a file forever).
+            settle = max(self.config.settle_seconds, WRITER_STALL) if cand.writing else self.config.settle_seconds
+            if closed_done or now - cand.since >= settle:
                 del self._candidates[path]
                 ready.append(Path(path))
         return ready
@@ -186,7 +207,7 @@ class InboxWatcher:
         """Files seen but not yet complete."""
         return len(self._candidates)
 
-    def _note(self, path: str, closed_key: _Key | None, now: float) -> None:
+    def _note(self, path: str, kind: str, closed_key: _Key | None, now: float) -> None:
         if is_ignored(os.path.basename(path), self.config.ignore):
             return
         key = self._key(path)
@@ -198,17 +219,20 @@ class InboxWatcher:
             cand = self._candidates[path] = _Candidate(key=key, since=now)
         elif cand.key != key:
             cand.key, cand.since = key, now
-        if closed_key is not None:
+        if kind == "complete" and closed_key is not None:
             cand.closed_key = closed_key
+            cand.writing = False
+        elif kind == "writing" and self.mode == "native":
+            cand.writing = True
 
-    def _rescan(self, now: float) -> None:
+    def _rescan(self, now: float, top: Path | None = None) -> None:
         """The source of truth: events are hints, a directory walk finds whatever they missed."""
-        for dirpath, dirnames, filenames in os.walk(self.inbox):
+        for dirpath, dirnames, filenames in os.walk(top or self.inbox):
             dirnames[:] = [d for d in dirnames if not is_ignored(d, self.config.ignore)]
             for name in filenames:
                 path = os.path.join(dirpath, name)
                 if path not in self._candidates and not is_ignored(name, self.config.ignore):
-                    self._note(path, None, now)
+                    self._note(path, "seen", None, now)
 
     def _key(self, path: str) -> _Key | None:
         key = _stat_key(path)

@@ -1,0 +1,183 @@
+"""`status` (folders, ages, PACS health; safe while the daemon runs) and `retry` (failed/ back to sending/)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
+from relaypacsd.journal import Journal
+from relaypacsd.spool import FOLDERS, Spool, read_sidecar
+
+JOURNAL_FILE = "journal.sqlite3"
+
+
+def _folder_stats(spool: Spool) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    oldest: float | None = None
+    now = time.time()
+    for folder in FOLDERS:
+        n = 0
+        if (spool.root / folder).is_dir():
+            for path in spool.files(folder):
+                n += 1
+                if folder in ("inbox", "sending"):
+                    try:
+                        age = now - path.stat().st_mtime
+                    except OSError:
+                        continue
+                    oldest = age if oldest is None else max(oldest, age)
+        counts[folder] = n
+    return {"root": str(spool.root), **counts, "oldest_waiting_seconds": None if oldest is None else round(oldest)}
+
+
+def _read_journal(state_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]]]:
+    """Destinations table and per-state counts, read-only (WAL lets us read while the daemon writes)."""
+    path = state_dir / JOURNAL_FILE
+    if not path.exists():
+        return {}, {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return {}, {}
+    try:
+        dests = {}
+        for r in db.execute("SELECT dest, healthy, last_error, last_change, last_success, delivered, failed FROM destinations"):
+            dests[r[0]] = {"healthy": bool(r[1]), "last_error": r[2], "last_change": r[3], "last_success": r[4],
+                           "delivered": r[5], "failed": r[6]}
+        counts: dict[str, dict[str, int]] = {}
+        for dest, state, n in db.execute("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
+            counts.setdefault(dest, {})[state] = n
+        return dests, counts
+    except sqlite3.Error:
+        return {}, {}
+    finally:
+        db.close()
+
+
+def _daemon_state(state_dir: Path) -> dict[str, Any]:
+    try:
+        beat = json.loads((state_dir / "heartbeat.json").read_text())
+        age = time.time() - float(beat.get("time", 0))
+        return {"running": age < 60, "heartbeat_age_seconds": round(age), "pid": beat.get("pid"),
+                "in_flight": beat.get("in_flight")}
+    except (OSError, ValueError):
+        return {"running": False, "heartbeat_age_seconds": None, "pid": None, "in_flight": None}
+
+
+def _iso(t: float | None) -> str | None:
+    if not t:
+        return None
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Folder counts, oldest waiting file, each PACS's health, last error and last success."""
+    config = load(args)
+    state_dir = Path(config.daemon.state_dir)
+    roots = [_folder_stats(Spool(Path(w.path))) for w in config.watch]
+    dests, counts = _read_journal(state_dir)
+    daemon = _daemon_state(state_dir)
+    now = time.time()
+    pacs = []
+    for p in config.active():
+        d = dests.get(p.name, {})
+        health = "unknown" if not d else ("up" if d["healthy"] else "DOWN")
+        pacs.append({"name": p.name, "target": p.stow_base, "health": health,
+                     "last_error": d.get("last_error") or "", "last_success": _iso(d.get("last_success")),
+                     "last_success_age_seconds": round(now - d["last_success"]) if d.get("last_success") else None,
+                     "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
+                     "waiting": counts.get(p.name, {}).get("waiting", 0) + counts.get(p.name, {}).get("pending", 0)})
+    if args.json:
+        print_json({"daemon": daemon, "watch": roots, "pacs": pacs})
+        return EXIT_OK
+    if daemon["running"]:
+        print(f"daemon: running (pid {daemon['pid']}, heartbeat {human_age(daemon['heartbeat_age_seconds'])} ago, "
+              f"{daemon['in_flight']} file(s) in flight)")
+    else:
+        print(f"daemon: not running (no fresh heartbeat in {state_dir})")
+    print()
+    print(table(["watch root", "inbox", "sending", "sent", "failed", "oldest waiting"],
+                [[r["root"], r["inbox"], r["sending"], r["sent"], r["failed"], human_age(r["oldest_waiting_seconds"])]
+                 for r in roots]) if roots else "no [[watch]] root configured")
+    print()
+    if pacs:
+        print(table(["PACS", "health", "last success", "delivered", "failed", "waiting", "last error"],
+                    [[p["name"], p["health"],
+                      (human_age(p["last_success_age_seconds"]) + " ago") if p["last_success_age_seconds"] is not None else "never",
+                      p["delivered"], p["failed"], p["waiting"], _short(p["last_error"])] for p in pacs]))
+    else:
+        print("no active PACS")
+    return EXIT_OK
+
+
+def _short(text: str, n: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# -- retry -----------------------------------------------------------------------------------------
+
+
+def _spool_of(path: Path, spools: list[Spool]) -> tuple[Spool, Path]:
+    """The watch root whose failed/ holds `path`, and the path spelled as the daemon spells it (journal key)."""
+    for spool in spools:
+        try:
+            rel = path.relative_to(spool.failed.absolute())
+        except ValueError:
+            continue
+        return spool, spool.failed / rel
+    roots = ", ".join(str(s.failed) for s in spools) or "none configured"
+    raise UsageError(f"{path}: not inside a failed/ folder of a watch root ({roots}): only failed files can be retried")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Move failed files back to sending/ and reset their 'failed' journal rows to 'pending'."""
+    config = load(args)
+    spools = [Spool(Path(w.path)) for w in config.watch]
+    if not args.all and not args.files:
+        raise UsageError("name the failed files to retry, or pass --all")
+    todo: list[tuple[Spool, Path]] = []
+    if args.all:
+        for spool in spools:
+            if spool.failed.is_dir():
+                todo += [(spool, p) for p in spool.files("failed")]
+    for raw in args.files or []:
+        path = Path(raw).absolute()
+        if path.name.endswith(".error.json"):
+            path = path.with_name(path.name[: -len(".error.json")])
+        if not path.is_file():
+            raise UsageError(f"{raw}: no such file")
+        todo.append(_spool_of(path, spools))
+    if not todo:
+        print("nothing to retry: no file in failed/")
+        return EXIT_OK
+    state_dir = Path(config.daemon.state_dir)
+    journal = Journal(state_dir / JOURNAL_FILE) if state_dir.is_dir() else None
+    errors = 0
+    try:
+        for spool, path in todo:
+            reason = (read_sidecar(path) or {}).get("reason", "")
+            try:
+                new = spool.requeue(path)
+            except OSError as exc:
+                errors += 1
+                print(f"FAIL {path}: cannot move it back to sending/ ({exc})")
+                continue
+            reset: list[str] = []
+            if journal is not None:
+                journal.rename(str(path), str(new))
+                reset = journal.reset_failed(str(new))
+            again = f" for {', '.join(reset)}" if reset else ""
+            print(f"queued {spool.relative(new)} in {spool.sending}{again} (was: {_short(reason, 80) or 'no reason recorded'})")
+    finally:
+        if journal is not None:
+            journal.close()
+    print(f"{len(todo) - errors} file(s) back in sending/: the running daemon sends them at its next retry sweep")
+    return EXIT_FAIL if errors else EXIT_OK

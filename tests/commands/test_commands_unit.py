@@ -1,0 +1,193 @@
+"""Operator commands without a PACS: help, input checks, status/retry on a spool, init, delivery helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from relaypacsd import cli
+from relaypacsd.commands.common import UsageError, check_uid, human_age
+from relaypacsd.commands.send import batches
+from relaypacsd.delivery import deliver_parts
+from relaypacsd.destinations import FallbackSender, stow_unusable
+from relaypacsd.dicomweb import StowPart
+from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
+from relaypacsd.journal import Journal
+from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.spool import Spool, write_sidecar
+from tests.commands.helpers import clean_env, write_config
+
+COMMANDS = ["status", "retry", "send", "query", "retrieve", "verify", "check", "init"]
+
+
+@pytest.fixture(autouse=True)
+def _no_operator_env(monkeypatch):
+    import os
+
+    for k in list(os.environ):
+        if k.startswith(("ORTHANC_", "DCM4CHEE_", "ACTIVE_PACS", "PACS_", "RELAYPACS_CONFIG")):
+            monkeypatch.delenv(k)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"relaypacsd {command}" in capsys.readouterr().out
+
+
+def test_help_subprocess():
+    res = subprocess.run([sys.executable, "-m", "relaypacsd", "verify", "--help"], capture_output=True, text=True,
+                         env=clean_env(), timeout=60)
+    assert res.returncode == 0 and "STUDY_UID|PATH" in res.stdout
+
+
+def test_check_uid():
+    assert check_uid("1.2.840.10008.1.1") == "1.2.840.10008.1.1"
+    for bad in ("1.2.x", "1..2", "1.02.3", "../etc", "1." + "1" * 70):
+        with pytest.raises(UsageError):
+            check_uid(bad)
+
+
+def test_human_age():
+    assert human_age(5) == "5s" and human_age(125) == "2m05s" and human_age(7300) == "2h01m" and human_age(90000) == "1d01h"
+
+
+def test_status_and_retry(tmp_path, capsys):
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    (spool.inbox / "new.dcm").write_bytes(b"x")
+    bad = spool.failed / "sub" / "bad.dcm"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"y")
+    write_sidecar(bad, {"reason": "PACS refused it"})
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.ensure(str(bad), ["orthanc", "other"], first_seen=1.0)
+    journal.set_health("orthanc", False, "PACS 'orthanc' unreachable")
+    journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
+    journal.update(str(bad), "other", state="delivered", event="delivered")
+    journal.close()
+
+    assert cli.main(["-c", str(conf), "status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    root = doc["watch"][0]
+    assert (root["inbox"], root["sending"], root["failed"]) == (1, 0, 1)
+    assert doc["pacs"][0]["health"] == "DOWN" and "unreachable" in doc["pacs"][0]["last_error"]
+    assert doc["daemon"]["running"] is False
+    assert cli.main(["-c", str(conf), "status"]) == 0
+    assert "oldest waiting" in capsys.readouterr().out
+
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    assert "queued sub/bad.dcm" in capsys.readouterr().out
+    new = spool.sending / "sub" / "bad.dcm"
+    assert new.exists() and not bad.exists() and not Path(str(bad) + ".error.json").exists()
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    rows = journal.rows(str(new))
+    assert rows["orthanc"].state == "pending" and rows["orthanc"].attempts == 0
+    assert rows["other"].state == "delivered"  # a PACS that confirmed it never gets it again
+    assert rows["orthanc"].first_seen > 1.0
+    journal.close()
+    assert cli.main(["-c", str(conf), "retry", "--all"]) == 0
+    assert "nothing to retry" in capsys.readouterr().out
+
+
+def test_retry_refuses_files_outside_failed(tmp_path, capsys):
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    f = tmp_path / "elsewhere.dcm"
+    f.write_bytes(b"x")
+    assert cli.main(["-c", str(conf), "retry", str(f)]) == 1
+    assert "not inside a failed/ folder" in capsys.readouterr().err
+
+
+def test_init_writes_starter_config_from_env(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ORTHANC_URL", "http://127.0.0.1:8042")
+    monkeypatch.setenv("ORTHANC_USERNAME", "relay")
+    monkeypatch.setenv("ORTHANC_PASSWORD", "s3cret")
+    target = tmp_path / "etc" / "relaypacs.toml"
+    assert cli.main(["-c", str(target), "init", "--watch", str(tmp_path / "w"), "--state-dir", str(tmp_path / "st")]) == 0
+    text = target.read_text()
+    assert "s3cret" not in text
+    doc = tomllib.loads(text)
+    assert doc["pacs"]["orthanc"]["url"] == "http://127.0.0.1:8042"
+    assert doc["pacs"]["orthanc"]["username"] == "relay"
+    assert doc["watch"][0]["path"] == str(tmp_path / "w")
+    assert oct(target.stat().st_mode & 0o777) == "0o640"
+    assert cli.main(["-c", str(target), "init"]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["-c", str(target), "config", "show"]) == 0
+    assert "********" in capsys.readouterr().out
+
+
+class FakeSender:
+    name, target = "fake", "fake://"
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.calls: list[list[str]] = []
+
+    def send(self, parts):
+        self.calls.append([p.sop_uid for p in parts])
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return [InstanceResult(p.sop_uid, answer(p.sop_uid, len(parts)), 200, None, "x") for p in parts], 200
+
+    def probe(self):
+        pass
+
+
+def _parts(n):
+    return [StowPart(Path(f"/x/{i}"), f"1.{i}", 1) for i in range(n)]
+
+
+def test_deliver_parts_retries_and_splits():
+    split_then_ok = [lambda uid, n: Outcome.SPLIT if n > 1 else Outcome.DELIVERED] * 7
+    sender = FakeSender(split_then_ok)
+    final = deliver_parts(sender, _parts(4), attempts=3, delay=0, sleep=lambda s: None)
+    assert all(r.outcome is Outcome.DELIVERED for r in final.values()) and len(final) == 4
+    assert sender.calls[0] == ["1.0", "1.1", "1.2", "1.3"] and len(sender.calls) == 7
+    sender = FakeSender([lambda u, n: Outcome.TRANSIENT, lambda u, n: Outcome.TRANSIENT, lambda u, n: Outcome.DELIVERED])
+    final = deliver_parts(sender, _parts(2), attempts=3, delay=0, sleep=lambda s: None)
+    assert len(sender.calls) == 3 and all(r.outcome.delivered for r in final.values())
+    sender = FakeSender([DestinationProblem("401", status=401)])
+    final = deliver_parts(sender, _parts(2), attempts=3, delay=0, sleep=lambda s: None)
+    assert len(sender.calls) == 1 and all(r.outcome is Outcome.DESTINATION for r in final.values())
+
+
+def test_fallback_rules():
+    assert stow_unusable(PacsUnreachable("connection refused"))
+    assert not stow_unusable(PacsUnreachable("no answer within 60 s (read_timeout)"))
+    assert stow_unusable(DestinationProblem("x", status=404))
+    assert stow_unusable(DestinationProblem("x", status=415))
+    assert not stow_unusable(DestinationProblem("x", status=401))
+    assert not stow_unusable(PacsError("500", status=500))
+
+    fb = FallbackSender.__new__(FallbackSender)
+    fb.name, fb.last_path = "p", ""
+    fb.stow = FakeSender([lambda u, n: Outcome.PERMANENT])
+    fb.cstore = FakeSender([])
+    results, _ = fb.send(_parts(1))
+    assert results[0].outcome is Outcome.PERMANENT and fb.cstore.calls == []  # never for per-instance rejections
+    fb.stow = FakeSender([DestinationProblem("405", status=405)])
+    fb.cstore = FakeSender([lambda u, n: Outcome.DELIVERED])
+    fb.cstore.target = "dicom://x"
+    results, _ = fb.send(_parts(2))
+    assert fb.cstore.calls and fb.last_path == "C-STORE"
+
+
+def test_batches_group_by_study():
+    from relaypacsd.dicomfile import DicomInfo
+
+    def info(study, size=10):
+        return DicomInfo("1.2", f"{study}.{id(object())}", study, "1.3", "1.2.840.10008.1.2.1", size)
+    items = [(Path(f"/f{i}"), info("1.1" if i % 2 else "1.2")) for i in range(7)]
+    out = batches(items, 2, 10**6)
+    assert all(len({i.study_instance_uid for _, i in b}) == 1 and len(b) <= 2 for b in out)
+    assert sum(len(b) for b in out) == 7

@@ -1,0 +1,100 @@
+"""Safe unpacking of zips dropped into an inbox."""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from relaypacsd.archive import BadArchive, Limits, is_zip, unpack, unpack_to_sending
+from relaypacsd.spool import Spool
+from tests.dicomfactory import write_instance
+
+
+def _zip(path: Path, entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_unpack_good_zip_into_sending(tmp_path):
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    write_instance(tmp_path / "a.dcm")
+    data = (tmp_path / "a.dcm").read_bytes()
+    z = _zip(spool.sending / "study.zip", {"series1/a.dcm": data, "b.dcm": data, "__MACOSX/._a.dcm": b"x"})
+    assert is_zip(z)
+    files = unpack_to_sending(spool, z)
+    names = sorted(str(spool.relative(f)) for f in files)
+    assert names == ["study/b.dcm", "study/series1/a.dcm"]
+    assert all(f.read_bytes() == data for f in files)
+    assert not list(spool.root.glob(".relaypacs-unzip-*"))
+
+
+@pytest.mark.parametrize("name", ["../evil.dcm", "/etc/evil", "a/../../evil", "C:/evil", "..\\evil"])
+def test_path_traversal_refused(tmp_path, name):
+    z = _zip(tmp_path / "t.zip", {name: b"x"})
+    (tmp_path / "out").mkdir()
+    with pytest.raises(BadArchive, match="path|traversal|absolute"):
+        unpack(z, tmp_path / "out")
+    assert not (tmp_path / "evil.dcm").exists()
+
+
+def test_symlink_refused(tmp_path):
+    z = tmp_path / "s.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(BadArchive, match="symbolic link"):
+        unpack(z, tmp_path / "out")
+
+
+def test_zip_bomb_and_limits(tmp_path):
+    z = _zip(tmp_path / "b.zip", {"zeros": b"\0" * (20 * 1024 * 1024)})
+    (tmp_path / "o1").mkdir()
+    with pytest.raises(BadArchive, match="zip bomb"):
+        unpack(z, tmp_path / "o1")
+    many = _zip(tmp_path / "m.zip", {f"f{i}": b"x" for i in range(20)})
+    (tmp_path / "o2").mkdir()
+    with pytest.raises(BadArchive, match="entries"):
+        unpack(many, tmp_path / "o2", Limits(max_entries=10))
+    (tmp_path / "o3").mkdir()
+    with pytest.raises(BadArchive, match="limit"):
+        unpack(many, tmp_path / "o3", Limits(max_total_bytes=5))
+
+
+def test_corrupt_zip_and_nothing_moved(tmp_path):
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    z = spool.sending / "bad.zip"
+    z.write_bytes(b"PK\x03\x04" + b"garbage" * 10)
+    with pytest.raises(BadArchive, match="not a readable zip"):
+        unpack_to_sending(spool, z)
+    assert list(spool.files("sending")) == [z]
+    assert not list(spool.root.glob(".relaypacs-unzip-*"))
+
+
+def test_daemon_unpacks_zip_and_rejects_bad_one(tmp_path):
+    from relaypacsd.config import build_config
+    from relaypacsd.daemon import Daemon
+
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state")}, "delivery": {"enabled": False},
+                           "watch": [{"path": str(tmp_path / "root")}]}, {})
+    daemon = Daemon(config, senders={})
+    spool = daemon.spools[0]
+    spool.prepare()
+    write_instance(tmp_path / "a.dcm")
+    good = _zip(spool.sending / "good.zip", {"x/a.dcm": (tmp_path / "a.dcm").read_bytes()})
+    daemon._validate(spool, good)
+    assert (spool.sending / "good" / "x" / "a.dcm").exists()
+    assert (spool.sent / "good.zip").exists()
+    assert daemon._intake.qsize() == 1
+    bad = _zip(spool.sending / "bad.zip", {"../x": b"1"})
+    daemon._validate(spool, bad)
+    assert (spool.failed / "bad.zip").exists() and (spool.failed / "bad.zip.error.json").exists()
+    daemon.journal.close()

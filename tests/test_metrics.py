@@ -1,0 +1,78 @@
+"""relaypacsd.metrics: a private registry, spool gauges read at scrape time, batch observer counters."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from relaypacsd.metrics import Metrics
+from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.spool import Spool
+
+
+def _samples(metrics: Metrics) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(metrics.render().decode()) for s in fam.samples}
+
+
+def _fake_daemon(tmp_path):
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    dest = SimpleNamespace(name="pacs1", healthy=False, queued=lambda: 3)
+    engine = SimpleNamespace(destinations={"pacs1": dest}, in_flight=lambda: 2)
+    ready = threading.Event()
+    ready.set()
+    return SimpleNamespace(spools=[spool], engine=engine, counters={"sent": 4, "failed": 1}, ready=ready,
+                           alive=lambda: True), spool, dest
+
+
+def test_spool_gauges_and_health(tmp_path):
+    daemon, spool, dest = _fake_daemon(tmp_path)
+    old = spool.sending / "a" / "old.dcm"
+    old.parent.mkdir()
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    (spool.inbox / "new.dcm").write_bytes(b"x")
+    (spool.failed / "bad.dcm").write_bytes(b"x")
+    (spool.failed / "bad.dcm.error.json").write_text("{}")
+    m = Metrics(daemon)
+    s = _samples(m)
+    root = str(spool.root)
+    assert s[("relaypacsd_files", (("folder", "sending"), ("root", root)))] == 1
+    assert s[("relaypacsd_files", (("folder", "inbox"), ("root", root)))] == 1
+    assert s[("relaypacsd_files", (("folder", "failed"), ("root", root)))] == 1  # sidecar not counted
+    assert 99 < s[("relaypacsd_oldest_waiting_seconds", (("root", root),))] < 110
+    assert s[("relaypacsd_destination_up", (("pacs", "pacs1"),))] == 0
+    assert s[("relaypacsd_destination_queued", (("pacs", "pacs1"),))] == 3
+    assert s[("relaypacsd_files_settled_total", (("folder", "sent"),))] == 4
+    dest.healthy = True  # read at scrape time
+    assert _samples(m)[("relaypacsd_destination_up", (("pacs", "pacs1"),))] == 1
+
+
+def test_batch_observer_counts_outcomes_retries_and_latency(tmp_path):
+    daemon, _, dest = _fake_daemon(tmp_path)
+    m = Metrics(daemon)
+    ok = InstanceResult(sop_uid="1.2", outcome=Outcome.DELIVERED, reason="", http_status=200, reason_code=None)
+    dup = InstanceResult(sop_uid="1.3", outcome=Outcome.DUPLICATE, reason="", http_status=200, reason_code=None)
+    bad = InstanceResult(sop_uid="1.4", outcome=Outcome.TRANSIENT, reason="503", http_status=503, reason_code=None)
+    m.observe_batch(dest, [None] * 3, [ok, dup, bad], 202, 120.0, 1)
+    m.observe_batch(dest, [None], [ok], 200, 30.0, 2)
+    s = _samples(m)
+    assert s[("relaypacsd_delivered_total", (("pacs", "pacs1"),))] == 3
+    assert s[("relaypacsd_delivery_failures_total", (("pacs", "pacs1"),))] == 1
+    assert s[("relaypacsd_retries_total", (("pacs", "pacs1"),))] == 1
+    assert s[("relaypacsd_instances_total", (("outcome", "transient"), ("pacs", "pacs1")))] == 1
+    assert s[("relaypacsd_delivery_seconds_count", (("pacs", "pacs1"),))] == 2
+    assert s[("relaypacsd_delivery_seconds_bucket", (("le", "0.05"), ("pacs", "pacs1")))] == 1
+
+
+def test_private_registry_two_daemons_do_not_clash(tmp_path):
+    a, _, _ = _fake_daemon(tmp_path / "a")
+    b, _, _ = _fake_daemon(tmp_path / "b")
+    Metrics(a), Metrics(b)  # the same metric names twice: fine in private registries
+    assert REGISTRY.get_sample_value("relaypacsd_delivered_total", {"pacs": "pacs1"}) is None
