@@ -16,13 +16,14 @@ from relaypacsd.config import Config, PacsConfig
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
-from relaypacsd.journal import Journal
+from relaypacsd.journal import Journal, Update
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 from relaypacsd.spool import Spool, now_iso
 
 # How many deliveries an instance with an unclear rejection (0x0110, "200 but not confirmed") gets.
 LIMITED_MAX_DELIVERIES = 3
 DELIVERED = (Outcome.DELIVERED, Outcome.DUPLICATE)
+BATCH_LINGER = 0.05  # seconds a worker waits for a short batch to fill
 
 
 class Sender(Protocol):
@@ -98,10 +99,20 @@ class Destination:
         """Block until a batch is ready (and the PACS healthy); group by study within the caps."""
         cfg = self.engine.config.delivery
         with self.cond:
-            while not stop.is_set() and (not self.ready or not self.healthy):
-                self.cond.wait(0.5)
-            if stop.is_set():
-                return []
+            while True:
+                while not stop.is_set() and (not self.ready or not self.healthy):
+                    self.cond.wait(0.5)
+                if stop.is_set():
+                    return []
+                # A burst arrives file by file: linger a moment so requests leave full, not one file each.
+                deadline = time.monotonic() + BATCH_LINGER
+                while len(self.ready) < cfg.batch_max_instances and not stop.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self.cond.wait(remaining)
+                if self.ready and self.healthy:
+                    break
             first = self.ready.popleft()
             batch, size = [first], first.info.size
             study = first.info.study_instance_uid
@@ -237,57 +248,19 @@ class Engine:
     def _deliver(self, dest: Destination, batch: list[Item]) -> None:
         """Send a batch with quick retries for what may succeed soon; split batches that failed whole."""
         cfg = self.config.delivery
-        todo, attempt = batch, 0
-        while todo:
-            attempt += 1
-            results, status, ms = self._send_once(dest, todo)
-            retry: list[Item] = []
-            split: list[Item] = []
-            for item, result in zip(todo, results):
-                if result.outcome is Outcome.SPLIT:
-                    split.append(item)
-                elif result.outcome in (Outcome.TRANSIENT, Outcome.LIMITED) and attempt < cfg.retry_attempts \
-                        and dest.healthy and not self.stop_event.is_set():
-                    retry.append(item)
-                else:
-                    self._record(dest, item, result)
-            self._log_batch(dest, todo, results, status, ms, attempt)
-            if split:
-                half = max(1, len(split) // 2)
-                # Blame no single file for a whole-batch failure: resend in halves down to one file.
-                for part in (split[:half], split[half:]):
-                    if part:
-                        self._deliver(dest, part)
-            if retry:
-                delay = cfg.retry_delay * (2 ** (attempt - 1))
-                if self._sleep(delay):
-                    for item in retry:  # stopping: leave them for the next start
-                        self._record(dest, item, results_for_error([item.info.sop_instance_uid], Outcome.TRANSIENT,
-                                                                   "daemon stopping")[0])
-                    return
-            todo = retry
+        by_part = {item.part: item for item in batch}
 
-    def _send_once(self, dest: Destination, items: list[Item]) -> tuple[list[InstanceResult], int | None, float]:
-        parts = [i.part for i in items]
-        uids = [p.sop_uid for p in parts]
-        started = time.monotonic()
-        try:
-            results, status = dest.sender.send(parts)
-        except DestinationProblem as exc:
-            dest.set_health(False, str(exc))
-            return results_for_error(uids, Outcome.DESTINATION, str(exc), exc.status), exc.status, _ms(started)
-        except PacsUnreachable as exc:
-            dest.set_health(False, str(exc))
-            return results_for_error(uids, Outcome.TRANSIENT, str(exc)), None, _ms(started)
-        except PacsError as exc:
-            outcome = Outcome.TRANSIENT if exc.transient else Outcome.PERMANENT
-            return results_for_error(uids, outcome, str(exc), exc.status), exc.status, _ms(started)
-        except (OSError, RelayPacsError) as exc:  # the file vanished, changed or became unreadable under us
-            return results_for_error(uids, Outcome.TRANSIENT, f"cannot read file: {exc}"), None, _ms(started)
-        problem = next((r for r in results if r.outcome is Outcome.DESTINATION), None)
-        if problem is not None:
-            dest.set_health(False, problem.reason)
-        return results, status, _ms(started)
+        def on_attempt(parts: list[StowPart], results: list[InstanceResult], status: int | None, ms: float,
+                       attempt: int, down: str | None) -> None:
+            if down is not None:
+                dest.set_health(False, down)
+            self._log_batch(dest, [by_part[p] for p in parts], results, status, ms, attempt)
+
+        def on_results(parts: list[StowPart], results: list[InstanceResult]) -> None:
+            self._record_many(dest, [(by_part[p], r) for p, r in zip(parts, results)])
+
+        deliver_parts(dest.sender, list(by_part), cfg.retry_attempts, cfg.retry_delay, self._sleep, on_results,
+                      on_attempt=on_attempt, may_retry=lambda: dest.healthy and not self.stop_event.is_set())
 
     def _log_batch(self, dest: Destination, items: list[Item], results: list[InstanceResult],
                    status: int | None, ms: float, attempt: int) -> None:
@@ -313,44 +286,48 @@ class Engine:
 
     # -- outcomes -> states --------------------------------------------------------------------------
 
-    def _record(self, dest: Destination, item: Item, result: InstanceResult) -> None:
-        """Turn one instance's outcome at one destination into journal state and, when settled, a folder move."""
-        key = str(item.path)
+    def _record_many(self, dest: Destination, pairs: list[tuple[Item, InstanceResult]]) -> None:
+        """Turn each instance's outcome at one destination into journal state (one commit) and, for the
+        files that have settled everywhere, a folder move."""
         cfg = self.config.delivery
-        row = self.journal.rows(key).get(dest.name)
-        attempts = (row.attempts if row else 0) + 1
-        detail = _detail(result)
-        if result.outcome in DELIVERED:
-            self.journal.update(key, dest.name, state="delivered", event=result.outcome.value, detail=detail,
-                                attempts=attempts, code=result.reason_code)
+        rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
+        updates: list[Update] = []
+        settled: list[Item] = []
+        parked: list[tuple[Item, float]] = []
+        for item, result in pairs:
+            key = str(item.path)
+            row = rows.get(key)
+            attempts = (row.attempts if row else 0) + 1
+            detail = _detail(result)
+            expired = time.time() - item.first_seen > cfg.max_age_hours * 3600
+            if result.outcome in DELIVERED:
+                updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
+                                      code=result.reason_code))
+            elif result.outcome is Outcome.PERMANENT or expired or (
+                    result.outcome is Outcome.LIMITED and attempts >= LIMITED_MAX_DELIVERIES):
+                if expired and result.outcome is not Outcome.PERMANENT:
+                    detail = f"gave up after {cfg.max_age_hours:g} h of retries; last error: {detail}"
+                updates.append(Update(key, dest.name, "failed", "failed", detail, attempts, code=result.reason_code))
+                logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
+                             item.info.sop_instance_uid, detail)
+                with item.lock:
+                    item.failures[dest.name] = result
+            else:
+                # Transient, limited, destination problem: the file waits; a destination problem spends no attempt.
+                spent = attempts if result.outcome is not Outcome.DESTINATION else attempts - 1
+                delay = backoff(cfg.retry_delay, spent, cfg.retry_backoff_max)
+                updates.append(Update(key, dest.name, "waiting", result.outcome.value, detail, spent,
+                                      next_try=time.time() + delay, code=result.reason_code))
+                parked.append((item, delay))
+                continue
+            settled.append(item)
+        self.journal.apply(updates)
+        for item, delay in parked:
+            dest.put(item, time.monotonic() + delay)
+        for item in settled:
             with item.lock:
                 item.pending.discard(dest.name)
-        elif result.outcome is Outcome.PERMANENT or (
-                result.outcome is Outcome.LIMITED and attempts >= LIMITED_MAX_DELIVERIES):
-            self._fail(dest, item, result, attempts)
-        elif time.time() - item.first_seen > cfg.max_age_hours * 3600:
-            self._fail(dest, item, result, attempts, expired=True)
-        else:
-            # Transient, limited, destination problem: the file waits; a destination problem spends no attempt.
-            spent = attempts if result.outcome is not Outcome.DESTINATION else attempts - 1
-            delay = backoff(cfg.retry_delay, spent, cfg.retry_backoff_max)
-            self.journal.update(key, dest.name, state="waiting", event=result.outcome.value, detail=detail,
-                                attempts=spent, next_try=time.time() + delay, code=result.reason_code)
-            dest.put(item, time.monotonic() + delay)
-            return
-        self._maybe_finish(item)
-
-    def _fail(self, dest: Destination, item: Item, result: InstanceResult, attempts: int, expired: bool = False) -> None:
-        detail = _detail(result)
-        if expired:
-            detail = f"gave up after {self.config.delivery.max_age_hours:g} h of retries; last error: {detail}"
-        self.journal.update(str(item.path), dest.name, state="failed", event="failed", detail=detail,
-                            attempts=attempts, code=result.reason_code)
-        logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
-                     item.info.sop_instance_uid, detail)
-        with item.lock:
-            item.failures[dest.name] = result
-            item.pending.discard(dest.name)
+            self._maybe_finish(item)
 
     def _maybe_finish(self, item: Item) -> None:
         with item.lock:
@@ -439,9 +416,7 @@ def _detail(result: InstanceResult) -> str:
 
 
 def send_safely(sender: Sender, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None, str | None]:
-    """One request: results per part, HTTP status, and the reason the destination is down (or None).
-
-    The same mapping of errors to outcomes as Engine._send_once."""
+    """One request: results per part, HTTP status, and the reason the destination is down (or None)."""
     uids = [p.sop_uid for p in parts]
     try:
         results, status = sender.send(parts)
@@ -452,42 +427,58 @@ def send_safely(sender: Sender, parts: list[StowPart]) -> tuple[list[InstanceRes
     except PacsError as exc:
         outcome = Outcome.TRANSIENT if exc.transient else Outcome.PERMANENT
         return results_for_error(uids, outcome, str(exc), exc.status), exc.status, None
-    except OSError as exc:
+    except (OSError, RelayPacsError) as exc:  # the file vanished, changed or became unreadable under us
         return results_for_error(uids, Outcome.TRANSIENT, f"cannot read file: {exc}"), None, None
-    return results, status, None
+    problem = next((r for r in results if r.outcome is Outcome.DESTINATION), None)
+    return results, status, (problem.reason if problem else None)
+
+
+AttemptHook = Callable[[list[StowPart], list[InstanceResult], "int | None", float, int, "str | None"], None]
 
 
 def deliver_parts(sender: Sender, parts: list[StowPart], attempts: int, delay: float,
                   sleep: Callable[[float], object] = time.sleep,
                   on_results: Callable[[list[StowPart], list[InstanceResult]], None] | None = None,
-                  ) -> dict[str, InstanceResult]:
-    """Deliver one batch the way Engine._deliver does, without spool or journal: quick retries for
-    transient/limited outcomes (delay doubling), whole-batch failures split in halves down to one
-    file; a destination problem stops the retries. Returns the final result per SOPInstanceUID."""
-    final: dict[str, InstanceResult] = {}
+                  *, on_attempt: AttemptHook | None = None, may_retry: Callable[[], bool] = lambda: True,
+                  ) -> dict[StowPart, InstanceResult]:
+    """Deliver one batch: quick retries for transient/limited outcomes (delay doubling), whole-batch failures
+    split in halves down to one file; a destination problem stops the retries. The daemon and `send` share it.
+
+    `sleep` returning True means "stop now": what still waits is settled as transient. `on_attempt` sees every
+    request (parts, results, HTTP status, ms, attempt, down-reason); `on_results` every settled group.
+    """
+    final: dict[StowPart, InstanceResult] = {}
     todo, attempt = list(parts), 0
     while todo:
         attempt += 1
-        results, _status, down = send_safely(sender, todo)
+        started = time.monotonic()
+        results, status, down = send_safely(sender, todo)
+        if on_attempt:
+            on_attempt(todo, results, status, _ms(started), attempt, down)
         retry: list[StowPart] = []
         split: list[StowPart] = []
         settled: list[tuple[StowPart, InstanceResult]] = []
         for part, result in zip(todo, results):
             if result.outcome is Outcome.SPLIT:
                 split.append(part)
-            elif result.outcome in (Outcome.TRANSIENT, Outcome.LIMITED) and attempt < attempts and down is None:
+            elif (result.outcome in (Outcome.TRANSIENT, Outcome.LIMITED) and attempt < attempts and down is None
+                  and may_retry()):
                 retry.append(part)
             else:
-                final[part.sop_uid] = result
                 settled.append((part, result))
+        if retry and sleep(delay * (2 ** (attempt - 1))):
+            # stopping: what would have been retried waits for the next start
+            settled += [(p, InstanceResult(p.sop_uid, Outcome.TRANSIENT, None, None, "daemon stopping")) for p in retry]
+            retry = []
+        final.update(settled)
         if on_results and settled:
             on_results([p for p, _ in settled], [r for _, r in settled])
         if split:
+            # Blame no single file for a whole-batch failure: resend in halves down to one file.
             half = max(1, len(split) // 2)
             for chunk in (split[:half], split[half:]):
                 if chunk:
-                    final.update(deliver_parts(sender, chunk, attempts, delay, sleep, on_results))
-        if retry:
-            sleep(delay * (2 ** (attempt - 1)))
+                    final.update(deliver_parts(sender, chunk, attempts, delay, sleep, on_results,
+                                               on_attempt=on_attempt, may_retry=may_retry))
         todo = retry
     return final

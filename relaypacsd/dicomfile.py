@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
     if size == 0:
         raise InvalidDicomError("empty file (0 bytes): the sender wrote nothing; send the image again from the modality")
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER, force=False)
+        with open(path, "rb") as fh:
+            # Parse only up to the UIDs we need (groups 0008-0020); the rest is checked by the cheaper walk.
+            ds = pydicom.filereader.read_partial(fh, stop_when=_past_needed, defer_size=_DEFER, force=False)
     except _PydicomInvalid:
         raise InvalidDicomError(_no_part10_reason(path)) from None
     except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
@@ -65,7 +68,7 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
         raise DicomDirFound(
             "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
             "the image files it lists are forwarded as files of their own")
-    _check_complete(ds, size)
+    top_level = _check_complete(path, ds, size)
     values = {}
     for keyword in REQUIRED:
         try:
@@ -76,8 +79,8 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
             raise InvalidDicomError(f"required attribute {keyword} is missing or empty: the PACS cannot file this "
                                     "instance; fix it at the modality or with a DICOM editor, then resend")
         values[keyword] = str(value).strip()
-    has_pixels = any(t in ds._dict for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
-    is_image = 0x00280010 in ds._dict or "Image Storage" in pydicom.uid.UID(values["SOPClassUID"]).name
+    has_pixels = not top_level.isdisjoint((0x7FE00010, 0x7FE00008, 0x7FE00009))
+    is_image = 0x00280010 in top_level or "Image Storage" in pydicom.uid.UID(values["SOPClassUID"]).name
     if is_image and not has_pixels:
         # A file cut off at an element boundary before the pixel data is structurally complete: catch it here.
         raise TruncatedDicom("an image without pixel data: the file is incomplete (cut off before the image); "
@@ -106,78 +109,132 @@ class _Truncated(Exception):
     pass
 
 
-def _check_complete(ds: pydicom.Dataset, size: int) -> None:
+def _past_needed(tag: int, vr: str | None, length: int) -> bool:
+    return tag > 0x0020000E
+
+
+def _check_complete(path: Path, ds: pydicom.Dataset, size: int) -> set[int]:
     """Raise if the data set stops before the end its elements promise (a truncated or half-copied file).
 
     pydicom swallows an end-of-file inside the data set and, with large values deferred, never reads them,
-    so a clean parse proves nothing. Walk the element headers (seeking over values) and require the last one
-    to end exactly at the end of the file.
+    so a clean parse proves nothing. Walk the element headers (skipping over values) and require the last
+    one to end exactly at the end of the file. Returns the top-level tags seen.
     """
     ts = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
     if ts == _DEFLATED:
-        return  # the deflate stream is checked by zlib while pydicom inflates it
+        # the deflate stream is checked by zlib while pydicom inflates it; read the whole data set instead
+        return set(pydicom.dcmread(path, defer_size=_DEFER).keys())
     explicit = ts != "1.2.840.10008.1.2"
     little = ts != "1.2.840.10008.1.2.2"
-    start = _dataset_start(ds.filename)  # type: ignore[arg-type]
-    if start >= size:
-        raise InvalidDicomError("no data set after the file meta header: the file is truncated or empty; send it again")
-    with open(ds.filename, "rb") as fh:  # type: ignore[arg-type]
+    seen: set[int] = set()
+    with _Reader(str(path), size) as reader:
         try:
-            pos = _walk(fh, start, size, explicit, little, until=None)
+            start = _meta_end(reader)
+            if start >= size:
+                raise InvalidDicomError("no data set after the file meta header: the file is truncated or empty; "
+                                        "send it again")
+            pos = _walk(reader, start, explicit, little, until=None, seen=seen)
         except _Truncated as exc:
             raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "
-                                    "send it again") from None
+                                 "send it again") from None
     if pos != size:
         raise TruncatedDicom(f"truncated or damaged: the data set ends at byte {pos} of {size}; send it again")
+    return seen
 
 
-def _dataset_start(path: str) -> int:
-    """Byte offset where the main data set begins: after the preamble, 'DICM' and group 0002."""
-    with open(path, "rb") as fh:
-        pydicom.filereader.read_preamble(fh, False)
-        pydicom.filereader._read_file_meta_info(fh)
-        return fh.tell()
+class _Reader:
+    """Reads element headers through a 64 KiB window: one pread per window instead of a seek per element."""
+
+    WINDOW = 65536
+
+    def __init__(self, path: str, size: int):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = size
+        self.start, self.buf = 0, b""
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def view(self, pos: int, n: int) -> tuple[bytes, int]:
+        """(buffer, offset) holding bytes pos..pos+n of the file."""
+        if pos + n > self.size:
+            raise _Truncated(f"the file ends inside an element header at byte {pos}")
+        off = pos - self.start
+        if off < 0 or off + n > len(self.buf):
+            self.start, self.buf = pos, os.pread(self.fd, max(self.WINDOW, n), pos)
+            off = 0
+            if len(self.buf) < n:  # the file shrank under us
+                raise _Truncated(f"the file ends inside an element header at byte {pos}")
+        return self.buf, off
 
 
-def _walk(fh, pos: int, size: int, explicit: bool, little: bool, until: int | None) -> int:
-    """Walk elements from `pos`; stop at EOF, or after the delimiter tag `until`. Return the end offset."""
-    order = "little" if little else "big"
+_LE_HEADER = struct.Struct("<HHI")
+_BE_HEADER = struct.Struct(">HHI")
+_LE_SHORT = struct.Struct("<H")
+_BE_SHORT = struct.Struct(">H")
+_LE_LONG = struct.Struct("<I")
+_BE_LONG = struct.Struct(">I")
+
+
+def _meta_end(reader: _Reader) -> int:
+    """Byte offset after the preamble, 'DICM' and the group 0002 elements (always explicit little endian)."""
+    pos = 132
+    while pos + 8 <= reader.size:
+        buf, off = reader.view(pos, 8)
+        if _LE_HEADER.unpack_from(buf, off)[0] != 0x0002:
+            break
+        pos = _walk(reader, pos, True, True, until=None, single=True)
+    return pos
+
+
+def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | None, single: bool = False,
+          seen: set[int] | None = None) -> int:
+    """Walk elements from `pos`; stop at EOF, or after the delimiter tag `until` (or after one element if
+    `single`). Return the end offset; add the tags met at this level to `seen`."""
+    header_s, short_s, long_s = (_LE_HEADER, _LE_SHORT, _LE_LONG) if little else (_BE_HEADER, _BE_SHORT, _BE_LONG)
+    size = reader.size
     while True:
         if until is None and pos == size:
             return pos
-        header = _read(fh, pos, 8, size)
-        group = int.from_bytes(header[0:2], order)
-        element = int.from_bytes(header[2:4], order)
+        buf, off = reader.view(pos, 8)
+        group, element, implicit_length = header_s.unpack_from(buf, off)
         tag = (group << 16) | element
         if group == 0xFFFE:  # item and delimiter tags are always implicit: 4-byte length
-            length = int.from_bytes(header[4:8], order)
             pos += 8
             if tag == until:
                 return pos
             if tag == _ITEM:
-                if length == _UNDEFINED:
-                    pos = _walk(fh, pos, size, explicit, little, until=_ITEM_END)
+                if implicit_length == _UNDEFINED:
+                    pos = _walk(reader, pos, explicit, little, until=_ITEM_END)
                 else:
-                    pos = _skip(pos, length, size, tag)
+                    pos = _skip(pos, implicit_length, size, tag)
                 continue
-            raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos - 8}")
-        vr = header[4:6]
+            raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos}")
+        if seen is not None:
+            seen.add(tag)
+        vr = buf[off + 4:off + 6]
         if explicit and vr in _LONG_VRS:
-            length = int.from_bytes(_read(fh, pos + 8, 4, size), order)
+            buf, off = reader.view(pos + 8, 4)
+            length = long_s.unpack_from(buf, off)[0]
             pos += 12
         elif explicit and vr.isalpha() and vr.isupper():
-            length = int.from_bytes(header[6:8], order)
+            length = short_s.unpack_from(buf, off + 6)[0]
             pos += 8
         else:
-            vr = b"SQ" if int.from_bytes(header[4:8], order) == _UNDEFINED else b"??"
-            length = int.from_bytes(header[4:8], order)
+            vr = b"SQ" if implicit_length == _UNDEFINED else b"??"
+            length = implicit_length
             pos += 8
         if length == _UNDEFINED:
             # an undefined-length UN holds an implicit little-endian sequence
             inner_explicit = explicit and vr != b"UN"
-            pos = _walk(fh, pos, size, inner_explicit, little or vr == b"UN", until=_SEQ_END)
+            pos = _walk(reader, pos, inner_explicit, little or vr == b"UN", until=_SEQ_END)
         else:
             pos = _skip(pos, length, size, tag)
+        if single:
+            return pos
 
 
 def _skip(pos: int, length: int, size: int, tag: int) -> int:
@@ -185,13 +242,6 @@ def _skip(pos: int, length: int, size: int, tag: int) -> int:
     if end > size:
         raise _Truncated(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {end} bytes but the file has {size}")
     return end
-
-
-def _read(fh, pos: int, n: int, size: int) -> bytes:
-    if pos + n > size:
-        raise _Truncated(f"the file ends inside an element header at byte {pos}")
-    fh.seek(pos)
-    return fh.read(n)
 
 
 def _no_part10_reason(path: Path) -> str:

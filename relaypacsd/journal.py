@@ -61,6 +61,20 @@ class DeliveryRow:
     last_code: int | None
 
 
+@dataclass(frozen=True)
+class Update:
+    """A new state for one file at one destination."""
+
+    path: str
+    dest: str
+    state: str
+    event: str
+    detail: str = ""
+    attempts: int | None = None
+    next_try: float = 0.0
+    code: int | None = None
+
+
 class Journal:
     """Thread-safe access to the journal database in the state directory."""
 
@@ -112,20 +126,39 @@ class Journal:
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:
         """Record a new state for one file at one destination, with a history line."""
+        self.apply([Update(path, dest, state, event, detail, attempts, next_try, code)])
+
+    def apply(self, updates: list["Update"]) -> None:
+        """Record several new states in one transaction (one batch's answer is one commit)."""
         now = time.time()
-        sets = "state = ?, next_try = ?, updated = ?, last_error = ?, last_code = ?"
-        args: list[Any] = [state, next_try, now, detail if state != "delivered" else "", code]
-        if attempts is not None:
-            sets += ", attempts = ?"
-            args.append(attempts)
-        stmts = [(f"UPDATE deliveries SET {sets} WHERE path = ? AND dest = ?", tuple(args + [path, dest])),
-                 ("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
-                  (path, dest, now, event, detail))]
-        if state == "delivered":
-            stmts.append(("UPDATE destinations SET last_success = ?, delivered = delivered + 1 WHERE dest = ?", (now, dest)))
-        elif state == "failed":
-            stmts.append(("UPDATE destinations SET failed = failed + 1 WHERE dest = ?", (dest,)))
-        self._tx(stmts)
+        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        for u in updates:
+            sets = "state = ?, next_try = ?, updated = ?, last_error = ?, last_code = ?"
+            args: list[Any] = [u.state, u.next_try, now, u.detail if u.state != "delivered" else "", u.code]
+            if u.attempts is not None:
+                sets += ", attempts = ?"
+                args.append(u.attempts)
+            stmts.append((f"UPDATE deliveries SET {sets} WHERE path = ? AND dest = ?", tuple(args + [u.path, u.dest])))
+            stmts.append(("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
+                          (u.path, u.dest, now, u.event, u.detail)))
+            if u.state == "delivered":
+                stmts.append(("UPDATE destinations SET last_success = ?, delivered = delivered + 1 WHERE dest = ?",
+                              (now, u.dest)))
+            elif u.state == "failed":
+                stmts.append(("UPDATE destinations SET failed = failed + 1 WHERE dest = ?", (u.dest,)))
+        if stmts:
+            self._tx(stmts)
+
+    def rows_at(self, dest: str, paths: list[str]) -> dict[str, DeliveryRow]:
+        """One destination's rows for several files, in one query."""
+        out: dict[str, DeliveryRow] = {}
+        for i in range(0, len(paths), 500):  # SQLite's parameter limit
+            chunk = paths[i:i + 500]
+            found = self._exec("SELECT path, dest, state, attempts, next_try, first_seen, last_error, last_code "
+                               f"FROM deliveries WHERE dest = ? AND path IN ({','.join('?' * len(chunk))})",
+                               [dest, *chunk])
+            out.update({r[0]: DeliveryRow(*r) for r in found})
+        return out
 
     def history(self, path: str) -> list[dict[str, Any]]:
         """The history of one file, oldest first, for its sidecar."""

@@ -172,9 +172,10 @@ class Spool:
                     raise SpoolError(f"{src} -> {dest}: crosses filesystems; keep the watch root on one "
                                      "filesystem") from None
                 raise
+            # One fsync makes the rename durable: on journaling filesystems (ext4, xfs) it commits the
+            # transaction holding both directory entries. Were it lost in a power cut, the file would be
+            # found in its old folder and sent again (a duplicate, accepted as delivered), never lost.
             fsync_dir(dest.parent)
-            if src.parent != dest.parent:
-                fsync_dir(src.parent)
             return dest
         raise SpoolError(f"cannot find a free name for {dest}: clean up {dest.parent}")
 
