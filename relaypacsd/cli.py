@@ -66,35 +66,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the config and test every active PACS, one line per check with the fix for each failure."""
-    from relaypacsd.destinations import build_sender
-    from relaypacsd.errors import PacsError
-    from relaypacsd.spool import Spool
-
-    config = _load(args)
-    failures = 0
-    print(f"ok   config {config.source}")
-    for w in config.watch:
-        try:
-            Spool(Path(w.path)).prepare()
-            print(f"ok   watch root {w.path}")
-        except RelayPacsError as exc:
-            failures += 1
-            print(f"FAIL watch root {w.path}: {exc}")
-    for pacs in config.active():
-        sender = build_sender(pacs)
-        try:
-            sender.probe()
-            print(f"ok   PACS {pacs.name} at {sender.target}: reachable, credentials accepted")
-        except PacsError as exc:
-            failures += 1
-            print(f"FAIL PACS {pacs.name}: {exc}")
-    if not config.active():
-        print("warn no active PACS: set ORTHANC_URL (or [pacs.NAME] url) and ACTIVE_PACS")
-    return EXIT_FAIL if failures else EXIT_OK
-
-
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 only if the running daemon's heartbeat is fresh and its threads are alive."""
     config = _load(args)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError as _PydicomInvalid
 
 from relaypacsd.errors import InvalidDicomError

@@ -6,9 +6,7 @@ The PACS here is a scripted stand-in so each outcome class can be forced; the re
 import json
 import threading
 import time
-from pathlib import Path
 
-import pytest
 
 from relaypacsd.config import build_config
 from relaypacsd.delivery import Engine, backoff

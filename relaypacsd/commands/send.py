@@ -64,15 +64,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         seen.add(info.sop_instance_uid)
         valid.append((path, info))
     d = config.delivery
-    report: dict[str, dict[str, InstanceResult]] = {}
+    report: dict[str, dict[StowPart, InstanceResult]] = {}
     started = time.monotonic()
     for pacs in pacs_list:
         sender = build_sender(pacs, pool_size=1)
         progress = Progress(f"send {pacs.name}", len(valid))
         done = 0
-        results: dict[str, InstanceResult] = {}
+        results: dict[StowPart, InstanceResult] = {}
 
-        def on_results(parts: list[StowPart], res: list[InstanceResult]) -> None:
+        def on_results(parts: list[StowPart], res: list[InstanceResult], progress: Progress = progress) -> None:
             nonlocal done
             done += len(parts)
             progress.update(done)
@@ -83,21 +83,20 @@ def cmd_send(args: argparse.Namespace) -> int:
         progress.done()
         report[pacs.name] = results
     elapsed = time.monotonic() - started
-    by_uid = {i.sop_instance_uid: p for p, i in valid}
     failed = len(invalid) > 0
     summary = []
     problems = []
     for name, results in report.items():
         counts = Counter(r.outcome for r in results.values())
-        not_ok = [r for r in results.values() if r.outcome not in DELIVERED]
+        not_ok = [(part, r) for part, r in results.items() if r.outcome not in DELIVERED]
         failed = failed or bool(not_ok)
         summary.append({"pacs": name, "sent": counts[Outcome.DELIVERED], "duplicates": counts[Outcome.DUPLICATE],
-                        "rejected": sum(1 for r in not_ok if r.outcome is Outcome.PERMANENT),
-                        "failed": sum(1 for r in not_ok if r.outcome is not Outcome.PERMANENT),
+                        "rejected": sum(1 for _, r in not_ok if r.outcome is Outcome.PERMANENT),
+                        "failed": sum(1 for _, r in not_ok if r.outcome is not Outcome.PERMANENT),
                         "invalid": len(invalid)})
-        problems += [{"pacs": name, "file": str(by_uid[r.sop_uid]), "outcome": r.outcome.value,
+        problems += [{"pacs": name, "file": str(part.path), "outcome": r.outcome.value,
                       "code": None if r.reason_code is None else f"0x{r.reason_code:04X}", "reason": r.reason}
-                     for r in not_ok]
+                     for part, r in not_ok]
     problems += [{"pacs": "-", "file": str(p), "outcome": "invalid", "code": None, "reason": why} for p, why in invalid]
     if args.json:
         print_json({"files": len(files), "valid": len(valid), "seconds": round(elapsed, 2),

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -65,7 +64,7 @@ def test_sigkill_mid_delivery_loses_nothing(tmp_path, clean_orthanc):
             os.replace(p, inbox / p.name)
         # Kill it twice while files are in flight: once early, once in the middle.
         for threshold in (20, 120):
-            assert wait_for(lambda: len(files(tmp_path, "sent")) >= threshold, timeout=60), log.read_text()[-3000:]
+            assert wait_for(lambda t=threshold: len(files(tmp_path, "sent")) >= t, timeout=60), log.read_text()[-3000:]
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             in_flight_at_kill.append(len(files(tmp_path, "sending")))

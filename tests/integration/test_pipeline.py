@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import threading
 import time
 
 import pydicom
 from pydicom.data import get_testdata_file
 
 from relaypacsd.localorthanc import LocalOrthanc
-from tests.dicomfactory import CT_SMALL, DICOMDIR, MR_SMALL, MR_TRUNCATED, NO_META, fresh, write_instance, write_study
+from tests.dicomfactory import CT_SMALL, DICOMDIR, MR_SMALL, MR_TRUNCATED, NO_META, write_instance, write_study
 from tests.integration.pipeline_helpers import captured_log, files, make_config, pacs_table, running, wait_for
 
 

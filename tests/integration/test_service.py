@@ -4,7 +4,6 @@ health, metrics and logs."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
