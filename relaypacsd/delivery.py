@@ -368,9 +368,19 @@ class Engine:
     # -- sweep and health --------------------------------------------------------------------------
 
     def sweep(self) -> int:
-        """Release every waiting item whose next try has come, at healthy destinations."""
+        """Release every waiting item whose next try has come, at healthy destinations; fail what is too old."""
         released = 0
+        limit = time.time() - self.config.delivery.max_age_hours * 3600
         for dest in self.destinations.values():
+            # A PACS that stays down gets no delivery attempt, so age is checked here too.
+            with dest.cond:
+                expired = [item for item in dest.waiting if item.first_seen < limit]
+                for item in expired:
+                    del dest.waiting[item]
+            if expired:
+                why = f"PACS down: {dest.down_reason}" if not dest.healthy else "not delivered in time"
+                self._record_many(dest, [(item, InstanceResult(item.info.sop_instance_uid, Outcome.TRANSIENT,
+                                                               None, None, why)) for item in expired])
             if dest.healthy:
                 released += dest.release_due()
         return released

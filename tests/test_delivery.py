@@ -254,3 +254,24 @@ def test_backoff_doubles_caps_and_jitters():
     values = [backoff(2, a, 60) for a in range(8)]
     assert 1.6 <= values[0] <= 2.4 and 3.2 <= values[1] <= 4.8
     assert max(values) <= 72 and values[-1] >= 48
+
+
+def test_files_for_a_pacs_that_stays_down_expire_at_max_age(tmp_path):
+    pacs = ScriptedPacs("orthanc")
+    pacs.raise_next = [PacsUnreachable("PACS 'orthanc' unreachable: connection refused")]
+    pacs.probe_error = pacs.raise_next[0]
+    engine, spool, sops = setup(tmp_path, [pacs], n=1, max_age_hours=1)
+    f = spool.claim(next(spool.files("inbox")))
+    engine.journal.ensure(str(f), ["orthanc"], first_seen=time.time() - 1800)
+    engine.submit(f, spool, inspect(f))
+    engine.start()
+    assert wait_until(lambda: not engine.destinations["orthanc"].healthy)
+    assert engine.sweep() == 0 and count(spool, "sending") == 1  # 30 min old: keeps waiting
+    item = next(iter(engine.destinations["orthanc"].waiting))
+    item.first_seen -= 3600  # now 90 minutes old
+    engine.sweep()
+    assert wait_until(lambda: count(spool, "failed") == 1)
+    engine.stop()
+    side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
+    assert "gave up after 1 h" in side["reason"] and "PACS down" in side["reason"]
+    assert len(pacs.calls) == 1  # no attempt was spent while it was down
