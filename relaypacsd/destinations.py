@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import threading
+
 from loguru import logger
 
 from relaypacsd.config import PacsConfig
 from relaypacsd.delivery import Sender
 from relaypacsd.dicomweb import DicomWebClient, StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
+from relaypacsd.http import make_auth, make_session, tls_settings
 from relaypacsd.outcomes import InstanceResult
 
 
 class DicomWebSender:
-    """A destination reached over DICOMweb: STOW-RS to store, the PACS's health URL to probe."""
+    """A destination reached over DICOMweb: STOW-RS to store, the PACS's health URL to probe.
+
+    Each worker thread gets a client (and requests.Session) of its own: Sessions are not thread-safe
+    (requests #2766). They share one auth object, so an OAuth2 token is fetched once for all of them.
+    """
 
     def __init__(self, pacs: PacsConfig, pool_size: int = 4):
         self.name = pacs.name
-        self.client = DicomWebClient(pacs, pool_size=pool_size)
-        self.target = self.client.base
+        self.pacs = pacs
+        self.target = pacs.stow_base
+        self._auth = make_auth(pacs, *tls_settings(pacs))
+        self._local = threading.local()
+
+    @property
+    def client(self) -> DicomWebClient:
+        """This thread's client."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            session = make_session(self.pacs, pool_size=1, auth=self._auth)
+            client = self._local.client = DicomWebClient(self.pacs, session=session)
+        return client
 
     def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
         """STOW-RS the parts; one result per part, from the PACS's answer instance by instance."""

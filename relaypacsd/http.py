@@ -29,8 +29,6 @@ TOKEN_MARGIN_SECONDS = 30.0
 DEFAULT_TOKEN_LIFETIME = 300.0
 
 _warned: set[tuple[str, ...]] = set()
-_oauth_by_pacs: dict[PacsConfig, OAuth2ClientCredentials] = {}
-_oauth_lock = threading.Lock()
 _warned_lock = threading.Lock()
 
 
@@ -209,13 +207,7 @@ def make_auth(pacs: PacsConfig, verify: bool | str = True,
               cert: str | tuple[str, str] | None = None) -> AuthBase | None:
     """OAuth2 client credentials, else a static bearer token, else Basic; None without credentials."""
     if pacs.oauth2_token_url:
-        # One token cache per PACS, shared by the sessions of all its worker threads.
-        with _oauth_lock:
-            auth = _oauth_by_pacs.get(pacs)
-            if auth is None:
-                auth = OAuth2ClientCredentials(pacs, resolve_secret(pacs, "client_secret"), verify=verify, cert=cert)
-                _oauth_by_pacs[pacs] = auth
-            return auth
+        return OAuth2ClientCredentials(pacs, resolve_secret(pacs, "client_secret"), verify=verify, cert=cert)
     token = resolve_secret(pacs, "token")
     if token:
         return BearerAuth(token)
@@ -248,13 +240,16 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-def make_session(pacs: PacsConfig, pool_size: int = 4) -> requests.Session:
-    """A Session for one PACS (use one per thread): auth, TLS, a pool of `pool_size`, connect retries."""
+def make_session(pacs: PacsConfig, pool_size: int = 4, auth: AuthBase | None = None) -> requests.Session:
+    """A Session for one PACS (use one per thread): auth, TLS, a pool of `pool_size`, connect retries.
+
+    Pass `auth` to share one (an OAuth2 token cache) between the sessions of several threads."""
     session = PacsSession()
     verify, cert = tls_settings(pacs)
     session.verify = verify
     session.cert = cert
-    auth = make_auth(pacs, verify, cert)
+    if auth is None:
+        auth = make_auth(pacs, verify, cert)
     session.auth = auth
     if auth is not None and pacs.url.startswith("http://") and not _is_loopback(pacs.url):
         warn_once(("plainhttp", pacs.name, pacs.url),

@@ -22,7 +22,7 @@ from loguru import logger
 from relaypacsd import http as rhttp
 from relaypacsd.config import PacsConfig, Secret
 from relaypacsd.errors import DestinationProblem
-from relaypacsd.http import BasicAuth, BearerAuth, OAuth2ClientCredentials, make_session
+from relaypacsd.http import BasicAuth, BearerAuth, OAuth2ClientCredentials, make_auth, make_session, tls_settings
 
 PASSWORD = "s3cr3t-Pa55-word"
 
@@ -385,10 +385,12 @@ def test_oauth2_persistent_401_is_not_a_loop(canned: CannedServer) -> None:
 def test_oauth2_threads_share_one_token(canned: CannedServer) -> None:
     oauth = OAuthServer(canned)
     errors: list[BaseException] = []
+    pacs = oauth_pacs(canned)
+    shared = make_auth(pacs, *tls_settings(pacs))  # what DicomWebSender does for its worker threads
 
     def work() -> None:
         try:
-            sess = make_session(oauth_pacs(canned))  # one session per worker thread
+            sess = make_session(pacs, auth=shared)  # one session per worker thread
             for _ in range(5):
                 sess.get(canned.url + "/a", timeout=5).raise_for_status()
         except BaseException as exc:  # noqa: BLE001
@@ -409,3 +411,22 @@ def test_oauth2_bad_client_secret_is_destination_problem(canned: CannedServer) -
         s.get(canned.url + "/a", timeout=5)
     msg = str(info.value)
     assert "main-pacs" in msg and "client_secret" in msg and "cl1ent-s3cret" not in msg
+
+
+def test_sender_gives_each_thread_its_own_session_and_one_shared_auth(canned: CannedServer) -> None:
+    from relaypacsd.destinations import DicomWebSender
+
+    sender = DicomWebSender(oauth_pacs(canned))
+    seen = []
+
+    def grab() -> None:
+        seen.append(sender.client)
+
+    threads = [threading.Thread(target=grab) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    sessions = {id(c.session) for c in seen}
+    assert len(sessions) == 3 and len({id(c.session.auth) for c in seen}) == 1
+    assert sender.client is sender.client  # one per thread, reused
