@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -107,16 +108,25 @@ def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path) -> tupl
                 raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
             time.sleep(0.05)
         started = time.perf_counter()
-        first = None
+        first: list[float] = []
+
+        def watch_first() -> None:  # the latency of the first file, measured while the others are written
+            while not first and time.perf_counter() - started < 600:
+                if sent.exists() and any(True for _ in os.scandir(sent)):
+                    first.append(time.perf_counter() - started)
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch_first, daemon=True)
+        watcher.start()
         for p in paths:  # written in place and closed, as a modality does
             shutil.copyfile(p, inbox / p.name)
         target = len(paths)
         while True:
             n = sum(1 for _ in os.scandir(sent)) if sent.exists() else 0
-            if n and first is None:
-                first = time.perf_counter() - started
             if n >= target:
-                return time.perf_counter() - started, first or 0.0
+                total = time.perf_counter() - started
+                watcher.join(1)
+                return total, first[0] if first else total
             if proc.poll() is not None:
                 raise RuntimeError("daemon died: " + (work / "daemon.log").read_text()[-2000:])
             time.sleep(0.02)

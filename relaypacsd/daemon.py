@@ -23,13 +23,14 @@ from relaypacsd.destinations import build_sender
 from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.notify import Notifier
-from relaypacsd.spool import Spool, age_seconds, now_iso
+from relaypacsd.spool import Spool, age_seconds, now_iso, sync_dirs
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
 TICK = 0.2  # seconds between looks at the watchers' candidates
+CLAIM_GROUP = 32  # files claimed per directory fsync
 HEARTBEAT_FILE = "heartbeat.json"
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
 
@@ -232,12 +233,16 @@ class Daemon:
         while not self.stop_event.is_set():
             for spool, watcher in zip(self.spools, self.watchers):
                 try:
-                    for path in watcher.tick():
+                    ready = watcher.tick()
+                    # Claim in small groups: one fsync per directory and group, before anything is sent,
+                    # and the first files reach validation without waiting for a large burst.
+                    for i in range(0, len(ready), CLAIM_GROUP):
                         if self.stop_event.is_set():
-                            return
-                        claimed = spool.claim(path)
-                        if claimed is not None:
-                            self._queue_intake(spool, claimed)
+                            break
+                        claimed = [m for m in (spool.claim(p, sync=False) for p in ready[i:i + CLAIM_GROUP]) if m]
+                        sync_dirs(claimed)
+                        for moved in claimed:
+                            self._queue_intake(spool, moved)
                 except Exception:
                     logger.exception("watch {}: scan failed; retrying", spool.inbox)
             self.stop_event.wait(TICK)

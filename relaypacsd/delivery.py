@@ -18,7 +18,7 @@ from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
 from relaypacsd.journal import Journal, Update
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
-from relaypacsd.spool import Spool, now_iso
+from relaypacsd.spool import Spool, now_iso, sync_dirs
 
 # How many deliveries an instance with an unclear rejection (0x0110, "200 but not confirmed") gets.
 LIMITED_MAX_DELIVERIES = 3
@@ -324,25 +324,30 @@ class Engine:
         self.journal.apply(updates)
         for item, delay in parked:
             dest.put(item, time.monotonic() + delay)
+        moved: list[Path] = []
         for item in settled:
             with item.lock:
                 item.pending.discard(dest.name)
-            self._maybe_finish(item)
+            moved += self._maybe_finish(item)
+        sync_dirs(moved)  # one fsync per folder for the batch, not one per file
 
-    def _maybe_finish(self, item: Item) -> None:
+    def _maybe_finish(self, item: Item) -> list[Path]:
+        """Finish the item if every destination has settled; return where it moved (to be fsynced)."""
         with item.lock:
             if item.pending or item.done:
-                return
+                return []
             item.done = True
-        self._finish(item)
+        return [self._finish(item, sync=False)]
 
-    def _finish(self, item: Item) -> None:
-        """Every destination has settled: sent/ when all confirmed, else failed/ with the whole story."""
+    def _finish(self, item: Item, sync: bool = True) -> Path:
+        """Every destination has settled: sent/ when all confirmed, else failed/ with the whole story.
+
+        Returns the new path; with sync=False the caller fsyncs its folder (batched)."""
         key = str(item.path)
         rows = self.journal.rows(key)
         failed = {d: r for d, r in rows.items() if r.state == "failed"}
         if not failed:
-            item.spool.finish(item.path, "sent")
+            new = item.spool.finish(item.path, "sent", sync=sync)
             self.journal.forget(key)
             folder = "sent"
         else:
@@ -357,13 +362,14 @@ class Engine:
                 "history": self.journal.history(key),
                 "next_step": "fix the cause, then `relaypacsd retry FILE` sends it again to the PACS that still need it",
             }
-            new = item.spool.finish(item.path, "failed", sidecar)
+            new = item.spool.finish(item.path, "failed", sidecar, sync=sync)
             self.journal.rename(key, str(new))
             folder = "failed"
         with self._items_lock:
             self._items.pop(item.path, None)
         if self.on_finished:
             self.on_finished(item, folder)
+        return new
 
     # -- sweep and health --------------------------------------------------------------------------
 

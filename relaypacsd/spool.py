@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from relaypacsd.errors import SpoolError
 
@@ -107,18 +107,20 @@ class Spool:
                 continue
         raise ValueError(f"{path} is not inside watch root {self.root}")
 
-    def claim(self, path: Path) -> Path | None:
-        """Move a complete file from inbox/ to sending/; None if someone else took it first."""
-        return self._move(path, self.sending / self.relative(path), missing_ok=True)
+    def claim(self, path: Path, *, sync: bool = True) -> Path | None:
+        """Move a complete file from inbox/ to sending/; None if someone else took it first.
 
-    def finish(self, path: Path, folder: str, error: dict[str, Any] | None = None) -> Path:
+        sync=False leaves the directory fsync to the caller, who batches it (`sync_dirs`)."""
+        return self._move(path, self.sending / self.relative(path), missing_ok=True, sync=sync)
+
+    def finish(self, path: Path, folder: str, error: dict[str, Any] | None = None, *, sync: bool = True) -> Path:
         """Move a file from sending/ to sent/ or failed/; a failed file gets its sidecar first."""
         if folder not in ("sent", "failed"):
             raise ValueError(folder)
         dest = self.root / folder / self.relative(path)
         # The sidecar goes first: a file that reaches failed/ always has its reason beside it.
         before = (lambda d: write_sidecar(d, error or {"reason": "unknown"})) if folder == "failed" else None
-        moved = self._move(path, dest, missing_ok=False, before=before)
+        moved = self._move(path, dest, missing_ok=False, before=before, sync=sync)
         assert moved is not None
         return moved
 
@@ -152,7 +154,7 @@ class Spool:
         return candidate
 
     def _move(self, src: Path, dest: Path, *, missing_ok: bool,
-              before: Callable[[Path], object] | None = None) -> Path | None:
+              before: Callable[[Path], object] | None = None, sync: bool = True) -> Path | None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         wanted = dest
         for _ in range(1000):
@@ -175,9 +177,16 @@ class Spool:
             # One fsync makes the rename durable: on journaling filesystems (ext4, xfs) it commits the
             # transaction holding both directory entries. Were it lost in a power cut, the file would be
             # found in its old folder and sent again (a duplicate, accepted as delivered), never lost.
-            fsync_dir(dest.parent)
+            if sync:
+                fsync_dir(dest.parent)
             return dest
         raise SpoolError(f"cannot find a free name for {dest}: clean up {dest.parent}")
+
+
+def sync_dirs(paths: Iterable[Path]) -> None:
+    """fsync the directories holding `paths`, each once: the group commit of a batch of renames."""
+    for directory in {p.parent for p in paths}:
+        fsync_dir(directory)
 
 
 def sidecar_path(path: Path) -> Path:
