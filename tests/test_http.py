@@ -103,6 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     do_GET = do_POST = do_PUT = _serve
+    # An idle keep-alive connection ends after this many seconds, so no handler thread outlives a test.
+    timeout = 1
 
 
 class CannedServer:

@@ -235,10 +235,13 @@ class TlsTerminator:
             self.ctx.verify_mode = ssl.CERT_REQUIRED
             self.ctx.load_verify_locations(pki / "ca.pem")
         self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)  # accept() is not interrupted by close(): poll the stop flag instead
         self.port = self.sock.getsockname()[1]
         self.url = f"https://127.0.0.1:{self.port}"
         self.handshake_errors: list[str] = []
         self._stop = threading.Event()
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -246,9 +249,15 @@ class TlsTerminator:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            conn.settimeout(None)
+            self._open.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -257,7 +266,9 @@ class TlsTerminator:
             self.handshake_errors.append(str(exc))
             conn.close()
             return
+        self._open.append(tls)  # wrapping detached `conn`: shut this one down at close()
         backend = socket.create_connection(("127.0.0.1", self.backend_port))
+        self._open.append(backend)
         back = threading.Thread(target=self._pump, args=(backend, tls), daemon=True)
         back.start()
         self._pump(tls, backend)
@@ -276,7 +287,15 @@ class TlsTerminator:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(5)
         self.sock.close()
+        for s in self._open:  # ends the pumps of connections a client kept alive
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5)
 
 
 @pytest.fixture
