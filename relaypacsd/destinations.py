@@ -10,7 +10,7 @@ from relaypacsd.config import PacsConfig
 from relaypacsd.delivery import Sender
 from relaypacsd.dicomweb import DicomWebClient, StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
-from relaypacsd.http import make_auth, make_session, tls_settings
+from relaypacsd.http import log_security_warnings, make_auth, make_session, tls_settings
 from relaypacsd.outcomes import InstanceResult
 
 
@@ -26,6 +26,7 @@ class DicomWebSender:
         self.pacs = pacs
         self.target = pacs.stow_base
         self._auth = make_auth(pacs, *tls_settings(pacs))
+        log_security_warnings(pacs)  # once for all the worker threads' sessions
         self._local = threading.local()
 
     @property

@@ -22,7 +22,7 @@ import requests
 
 from relaypacsd.config import PacsConfig
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
-from relaypacsd.http import env_prefix, make_session
+from relaypacsd.http import env_prefix, log_security_warnings, make_session
 from relaypacsd.outcomes import InstanceResult, reconcile
 
 CHUNK_SIZE = 256 * 1024
@@ -96,7 +96,10 @@ class DicomWebClient:
 
     def __init__(self, pacs: PacsConfig, session: requests.Session | None = None, pool_size: int = 4):
         self.pacs = pacs
-        self.session = session if session is not None else make_session(pacs, pool_size)
+        if session is None:
+            log_security_warnings(pacs)  # a client with a session of its own is its owner
+            session = make_session(pacs, pool_size)
+        self.session = session
         self.base = pacs.stow_base
         self.timeout = (pacs.connect_timeout, pacs.read_timeout)
 

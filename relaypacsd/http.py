@@ -28,17 +28,27 @@ CONNECT_RETRIES = 2
 TOKEN_MARGIN_SECONDS = 30.0
 DEFAULT_TOKEN_LIFETIME = 300.0
 
-_warned: set[tuple[str, ...]] = set()
-_warned_lock = threading.Lock()
+def security_warnings(pacs: PacsConfig) -> list[str]:
+    """What is unsafe about how we talk to this PACS: credentials over plain http, TLS not verified.
+
+    The owner of a PACS's sessions logs these once (DicomWebSender per daemon start, a command per run),
+    rather than every session, of which there is one per thread."""
+    out = []
+    has_credentials = bool(pacs.username or pacs.token or pacs.token_file or pacs.oauth2_token_url)
+    if has_credentials and pacs.url.startswith("http://") and not _is_loopback(pacs.url):
+        out.append(f"PACS '{pacs.name}': credentials are sent over plain http:// to {pacs.url}: anyone on the "
+                   f"network path can read them; use https:// (set {env_prefix(pacs)}URL)")
+    if not pacs.ca_bundle and not pacs.verify_tls and pacs.url.startswith("https://"):
+        out.append(f"PACS '{pacs.name}': TLS certificate verification is OFF (verify_tls = false): anyone on "
+                   f"the network path to {pacs.url} can read and alter the images and the credentials; "
+                   f"set ca_bundle to the PACS's CA certificate instead")
+    return out
 
 
-def warn_once(key: tuple[str, ...], message: str) -> None:
-    """Log `message` as a warning the first time `key` is seen in this process."""
-    with _warned_lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    logger.warning(message)
+def log_security_warnings(pacs: PacsConfig) -> None:
+    """Log security_warnings(pacs) as warnings."""
+    for message in security_warnings(pacs):
+        logger.warning(message)
 
 
 def env_prefix(pacs: PacsConfig) -> str:
@@ -185,16 +195,8 @@ def _bearer_of(prep: requests.PreparedRequest) -> str | None:
 
 
 def tls_settings(pacs: PacsConfig) -> tuple[bool | str, str | tuple[str, str] | None]:
-    """(verify, cert) for requests: the CA bundle when given, never a silent verify=False."""
-    if pacs.ca_bundle:
-        verify: bool | str = pacs.ca_bundle
-    else:
-        verify = pacs.verify_tls
-        if not verify and pacs.url.startswith("https://"):
-            warn_once(("noverify", pacs.name),
-                      f"PACS '{pacs.name}': TLS certificate verification is OFF (verify_tls = false): anyone on "
-                      f"the network path to {pacs.url} can read and alter the images and the credentials; "
-                      f"set ca_bundle to the PACS's CA certificate instead")
+    """(verify, cert) for requests: the CA bundle when given; verify=False only as configured (and warned)."""
+    verify: bool | str = pacs.ca_bundle or pacs.verify_tls
     cert: str | tuple[str, str] | None = None
     if pacs.client_cert and pacs.client_key:
         cert = (pacs.client_cert, pacs.client_key)
@@ -251,10 +253,6 @@ def make_session(pacs: PacsConfig, pool_size: int = 4, auth: AuthBase | None = N
     if auth is None:
         auth = make_auth(pacs, verify, cert)
     session.auth = auth
-    if auth is not None and pacs.url.startswith("http://") and not _is_loopback(pacs.url):
-        warn_once(("plainhttp", pacs.name, pacs.url),
-                  f"PACS '{pacs.name}': credentials are sent over plain http:// to {pacs.url}: anyone on the "
-                  f"network path can read them; use https:// (set {env_prefix(pacs)}URL)")
     # Connect errors only: a POST whose body may have reached the PACS is never re-sent here.
     retry = Retry(total=None, connect=CONNECT_RETRIES, read=False, status=0, other=0, redirect=0,
                   allowed_methods=None, backoff_factor=0.2, raise_on_status=False, raise_on_redirect=False)

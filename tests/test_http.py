@@ -144,15 +144,13 @@ def canned() -> Iterator[CannedServer]:
 
 @pytest.fixture
 def log_lines() -> Iterator[list[str]]:
-    """Everything loguru logs during the test (formatted messages), and a fresh warn-once memory."""
+    """Everything loguru logs during the test (formatted messages)."""
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
-    rhttp._warned.clear()
     try:
         yield lines
     finally:
         logger.remove(sink)
-        rhttp._warned.clear()
 
 
 def pacs(url: str, **kwargs: Any) -> PacsConfig:
@@ -195,11 +193,21 @@ def test_no_credentials_no_header(canned: CannedServer) -> None:
     assert "Authorization" not in canned.received[0].headers
 
 
+def _sender_with_threads(cfg: PacsConfig, threads: int = 3) -> None:
+    """What the daemon does: one sender, a client (session) per worker thread."""
+    from relaypacsd.destinations import DicomWebSender
+
+    sender = DicomWebSender(cfg)
+    workers = [threading.Thread(target=lambda: sender.client) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(5)
+
+
 def test_plain_http_with_credentials_warns_once(log_lines: list[str]) -> None:
     cfg = pacs("http://pacs.example:8042", username="relay", password=Secret(PASSWORD))
-    for _ in range(3):
-        make_session(cfg)
-    make_session(pacs("http://pacs.example:8042", token=Secret("tok")))
+    _sender_with_threads(cfg)  # one sender, three sessions: one warning
     warnings = [line for line in log_lines if line.startswith("WARNING") and "plain http://" in line]
     assert len(warnings) == 1
     assert "main-pacs" in warnings[0] and "MAIN_PACS_URL" in warnings[0]
@@ -209,13 +217,20 @@ def test_plain_http_with_credentials_warns_once(log_lines: list[str]) -> None:
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8042", "http://localhost:8042", "http://[::1]:8042",
                                  "https://pacs.example"])
 def test_no_plain_http_warning_for_loopback_or_https(url: str, log_lines: list[str]) -> None:
-    make_session(pacs(url, username="relay", password=Secret(PASSWORD)))
+    _sender_with_threads(pacs(url, username="relay", password=Secret(PASSWORD)))
     assert not [line for line in log_lines if "plain http" in line]
 
 
 def test_plain_http_without_credentials_does_not_warn(log_lines: list[str]) -> None:
-    make_session(pacs("http://pacs.example:8042"))
+    _sender_with_threads(pacs("http://pacs.example:8042"))
     assert not [line for line in log_lines if "plain http" in line]
+
+
+def test_a_command_client_warns_itself(log_lines: list[str]) -> None:
+    from relaypacsd.dicomweb import DicomWebClient
+
+    DicomWebClient(pacs("http://pacs.example:8042", token=Secret("tok")))
+    assert len([line for line in log_lines if "plain http://" in line]) == 1
 
 
 # -- TLS settings -----------------------------------------------------------------------------
@@ -237,7 +252,7 @@ def test_tls_single_pem_client_cert() -> None:
 def test_verify_off_is_loud_and_once(log_lines: list[str]) -> None:
     cfg = pacs("https://pacs.example", verify_tls=False)
     s = make_session(cfg)
-    make_session(cfg)
+    _sender_with_threads(cfg)
     assert s.verify is False
     loud = [line for line in log_lines if "verification is OFF" in line]
     assert len(loud) == 1 and loud[0].startswith("WARNING") and "ca_bundle" in loud[0]
