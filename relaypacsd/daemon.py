@@ -81,6 +81,8 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for spool in self.spools:
             spool.prepare()
+            for path in spool.clean_after_crash():
+                logger.info("removed {} left in failed/ by an interrupted run", path.name)
         if not self.config.delivery.enabled:
             logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
                            "valid files wait in sending/")

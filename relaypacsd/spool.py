@@ -135,6 +135,23 @@ class Spool:
             pass
         return moved
 
+    def clean_after_crash(self) -> list[Path]:
+        """Remove what a crash can leave behind in failed/: half-written sidecar temp files, and sidecars
+        whose file never arrived (the sidecar goes first; the file is still in sending/ and is retried)."""
+        removed = []
+        for dirpath, _dirnames, filenames in os.walk(self.failed):
+            for name in filenames:
+                path = Path(dirpath) / name
+                stale_temp = name.startswith(".relaypacs-") and name.endswith(".tmp")
+                orphan = name.endswith(SIDECAR_SUFFIX) and not path.with_name(name[:-len(SIDECAR_SUFFIX)]).exists()
+                if stale_temp or orphan:
+                    try:
+                        path.unlink()
+                        removed.append(path)
+                    except FileNotFoundError:
+                        pass
+        return removed
+
     def files(self, folder: str) -> Iterator[Path]:
         """Regular files below a folder (recursively), sidecars and temp files excluded."""
         base = self.root / folder

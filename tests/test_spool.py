@@ -121,3 +121,12 @@ def test_real_spool_on_disk(tmp_path):
     c = s.claim(s.inbox / "x.dcm")
     assert s.finish(c, "sent").read_text() == "1"
     assert spool_mod.USE_RENAMEAT2
+
+
+def test_crash_leftovers_in_failed_are_cleaned(fake_spool):
+    done = fake_spool.finish(fake_spool.claim(_drop(fake_spool, "kept.dcm")), "failed", {"reason": "x"})
+    (fake_spool.failed / ".relaypacs-y.dcm.error.json.123.tmp").write_text("{")  # killed mid-write
+    (fake_spool.failed / "z.dcm.error.json").write_text("{}")  # sidecar written, file not moved yet
+    removed = {p.name for p in fake_spool.clean_after_crash()}
+    assert removed == {".relaypacs-y.dcm.error.json.123.tmp", "z.dcm.error.json"}
+    assert done.exists() and sidecar_path(done).exists()

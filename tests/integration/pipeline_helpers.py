@@ -67,6 +67,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
 
 
 def files(root: Path, folder: str) -> list[Path]:
-    """Files in one spool folder (sidecars excluded)."""
+    """Files in one spool folder (sidecars and relaypacsd's own temp files excluded)."""
     base = root / "spool" / folder
-    return sorted(p for p in base.rglob("*") if p.is_file() and not p.name.endswith(".error.json"))
+    return sorted(p for p in base.rglob("*") if p.is_file() and not p.name.endswith(".error.json")
+                  and not p.name.startswith(".relaypacs-"))
+
+
+def leftovers(root: Path) -> list[Path]:
+    """relaypacsd temp files and sidecars without their file anywhere in the spool."""
+    base = root / "spool"
+    return sorted(p for p in base.rglob("*") if p.is_file() and (
+        p.name.startswith(".relaypacs-") or
+        (p.name.endswith(".error.json") and not p.with_name(p.name[:-len(".error.json")]).exists())))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 
 from tests.dicomfactory import write_study
-from tests.integration.pipeline_helpers import files, wait_for
+from tests.integration.pipeline_helpers import files, leftovers, wait_for
 
 N_VALID, N_BAD = 300, 10
 
@@ -78,6 +78,7 @@ def test_sigkill_mid_delivery_loses_nothing(tmp_path, clean_orthanc):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     _assert_each_file_in_one_folder(tmp_path, names)
+    assert leftovers(tmp_path) == []  # no temp file or orphan sidecar survives the restarts
     assert clean_orthanc.list_instance_uids() == set(sops)
     sent_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files(tmp_path, "sent")}
     assert sent_uids == set(sops)
