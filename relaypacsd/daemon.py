@@ -16,7 +16,7 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_J
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from relaypacsd import dicomfile
+from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Sender
 from relaypacsd.destinations import build_sender
@@ -83,6 +83,7 @@ class Daemon:
             spool.prepare()
             for path in spool.clean_after_crash():
                 logger.info("removed {} left in failed/ by an interrupted run", path.name)
+            archive.cleanup_stale(spool)  # half-unpacked zips: the zip itself is still in sending/
         if not self.config.delivery.enabled:
             logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
                            "valid files wait in sending/")
@@ -273,7 +274,6 @@ class Daemon:
     def _validate(self, spool: Spool, path: Path) -> None:
         if self.engine.known(path):
             return
-        from relaypacsd import archive
 
         if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
             try:

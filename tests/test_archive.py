@@ -98,3 +98,21 @@ def test_daemon_unpacks_zip_and_rejects_bad_one(tmp_path):
     daemon._validate(spool, bad)
     assert (spool.failed / "bad.zip").exists() and (spool.failed / "bad.zip.error.json").exists()
     daemon.journal.close()
+
+
+def test_daemon_start_removes_half_unpacked_temp_folders(tmp_path):
+    from relaypacsd.config import build_config
+    from relaypacsd.daemon import Daemon
+
+    root = tmp_path / "root"
+    stale = root / ".relaypacs-unzip-abc123"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "member.dcm").write_bytes(b"half")
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state")}, "watch": [{"path": str(root)}],
+                           "delivery": {"enabled": False}}, {})
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert not stale.exists()
+    finally:
+        daemon.shutdown(timeout=5)

@@ -19,7 +19,6 @@ import pytest
 import requests
 from loguru import logger
 
-from relaypacsd import http as rhttp
 from relaypacsd.config import PacsConfig, Secret
 from relaypacsd.errors import DestinationProblem
 from relaypacsd.http import BasicAuth, BearerAuth, OAuth2ClientCredentials, make_auth, make_session, tls_settings
