@@ -274,7 +274,6 @@ class Daemon:
     def _validate(self, spool: Spool, path: Path) -> None:
         if self.engine.known(path):
             return
-
         if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
             try:
                 for member in archive.unpack_to_sending(spool, path):
