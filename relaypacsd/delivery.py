@@ -16,7 +16,7 @@ from relaypacsd.config import Config, PacsConfig
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
-from relaypacsd.journal import Journal, Update
+from relaypacsd.journal import DeliveryRow, Journal, Update
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 from relaypacsd.spool import Spool, now_iso, sync_dirs
 
@@ -203,7 +203,7 @@ class Engine:
     def submit(self, path: Path, spool: Spool, info: DicomInfo) -> None:
         """Take a valid file in sending/ and queue it for every destination that has not confirmed it."""
         key = str(path)
-        rows = self.journal.ensure(key, self.destinations)
+        rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
         first_seen = min((r.first_seen for r in rows.values()), default=time.time())
         pending = {d for d, r in rows.items() if d in self.destinations and r.state != "delivered"}
         item = Item(path=path, spool=spool, info=info, first_seen=first_seen, pending=set(pending))
@@ -214,7 +214,8 @@ class Engine:
         if not self.destinations:
             return  # PACS_ENABLED=false: validated and parked in sending/
         if not pending:
-            self._finish(item)
+            item.done = True
+            self._finish([item])
             return
         now_wall, now_mono = time.time(), time.monotonic()
         for name in pending:
@@ -240,7 +241,8 @@ class Engine:
                 logger.exception("PACS forward {}: unexpected error; {} file(s) wait for the retry sweep",
                                  dest.name, len(batch))
                 for item in batch:
-                    dest.put(item, time.monotonic() + self.config.delivery.retry_sweep_interval)
+                    if not item.done and self.known(item.path):
+                        dest.put(item, time.monotonic() + self.config.delivery.retry_sweep_interval)
             finally:
                 with dest.cond:
                     dest.busy -= 1
@@ -324,51 +326,55 @@ class Engine:
         self.journal.apply(updates)
         for item, delay in parked:
             dest.put(item, time.monotonic() + delay)
-        moved: list[Path] = []
+        finishing = []
         for item in settled:
             with item.lock:
                 item.pending.discard(dest.name)
-            moved += self._maybe_finish(item)
-        sync_dirs(moved)  # one fsync per folder for the batch, not one per file
+                if item.pending or item.done:
+                    continue
+                item.done = True
+            finishing.append(item)
+        self._finish(finishing)
 
-    def _maybe_finish(self, item: Item) -> list[Path]:
-        """Finish the item if every destination has settled; return where it moved (to be fsynced)."""
-        with item.lock:
-            if item.pending or item.done:
-                return []
-            item.done = True
-        return [self._finish(item, sync=False)]
-
-    def _finish(self, item: Item, sync: bool = True) -> Path:
-        """Every destination has settled: sent/ when all confirmed, else failed/ with the whole story.
-
-        Returns the new path; with sync=False the caller fsyncs its folder (batched)."""
-        key = str(item.path)
-        rows = self.journal.rows(key)
-        failed = {d: r for d, r in rows.items() if r.state == "failed"}
-        if not failed:
-            new = item.spool.finish(item.path, "sent", sync=sync)
-            self.journal.forget(key)
-            folder = "sent"
-        else:
-            sidecar = {
-                "reason": "; ".join(f"{d}: {r.last_error}" for d, r in failed.items()),
-                "stage": "delivery",
-                "time": now_iso(),
-                "sop_instance_uid": item.info.sop_instance_uid,
-                "study_instance_uid": item.info.study_instance_uid,
-                "pacs": {d: {"state": r.state, "attempts": r.attempts, "reason_code": _hex(r.last_code),
-                             "error": r.last_error} for d, r in rows.items()},
-                "history": self.journal.history(key),
-                "next_step": "fix the cause, then `relaypacsd retry FILE` sends it again to the PACS that still need it",
-            }
-            new = item.spool.finish(item.path, "failed", sidecar, sync=sync)
-            self.journal.rename(key, str(new))
-            folder = "failed"
+    def _finish(self, items: list[Item]) -> None:
+        """Every destination has settled for these items: sent/ when all confirmed, else failed/ with the
+        whole story. One journal query, one commit and one fsync per folder for the group."""
+        if not items:
+            return
+        rows = self.journal.rows_of([str(i.path) for i in items])
+        done = [i for i in items if not any(r.state == "failed" for r in rows[str(i.path)].values())]
+        # Forget first: were we killed before the move, the file is sent again (a duplicate, accepted);
+        # forgetting after the move could leave "delivered" rows for the next file of the same name.
+        self.journal.forget(*(str(i.path) for i in done))
+        moved = [i.spool.finish(i.path, "sent", sync=False) for i in done]
+        for item in items:
+            if item not in done:
+                moved.append(self._fail_file(item, rows[str(item.path)]))
+        sync_dirs(moved)
         with self._items_lock:
-            self._items.pop(item.path, None)
+            for item in items:
+                self._items.pop(item.path, None)
         if self.on_finished:
-            self.on_finished(item, folder)
+            for item in items:
+                self.on_finished(item, "sent" if item in done else "failed")
+
+    def _fail_file(self, item: Item, rows: dict[str, DeliveryRow]) -> Path:
+        """Move a file that some PACS rejected to failed/, its sidecar holding every PACS's story."""
+        key = str(item.path)
+        failed = {d: r for d, r in rows.items() if r.state == "failed"}
+        sidecar = {
+            "reason": "; ".join(f"{d}: {r.last_error}" for d, r in failed.items()),
+            "stage": "delivery",
+            "time": now_iso(),
+            "sop_instance_uid": item.info.sop_instance_uid,
+            "study_instance_uid": item.info.study_instance_uid,
+            "pacs": {d: {"state": r.state, "attempts": r.attempts, "reason_code": _hex(r.last_code),
+                         "error": r.last_error} for d, r in rows.items()},
+            "history": self.journal.history(key),
+            "next_step": "fix the cause, then `relaypacsd retry FILE` sends it again to the PACS that still need it",
+        }
+        new = item.spool.finish(item.path, "failed", sidecar, sync=False)
+        self.journal.rename(key, str(new))
         return new
 
     # -- sweep and health --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     path TEXT NOT NULL,
     dest TEXT NOT NULL,
+    sop TEXT NOT NULL DEFAULT '',   -- the instance the row is about: a reused file name is another file
     state TEXT NOT NULL,            -- pending | delivered | waiting | failed
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0,
@@ -115,12 +116,22 @@ class Journal:
                            "FROM deliveries WHERE path = ?", (path,))
         return {r[1]: DeliveryRow(*r) for r in found}
 
-    def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None) -> dict[str, DeliveryRow]:
-        """Create pending rows for the destinations a file has none for; return all rows."""
+    def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
+               sop: str = "") -> dict[str, DeliveryRow]:
+        """Create pending rows for the destinations a file has none for; return all rows.
+
+        Rows left under the same path by another instance (a modality reusing IMG0001.dcm) are dropped
+        first: they must never make a new file look delivered."""
         now = time.time()
         seen = first_seen or now
-        self._tx([("INSERT OR IGNORE INTO deliveries (path, dest, state, first_seen, updated) VALUES (?, ?, 'pending', ?, ?)",
-                   (path, d, seen, now)) for d in dests])
+        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        if sop:
+            stale = "SELECT 1 FROM deliveries WHERE path = ? AND sop != '' AND sop != ?"
+            stmts += [(f"DELETE FROM history WHERE path = ? AND EXISTS ({stale})", (path, path, sop)),
+                      ("DELETE FROM deliveries WHERE path = ? AND sop != '' AND sop != ?", (path, sop))]
+        stmts += [("INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated) "
+                   "VALUES (?, ?, ?, 'pending', ?, ?)", (path, d, sop, seen, now)) for d in dests]
+        self._tx(stmts)
         return self.rows(path)
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
@@ -166,13 +177,29 @@ class Journal:
         return [{"time": _iso(t), "pacs": d, "event": e, "detail": x} for t, d, e, x in found]
 
     def rename(self, old: str, new: str) -> None:
-        """Follow a file that moved (sending/ -> failed/ and back)."""
-        self._tx([("UPDATE deliveries SET path = ? WHERE path = ?", (new, old)),
+        """Follow a file that moved (sending/ -> failed/ and back); rows of a file once at `new` go."""
+        self._tx([("DELETE FROM deliveries WHERE path = ?", (new,)), ("DELETE FROM history WHERE path = ?", (new,)),
+                  ("UPDATE deliveries SET path = ? WHERE path = ?", (new, old)),
                   ("UPDATE history SET path = ? WHERE path = ?", (new, old))])
 
-    def forget(self, path: str) -> None:
-        """Drop a file that reached sent/: its memory is no longer needed."""
-        self._tx([("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))])
+    def forget(self, *paths: str) -> None:
+        """Drop files that reached sent/, in one transaction: their memory is no longer needed."""
+        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        for path in paths:
+            stmts += [("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))]
+        if stmts:
+            self._tx(stmts)
+
+    def rows_of(self, paths: list[str]) -> dict[str, dict[str, DeliveryRow]]:
+        """Every destination's rows for several files, in one query."""
+        out: dict[str, dict[str, DeliveryRow]] = {p: {} for p in paths}
+        for i in range(0, len(paths), 500):  # SQLite's parameter limit
+            chunk = paths[i:i + 500]
+            found = self._exec("SELECT path, dest, state, attempts, next_try, first_seen, last_error, last_code "
+                               f"FROM deliveries WHERE path IN ({','.join('?' * len(chunk))})", chunk)
+            for r in found:
+                out[r[0]][r[1]] = DeliveryRow(*r)
+        return out
 
     def reset_failed(self, path: str, reason: str = "operator retry") -> list[str]:
         """Operator retry: 'failed' rows go back to 'pending' with fresh attempts and age; 'delivered'

@@ -210,7 +210,7 @@ def test_restart_with_journal_sends_only_what_is_left(tmp_path):
     engine, spool, sops = setup(tmp_path, [a, b], n=2)
     for f in list(spool.files("inbox")):
         claimed = spool.claim(f)
-        engine.journal.ensure(str(claimed), ["orthanc", "dcm4chee"])
+        engine.journal.ensure(str(claimed), ["orthanc", "dcm4chee"], sop=inspect(claimed).sop_instance_uid)
         engine.journal.update(str(claimed), "orthanc", state="delivered", event="delivered")
     for f in spool.files("sending"):
         engine.submit(f, spool, inspect(f))
@@ -275,3 +275,38 @@ def test_files_for_a_pacs_that_stays_down_expire_at_max_age(tmp_path):
     side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
     assert "gave up after 1 h" in side["reason"] and "PACS down" in side["reason"]
     assert len(pacs.calls) == 1  # no attempt was spent while it was down
+
+
+def test_a_reused_file_name_is_never_taken_for_the_file_delivered_before(tmp_path):
+    """A kill between forgetting and moving, or a file deleted by hand, leaves rows under a path;
+    the next instance dropped under that name must still be sent."""
+    pacs = ScriptedPacs("orthanc")
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    first = spool.claim(next(spool.files("inbox")))
+    engine.journal.ensure(str(first), ["orthanc"], sop=inspect(first).sop_instance_uid)
+    engine.journal.update(str(first), "orthanc", state="delivered", event="delivered")
+    first.unlink()  # gone (say, removed by hand) while its rows stay
+    write_study(spool.inbox, 1)  # a new instance under the same name img00000.dcm
+    again = spool.claim(next(spool.files("inbox")))
+    assert again == first
+    engine.submit(again, spool, inspect(again))
+    engine.start()
+    assert wait_until(lambda: count(spool, "sent") == 1)
+    engine.stop()
+    assert [c for c in pacs.calls] == [[inspect(next(spool.files("sent"))).sop_instance_uid]]
+
+
+def test_a_failed_name_used_before_does_not_jam_the_journal(tmp_path):
+    pacs = ScriptedPacs("orthanc", lambda uid, n, c: Outcome.PERMANENT)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: count(spool, "failed") == 1)
+    failed = next(spool.files("failed"))
+    failed.unlink()  # the operator deleted it; its journal rows stay under failed/img00000.dcm
+    sidecar_path(failed).unlink()
+    write_study(spool.inbox, 1)
+    submit_all(engine, spool)
+    assert wait_until(lambda: count(spool, "failed") == 1 and engine.in_flight() == 0)
+    engine.stop()
+    assert next(spool.files("failed")) == failed
