@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -304,6 +305,11 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
         raise ConfigError(f"{where}: {key}.url is missing: set url = \"http://host:8042\" in [{key}] or {env}URL")
     if not (p.url.startswith("http://") or p.url.startswith("https://")):
         raise ConfigError(f"{where}: {key}.url = {p.url!r} (or {env}URL): must start with http:// or https://")
+    parts = urlsplit(p.url)
+    if parts.username or parts.password:
+        # A password in the URL would be printed wherever the URL is: logs, errors, `config show`.
+        raise ConfigError(f"{where}: {key}.url (or {env}URL) holds a user name or password: remove it from the URL "
+                          f"and set {env}USERNAME / {env}PASSWORD (or password_file) instead")
     if p.fallback not in ("", "cstore"):
         raise ConfigError(f"{where}: {key}.fallback = {p.fallback!r}: use \"cstore\" or leave it empty")
     if p.fallback == "cstore" and not (p.dicom_port and p.ae_title):

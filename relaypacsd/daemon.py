@@ -216,8 +216,7 @@ class Daemon:
     def status_line(self) -> str:
         """One line for `systemctl status`: queue figures and PACS health."""
         pacs = ", ".join(f"{d.name} {'up' if d.healthy else 'DOWN'}" for d in self.engine.destinations.values())
-        waiting = sum(1 for s in self.spools for _ in s.files("sending"))
-        return (f"{len(self.spools)} watch root(s); {waiting} in sending/, {self.engine.in_flight()} in flight; "
+        return (f"{len(self.spools)} watch root(s); {self.engine.in_flight()} file(s) in flight; "
                 f"{self.counters['sent']} sent, {self.counters['failed']} failed; PACS: {pacs or 'none'}")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -308,6 +307,7 @@ class Daemon:
             self.counters["failed"] += 1
             logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
             return
+        self._growing.discard(path)
         self.engine.submit(path, spool, info)
 
     def _recover(self) -> int:

@@ -384,11 +384,17 @@ class Engine:
         released = 0
         limit = time.time() - self.config.delivery.max_age_hours * 3600
         for dest in self.destinations.values():
-            # A PACS that stays down gets no delivery attempt, so age is checked here too.
+            # A PACS that stays down gets no delivery attempt, so age is checked here too: for files parked
+            # after a failure and for files that arrived while it was down (never taken from `ready`).
             with dest.cond:
                 expired = [item for item in dest.waiting if item.first_seen < limit]
                 for item in expired:
                     del dest.waiting[item]
+                if not dest.healthy:
+                    old_ready = [item for item in dest.ready if item.first_seen < limit]
+                    for item in old_ready:
+                        dest.ready.remove(item)
+                    expired += old_ready
             if expired:
                 why = f"PACS down: {dest.down_reason}" if not dest.healthy else "not delivered in time"
                 self._record_many(dest, [(item, InstanceResult(item.info.sop_instance_uid, Outcome.TRANSIENT,

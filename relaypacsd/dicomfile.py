@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+import pydicom.valuerep
 from pydicom.errors import InvalidDicomError as _PydicomInvalid
 
 from relaypacsd.errors import InvalidDicomError
@@ -99,7 +100,8 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
     )
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+# VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2), as pydicom knows them
+_LONG_VRS = {str(vr).encode() for vr in pydicom.valuerep.EXPLICIT_VR_LENGTH_32}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 

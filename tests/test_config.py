@@ -130,3 +130,9 @@ def test_example_config_parses_and_documents_every_key():
         for f in fields(cls):
             if f.name != "name":
                 assert f"\n{f.name} = " in text, f"{cls.__name__}.{f.name} is not documented in relaypacs.toml.example"
+
+
+def test_credentials_in_the_url_are_refused_without_echoing_them():
+    with pytest.raises(ConfigError) as exc:
+        build_config(WATCH, {"ORTHANC_URL": "http://admin:hunter2@pacs:8042"})
+    assert "ORTHANC_USERNAME" in str(exc.value) and "hunter2" not in str(exc.value)

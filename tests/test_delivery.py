@@ -310,3 +310,17 @@ def test_a_failed_name_used_before_does_not_jam_the_journal(tmp_path):
     assert wait_until(lambda: count(spool, "failed") == 1 and engine.in_flight() == 0)
     engine.stop()
     assert next(spool.files("failed")) == failed
+
+
+def test_files_arriving_while_the_pacs_is_down_also_expire(tmp_path):
+    pacs = ScriptedPacs("orthanc")
+    engine, spool, sops = setup(tmp_path, [pacs], n=1, max_age_hours=1)
+    engine.destinations["orthanc"].set_health(False, "connection refused")
+    f = spool.claim(next(spool.files("inbox")))
+    engine.journal.ensure(str(f), ["orthanc"], first_seen=time.time() - 7200)
+    engine.submit(f, spool, inspect(f))  # queued as ready, never taken while down
+    engine.start()
+    engine.sweep()
+    assert wait_until(lambda: count(spool, "failed") == 1)
+    engine.stop()
+    assert pacs.calls == []

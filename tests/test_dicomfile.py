@@ -77,3 +77,12 @@ def test_dicomdir_is_never_an_instance():
     assert is_dicomdir(DICOMDIR)
     with pytest.raises(DicomDirFound, match="DICOMDIR"):
         inspect(DICOMDIR)
+
+
+def test_elements_with_32_bit_length_vrs_sv_uv_are_walked_right(tmp_path):
+    """SV/UV have a 4-byte length like OB; a walk that did not know it called valid files truncated."""
+    ds = fresh(CT_SMALL)
+    ds.add_new(0x00720082, "SV", [-5, 7])  # Selector SV Value
+    ds.add_new(0x00720083, "UV", [2**40])  # Selector UV Value (not a real pairing, but legal encoding)
+    ds.save_as(tmp_path / "sv.dcm", enforce_file_format=True)
+    assert inspect(tmp_path / "sv.dcm").sop_instance_uid == ds.SOPInstanceUID
