@@ -240,7 +240,7 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
     pacs: dict[str, PacsConfig] = {}
     for name in names:
         table = pacs_raw.get(name, {})
-        prefix = _env_prefix(name)
+        prefix = pacs_env_prefix(name)
         from_env = {key: _from_env(prefix + suf, environ[prefix + suf], PacsConfig, key)
                     for suf, key in _PACS_ENV_SUFFIXES.items() if prefix + suf in environ}
         if name not in pacs_raw and "url" not in from_env:
@@ -280,7 +280,7 @@ def validate(config: Config, where: str = "config") -> None:
             known = ", ".join(sorted(config.pacs)) or "none"
             raise ConfigError(
                 f"{where}: ACTIVE_PACS / delivery.active_pacs names {name!r}, which is not configured (configured: {known}): "
-                f"add a [pacs.{name}] table with a url, or set {_env_prefix(name)}URL")
+                f"add a [pacs.{name}] table with a url, or set {pacs_env_prefix(name)}URL")
     for i, w in enumerate(config.watch):
         if not w.path:
             raise ConfigError(f"{where}: watch[{i}].path is missing: set path = \"/srv/relaypacs/<modality>\"")
@@ -298,7 +298,7 @@ def validate(config: Config, where: str = "config") -> None:
 
 def _validate_pacs(p: PacsConfig, where: str) -> None:
     key = f"pacs.{p.name}"
-    env = _env_prefix(p.name)
+    env = pacs_env_prefix(p.name)
     if p.type not in PACS_TYPES:
         raise ConfigError(f"{where}: {key}.type = {p.type!r}: use \"orthanc\", \"dcm4chee\" or \"dicomweb\"")
     if not p.url:
@@ -348,7 +348,8 @@ def resolve_secret(p: PacsConfig, name: str) -> Secret:
         raise ConfigError(f"pacs.{p.name}.{file_key} = {path!r}: cannot read it ({exc.strerror}): fix the path or its permissions") from None
 
 
-def _env_prefix(name: str) -> str:
+def pacs_env_prefix(name: str) -> str:
+    """'ORTHANC_' for a PACS named orthanc: the prefix of its environment variables."""
     return name.upper().replace("-", "_") + "_"
 
 

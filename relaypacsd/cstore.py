@@ -15,7 +15,7 @@ import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
@@ -225,10 +225,3 @@ def _host_of(url: str) -> str:
         return urlsplit(url).hostname or ""
     except ValueError:
         return ""
-
-
-def store_files(pacs: PacsConfig, paths: Iterable[Path], nodelay: bool = True) -> list[InstanceResult]:
-    """C-STORE files outside the pipeline (measurements, tests)."""
-    parts = [StowPart(Path(p), str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), Path(p).stat().st_size)
-             for p in paths]
-    return CStoreSender(pacs, nodelay=nodelay).send(parts)[0]

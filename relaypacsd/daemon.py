@@ -63,7 +63,7 @@ class Daemon:
         self.journal = Journal(self.state_dir / "journal.sqlite3")
         if senders is None:
             active = config.active() if config.delivery.enabled else []
-            senders = {p.name: build_sender(p, pool_size=config.delivery.workers_per_pacs) for p in active}
+            senders = {p.name: build_sender(p) for p in active}
         self.engine = Engine(config, self.journal, senders)
         self.engine.on_finished = self._on_finished
         if self.metrics is not None:
@@ -149,7 +149,7 @@ class Daemon:
 
         Files in flight stay in sending/ and the new pieces' recovery picks them up: nothing is lost.
         """
-        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self.notifier.reloading()
         source = self.config.source
         try:
             new = load_config(None if source in ("", "(no file)") else source)

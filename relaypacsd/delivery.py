@@ -48,7 +48,6 @@ class Item:
     info: DicomInfo
     first_seen: float
     pending: set[str]
-    failures: dict[str, InstanceResult] = field(default_factory=dict)
     done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -312,8 +311,6 @@ class Engine:
                 updates.append(Update(key, dest.name, "failed", "failed", detail, attempts, code=result.reason_code))
                 logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
                              item.info.sop_instance_uid, detail)
-                with item.lock:
-                    item.failures[dest.name] = result
             else:
                 # Transient, limited, destination problem: the file waits; a destination problem spends no attempt.
                 spent = attempts if result.outcome is not Outcome.DESTINATION else attempts - 1

@@ -21,7 +21,7 @@ class DicomWebSender:
     (requests #2766). They share one auth object, so an OAuth2 token is fetched once for all of them.
     """
 
-    def __init__(self, pacs: PacsConfig, pool_size: int = 4):
+    def __init__(self, pacs: PacsConfig):
         self.name = pacs.name
         self.pacs = pacs
         self.target = pacs.stow_base
@@ -34,6 +34,7 @@ class DicomWebSender:
         """This thread's client."""
         client = getattr(self._local, "client", None)
         if client is None:
+            # one connection per thread: a worker sends one request at a time
             session = make_session(self.pacs, pool_size=1, auth=self._auth)
             client = self._local.client = DicomWebClient(self.pacs, session=session)
         return client
@@ -56,7 +57,7 @@ def stow_unusable(exc: PacsError) -> bool:
     """True when a STOW error says the endpoint itself is unusable (no answer, or no STOW-RS there)."""
     if isinstance(exc, PacsUnreachable):
         # A read timeout means the server took the connection and is merely slow: not a reason to switch.
-        return "(read_timeout)" not in str(exc)
+        return not exc.read_timeout
     return isinstance(exc, DestinationProblem) and exc.status in FALLBACK_STATUSES
 
 
@@ -67,11 +68,11 @@ class FallbackSender:
     PACS has spoken about those files. Credentials problems (401/403) neither: C-STORE would
     hide a setup error the operator must fix."""
 
-    def __init__(self, pacs: PacsConfig, pool_size: int = 4):
+    def __init__(self, pacs: PacsConfig):
         from relaypacsd.cstore import CStoreSender
 
         self.name = pacs.name
-        self.stow = DicomWebSender(pacs, pool_size=pool_size)
+        self.stow = DicomWebSender(pacs)
         self.cstore = CStoreSender(pacs)
         self.target = f"{self.stow.target} (fallback {self.cstore.target})"
         self.last_path = ""
@@ -122,8 +123,8 @@ def _kw(exc: PacsError) -> dict:
     return {"transient": exc.transient, "status": exc.status}
 
 
-def build_sender(pacs: PacsConfig, pool_size: int = 4) -> Sender:
+def build_sender(pacs: PacsConfig) -> Sender:
     """The sender for one PACS: STOW-RS, with the C-STORE fallback when `fallback = "cstore"`."""
     if pacs.fallback == "cstore":
-        return FallbackSender(pacs, pool_size=pool_size)
-    return DicomWebSender(pacs, pool_size=pool_size)
+        return FallbackSender(pacs)
+    return DicomWebSender(pacs)

@@ -21,13 +21,13 @@ import pydicom
 import requests
 
 from relaypacsd.config import PacsConfig
+from relaypacsd.dicomfile import is_uid
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
 from relaypacsd.http import env_prefix, log_security_warnings, make_session
 from relaypacsd.outcomes import InstanceResult, reconcile
 
 CHUNK_SIZE = 256 * 1024
 DICOM_JSON = "application/dicom+json"
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MAX_PART_HEADERS = 64 * 1024
 
 
@@ -233,7 +233,8 @@ class DicomWebClient:
         elif isinstance(exc, requests.exceptions.ReadTimeout):
             hint = (f"the PACS accepted the connection but is overloaded or stuck; raise [pacs.{name}] "
                     "read_timeout if it is merely slow")
-        return PacsUnreachable(f"PACS '{name}' unreachable at {url}: {what}: {hint}")
+        return PacsUnreachable(f"PACS '{name}' unreachable at {url}: {what}: {hint}",
+                               read_timeout=isinstance(exc, requests.exceptions.ReadTimeout))
 
     def _raise_for_destination(self, resp: requests.Response, url: str) -> None:
         status = resp.status_code
@@ -371,7 +372,7 @@ def _sop_uid_of(path: Path) -> str | None:
     except Exception:  # noqa: BLE001 - any unreadable part is still kept, under a neutral name
         return None
     # A UID from the network becomes a path: digits and dots only, so no "../" can sneak in.
-    return uid if _UID_RE.match(uid) and len(uid) <= 64 else None
+    return uid if is_uid(uid) else None
 
 
 def _boundary_of(content_type: str) -> str | None:
@@ -418,6 +419,4 @@ def _why(exc: BaseException, pacs: PacsConfig) -> str:
         return "no route to host"
     if "timed out" in text:
         return "timed out"
-    if isinstance(exc, PartChanged):
-        return str(exc)
     return f"connection failed ({type(exc).__name__})"

@@ -27,7 +27,13 @@ class PacsError(RelayPacsError):
 
 
 class PacsUnreachable(PacsError):
-    """The PACS did not answer at all (DNS, refused connection, timeout, TLS)."""
+    """The PACS did not answer at all (DNS, refused connection, timeout, TLS).
+
+    `read_timeout` is true when it took the connection but did not answer in time: it is there, but slow."""
+
+    def __init__(self, message: str, *, read_timeout: bool = False):
+        super().__init__(message, transient=True)
+        self.read_timeout = read_timeout
 
 
 class DestinationProblem(PacsError):

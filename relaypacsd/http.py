@@ -21,7 +21,7 @@ from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.util.retry import Retry
 
-from relaypacsd.config import PacsConfig, Secret, resolve_secret
+from relaypacsd.config import PacsConfig, Secret, pacs_env_prefix, resolve_secret
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 
 CONNECT_RETRIES = 2
@@ -53,7 +53,7 @@ def log_security_warnings(pacs: PacsConfig) -> None:
 
 def env_prefix(pacs: PacsConfig) -> str:
     """'ORTHANC_' for [pacs.orthanc]: the prefix of its environment variables."""
-    return pacs.name.upper().replace("-", "_") + "_"
+    return pacs_env_prefix(pacs.name)
 
 
 def basic_header(username: str, password: Secret) -> str:
@@ -115,7 +115,6 @@ class OAuth2ClientCredentials(AuthBase):
         self._token: Secret | None = None
         self._expires_at = 0.0
         self._lock = threading.Lock()
-        self.fetch_count = 0
 
     def __repr__(self) -> str:
         return f"OAuth2ClientCredentials({self.token_url!r}, client_id={self.client_id!r})"
@@ -149,7 +148,6 @@ class OAuth2ClientCredentials(AuthBase):
         except requests.RequestException as exc:
             raise PacsUnreachable(f"{where} unreachable ({type(exc).__name__}): check oauth2_token_url, "
                                   "DNS and firewall") from None
-        self.fetch_count += 1
         if resp.status_code in (400, 401, 403):
             raise DestinationProblem(
                 f"{where} refused client_id {self.client_id!r} (HTTP {resp.status_code}): check client_id, "

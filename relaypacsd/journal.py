@@ -5,7 +5,6 @@ The folders are the truth; this is only memory. Losing it costs duplicate sends,
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -241,8 +240,3 @@ def _iso(t: float) -> str:
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-
-
-def dumps(obj: Any) -> str:
-    """Compact JSON for history details."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

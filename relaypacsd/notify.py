@@ -6,6 +6,7 @@ Every function is a no-op when NOTIFY_SOCKET is unset (run by hand, in Docker), 
 from __future__ import annotations
 
 import os
+import time
 import socket
 from typing import Mapping
 
@@ -56,8 +57,8 @@ class Notifier:
         return self.send("WATCHDOG=1")
 
     def reloading(self) -> bool:
-        """A reload (SIGHUP) has begun; READY=1 follows when it is done."""
-        return self.send("RELOADING=1")
+        """A reload (SIGHUP) has begun; READY=1 follows when it is done (MONOTONIC_USEC: systemd 253+)."""
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def stopping(self) -> bool:
         """Shutdown has begun."""

@@ -208,7 +208,10 @@ class InboxWatcher:
         return len(self._candidates)
 
     def _note(self, path: str, kind: str, closed_key: _Key | None, now: float) -> None:
-        if is_ignored(os.path.basename(path), self.config.ignore):
+        # Every component counts: a file in inbox/.staging/ is as unfinished as one named .x.dcm,
+        # whether an event or a rescan (which skips such folders) reports it.
+        rel = os.path.relpath(path, self.inbox)
+        if any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep)):
             return
         key = self._key(path)
         if key is None:

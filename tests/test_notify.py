@@ -30,7 +30,9 @@ def test_messages_reach_a_path_socket(listener):
     for call, expected in ((n.watchdog, b"WATCHDOG=1"), (n.stopping, b"STOPPING=1"), (n.reloading, b"RELOADING=1"),
                            (lambda: n.status("ok"), b"STATUS=ok")):
         assert call()
-        assert sock.recv(4096) == expected
+        assert sock.recv(4096).split(b"\n")[0] == expected
+    n.reloading()
+    assert sock.recv(4096).split(b"\n")[1].startswith(b"MONOTONIC_USEC=")
     n.close()
 
 

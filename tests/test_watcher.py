@@ -155,3 +155,13 @@ def test_real_observer_reports_a_written_file(tmp_path, mode):
     finally:
         w.stop()
     assert not w.alive()
+
+
+def test_files_in_ignored_folders_are_never_taken_even_on_events(tmp_path):
+    w = make(tmp_path, settle=0.1)
+    f = w.inbox / ".staging" / "copying.dcm"
+    f.parent.mkdir()
+    f.write_bytes(b"x")
+    _Handler(w._events).dispatch(FileClosedEvent(str(f)))  # inotify reports it; the rescan would skip it
+    _Handler(w._events).dispatch(FileCreatedEvent(str(w.inbox / "scan.part" / "inner.dcm")))
+    assert w.tick(now=0.0) == [] and w.tick(now=5.0) == []

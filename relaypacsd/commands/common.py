@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from relaypacsd.config import Config, PacsConfig, find_config_path, load_config
+from relaypacsd.dicomfile import is_uid
 from relaypacsd.errors import RelayPacsError
 
 EXIT_OK, EXIT_FAIL = 0, 1
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class UsageError(RelayPacsError):
@@ -28,7 +27,7 @@ def load(args: argparse.Namespace) -> Config:
 def check_uid(uid: str, what: str = "UID") -> str:
     """Return `uid` or raise UsageError: digits and dots, at most 64 characters."""
     uid = uid.strip()
-    if not UID_RE.match(uid) or len(uid) > 64 or any(len(c) > 1 and c.startswith("0") for c in uid.split(".")):
+    if not is_uid(uid):
         raise UsageError(f"{what} {uid!r} is not a DICOM UID (digits and dots, at most 64 characters, e.g. 1.2.840.113619.2.55...)")
     return uid
 

@@ -67,7 +67,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     report: dict[str, dict[StowPart, InstanceResult]] = {}
     started = time.monotonic()
     for pacs in pacs_list:
-        sender = build_sender(pacs, pool_size=1)
+        sender = build_sender(pacs)
         progress = Progress(f"send {pacs.name}", len(valid))
         done = 0
         results: dict[StowPart, InstanceResult] = {}

@@ -164,16 +164,19 @@ def cmd_retry(args: argparse.Namespace) -> int:
     try:
         for spool, path in todo:
             reason = (read_sidecar(path) or {}).get("reason", "")
+            reset: list[str] = []
+            if journal is not None:
+                # The journal first: once the file is in sending/, a running daemon's sweep may take it at
+                # once and must find 'pending' rows there (and 'delivered' ones for PACS that have it).
+                reset = journal.reset_failed(str(path))
             try:
                 new = spool.requeue(path)
             except OSError as exc:
                 errors += 1
                 print(f"FAIL {path}: cannot move it back to sending/ ({exc})")
                 continue
-            reset: list[str] = []
             if journal is not None:
                 journal.rename(str(path), str(new))
-                reset = journal.reset_failed(str(new))
             again = f" for {', '.join(reset)}" if reset else ""
             print(f"queued {spool.relative(new)} in {spool.sending}{again} (was: {_short(reason, 80) or 'no reason recorded'})")
     finally:
