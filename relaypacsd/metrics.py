@@ -7,9 +7,7 @@ come from the engine's batch observer (`Engine.on_batch`) and the daemon's per-r
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,7 +15,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from relaypacsd.outcomes import Outcome
-from relaypacsd.spool import FOLDERS
 
 if TYPE_CHECKING:
     from relaypacsd.daemon import Daemon
@@ -38,21 +35,12 @@ class _SpoolCollector(Collector):
         oldest = GaugeMetricFamily(f"{PREFIX}_oldest_waiting_seconds",
                                    "Age of the oldest file in inbox/ or sending/ of each watch root (0 if none)",
                                    labels=["root"])
-        now = time.time()
         for spool in list(d.spools):
             root = str(spool.root)
-            first = now
-            for folder in FOLDERS:
-                count = 0
-                for path in _walk(spool.root / folder):
-                    count += 1
-                    if folder in ("inbox", "sending"):
-                        try:
-                            first = min(first, os.lstat(path).st_mtime)
-                        except OSError:
-                            pass
+            counts, age = spool.stats()
+            for folder, count in counts.items():
                 files.add_metric([root, folder], count)
-            oldest.add_metric([root], max(0.0, now - first))
+            oldest.add_metric([root], age or 0.0)
         yield files
         yield oldest
 
@@ -77,15 +65,6 @@ class _SpoolCollector(Collector):
         for folder in ("sent", "failed"):
             settled.add_metric([folder], d.counters.get(folder, 0))
         yield settled
-
-
-def _walk(base: Any) -> Iterator[str]:
-    from relaypacsd.spool import SIDECAR_SUFFIX
-
-    for dirpath, _dirs, names in os.walk(base):
-        for name in names:
-            if not name.endswith(SIDECAR_SUFFIX) and not name.startswith(".relaypacs-"):
-                yield os.path.join(dirpath, name)
 
 
 class Metrics:

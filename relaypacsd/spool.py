@@ -162,6 +162,23 @@ class Spool:
                     continue
                 yield Path(dirpath) / name
 
+    def stats(self) -> tuple[dict[str, int], float | None]:
+        """Files per folder, and the age in seconds of the oldest file waiting (inbox/ or sending/)."""
+        counts: dict[str, int] = {}
+        oldest: float | None = None
+        now = time.time()
+        for folder in FOLDERS:
+            counts[folder] = 0
+            for path in self.files(folder):
+                counts[folder] += 1
+                if folder in ("inbox", "sending"):
+                    try:
+                        age = now - os.lstat(path).st_mtime
+                    except OSError:
+                        continue
+                    oldest = age if oldest is None else max(oldest, age)
+        return counts, oldest
+
     def _reserve(self, dest: Path) -> Path:
         """A free name near `dest`: a same-named file never overwrites another (a.dcm, a~1.dcm, ...)."""
         candidate, n = dest, 0

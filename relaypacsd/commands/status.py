@@ -11,27 +11,13 @@ from typing import Any
 
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
 from relaypacsd.journal import Journal
-from relaypacsd.spool import FOLDERS, Spool, read_sidecar
+from relaypacsd.spool import Spool, read_sidecar
 
 JOURNAL_FILE = "journal.sqlite3"
 
 
 def _folder_stats(spool: Spool) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    oldest: float | None = None
-    now = time.time()
-    for folder in FOLDERS:
-        n = 0
-        if (spool.root / folder).is_dir():
-            for path in spool.files(folder):
-                n += 1
-                if folder in ("inbox", "sending"):
-                    try:
-                        age = now - path.stat().st_mtime
-                    except OSError:
-                        continue
-                    oldest = age if oldest is None else max(oldest, age)
-        counts[folder] = n
+    counts, oldest = spool.stats()
     return {"root": str(spool.root), **counts, "oldest_waiting_seconds": None if oldest is None else round(oldest)}
 
 
