@@ -86,3 +86,22 @@ def test_elements_with_32_bit_length_vrs_sv_uv_are_walked_right(tmp_path):
     ds.add_new(0x00720083, "UV", [2**40])  # Selector UV Value (not a real pairing, but legal encoding)
     ds.save_as(tmp_path / "sv.dcm", enforce_file_format=True)
     assert inspect(tmp_path / "sv.dcm").sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_uids_read_by_the_walk_match_pydicom_for_every_sample_pydicom_ships():
+    """The walk reads the four UIDs itself; on every accepted sample they must equal what pydicom decodes."""
+    accepted = 0
+    # the folder itself: get_testdata_files() would try to download pydicom's extra data set first
+    for name in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*")):
+        if not name.is_file():
+            continue
+        try:
+            info = inspect(name)
+        except InvalidDicomError:
+            continue
+        ds = pydicom.dcmread(name, stop_before_pixels=True)
+        assert (info.sop_class_uid, info.sop_instance_uid, info.study_instance_uid, info.series_instance_uid) == (
+            ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID), name
+        assert info.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, name
+        accepted += 1
+    assert accepted >= 50  # pydicom 3.0 ships 56 complete Part-10 instances with all four UIDs
