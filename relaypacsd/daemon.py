@@ -29,7 +29,8 @@ from relaypacsd.watcher import InboxWatcher
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
-TICK = 0.2  # seconds between looks at the watchers' candidates
+TICK = 0.2  # seconds between looks at the watchers' candidates when no event says a file is complete
+GATHER = 0.02  # after such an event, the rest of a burst arrives for this long: claims stay grouped
 CLAIM_GROUP = 32  # files claimed per directory fsync
 HEARTBEAT_FILE = "heartbeat.json"
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
@@ -57,7 +58,8 @@ class Daemon:
         self.state_dir = Path(config.daemon.state_dir)
         self.stop_event = threading.Event()  # stops this generation's threads (a reload makes a new one)
         self.spools = [Spool(Path(w.path)) for w in config.watch]
-        self.watchers = [InboxWatcher(s.inbox, w) for s, w in zip(self.spools, config.watch)]
+        self._arrived = threading.Event()  # a watcher saw a file complete: the scanner need not wait for TICK
+        self.watchers = [InboxWatcher(s.inbox, w, self._arrived) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
         self._growing: set[Path] = set()
         self.journal = Journal(self.state_dir / "journal.sqlite3")
@@ -233,6 +235,7 @@ class Daemon:
 
     def _scanner(self) -> None:
         while not self.stop_event.is_set():
+            self._arrived.clear()  # before the look: an event during it makes the next look come at once
             for spool, watcher in zip(self.spools, self.watchers):
                 try:
                     ready = watcher.tick()
@@ -247,7 +250,8 @@ class Daemon:
                             self._queue_intake(spool, moved)
                 except Exception:
                     logger.exception("watch {}: scan failed; retrying", spool.inbox)
-            self.stop_event.wait(TICK)
+            if self._arrived.wait(TICK):
+                self.stop_event.wait(GATHER)
 
     def _queue_intake(self, spool: Spool, path: Path) -> None:
         with self._intake_lock:
