@@ -80,7 +80,10 @@ class Destination:
             else:
                 self.waiting.pop(item, None)
                 self.ready.append(item)
-                self.cond.notify()
+                # Wake a worker for the first item (it lingers to fill the batch) and for each full batch;
+                # a wake-up per file only made lingering workers spin on the lock.
+                if len(self.ready) == 1 or len(self.ready) % self.engine.config.delivery.batch_max_instances == 0:
+                    self.cond.notify()
 
     def release_due(self, everything: bool = False) -> int:
         """Move waiting items whose time has come (or all of them) to the ready queue."""
