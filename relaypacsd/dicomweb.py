@@ -74,6 +74,11 @@ class StowBody:
         return sum(len(self._head) + p.size + 2 for p in self.parts) + len(self._tail)
 
     def __iter__(self) -> Iterator[bytes]:
+        # Each yield is one send() and, with TCP_NODELAY, at least one segment: three per file (header,
+        # data, CRLF) made the PACS read in small pieces, so the pieces are packed into full writes.
+        return _packed(self._pieces(), self.chunk_size)
+
+    def _pieces(self) -> Iterator[bytes]:
         for part in self.parts:
             yield self._head
             sent = 0
@@ -89,6 +94,18 @@ class StowBody:
                     yield chunk
             yield b"\r\n"
         yield self._tail
+
+
+def _packed(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """Repack a stream of byte strings into strings of exactly `size` bytes (the last one shorter)."""
+    buf = bytearray()
+    for piece in pieces:
+        buf += piece
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
 
 
 class DicomWebClient:
