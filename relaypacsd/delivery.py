@@ -106,8 +106,10 @@ class Destination:
                     self.cond.wait(0.5)
                 if stop.is_set():
                     return []
-                # A burst arrives file by file: linger a moment so requests leave full, not one file each.
-                deadline = time.monotonic() + BATCH_LINGER
+                # A burst arrives file by file: while other requests are in flight, linger a moment so
+                # requests leave full, not one file each. An idle PACS gets what is there at once (the
+                # rule of Nagle's algorithm): the first files of a burst need not wait for the rest.
+                deadline = time.monotonic() + (BATCH_LINGER if self.busy else 0.0)
                 while len(self.ready) < cfg.batch_max_instances and not stop.is_set():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -253,11 +255,12 @@ class Engine:
         """Send a batch with quick retries for what may succeed soon; split batches that failed whole."""
         cfg = self.config.delivery
         by_part = {item.part: item for item in batch}
+        went_down: list[str] = []
 
         def on_attempt(parts: list[StowPart], results: list[InstanceResult], status: int | None, ms: float,
                        attempt: int, down: str | None) -> None:
             if down is not None:
-                dest.set_health(False, down)
+                went_down.append(down)
             self._log_batch(dest, [by_part[p] for p in parts], results, status, ms, attempt)
 
         def on_results(parts: list[StowPart], results: list[InstanceResult]) -> None:
@@ -265,6 +268,10 @@ class Engine:
 
         deliver_parts(dest.sender, list(by_part), cfg.retry_attempts, cfg.retry_delay, self._sleep, on_results,
                       on_attempt=on_attempt, may_retry=lambda: dest.healthy and not self.stop_event.is_set())
+        if went_down:
+            # Only once the batch's files are parked: a probe that found the PACS back between marking it
+            # down and parking them would have released nothing, and they would wait a sweep interval.
+            dest.set_health(False, went_down[-1])
 
     def _log_batch(self, dest: Destination, items: list[Item], results: list[InstanceResult],
                    status: int | None, ms: float, attempt: int) -> None:

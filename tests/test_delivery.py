@@ -9,7 +9,7 @@ import time
 
 
 from relaypacsd.config import build_config
-from relaypacsd.delivery import Engine, backoff
+from relaypacsd.delivery import BATCH_LINGER, Engine, backoff
 from relaypacsd.dicomfile import inspect
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 from relaypacsd.journal import Journal
@@ -324,3 +324,42 @@ def test_files_arriving_while_the_pacs_is_down_also_expire(tmp_path):
     assert wait_until(lambda: count(spool, "failed") == 1)
     engine.stop()
     assert pacs.calls == []
+
+
+def test_an_idle_pacs_gets_the_first_files_at_once_a_busy_one_gets_fuller_batches(tmp_path):
+    """Nagle's rule: no request in flight, send what is there; requests in flight, linger to fill."""
+    engine, spool, _ = setup(tmp_path, [ScriptedPacs("a")], n=2)
+    submit_all(engine, spool)
+    dest, stop = engine.destinations["a"], threading.Event()
+    started = time.monotonic()
+    first = dest.take_batch(stop)
+    idle_wait = time.monotonic() - started
+    assert len(first) == 2 and idle_wait < BATCH_LINGER / 2
+    dest.put(first[0])  # one request (the first batch) is now in flight
+    started = time.monotonic()
+    second = dest.take_batch(stop)
+    assert second == [first[0]] and time.monotonic() - started >= BATCH_LINGER * 0.9
+    engine.journal.close()
+
+
+def test_files_of_the_batch_that_found_the_pacs_down_go_as_soon_as_it_is_back(tmp_path):
+    """The PACS is marked down only after the failed batch's files are parked: a probe that finds it back
+    right after must release them. Marked down first, they waited for the next sweep (a race)."""
+    pacs = ScriptedPacs("orthanc")
+    pacs.raise_next = [PacsUnreachable("PACS 'orthanc' at http://x: connection refused")]
+    engine, spool, sops = setup(tmp_path, [pacs], n=3, retry_sweep_interval=3600)
+    record = engine._record_many
+
+    def slow_record(dest, pairs):  # widen the window between "down" and "parked"
+        time.sleep(0.3)
+        record(dest, pairs)
+
+    engine._record_many = slow_record
+    submit_all(engine, spool)
+    engine.start()
+    try:
+        assert wait_until(lambda: not engine.destinations["orthanc"].healthy)
+        engine.probe()  # the PACS answers again
+        assert wait_until(lambda: count(spool, "sent") == 3, timeout=3)
+    finally:
+        engine.stop()
