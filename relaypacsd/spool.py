@@ -100,11 +100,13 @@ class Spool:
 
     def relative(self, path: Path) -> Path:
         """The path of a spooled file below its folder (inbox/a/b.dcm -> a/b.dcm)."""
+        # String prefixes, not Path.relative_to: this runs several times per file, and relative_to
+        # raised and caught a ValueError for every folder that did not match.
+        text = os.fspath(path)
         for name in FOLDERS:
-            try:
-                return path.relative_to(self.root / name)
-            except ValueError:
-                continue
+            folder = os.path.join(self.root, name)
+            if text.startswith(folder) and text[len(folder):len(folder) + 1] in (os.sep, ""):
+                return Path(text[len(folder) + 1:] or ".")
         raise ValueError(f"{path} is not inside watch root {self.root}")
 
     def claim(self, path: Path, *, sync: bool = True) -> Path | None:
@@ -189,10 +191,13 @@ class Spool:
 
     def _move(self, src: Path, dest: Path, *, missing_ok: bool,
               before: Callable[[Path], object] | None = None, sync: bool = True) -> Path | None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         wanted = dest
-        for _ in range(1000):
-            dest = self._reserve(wanted)
+        if before is not None:  # the sidecar is written into the destination folder first
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            # Without a sidecar, try the name itself first: renameat2 refuses a taken name, and the free
+            # name is the common case. After a clash, or with a sidecar to place, probe for a free name.
+            dest = wanted if attempt == 0 and before is None else self._reserve(wanted)
             if before is not None:
                 before(dest)
             try:
@@ -201,7 +206,10 @@ class Spool:
                 if before is not None:
                     sidecar_path(dest).unlink(missing_ok=True)
                 if isinstance(exc, FileExistsError):
-                    continue  # another process took that name between our check and the rename
+                    continue  # taken, or another process took it between our check and the rename
+                if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and not os.path.isdir(dest.parent):
+                    dest.parent.mkdir(parents=True, exist_ok=True)  # the first file of a subfolder
+                    continue
                 if isinstance(exc, FileNotFoundError) and missing_ok and not os.path.lexists(src):
                     return None
                 if exc.errno == errno.EXDEV:

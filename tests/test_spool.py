@@ -130,3 +130,33 @@ def test_crash_leftovers_in_failed_are_cleaned(fake_spool):
     removed = {p.name for p in fake_spool.clean_after_crash()}
     assert removed == {".relaypacs-y.dcm.error.json.123.tmp", "z.dcm.error.json"}
     assert done.exists() and sidecar_path(done).exists()
+
+
+def test_real_spool_subfolders_collisions_and_sidecars(tmp_path):
+    """On the real disk (renameat2): the first file of a subfolder creates it, a taken name gets ~1,
+    and a failed file's name skips one whose stale sidecar is still there."""
+    s = Spool(tmp_path / "root")
+    s.prepare()
+    for data in ("1", "2"):
+        _drop(s, "study/a.dcm", data)
+        c = s.claim(s.inbox / "study" / "a.dcm")
+        assert c == s.sending / "study" / "a.dcm"
+        s.finish(c, "sent")
+    assert {p.name: p.read_text() for p in (s.sent / "study").iterdir()} == {"a.dcm": "1", "a~1.dcm": "2"}
+    (s.failed / "other").mkdir()
+    sidecar_path(s.failed / "other" / "b.dcm").write_text("{}")  # left by an earlier file
+    _drop(s, "other/b.dcm")
+    moved = s.finish(s.claim(s.inbox / "other" / "b.dcm"), "failed", {"reason": "bad"})
+    assert moved.name == "b~1.dcm" and read_sidecar(moved)["reason"] == "bad"
+
+
+@pytest.mark.parametrize("rel", ["inbox/a.dcm", "sending/x/y.dcm", "failed/b.dcm"])
+def test_relative_strips_the_folder(rel):
+    s = Spool(Path("/spool/ct"))
+    assert s.relative(Path("/spool/ct") / rel) == Path(*Path(rel).parts[1:])
+
+
+@pytest.mark.parametrize("path", ["/spool/ct/inboxx/a.dcm", "/spool/other/inbox/a.dcm", "/spool/ct/a.dcm"])
+def test_relative_refuses_paths_outside_the_folders(path):
+    with pytest.raises(ValueError):
+        Spool(Path("/spool/ct")).relative(Path(path))
