@@ -216,7 +216,10 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
     while True:
         if until is None and pos == size:
             return pos
-        buf, off = reader.view(pos, 8)
+        # The window check inline: a method call per element was a third of the walk's time.
+        buf, off = reader.buf, pos - reader.start
+        if off < 0 or off + 12 > len(buf):
+            buf, off = reader.view(pos, 8)
         group, element, implicit_length = header_s.unpack_from(buf, off)
         tag = (group << 16) | element
         if group == 0xFFFE:  # item and delimiter tags are always implicit: 4-byte length
@@ -234,8 +237,9 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
             seen.add(tag)
         vr = buf[off + 4:off + 6]
         if explicit and vr in _LONG_VRS:
-            buf, off = reader.view(pos + 8, 4)
-            length = long_s.unpack_from(buf, off)[0]
+            if off + 12 > len(buf):
+                buf, off = reader.view(pos, 12)
+            length = long_s.unpack_from(buf, off + 8)[0]
             pos += 12
         elif explicit and vr.isalpha() and vr.isupper():
             length = short_s.unpack_from(buf, off + 6)[0]
