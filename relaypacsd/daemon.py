@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
 TICK = 0.2  # seconds between looks at the watchers' candidates when no event says a file is complete
-GATHER = 0.02  # after such an event, the rest of a burst arrives for this long: claims stay grouped
+GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
 CLAIM_GROUP = 32  # files claimed per directory fsync
 HEARTBEAT_FILE = "heartbeat.json"
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
