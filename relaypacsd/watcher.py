@@ -32,6 +32,8 @@ REMOTE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "9p", "ceph", "glus
              "vboxsf", "sshfs", "lustre", "gpfs", "beegfs", "ocfs2", "gfs2")
 # The events _Handler uses. Without a filter, watchdog also asks inotify for opens, reads-closes and
 # deletes and builds a Python event for each: a fifth of the daemon's CPU went there under load.
+# Writes (IN_MODIFY, one per write() call) are kept although they cost the most: they are what tells a
+# writer that pauses longer than the settle time from a finished file when the create came late.
 EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
 
 
@@ -138,7 +140,9 @@ class _Handler(FileSystemEventHandler):
         elif kind == "modified":
             self.events.put((os.fsdecode(event.src_path), "writing", None))
         elif kind == "created":
-            # A new file is empty when created; one that already has data was moved in from outside.
+            # A new file is empty when created. One that already has data is either a create we handle
+            # late (its writes will say "writing") or watchdog's replay for a folder moved in or made
+            # just before its watch (no writer may be left, and no close event may come): settle.
             path = os.fsdecode(event.src_path)
             key = _stat_key(path)
             self.events.put((path, "writing" if key is not None and key[0] == 0 else "seen", None))

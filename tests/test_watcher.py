@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
-from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent
+from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
 
 from relaypacsd.config import WatchConfig
 from relaypacsd.watcher import InboxWatcher, _Handler, choose_observer, filesystem_type, is_ignored
@@ -233,3 +233,23 @@ def test_real_observer_follows_a_folder_renamed_inside_the_inbox(tmp_path):
         assert ready == [w.inbox / "study1" / "b.dcm"]
     finally:
         w.stop()
+
+
+def test_a_late_create_with_data_is_still_held_by_its_writes(tmp_path):
+    """Under load the create event is handled after the first writes: it cannot tell the writer is
+    still there, the write events do. Without them a writer pausing past the settle time lost its file."""
+    w = make(tmp_path, settle=1)
+    w.mode = "native"
+    f = w.inbox / "slow.dcm"
+    f.write_bytes(b"first chunk")
+    _Handler(w._events).dispatch(FileCreatedEvent(str(f)))
+    _Handler(w._events).dispatch(FileModifiedEvent(str(f)))
+    assert w.tick(now=0.0) == [] and w.tick(now=30.0) == []
+    _Handler(w._events).dispatch(FileClosedEvent(str(f)))
+    assert w.tick(now=31.0) == [f]
+
+
+def test_the_inbox_observer_asks_for_write_events():
+    """They are the costliest events to handle, and dropping them looks like a free speed-up: it is not."""
+    from relaypacsd.watcher import EVENTS
+    assert FileModifiedEvent in EVENTS
