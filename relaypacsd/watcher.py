@@ -8,6 +8,7 @@ import queue
 import stat
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,11 @@ class _InboxObserver(InotifyObserver):
     def __init__(self) -> None:
         super().__init__(generate_full_events=True)
         self._emitter_class = _InboxEmitter
+        # Unpaired, a folder renamed inside the inbox makes watchdog register the folder's watch again,
+        # with a RuntimeWarning a technician would read as a fault. The watch is right (a test follows
+        # such a folder). Added again per observer: the filter list is process-wide and idempotent.
+        warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning,
+                                module="watchdog")
 
 
 class _Handler(FileSystemEventHandler):
