@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import time
@@ -168,6 +169,11 @@ class Engine:
         self._sleep = sleep or self.stop_event.wait
         self._items: dict[Path, Item] = {}
         self._items_lock = threading.Lock()
+        # Settled files go to one finishing thread (renames, fsync, journal), so a worker sends its next
+        # batch at once: batches that a PACS answers together no longer leave it idle while all the
+        # workers finish at the same time. Files queued meanwhile share one fsync.
+        self._finishing: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
+        self._finisher: threading.Thread | None = None
         self.on_finished: Callable[[Item, str], None] | None = None
         # Observer of every send attempt (metrics): (destination, items, results, HTTP status, ms, attempt).
         self.on_batch: Callable[[Destination, list[Item], list[InstanceResult], int | None, float, int], None] | None = None
@@ -175,7 +181,9 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the workers of every destination."""
+        """Start the finishing thread and the workers of every destination."""
+        self._finisher = threading.Thread(target=self._finish_loop, name="finish", daemon=True)
+        self._finisher.start()
         for dest in self.destinations.values():
             for i in range(self.config.delivery.workers_per_pacs):
                 t = threading.Thread(target=self._worker, args=(dest,), name=f"deliver-{dest.name}-{i}", daemon=True)
@@ -192,10 +200,14 @@ class Engine:
         for dest in self.destinations.values():
             for t in dest.threads:
                 t.join(max(0.1, deadline - time.monotonic()))
+        if self._finisher is not None:  # after the workers: it finishes what they settled
+            self._finishing.put(None)
+            self._finisher.join(max(0.1, deadline - time.monotonic()))
 
     def alive(self) -> bool:
-        """True while every worker thread runs."""
-        return all(t.is_alive() for d in self.destinations.values() for t in d.threads)
+        """True while every worker thread and the finishing thread run."""
+        return (all(t.is_alive() for d in self.destinations.values() for t in d.threads)
+                and (self._finisher is None or self._finisher.is_alive()))
 
     def in_flight(self) -> int:
         """Files known to the engine and not yet in sent/ or failed/."""
@@ -341,7 +353,38 @@ class Engine:
                     continue
                 item.done = True
             finishing.append(item)
-        self._finish(finishing)
+        if not finishing:
+            return
+        if self._finisher is not None and self._finisher.is_alive():
+            self._finishing.put(finishing)
+        else:  # not started (one-off use): finish here
+            self._finish(finishing)
+
+    def _finish_loop(self) -> None:
+        while True:
+            group = self._finishing.get()
+            last = group is None
+            group = group or []
+            while not last:  # what queued up meanwhile shares this fsync
+                try:
+                    more = self._finishing.get_nowait()
+                except queue.Empty:
+                    break
+                last = more is None
+                group.extend(more or [])
+            if group:
+                try:
+                    self._finish(group)
+                except Exception:
+                    # Their journal rows say where they stand. Untracked, the sweep finds them in sending/
+                    # and finishes them without sending them again.
+                    logger.exception("moving {} settled file(s) out of sending/ failed; the next retry sweep "
+                                     "moves them", len(group))
+                    with self._items_lock:
+                        for item in group:
+                            self._items.pop(item.path, None)
+            if last:
+                return
 
     def _finish(self, items: list[Item]) -> None:
         """Every destination has settled for these items: sent/ when all confirmed, else failed/ with the
