@@ -376,8 +376,9 @@ class Engine:
                 try:
                     self._finish(group)
                 except Exception:
-                    # Their journal rows say where they stand. Untracked, the sweep finds them in sending/
-                    # and finishes them without sending them again.
+                    # Untracked, the sweep finds them in sending/ and takes them up again. Those whose
+                    # journal rows were already forgotten for the move are sent once more: a duplicate,
+                    # which counts as delivered; never a loss.
                     logger.exception("moving {} settled file(s) out of sending/ failed; the next retry sweep "
                                      "moves them", len(group))
                     with self._items_lock:
