@@ -231,7 +231,7 @@ class Engine:
             return  # PACS_ENABLED=false: validated and parked in sending/
         if not pending:
             item.done = True
-            self._finish([item])
+            self._hand_over([item])
             return
         now_wall, now_mono = time.time(), time.monotonic()
         for name in pending:
@@ -353,12 +353,16 @@ class Engine:
                     continue
                 item.done = True
             finishing.append(item)
-        if not finishing:
+        self._hand_over(finishing)
+
+    def _hand_over(self, items: list[Item]) -> None:
+        """Give settled items to the finishing thread; finish them here when it does not run."""
+        if not items:
             return
         if self._finisher is not None and self._finisher.is_alive():
-            self._finishing.put(finishing)
-        else:  # not started (one-off use): finish here
-            self._finish(finishing)
+            self._finishing.put(items)
+        else:  # not started (one-off use), or already stopped
+            self._finish(items)
 
     def _finish_loop(self) -> None:
         while True:
