@@ -134,7 +134,7 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
         found = {}
         for tag in _REQUIRED_TAGS.values():
             try:
-                found[tag] = str(ds.get(tag).value if tag in ds else "").strip()
+                found[tag] = str(ds[tag].value).strip() if tag in ds else ""
             except Exception:  # a damaged element decodes lazily and may fail here
                 found[tag] = ""
         return set(ds.keys()), found
