@@ -1,6 +1,7 @@
 """Watcher: settle logic, close events, ignore rules, rescans, filesystem detection, a real inotify observer."""
 
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -212,7 +213,8 @@ def test_real_observer_is_not_held_up_by_files_moved_out(tmp_path):
             assert ready == [w.inbox / f"new{i}.dcm"]
             os.rename(ready[0], elsewhere / ready[0].name)
             delays.append(time.monotonic() - started)
-        assert max(delays) < 0.3, delays
+        # Held, every round takes >= 0.5 s; the median keeps one round slowed by a busy machine from failing it.
+        assert statistics.median(delays) < 0.3, delays
     finally:
         w.stop()
 
