@@ -18,7 +18,7 @@ from loguru import logger
 
 from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
-from relaypacsd.delivery import Engine, Sender
+from relaypacsd.delivery import Engine, Item, Sender
 from relaypacsd.destinations import build_sender
 from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
@@ -91,6 +91,10 @@ class Daemon:
                            "valid files wait in sending/")
         elif not self.engine.destinations:
             logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
+        pruned = self.journal.prune_missing()  # before recovery: stale rows must not make a new file look sent
+        if pruned:
+            logger.info("journal: forgot {} file(s) that a previous run moved out of sending/ but did not record",
+                        pruned)
         self.engine.start()
         for name in range(2):
             self._spawn(self._validator, f"validate-{name}")
@@ -168,7 +172,9 @@ class Daemon:
                 logger.warning("reload: daemon.{} changed; it takes effect at the next restart", key)
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
         self.ready.clear()
-        self._stop_pieces()
+        # Wait for every request in flight to end, however long its timeouts allow: a new engine started
+        # beside one would send the same files again, and the old answer could no longer be recorded.
+        self._stop_pieces(timeout=None)
         self._build(new)
         self.start()
         logger.info("reload of {} done", source)
@@ -183,8 +189,9 @@ class Daemon:
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
-    def _stop_pieces(self, timeout: float = 30.0) -> None:
-        """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/."""
+    def _stop_pieces(self, timeout: float | None = 30.0) -> None:
+        """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/.
+        `timeout` bounds the wait for requests in flight; None waits until they end (or SIGTERM comes)."""
         self.stop_event.set()
         for watcher in self.watchers:
             watcher.stop()
@@ -192,7 +199,7 @@ class Daemon:
             self.scheduler.shutdown(wait=True)
         except Exception:  # not started
             pass
-        self.engine.stop(timeout=timeout)
+        self.engine.stop(timeout=timeout, give_up=self._stop_requested.is_set)
         for t in self._threads:
             t.join(timeout=5)
         self.journal.close()
@@ -324,8 +331,12 @@ class Daemon:
                     count += 1
         return count
 
-    def _on_finished(self, item: object, folder: str) -> None:
+    def _on_finished(self, item: Item, folder: str) -> None:
         self.counters[folder] += 1
+        if item.path.exists():
+            # A new file of the same name was claimed while this one was being moved out: validation
+            # skipped it as already known; take it now rather than at the next sweep.
+            self._queue_intake(item.spool, item.path)
 
     # -- scheduled jobs --------------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ class Destination:
         self.cond = threading.Condition()
         self.healthy = True
         self.down_reason = ""
+        self.back_at = 0.0  # monotonic time it was last found back up
         self.threads: list[threading.Thread] = []
         self.busy = 0
 
@@ -136,15 +137,23 @@ class Destination:
             self.busy += 1
             return batch
 
-    def set_health(self, healthy: bool, reason: str = "") -> None:
-        """Mark the destination up or down; log each change once; wake workers when it comes back."""
+    def set_health(self, healthy: bool, reason: str = "", failed_since: float | None = None) -> None:
+        """Mark the destination up or down; log each change once; wake workers when it comes back.
+
+        `failed_since` (monotonic) is when a failed request began: found back up after that, the PACS is
+        not marked down again on that old evidence."""
         with self.cond:
+            if not healthy and failed_since is not None and self.healthy and self.back_at > failed_since:
+                return
             changed = healthy != self.healthy
             self.healthy, self.down_reason = healthy, ("" if healthy else reason)
+            if changed and healthy:
+                self.back_at = time.monotonic()
             self.cond.notify_all()
+            if changed:  # under the lock: the journal's health never disagrees with this one's
+                self.engine.journal.set_health(self.name, healthy, reason)
         if not changed:
             return
-        self.engine.journal.set_health(self.name, healthy, reason)
         if healthy:
             logger.info("PACS {} at {} is reachable again: resuming deliveries", self.name, self.sender.target)
             self.engine.on_destination_back(self)
@@ -190,19 +199,31 @@ class Engine:
                 t.start()
                 dest.threads.append(t)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking batches; wait for batches in flight (their files stay in sending/ if abandoned)."""
+    def stop(self, timeout: float | None = 30.0, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Stop taking batches; wait for batches in flight, at most `timeout` s, or with None until they end
+        (one request each: no retry or split starts once stopping) or give_up() says so. Their files stay
+        in sending/ if abandoned. Returns True when every worker has ended."""
         self.stop_event.set()
         for dest in self.destinations.values():
             with dest.cond:
                 dest.cond.notify_all()
-        deadline = time.monotonic() + timeout
-        for dest in self.destinations.values():
-            for t in dest.threads:
-                t.join(max(0.1, deadline - time.monotonic()))
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        said = False
+        while True:
+            alive = [(d, t) for d in self.destinations.values() for t in d.threads if t.is_alive()]
+            now = time.monotonic()
+            if not alive or (deadline is not None and now >= deadline) or (deadline is None and give_up()):
+                break
+            if not said and now - started > 5:
+                said = True
+                logger.warning("waiting for {} request(s) still in flight to {} (each ends by its timeouts)",
+                               len(alive), ", ".join(sorted({f"{d.name} at {d.sender.target}" for d, _ in alive})))
+            alive[0][1].join(0.2 if deadline is None else max(0.01, min(0.2, deadline - now)))
         if self._finisher is not None:  # after the workers: it finishes what they settled
             self._finishing.put(None)
-            self._finisher.join(max(0.1, deadline - time.monotonic()))
+            self._finisher.join(30.0 if deadline is None else max(0.1, deadline - time.monotonic()))
+        return not alive
 
     def alive(self) -> bool:
         """True while every worker thread and the finishing thread run."""
@@ -221,7 +242,9 @@ class Engine:
         key = str(path)
         rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
         first_seen = min((r.first_seen for r in rows.values()), default=time.time())
-        pending = {d for d, r in rows.items() if d in self.destinations and r.state != "delivered"}
+        # A "failed" row is settled like a "delivered" one: such a file in sending/ only waits for its move
+        # (an earlier move failed); `relaypacsd retry` resets failed rows to pending before it gets here.
+        pending = {d for d, r in rows.items() if d in self.destinations and r.state not in ("delivered", "failed")}
         item = Item(path=path, spool=spool, info=info, first_seen=first_seen, pending=set(pending))
         with self._items_lock:
             if path in self._items:
@@ -257,7 +280,9 @@ class Engine:
                 logger.exception("PACS forward {}: unexpected error; {} file(s) wait for the retry sweep",
                                  dest.name, len(batch))
                 for item in batch:
-                    if not item.done and self.known(item.path):
+                    with item.lock:  # only what this PACS still owes: never a file it already confirmed
+                        owed = not item.done and dest.name in item.pending
+                    if owed and self.known(item.path):
                         dest.put(item, time.monotonic() + self.config.delivery.retry_sweep_interval)
             finally:
                 with dest.cond:
@@ -267,12 +292,12 @@ class Engine:
         """Send a batch with quick retries for what may succeed soon; split batches that failed whole."""
         cfg = self.config.delivery
         by_part = {item.part: item for item in batch}
-        went_down: list[str] = []
+        went_down: list[tuple[str, float]] = []
 
         def on_attempt(parts: list[StowPart], results: list[InstanceResult], status: int | None, ms: float,
                        attempt: int, down: str | None) -> None:
             if down is not None:
-                went_down.append(down)
+                went_down.append((down, time.monotonic() - ms / 1000))
             self._log_batch(dest, [by_part[p] for p in parts], results, status, ms, attempt)
 
         def on_results(parts: list[StowPart], results: list[InstanceResult]) -> None:
@@ -283,7 +308,8 @@ class Engine:
         if went_down:
             # Only once the batch's files are parked: a probe that found the PACS back between marking it
             # down and parking them would have released nothing, and they would wait a sweep interval.
-            dest.set_health(False, went_down[-1])
+            reason, since = went_down[-1]
+            dest.set_health(False, reason, failed_since=since)
 
     def _log_batch(self, dest: Destination, items: list[Item], results: list[InstanceResult],
                    status: int | None, ms: float, attempt: int) -> None:
@@ -379,12 +405,9 @@ class Engine:
             if group:
                 try:
                     self._finish(group)
-                except Exception:
-                    # Untracked, the sweep finds them in sending/ and takes them up again. Those whose
-                    # journal rows were already forgotten for the move are sent once more: a duplicate,
-                    # which counts as delivered; never a loss.
-                    logger.exception("moving {} settled file(s) out of sending/ failed; the next retry sweep "
-                                     "moves them", len(group))
+                except Exception:  # e.g. the journal failed: untracked, the sweep takes them up again
+                    logger.exception("finishing {} settled file(s) failed; the next retry sweep takes them up",
+                                     len(group))
                     with self._items_lock:
                         for item in group:
                             self._items.pop(item.path, None)
@@ -397,21 +420,40 @@ class Engine:
         if not items:
             return
         rows = self.journal.rows_of([str(i.path) for i in items])
-        done = [i for i in items if not any(r.state == "failed" for r in rows[str(i.path)].values())]
-        # Forget first: were we killed before the move, the file is sent again (a duplicate, accepted);
-        # forgetting after the move could leave "delivered" rows for the next file of the same name.
-        self.journal.forget(*(str(i.path) for i in done))
-        moved = [i.spool.finish(i.path, "sent", sync=False) for i in done]
+        moved: list[Path] = []
+        finished: list[tuple[Item, str]] = []
+        stuck: list[tuple[Item, OSError]] = []
+        gone: list[Item] = []
         for item in items:
-            if item not in done:
-                moved.append(self._fail_file(item, rows[str(item.path)]))
+            failed = any(r.state == "failed" for r in rows[str(item.path)].values())
+            try:
+                if failed:
+                    moved.append(self._fail_file(item, rows[str(item.path)]))
+                else:
+                    moved.append(item.spool.finish(item.path, "sent", sync=False))
+            except FileNotFoundError:
+                gone.append(item)
+            except OSError as exc:
+                stuck.append((item, exc))
+            else:
+                finished.append((item, "failed" if failed else "sent"))
         sync_dirs(moved)
+        # Forgotten only after the move: a move that failed keeps the rows, so the sweep retries the move
+        # and never the sending. Killed in between, the rows outlive the file; start-up prunes them.
+        self.journal.forget(*(str(i.path) for i, folder in finished if folder == "sent"), *(str(i.path) for i in gone))
         with self._items_lock:
             for item in items:
                 self._items.pop(item.path, None)
+        for item in gone:
+            logger.warning("PACS forward: {} was removed from sending/ by someone else before it could be moved "
+                           "(every PACS had settled it)", item.spool.relative(item.path))
+        for item, exc in stuck:
+            logger.error("PACS forward: {} is settled but could not be moved out of sending/: {}; it stays "
+                         "there and the next retry sweep moves it (check the spool's permissions and free "
+                         "space)", item.spool.relative(item.path), exc)
         if self.on_finished:
-            for item in items:
-                self.on_finished(item, "sent" if item in done else "failed")
+            for item, folder in finished:
+                self.on_finished(item, folder)
 
     def _fail_file(self, item: Item, rows: dict[str, DeliveryRow]) -> Path:
         """Move a file that some PACS rejected to failed/, its sidecar holding every PACS's story."""
@@ -541,11 +583,16 @@ def deliver_parts(sender: Sender, parts: list[StowPart], attempts: int, delay: f
         retry: list[StowPart] = []
         split: list[StowPart] = []
         settled: list[tuple[StowPart, InstanceResult]] = []
+        go_on = may_retry()  # stopping, or the PACS is down: no further request for this batch
         for part, result in zip(todo, results):
-            if result.outcome is Outcome.SPLIT:
+            if result.outcome is Outcome.SPLIT and go_on:
                 split.append(part)
+            elif result.outcome is Outcome.SPLIT:
+                settled.append((part, InstanceResult(part.sop_uid, Outcome.TRANSIENT, result.http_status,
+                                                     result.reason_code, f"{result.reason} (not split now: "
+                                                     "stopping, or the PACS is down)")))
             elif (result.outcome in (Outcome.TRANSIENT, Outcome.LIMITED) and attempt < attempts and down is None
-                  and may_retry()):
+                  and go_on):
                 retry.append(part)
             else:
                 settled.append((part, result))

@@ -5,6 +5,7 @@ The folders are the truth; this is only memory. Losing it costs duplicate sends,
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -188,6 +189,13 @@ class Journal:
             stmts += [("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))]
         if stmts:
             self._tx(stmts)
+
+    def prune_missing(self) -> int:
+        """Forget files that no longer exist (moved by a run killed before it forgot them); return how many."""
+        paths = [r[0] for r in self._exec("SELECT DISTINCT path FROM deliveries")]
+        missing = [p for p in paths if not os.path.exists(p)]
+        self.forget(*missing)
+        return len(missing)
 
     def rows_of(self, paths: list[str]) -> dict[str, dict[str, DeliveryRow]]:
         """Every destination's rows for several files, in one query."""

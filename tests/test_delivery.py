@@ -4,13 +4,17 @@ The PACS here is a scripted stand-in so each outcome class can be forced; the re
 """
 
 import json
+import sqlite3
 import threading
 import time
+from pathlib import Path
 
 
+import relaypacsd.delivery
 from relaypacsd.config import build_config
-from relaypacsd.delivery import BATCH_LINGER, Engine, backoff
+from relaypacsd.delivery import Engine, backoff, deliver_parts
 from relaypacsd.dicomfile import inspect
+from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 from relaypacsd.journal import Journal
 from relaypacsd.outcomes import InstanceResult, Outcome
@@ -127,9 +131,10 @@ def test_transient_beyond_quick_tries_waits_in_sending_for_the_sweep(tmp_path):
     submit_all(engine, spool)
     engine.start()
     assert wait_until(lambda: len(pacs.calls) == 2)
-    time.sleep(0.2)
+    first = str(next(spool.files("sending")))
+    assert wait_until(lambda: engine.journal.rows(first)["orthanc"].state == "waiting")  # recorded after send
     assert count(spool, "sending") == 2 and count(spool, "failed") == 0
-    row = engine.journal.rows(str(next(spool.files("sending"))))["orthanc"]
+    row = engine.journal.rows(first)["orthanc"]
     assert row.state == "waiting" and row.attempts == 1 and "transient" in row.last_error
     state["ok"] = True
     assert wait_until(lambda: (engine.sweep() or True) and count(spool, "sent") == 2, timeout=15)
@@ -326,19 +331,21 @@ def test_files_arriving_while_the_pacs_is_down_also_expire(tmp_path):
     assert pacs.calls == []
 
 
-def test_an_idle_pacs_gets_the_first_files_at_once_a_busy_one_gets_fuller_batches(tmp_path):
+def test_an_idle_pacs_gets_the_first_files_at_once_a_busy_one_gets_fuller_batches(tmp_path, monkeypatch):
     """Nagle's rule: no request in flight, send what is there; requests in flight, linger to fill."""
+    linger = 1.0  # stretched, so that a busy machine's scheduling delays are small beside it
+    monkeypatch.setattr(relaypacsd.delivery, "BATCH_LINGER", linger)
     engine, spool, _ = setup(tmp_path, [ScriptedPacs("a")], n=2)
     submit_all(engine, spool)
     dest, stop = engine.destinations["a"], threading.Event()
     started = time.monotonic()
     first = dest.take_batch(stop)
     idle_wait = time.monotonic() - started
-    assert len(first) == 2 and idle_wait < BATCH_LINGER / 2
+    assert len(first) == 2 and idle_wait < linger / 2
     dest.put(first[0])  # one request (the first batch) is now in flight
     started = time.monotonic()
     second = dest.take_batch(stop)
-    assert second == [first[0]] and time.monotonic() - started >= BATCH_LINGER * 0.9
+    assert second == [first[0]] and time.monotonic() - started >= linger * 0.9
     engine.journal.close()
 
 
@@ -376,28 +383,140 @@ def test_stop_finishes_every_file_the_workers_settled(tmp_path):
     assert count(spool, "sent") == 6 and count(spool, "sending") == 0 and engine.in_flight() == 0
 
 
-def test_a_failed_move_leaves_the_file_to_the_sweep(tmp_path, monkeypatch):
-    """An I/O error while moving delivered files must not strand them in sending/ until a restart."""
-    pacs = ScriptedPacs("orthanc")
-    engine, spool, sops = setup(tmp_path, [pacs], n=1)
-    submit_all(engine, spool)
+def test_a_move_that_keeps_failing_is_retried_by_the_sweep_and_never_resends(tmp_path, monkeypatch):
+    """An I/O error while moving delivered files must not strand them in sending/ until a restart, nor
+    send them again: each sweep retries only the move."""
+    a, b = ScriptedPacs("a"), ScriptedPacs("b")
+    engine, spool, sops = setup(tmp_path, [a, b], n=2)
     real_finish, failures = Spool.finish, []
 
-    def flaky_finish(self, path, folder, *a, **k):
-        if not failures:
+    def broken_finish(self, path, folder, *args, **kwargs):  # sent/ unwritable for three sweeps
+        if folder == "sent" and len(failures) < 6:
             failures.append(path)
-            raise OSError(5, "Input/output error")
-        return real_finish(self, path, folder, *a, **k)
+            raise PermissionError(13, "Permission denied")
+        return real_finish(self, path, folder, *args, **kwargs)
 
-    monkeypatch.setattr(Spool, "finish", flaky_finish)
+    monkeypatch.setattr(Spool, "finish", broken_finish)
+    submit_all(engine, spool)
+    engine.start()
+    try:
+        for _ in range(4):  # what each retry sweep does: untracked files in sending/ are submitted again
+            assert wait_until(lambda: engine.in_flight() == 0)
+            for stuck in list(spool.files("sending")):
+                engine.submit(stuck, spool, inspect(stuck))
+        assert wait_until(lambda: count(spool, "sent") == 2)
+    finally:
+        engine.stop()
+    assert len(failures) == 6 and count(spool, "sending") == 0
+    assert all(a.received(sop) == 1 and b.received(sop) == 1 for sop in sops)
+    assert engine.journal.counts() == {}
+
+
+def test_an_unexpected_error_requeues_only_what_this_pacs_still_owes(tmp_path):
+    """A worker's error after some answers were recorded must not queue a file this PACS confirmed."""
+    gate = threading.Event()
+    a = ScriptedPacs("a", lambda uid, n, call: Outcome.DELIVERED if uid == sops[0] else Outcome.DESTINATION)
+    b = ScriptedPacs("b")  # slow: the file a confirmed is still pending there, so it is not done
+    b_send = b.send
+    b.send = lambda parts: (gate.wait(5), b_send(parts))[1]
+    engine, spool, sops = setup(tmp_path, [a, b], n=2)
+    dest = engine.destinations["a"]
+
+    def journal_full(*args, **kwargs):  # recording a's health change fails (disk full, database locked)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    dest.set_health = journal_full
+    submit_all(engine, spool)
+    engine.start()
+    try:
+        assert wait_until(lambda: a.calls and not dest.busy)
+        with dest.cond:
+            requeued = {item.info.sop_instance_uid for item in [*dest.ready, *dest.waiting]}
+        assert requeued == {sops[1]}  # not sops[0], which a confirmed
+    finally:
+        gate.set()
+        engine.stop()
+
+
+def test_a_failure_seen_before_the_pacs_came_back_does_not_mark_it_down_again(tmp_path):
+    engine, _, _ = setup(tmp_path, [ScriptedPacs("a")], n=0)
+    dest = engine.destinations["a"]
+    request_began = time.monotonic()
+    dest.set_health(False, "connection refused")
+    dest.set_health(True)  # the probe found it back while that request was still failing
+    dest.set_health(False, "connection refused", failed_since=request_began)
+    assert dest.healthy
+    dest.set_health(False, "connection refused", failed_since=time.monotonic())  # a new failure counts
+    assert not dest.healthy and engine.journal.destinations()["a"]["healthy"] is False
+    engine.journal.close()
+
+
+def test_stop_without_a_timeout_waits_for_the_request_in_flight_and_records_it(tmp_path):
+    """A reload must not start a new engine beside a request still in flight: it would send the same
+    files again, and the old answer could no longer be recorded."""
+    gate = threading.Event()
+    pacs = ScriptedPacs("a")
+    send = pacs.send
+    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: engine.destinations["a"].busy == 1)
+    stopped = []
+    stopper = threading.Thread(target=lambda: stopped.append(engine.stop(timeout=None)))
+    stopper.start()
+    time.sleep(0.3)
+    assert stopper.is_alive()  # still waiting for the answer
+    gate.set()
+    stopper.join(5)
+    assert stopped == [True] and count(spool, "sent") == 1 and pacs.received(sops[0]) == 1
+
+
+def test_stop_without_a_timeout_gives_up_when_told(tmp_path):
+    gate = threading.Event()
+    pacs = ScriptedPacs("a")
+    send = pacs.send
+    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
+    engine, spool, _ = setup(tmp_path, [pacs], n=1)
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: engine.destinations["a"].busy == 1)
+    try:
+        assert engine.stop(timeout=None, give_up=lambda: True) is False
+    finally:
+        gate.set()
+
+
+def test_no_split_and_no_retry_once_stopping():
+    """Stopping (or a PACS found down) ends a batch after its request in flight: nothing new is sent."""
+    pacs = ScriptedPacs("a", lambda uid, n, call: Outcome.SPLIT)
+    parts = [StowPart(path=Path(f"/x/{i}.dcm"), sop_uid=f"1.2.{i}", size=10) for i in range(8)]
+    results = deliver_parts(pacs, parts, 3, 0.0, may_retry=lambda: False)
+    assert len(pacs.calls) == 1
+    assert {r.outcome for r in results.values()} == {Outcome.TRANSIENT}
+    assert all("not split now" in r.reason for r in results.values())
+
+
+def test_a_failed_row_is_settled_the_file_only_waits_for_its_move_to_failed(tmp_path, monkeypatch):
+    """A file rejected by one PACS whose move to failed/ did not happen is moved, not sent again."""
+    a = ScriptedPacs("a", lambda uid, n, call: Outcome.PERMANENT)
+    engine, spool, sops = setup(tmp_path, [a], n=1)
+    real_finish, failures = Spool.finish, []
+
+    def broken_finish(self, path, folder, *args, **kwargs):
+        if folder == "failed" and not failures:
+            failures.append(path)
+            raise OSError(28, "No space left on device")
+        return real_finish(self, path, folder, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, "finish", broken_finish)
+    submit_all(engine, spool)
     engine.start()
     try:
         assert wait_until(lambda: failures and engine.in_flight() == 0)
-        stuck = next(spool.files("sending"))  # delivered, not moved, no longer tracked
-        engine.submit(stuck, spool, inspect(stuck))  # what the sweep does with an untracked file
-        assert wait_until(lambda: count(spool, "sent") == 1)
+        stuck = next(spool.files("sending"))
+        engine.submit(stuck, spool, inspect(stuck))  # the sweep
+        assert wait_until(lambda: count(spool, "failed") == 1)
     finally:
         engine.stop()
-    # Sent once more: its journal rows are forgotten just before the move (the crash-safe order), and a
-    # duplicate counts as delivered.
-    assert pacs.received(sops[0]) == 2
+    assert a.received(sops[0]) == 1
