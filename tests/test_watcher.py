@@ -2,6 +2,7 @@
 
 import os
 import statistics
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -223,14 +224,16 @@ def test_real_observer_follows_a_folder_renamed_inside_the_inbox(tmp_path):
     """Without move-out events, watchdog cannot pair a rename inside the inbox: files written into the
     renamed folder must still be reported under its new name."""
     w = make(tmp_path, settle=30, observer="native", rescan_interval=3600)
+    w.arrived = threading.Event()  # set for folder events, which come only once the folder is watched
     with warnings.catch_warnings(record=True) as caught:  # keeps the filters in force, records the rest
         w.start()
         try:
             w.tick()
             (w.inbox / "incoming").mkdir()
-            time.sleep(0.1)
+            assert w.arrived.wait(10)
+            w.arrived.clear()
             os.rename(w.inbox / "incoming", w.inbox / "study1")
-            time.sleep(0.1)
+            assert w.arrived.wait(10)
             (w.inbox / "study1" / "b.dcm").write_bytes(b"b" * 100)
             ready, _ = _ready_within(w, 5)
             assert ready == [w.inbox / "study1" / "b.dcm"]

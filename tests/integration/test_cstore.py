@@ -79,15 +79,17 @@ def test_wrong_called_ae_is_a_destination_problem(orthanc_factory, tmp_path):
 
 def test_nodelay_is_set_and_faster(clean_orthanc, tmp_path):
     """TCP_NODELAY on our side: per-instance latency against Orthanc (TCP_NODELAY=1) drops several-fold."""
-    timings = {}
-    for nodelay in (False, True):
-        _, parts = _parts(tmp_path / f"n{nodelay}", 12)
-        sender = CStoreSender(_pacs(clean_orthanc), nodelay=nodelay)
-        sender.send(parts[:2])
-        t = time.monotonic()
-        results, _ = sender.send(parts[2:])
-        timings[nodelay] = (time.monotonic() - t) / 10
-        assert all(r.outcome is Outcome.DELIVERED for r in results)
+    rounds: dict[bool, list[float]] = {False: [], True: []}
+    for rnd in range(3):  # best of three: a busy machine only adds time, and to both alike
+        for nodelay in (False, True):
+            _, parts = _parts(tmp_path / f"r{rnd}-n{nodelay}", 12)
+            sender = CStoreSender(_pacs(clean_orthanc), nodelay=nodelay)
+            sender.send(parts[:2])
+            t = time.monotonic()
+            results, _ = sender.send(parts[2:])
+            rounds[nodelay].append((time.monotonic() - t) / 10)
+            assert all(r.outcome is Outcome.DELIVERED for r in results)
+    timings = {nodelay: min(times) for nodelay, times in rounds.items()}
     print(f"C-STORE per instance: Nagle {timings[False] * 1000:.1f} ms, TCP_NODELAY {timings[True] * 1000:.1f} ms")
     assert timings[True] < timings[False] / 2
 

@@ -58,7 +58,7 @@ def test_native_events_see_nothing_there(tmp_path, share, clean_orthanc):
     real, view = share
     config = _config(tmp_path, view, clean_orthanc, observer="native", rescan_interval=3600)
     with running(config) as daemon:
-        time.sleep(0.5)  # past the initial scan
+        assert wait_for(lambda: daemon.watchers[0]._next_rescan > 0, timeout=10)  # past the initial scan
         write_study(real / "spool" / "inbox", 3)
         time.sleep(3)
         assert len(list((real / "spool" / "inbox").glob("*.dcm"))) == 3
