@@ -49,6 +49,7 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
+        self._next_watchdog = 0.0
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -122,12 +123,11 @@ class Daemon:
         try:
             self.start()
             tick = min(1.0, self.notifier.watchdog_interval or 1.0)
-            next_ping = 0.0
             while not self._stop_requested.is_set():
-                if self.notifier.watchdog_interval and time.monotonic() >= next_ping and self.alive():
+                if self.notifier.watchdog_interval and time.monotonic() >= self._next_watchdog and self.alive():
                     # Only a daemon whose threads all run resets systemd's watchdog; else systemd restarts it.
                     self.notifier.watchdog()
-                    next_ping = time.monotonic() + self.notifier.watchdog_interval
+                    self._next_watchdog = time.monotonic() + self.notifier.watchdog_interval
                 self._wake.wait(tick)
                 self._wake.clear()
                 if self._reload_requested.is_set() and not self._stop_requested.is_set():
@@ -174,7 +174,7 @@ class Daemon:
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
         # beside one would send the same files again, and the old answer could no longer be recorded.
-        self._stop_pieces(timeout=None)
+        self._stop_pieces(timeout=self._longest_request(), give_up=self._waiting_for_requests)
         self._build(new)
         self.start()
         logger.info("reload of {} done", source)
@@ -189,9 +189,20 @@ class Daemon:
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
-    def _stop_pieces(self, timeout: float | None = 30.0) -> None:
+    def _longest_request(self) -> float:
+        """How long one request may take by its PACS's timeouts (a slow upload, then a slow answer)."""
+        return max([30.0] + [2 * (p.connect_timeout + p.read_timeout) + 10 for p in self.config.active()])
+
+    def _waiting_for_requests(self) -> bool:
+        """While a reload waits for requests in flight: keep systemd's watchdog fed; SIGTERM ends the wait."""
+        if self.notifier.watchdog_interval and time.monotonic() >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = time.monotonic() + self.notifier.watchdog_interval
+        return self._stop_requested.is_set()
+
+    def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] | None = None) -> None:
         """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/.
-        `timeout` bounds the wait for requests in flight; None waits until they end (or SIGTERM comes)."""
+        `timeout` bounds the wait for requests in flight, and give_up() (SIGTERM by default) ends it."""
         self.stop_event.set()
         for watcher in self.watchers:
             watcher.stop()
@@ -199,7 +210,7 @@ class Daemon:
             self.scheduler.shutdown(wait=True)
         except Exception:  # not started
             pass
-        self.engine.stop(timeout=timeout, give_up=self._stop_requested.is_set)
+        self.engine.stop(timeout=timeout, give_up=give_up or self._stop_requested.is_set)
         for t in self._threads:
             t.join(timeout=5)
         self.journal.close()

@@ -199,30 +199,32 @@ class Engine:
                 t.start()
                 dest.threads.append(t)
 
-    def stop(self, timeout: float | None = 30.0, give_up: Callable[[], bool] = lambda: False) -> bool:
-        """Stop taking batches; wait for batches in flight, at most `timeout` s, or with None until they end
-        (one request each: no retry or split starts once stopping) or give_up() says so. Their files stay
-        in sending/ if abandoned. Returns True when every worker has ended."""
+    def stop(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Stop taking batches; wait for batches in flight (one request each: no retry or split starts once
+        stopping) until they end, `timeout` s pass or give_up() says so (it is called every 0.2 s). Their
+        files stay in sending/ if abandoned. Returns True when every worker has ended."""
         self.stop_event.set()
         for dest in self.destinations.values():
             with dest.cond:
                 dest.cond.notify_all()
         started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
+        deadline = started + timeout
         said = False
         while True:
             alive = [(d, t) for d in self.destinations.values() for t in d.threads if t.is_alive()]
             now = time.monotonic()
-            if not alive or (deadline is not None and now >= deadline) or (deadline is None and give_up()):
+            if not alive or now >= deadline or give_up():
                 break
             if not said and now - started > 5:
                 said = True
                 logger.warning("waiting for {} request(s) still in flight to {} (each ends by its timeouts)",
                                len(alive), ", ".join(sorted({f"{d.name} at {d.sender.target}" for d, _ in alive})))
-            alive[0][1].join(0.2 if deadline is None else max(0.01, min(0.2, deadline - now)))
+            alive[0][1].join(max(0.01, min(0.2, deadline - now)))
         if self._finisher is not None:  # after the workers: it finishes what they settled
             self._finishing.put(None)
-            self._finisher.join(30.0 if deadline is None else max(0.1, deadline - time.monotonic()))
+            # Its work is local renames and one commit: give it time even when the workers used up the
+            # deadline, so the journal is not closed under a half-finished group.
+            self._finisher.join(max(5.0, deadline - time.monotonic()))
         return not alive
 
     def alive(self) -> bool:

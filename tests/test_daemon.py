@@ -1,6 +1,7 @@
 """The daemon object: start-up recovery and its hand-offs between watcher, validation and the engine."""
 
 import shutil
+import threading
 import time
 
 from relaypacsd.config import build_config
@@ -61,19 +62,32 @@ def test_a_file_of_the_same_name_claimed_while_the_last_one_was_moved_out_is_tak
     daemon.journal.close()
 
 
-def test_reload_waits_for_the_request_in_flight(tmp_path, monkeypatch):
-    """reload() stops the engine without a deadline: a new engine must never run beside an old request."""
+def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_path, monkeypatch):
+    """A new engine must never run beside an old request: it would send the same file again."""
+    gate = threading.Event()
     pacs = ScriptedPacs("orthanc")
+    send = pacs.send
+    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
     daemon = make(tmp_path, pacs)
-    seen = []
-    real_stop = daemon.engine.stop
-    monkeypatch.setattr(daemon.engine, "stop",
-                        lambda timeout=30.0, give_up=lambda: False: seen.append(timeout) or real_stop(timeout, give_up))
+    spool = daemon.spools[0]
+    pings: list[float] = []
+    monkeypatch.setattr(daemon.notifier, "watchdog_interval", 0.05)
+    monkeypatch.setattr(daemon.notifier, "watchdog", lambda: pings.append(time.monotonic()) or True)
     monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
+    assert daemon._longest_request() == 2 * (5 + 60) + 10  # by the PACS's timeouts, not a fixed 30 s
     daemon.start()
     try:
-        time.sleep(0.1)
-        assert daemon.reload() is True
+        sop = write_instance(spool.inbox / "img.dcm")
+        assert wait_until(lambda: any(d.busy for d in daemon.engine.destinations.values()))
+        reloading = threading.Thread(target=daemon.reload)
+        began = time.monotonic()
+        reloading.start()
+        time.sleep(0.5)
+        assert reloading.is_alive() and [p for p in pings if p > began]  # waiting, and systemd knows it lives
+        gate.set()
+        reloading.join(10)
+        assert not reloading.is_alive() and wait_until(lambda: count(spool, "sent") == 1)
     finally:
+        gate.set()
         daemon.shutdown(timeout=5)
-    assert seen[0] is None
+    assert pacs.received(sop) == 1

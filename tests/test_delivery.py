@@ -451,7 +451,7 @@ def test_a_failure_seen_before_the_pacs_came_back_does_not_mark_it_down_again(tm
     engine.journal.close()
 
 
-def test_stop_without_a_timeout_waits_for_the_request_in_flight_and_records_it(tmp_path):
+def test_stop_waits_for_the_request_in_flight_and_records_it(tmp_path):
     """A reload must not start a new engine beside a request still in flight: it would send the same
     files again, and the old answer could no longer be recorded."""
     gate = threading.Event()
@@ -463,7 +463,7 @@ def test_stop_without_a_timeout_waits_for_the_request_in_flight_and_records_it(t
     engine.start()
     assert wait_until(lambda: engine.destinations["a"].busy == 1)
     stopped = []
-    stopper = threading.Thread(target=lambda: stopped.append(engine.stop(timeout=None)))
+    stopper = threading.Thread(target=lambda: stopped.append(engine.stop(timeout=60)))
     stopper.start()
     time.sleep(0.3)
     assert stopper.is_alive()  # still waiting for the answer
@@ -472,7 +472,7 @@ def test_stop_without_a_timeout_waits_for_the_request_in_flight_and_records_it(t
     assert stopped == [True] and count(spool, "sent") == 1 and pacs.received(sops[0]) == 1
 
 
-def test_stop_without_a_timeout_gives_up_when_told(tmp_path):
+def test_stop_gives_up_waiting_when_told(tmp_path):
     gate = threading.Event()
     pacs = ScriptedPacs("a")
     send = pacs.send
@@ -482,7 +482,7 @@ def test_stop_without_a_timeout_gives_up_when_told(tmp_path):
     engine.start()
     assert wait_until(lambda: engine.destinations["a"].busy == 1)
     try:
-        assert engine.stop(timeout=None, give_up=lambda: True) is False
+        assert engine.stop(timeout=60, give_up=lambda: True) is False
     finally:
         gate.set()
 
