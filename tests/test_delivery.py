@@ -86,6 +86,20 @@ def count(spool, folder):
     return len(list(spool.files(folder)))
 
 
+def break_moves(monkeypatch, folder, times, error):
+    """Make the next `times` moves into `folder` raise `error`; return the paths they failed for."""
+    real_finish, failures = Spool.finish, []
+
+    def broken_finish(self, path, to, *args, **kwargs):
+        if to == folder and len(failures) < times:
+            failures.append(path)
+            raise error
+        return real_finish(self, path, to, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, "finish", broken_finish)
+    return failures
+
+
 def test_all_delivered_go_to_sent_and_are_forgotten(tmp_path):
     pacs = ScriptedPacs("orthanc")
     engine, spool, sops = setup(tmp_path, [pacs])
@@ -388,15 +402,7 @@ def test_a_move_that_keeps_failing_is_retried_by_the_sweep_and_never_resends(tmp
     send them again: each sweep retries only the move."""
     a, b = ScriptedPacs("a"), ScriptedPacs("b")
     engine, spool, sops = setup(tmp_path, [a, b], n=2)
-    real_finish, failures = Spool.finish, []
-
-    def broken_finish(self, path, folder, *args, **kwargs):  # sent/ unwritable for three sweeps
-        if folder == "sent" and len(failures) < 6:
-            failures.append(path)
-            raise PermissionError(13, "Permission denied")
-        return real_finish(self, path, folder, *args, **kwargs)
-
-    monkeypatch.setattr(Spool, "finish", broken_finish)
+    failures = break_moves(monkeypatch, "sent", 6, PermissionError(13, "Permission denied"))  # three sweeps
     submit_all(engine, spool)
     engine.start()
     try:
@@ -501,15 +507,7 @@ def test_a_failed_row_is_settled_the_file_only_waits_for_its_move_to_failed(tmp_
     """A file rejected by one PACS whose move to failed/ did not happen is moved, not sent again."""
     a = ScriptedPacs("a", lambda uid, n, call: Outcome.PERMANENT)
     engine, spool, sops = setup(tmp_path, [a], n=1)
-    real_finish, failures = Spool.finish, []
-
-    def broken_finish(self, path, folder, *args, **kwargs):
-        if folder == "failed" and not failures:
-            failures.append(path)
-            raise OSError(28, "No space left on device")
-        return real_finish(self, path, folder, *args, **kwargs)
-
-    monkeypatch.setattr(Spool, "finish", broken_finish)
+    failures = break_moves(monkeypatch, "failed", 1, OSError(28, "No space left on device"))
     submit_all(engine, spool)
     engine.start()
     try:
