@@ -9,7 +9,7 @@ from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update
 from tests.dicomfactory import write_instance
-from tests.test_delivery import ScriptedPacs, count, wait_until
+from tests.test_delivery import ScriptedPacs, count, gated, wait_until
 
 
 def make(tmp_path, pacs):
@@ -64,10 +64,8 @@ def test_a_file_of_the_same_name_claimed_while_the_last_one_was_moved_out_is_tak
 
 def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_path, monkeypatch):
     """A new engine must never run beside an old request: it would send the same file again."""
-    gate = threading.Event()
     pacs = ScriptedPacs("orthanc")
-    send = pacs.send
-    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
+    gate = gated(pacs)
     daemon = make(tmp_path, pacs)
     spool = daemon.spools[0]
     pings: list[float] = []

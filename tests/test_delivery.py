@@ -86,6 +86,13 @@ def count(spool, folder):
     return len(list(spool.files(folder)))
 
 
+def gated(pacs):
+    """Hold every request to `pacs` until the returned event is set (a slow PACS, an answer in flight)."""
+    gate, send = threading.Event(), pacs.send
+    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
+    return gate
+
+
 def break_moves(monkeypatch, folder, times, error):
     """Make the next `times` moves into `folder` raise `error`; return the paths they failed for."""
     real_finish, failures = Spool.finish, []
@@ -420,11 +427,9 @@ def test_a_move_that_keeps_failing_is_retried_by_the_sweep_and_never_resends(tmp
 
 def test_an_unexpected_error_requeues_only_what_this_pacs_still_owes(tmp_path):
     """A worker's error after some answers were recorded must not queue a file this PACS confirmed."""
-    gate = threading.Event()
     a = ScriptedPacs("a", lambda uid, n, call: Outcome.DELIVERED if uid == sops[0] else Outcome.DESTINATION)
     b = ScriptedPacs("b")  # slow: the file a confirmed is still pending there, so it is not done
-    b_send = b.send
-    b.send = lambda parts: (gate.wait(5), b_send(parts))[1]
+    gate = gated(b)
     engine, spool, sops = setup(tmp_path, [a, b], n=2)
     dest = engine.destinations["a"]
 
@@ -457,17 +462,16 @@ def test_a_failure_seen_before_the_pacs_came_back_does_not_mark_it_down_again(tm
     engine.journal.close()
 
 
-def test_stop_waits_for_the_request_in_flight_and_records_it(tmp_path):
+def test_stop_waits_for_the_request_in_flight_unless_told_to_give_up(tmp_path):
     """A reload must not start a new engine beside a request still in flight: it would send the same
-    files again, and the old answer could no longer be recorded."""
-    gate = threading.Event()
+    files again, and the old answer could no longer be recorded. SIGTERM may cut the wait short."""
     pacs = ScriptedPacs("a")
-    send = pacs.send
-    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
+    gate = gated(pacs)
     engine, spool, sops = setup(tmp_path, [pacs], n=1)
     submit_all(engine, spool)
     engine.start()
     assert wait_until(lambda: engine.destinations["a"].busy == 1)
+    assert engine.stop(timeout=60, give_up=lambda: True) is False
     stopped = []
     stopper = threading.Thread(target=lambda: stopped.append(engine.stop(timeout=60)))
     stopper.start()
@@ -476,21 +480,6 @@ def test_stop_waits_for_the_request_in_flight_and_records_it(tmp_path):
     gate.set()
     stopper.join(5)
     assert stopped == [True] and count(spool, "sent") == 1 and pacs.received(sops[0]) == 1
-
-
-def test_stop_gives_up_waiting_when_told(tmp_path):
-    gate = threading.Event()
-    pacs = ScriptedPacs("a")
-    send = pacs.send
-    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
-    engine, spool, _ = setup(tmp_path, [pacs], n=1)
-    submit_all(engine, spool)
-    engine.start()
-    assert wait_until(lambda: engine.destinations["a"].busy == 1)
-    try:
-        assert engine.stop(timeout=60, give_up=lambda: True) is False
-    finally:
-        gate.set()
 
 
 def test_no_split_and_no_retry_once_stopping():
