@@ -62,7 +62,7 @@ class Daemon:
         self._arrived = threading.Event()  # a watcher saw a file complete: the scanner need not wait for TICK
         self.watchers = [InboxWatcher(s.inbox, w, self._arrived) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
-        self._growing: set[Path] = set()
+        self._growing: dict[Path, float] = {}  # truncated files that may still grow -> first seen (monotonic)
         self.journal = Journal(self.state_dir / "journal.sqlite3")
         if senders is None:
             active = config.active() if config.delivery.enabled else []
@@ -262,7 +262,7 @@ class Daemon:
                     for i in range(0, len(ready), CLAIM_GROUP):
                         if self.stop_event.is_set():
                             break
-                        claimed = [m for m in (spool.claim(p, sync=False) for p in ready[i:i + CLAIM_GROUP]) if m]
+                        claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]) if m]
                         sync_dirs(claimed)
                         for moved in claimed:
                             self._queue_intake(spool, moved)
@@ -270,6 +270,15 @@ class Daemon:
                     logger.exception("watch {}: scan failed; retrying", spool.inbox)
             if self._arrived.wait(TICK):
                 self.stop_event.wait(GATHER)
+
+    def _claim(self, spool: Spool, path: Path) -> Path | None:
+        """Claim one file; a file that cannot be moved is logged and left, never holding up the others."""
+        try:
+            return spool.claim(path, sync=False)
+        except (OSError, RelayPacsError) as exc:
+            logger.error("cannot claim {} (moving it to sending/ failed: {}); it stays in inbox/ and is tried at "
+                         "the next rescan: check that folder's permissions", spool.relative(path), exc)
+            return None
 
     def _queue_intake(self, spool: Spool, path: Path) -> None:
         with self._intake_lock:
@@ -313,15 +322,15 @@ class Daemon:
             return
         except InvalidDicomError as exc:
             grace = max(TRUNCATION_GRACE, 5 * self._settle[spool.root])
-            if isinstance(exc, dicomfile.TruncatedDicom) and age_seconds(path) < grace:
+            if isinstance(exc, dicomfile.TruncatedDicom) and self._quiet_for(path) < grace:
                 # A writer on a share may pause longer than the settle time: leave it in sending/ and
                 # look again at the next sweep instead of failing a file that may still be growing.
                 if path not in self._growing:
-                    self._growing.add(path)
+                    self._growing[path] = time.monotonic()
                     logger.info("{} looks incomplete and was written {:.0f} s ago: checking again at the next "
                                 "sweep", spool.relative(path), age_seconds(path))
                 return
-            self._growing.discard(path)
+            self._growing.pop(path, None)
             stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
             new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                 "next_step": "fix or replace the file; `relaypacsd retry FILE` "
@@ -329,8 +338,20 @@ class Daemon:
             self.counters["failed"] += 1
             logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
             return
-        self._growing.discard(path)
+        self._growing.pop(path, None)
         self.engine.submit(path, spool, info)
+
+    def _quiet_for(self, path: Path) -> float:
+        """Seconds a file has not changed: by its mtime, or, when that lies in the future (a share's clock
+        ahead of ours), since we first saw it incomplete, so that such a file still fails in the end."""
+        try:
+            since_write = time.time() - path.stat().st_mtime
+        except OSError:
+            return 0.0
+        first_seen = self._growing.get(path)
+        if since_write < 0:
+            return 0.0 if first_seen is None else time.monotonic() - first_seen
+        return since_write
 
     def _recover(self) -> int:
         """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason."""

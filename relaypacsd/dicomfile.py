@@ -84,8 +84,13 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
     for keyword, tag in _REQUIRED_TAGS.items():
         value = raw.get(tag, "")
         if not value:
-            raise InvalidDicomError(f"required attribute {keyword} is missing or empty: the PACS cannot file this "
-                                    "instance; fix it at the modality or with a DICOM editor, then resend")
+            message = (f"required attribute {keyword} is missing or empty: the PACS cannot file this instance; "
+                       "fix it at the modality or with a DICOM editor, then resend")
+            if top_level and max(top_level) < tag:
+                # The data set ends before where the attribute belongs: cut off at an element boundary while
+                # being written, maybe. Truncated files get the daemon's grace before they fail.
+                raise TruncatedDicom(f"{message} (the data set ends before it: the file may be cut off)")
+            raise InvalidDicomError(message)
         values[keyword] = value
     has_pixels = not top_level.isdisjoint((0x7FE00010, 0x7FE00008, 0x7FE00009))
     is_image = 0x00280010 in top_level or "Image Storage" in pydicom.uid.UID(values["SOPClassUID"]).name
@@ -146,8 +151,8 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
         try:
             start = _meta_end(reader)
             if start >= size:
-                raise InvalidDicomError("no data set after the file meta header: the file is truncated or empty; "
-                                        "send it again")
+                raise TruncatedDicom("no data set after the file meta header: the file is truncated or empty; "
+                                     "send it again")
             pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw)
         except _Truncated as exc:
             raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,6 +42,9 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_SIDECAR_MOVES = threading.Lock()  # serialises this process's moves that place a sidecar (see Spool._move)
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:
@@ -191,6 +195,15 @@ class Spool:
 
     def _move(self, src: Path, dest: Path, *, missing_ok: bool,
               before: Callable[[Path], object] | None = None, sync: bool = True) -> Path | None:
+        if before is None:
+            return self._rename_to_free_name(src, dest, missing_ok=missing_ok, before=None, sync=sync)
+        # Two threads failing files onto one free name would each write the sidecar there; the loser of
+        # the rename then removes it, leaving the winner's file without its reason. One at a time.
+        with _SIDECAR_MOVES:
+            return self._rename_to_free_name(src, dest, missing_ok=missing_ok, before=before, sync=sync)
+
+    def _rename_to_free_name(self, src: Path, dest: Path, *, missing_ok: bool,
+                             before: Callable[[Path], object] | None, sync: bool) -> Path | None:
         wanted = dest
         if before is not None:  # the sidecar is written into the destination folder first
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +255,7 @@ def write_sidecar(path: Path, error: dict[str, Any]) -> Path:
     body = dict(error)
     body.setdefault("file", path.name)
     body.setdefault("time", now_iso())
-    tmp = side.with_name(f".relaypacs-{side.name}.{os.getpid()}.tmp")
+    tmp = side.with_name(f".relaypacs-{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     side.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(body, fh, indent=2, sort_keys=False)

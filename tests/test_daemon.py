@@ -1,5 +1,6 @@
 """The daemon object: start-up recovery and its hand-offs between watcher, validation and the engine."""
 
+import os
 import shutil
 import threading
 import time
@@ -8,13 +9,16 @@ from relaypacsd.config import build_config
 from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update
+from relaypacsd.spool import Spool, sidecar_path
 from tests.dicomfactory import write_instance
 from tests.test_delivery import ScriptedPacs, count, gated, wait_until
 
 
 def make(tmp_path, pacs):
     config = build_config({"daemon": {"state_dir": str(tmp_path / "state")},
-                           "watch": [{"path": str(tmp_path / "root"), "settle_seconds": 0.1}],
+                           # the rescan is an hour away: what a test sees comes from inotify and the sweep
+                           "watch": [{"path": str(tmp_path / "root"), "settle_seconds": 0.1,
+                                      "rescan_interval": 3600}],
                            "delivery": {"retry_delay": 0.01},
                            "pacs": {pacs.name: {"url": pacs.target}}}, {})
     return Daemon(config, senders={pacs.name: pacs})
@@ -89,3 +93,42 @@ def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_p
         gate.set()
         daemon.shutdown(timeout=5)
     assert pacs.received(sop) == 1
+
+
+def test_a_truncated_file_with_a_future_mtime_still_fails_in_the_end(tmp_path):
+    """A share whose clock runs ahead gives files a future mtime: the growing grace must still run out."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    write_instance(tmp_path / "full.dcm")
+    path = spool.sending / "img.dcm"
+    path.write_bytes((tmp_path / "full.dcm").read_bytes()[:-100])
+    future = time.time() + 3600
+    os.utime(path, (future, future))
+    daemon._validate(spool, path)
+    assert path.exists() and path in daemon._growing  # may still grow: waits
+    daemon._growing[path] -= 60  # a minute of sweeps later, still cut off
+    daemon._validate(spool, path)
+    assert not path.exists() and (spool.failed / "img.dcm").exists() and sidecar_path(spool.failed / "img.dcm").exists()
+    daemon.journal.close()
+
+
+def test_a_file_that_cannot_be_claimed_does_not_hold_up_the_others(tmp_path, monkeypatch):
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    real_claim = Spool.claim
+
+    def claim(self, path, **kwargs):
+        if path.name == "a-locked.dcm":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_claim(self, path, **kwargs)
+
+    monkeypatch.setattr(Spool, "claim", claim)
+    for name in ("a-locked.dcm", "b.dcm", "c.dcm"):  # found by the first scan: one claim group, the bad first
+        write_instance(spool.inbox / name)
+    daemon.start()
+    try:
+        assert wait_until(lambda: count(spool, "sent") == 2, timeout=10)
+    finally:
+        daemon.shutdown(timeout=5)
+    assert [p.name for p in spool.files("inbox")] == ["a-locked.dcm"]

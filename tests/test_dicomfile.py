@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from relaypacsd.dicomfile import DicomDirFound, inspect, is_dicomdir
+from relaypacsd.dicomfile import DicomDirFound, TruncatedDicom, inspect, is_dicomdir
 from relaypacsd.errors import InvalidDicomError
 from tests.dicomfactory import CT_SMALL, DICOMDIR, MR_SMALL, MR_TRUNCATED, NO_META, fresh, write_instance
 
@@ -69,7 +69,20 @@ def test_missing_uid(tmp_path, keyword):
     ds = fresh(CT_SMALL)
     delattr(ds, keyword)
     ds.save_as(tmp_path / "x.dcm", enforce_file_format=False)
-    with pytest.raises(InvalidDicomError, match=keyword):
+    with pytest.raises(InvalidDicomError, match=keyword) as err:
+        inspect(tmp_path / "x.dcm")
+    assert not isinstance(err.value, TruncatedDicom)  # elements follow where it belongs: truly missing
+
+
+@pytest.mark.parametrize("cut_before, words", [(0x00080000, "no data set after the file meta header"),
+                                               (0x0020000D, "StudyInstanceUID is missing.*may be cut off")])
+def test_a_file_cut_at_an_element_boundary_counts_as_truncated(tmp_path, cut_before, words):
+    """A writer paused between two elements leaves a well-formed prefix: it must get the growing grace."""
+    ds = fresh(CT_SMALL)
+    for tag in [t for t in ds.keys() if t >= cut_before]:
+        del ds[tag]
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    with pytest.raises(TruncatedDicom, match=words):
         inspect(tmp_path / "x.dcm")
 
 

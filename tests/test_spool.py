@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,31 @@ def test_relative_strips_the_folder(rel):
 def test_relative_refuses_paths_outside_the_folders(path):
     with pytest.raises(ValueError):
         Spool(Path("/spool/ct")).relative(Path(path))
+
+
+def test_two_threads_failing_files_onto_one_free_name_each_keep_their_own_sidecar(tmp_path, monkeypatch):
+    """failed/img.dcm is taken; sending/img.dcm and sending/img~1.dcm both look for failed/img~1.dcm.
+    Unserialised, both wrote the sidecar there and the loser's cleanup removed the winner's."""
+    s = Spool(tmp_path)
+    s.prepare()
+    (s.failed / "img.dcm").write_bytes(b"old")
+    for name in ("img.dcm", "img~1.dcm"):
+        (s.sending / name).write_bytes(name.encode())
+    real_reserve = Spool._reserve
+
+    def slow_reserve(self, dest):  # both threads pick a name before either writes its sidecar
+        name = real_reserve(self, dest)
+        time.sleep(0.2)
+        return name
+
+    monkeypatch.setattr(Spool, "_reserve", slow_reserve)
+    threads = [threading.Thread(target=s.finish, args=(s.sending / name, "failed", {"reason": f"bad {name}"}))
+               for name in ("img.dcm", "img~1.dcm")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    failed = sorted(p for p in s.files("failed") if p.name != "img.dcm" or p.read_bytes() != b"old")
+    assert len(failed) == 2
+    for path in failed:  # each file's sidecar is there and tells its own story
+        assert read_sidecar(path)["reason"] == f"bad {path.read_bytes().decode()}"
