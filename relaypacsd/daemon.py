@@ -33,6 +33,7 @@ TICK = 0.2  # seconds between looks at the watchers' candidates when no event sa
 GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
 CLAIM_GROUP = 32  # files claimed per directory fsync
 HEARTBEAT_FILE = "heartbeat.json"
+UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
 
 
@@ -50,6 +51,9 @@ class Daemon:
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
         self._next_watchdog = 0.0
+        # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
+        # old generation may still be unpacking into its temp folder.
+        self._unpacks_resumed: set[Path] = set()
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -86,7 +90,8 @@ class Daemon:
             spool.prepare()
             for path in spool.clean_after_crash():
                 logger.info("removed {} left in failed/ by an interrupted run", path.name)
-            archive.cleanup_stale(spool)  # half-unpacked zips: the zip itself is still in sending/
+            if spool.root not in self._unpacks_resumed:
+                self._resume_unpacks(spool)
         if not self.config.delivery.enabled:
             logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
                            "valid files wait in sending/")
@@ -174,7 +179,8 @@ class Daemon:
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
         # beside one would send the same files again, and the old answer could no longer be recorded.
-        self._stop_pieces(timeout=self._longest_request(), give_up=self._waiting_for_requests)
+        self._stop_pieces(timeout=self._longest_request(), give_up=self._waiting_for_requests,
+                          threads_timeout=UNPACK_WAIT)
         self._build(new)
         self.start()
         logger.info("reload of {} done", source)
@@ -194,15 +200,18 @@ class Daemon:
         return max([30.0] + [2 * (p.connect_timeout + p.read_timeout) + 10 for p in self.config.active()])
 
     def _waiting_for_requests(self) -> bool:
-        """While a reload waits for requests in flight: keep systemd's watchdog fed; SIGTERM ends the wait."""
+        """While a reload waits for requests in flight and unpacks: keep systemd's watchdog fed; SIGTERM ends
+        the wait."""
         if self.notifier.watchdog_interval and time.monotonic() >= self._next_watchdog:
             self.notifier.watchdog()
             self._next_watchdog = time.monotonic() + self.notifier.watchdog_interval
         return self._stop_requested.is_set()
 
-    def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] | None = None) -> None:
+    def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
+                     threads_timeout: float = 5.0) -> None:
         """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/.
-        `timeout` bounds the wait for requests in flight, and give_up() (SIGTERM by default) ends it."""
+        `timeout` bounds the wait for requests in flight, `threads_timeout` the wait for a validation (or
+        unpack) under way; give_up() ends both waits early."""
         self.stop_event.set()
         for watcher in self.watchers:
             watcher.stop()
@@ -210,9 +219,11 @@ class Daemon:
             self.scheduler.shutdown(wait=True)
         except Exception:  # not started
             pass
-        self.engine.stop(timeout=timeout, give_up=give_up or self._stop_requested.is_set)
+        self.engine.stop(timeout=timeout, give_up=give_up)
+        deadline = time.monotonic() + threads_timeout
         for t in self._threads:
-            t.join(timeout=5)
+            while t.is_alive() and time.monotonic() < deadline and not give_up():
+                t.join(0.2)
         self.journal.close()
 
     def _install_signals(self) -> None:
@@ -301,15 +312,30 @@ class Daemon:
                 with self._intake_lock:
                     self._intake_paths.discard(path)
 
+    def _resume_unpacks(self, spool: Spool) -> None:
+        try:
+            moved = archive.resume_unpacks(spool)
+        except OSError as exc:
+            logger.error("finishing an interrupted zip unpack in {} failed ({}); its files stay in {}/{}* "
+                         "until the next start: check that folder's permissions and free space",
+                         spool.root, exc, spool.root, archive.TEMP_PREFIX)
+            return
+        self._unpacks_resumed.add(spool.root)
+        if moved:
+            logger.info("finished a zip unpack that a previous run left half done: {} file(s) into sending/",
+                        len(moved))
+
     def _validate(self, spool: Spool, path: Path) -> None:
         if self.engine.known(path):
             return
         if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
             try:
-                for member in archive.unpack_to_sending(spool, path):
+                members = archive.unpack_to_sending(spool, path)
+                for member in members:
                     self._queue_intake(spool, member)
-                logger.info("PACS forward unpacked {} into {}", spool.relative(path), path.with_suffix("").name)
-                spool.finish(path, "sent")
+                if members:
+                    logger.info("PACS forward unpacked {} into {}: {} file(s)", spool.relative(path),
+                                path.with_suffix("").name, len(members))
                 return
             except archive.BadArchive as exc:
                 new = spool.finish(path, "failed", {"reason": str(exc), "stage": "archive", "time": now_iso(),

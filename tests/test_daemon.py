@@ -132,3 +132,20 @@ def test_a_file_that_cannot_be_claimed_does_not_hold_up_the_others(tmp_path, mon
     finally:
         daemon.shutdown(timeout=5)
     assert [p.name for p in spool.files("inbox")] == ["a-locked.dcm"]
+
+
+def test_shutdown_lets_the_request_in_flight_finish(tmp_path):
+    """SIGTERM: nothing new is claimed, but a batch already sent gets its answer recorded and its move."""
+    pacs = ScriptedPacs("orthanc")
+    gate = gated(pacs)
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    daemon.start()
+    try:
+        sop = write_instance(spool.inbox / "img.dcm")
+        assert wait_until(lambda: any(d.busy for d in daemon.engine.destinations.values()))
+        threading.Timer(0.5, gate.set).start()  # the PACS answers while the daemon is stopping
+    finally:
+        daemon.shutdown(timeout=10)
+        gate.set()
+    assert count(spool, "sent") == 1 and count(spool, "sending") == 0 and pacs.received(sop) == 1
