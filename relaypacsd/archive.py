@@ -5,10 +5,17 @@ entries, the total unpacked size and the compression ratio (zip bombs); sizes ar
 writing, never trusted from the headers. Everything is unpacked into a temp folder inside the same
 watch root first (one filesystem: each member then reaches sending/ by one rename); a bad archive
 moves nothing and goes to failed/ with a sidecar.
+
+Crash safety: the commit point is one rename, of the zip itself from sending/ into the temp folder,
+beside a manifest saying where it came from. Killed before it, the temp folder is removed at start-up
+and the zip, still in sending/, is unpacked again. Killed after it, start-up moves the members that
+are still in the temp folder to sending/ and the zip to sent/. Either way each member reaches sending/
+exactly once. Two unpacks of one zip (a reload that outlived its wait) cannot both commit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -18,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from relaypacsd.errors import InvalidDicomError
-from relaypacsd.spool import Spool
+from relaypacsd.spool import Spool, fsync_dir, rename_noreplace, sync_dirs
 
 ZIP_MAGIC = b"PK\x03\x04"
+TEMP_PREFIX = ".relaypacs-unzip-"
+MANIFEST = ".relaypacs-manifest.json"  # in the temp folder: the zip's place, relative to sending/
+SOURCE = ".relaypacs-source.zip"  # the zip, once moved into the temp folder: the unpack is committed
 JUNK = ("__MACOSX/", ".DS_Store", "Thumbs.db", "desktop.ini")
 
 
@@ -119,25 +129,65 @@ def unpack(zip_path: Path, dest: Path, limits: Limits = Limits()) -> list[Path]:
 
 
 def unpack_to_sending(spool: Spool, zip_path: Path, limits: Limits = Limits()) -> list[Path]:
-    """Unpack a zip that sits in sending/ into sending/<zip name without .zip>/...; return the new files.
-
-    Nothing reaches sending/ unless the whole archive unpacked within the limits."""
-    rel = spool.relative(zip_path)
-    folder = rel.with_suffix("") if rel.suffix.lower() == ".zip" else rel.with_name(rel.name + ".unzipped")
-    tmp = Path(tempfile.mkdtemp(prefix=".relaypacs-unzip-", dir=spool.root))
+    """Unpack a zip that sits in sending/ into sending/<zip name without .zip>/..., move the zip to sent/,
+    and return the new files. Nothing reaches sending/ unless the whole archive unpacked within the limits;
+    [] when another unpack of the same zip committed first."""
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=spool.root))
     try:
-        files = unpack(zip_path, tmp, limits)
-        moved = []
-        for f in files:
-            dest = spool.sending / folder / f.relative_to(tmp)
-            moved.append(spool._move(f, dest, missing_ok=False))  # same filesystem: one rename each
-        return [m for m in moved if m is not None]
-    finally:
+        (tmp / "members").mkdir()
+        unpack(zip_path, tmp / "members", limits)
+        _write_manifest(tmp, spool.relative(zip_path))
+        rename_noreplace(zip_path, tmp / SOURCE)  # the commit point
+    except FileNotFoundError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is not None and Path(exc.filename) == zip_path and not zip_path.exists():
+            return []  # another unpack of this zip committed first, and moves its members: ours are dropped
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(tmp)
+    fsync_dir(zip_path.parent)
+    # Committed: from here the temp folder may hold the only copy of members. Were moving them to fail,
+    # it stays for start-up to finish (resume_unpacks); it is removed only once they are all out.
+    moved = _finish_unpack(spool, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return moved
 
 
-def cleanup_stale(spool: Spool) -> None:
-    """Remove temp folders left by a crash during an unpack (their zip is still in sending/)."""
+def resume_unpacks(spool: Spool) -> list[Path]:
+    """At start-up: finish the unpacks a crash interrupted after their commit, drop the others (their zip is
+    still in sending/ and is unpacked again). Returns the members moved to sending/ now."""
+    moved: list[Path] = []
     for entry in os.scandir(spool.root):
-        if entry.name.startswith(".relaypacs-unzip-") and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+            tmp = Path(entry.path)
+            if (tmp / SOURCE).exists():
+                moved += _finish_unpack(spool, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return moved
+
+
+def _write_manifest(tmp: Path, zip_rel: Path) -> None:
+    with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+        json.dump({"zip": zip_rel.as_posix()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _finish_unpack(spool: Spool, tmp: Path) -> list[Path]:
+    """Move a committed unpack's members to sending/<folder>/ (one rename each), then its zip to sent/."""
+    zip_rel = Path(json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))["zip"])
+    folder = zip_rel.with_suffix("") if zip_rel.suffix.lower() == ".zip" else zip_rel.with_name(zip_rel.name + ".unzipped")
+    members = tmp / "members"
+    moved = []
+    for dirpath, _dirs, names in sorted(os.walk(members)):
+        for name in sorted(names):
+            f = Path(dirpath) / name
+            m = spool._move(f, spool.sending / folder / f.relative_to(members), missing_ok=True, sync=False)
+            if m is not None:
+                moved.append(m)
+    sync_dirs(moved)
+    spool._move(tmp / SOURCE, spool.sent / zip_rel, missing_ok=True)
+    return moved
+

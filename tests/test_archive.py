@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from relaypacsd.archive import BadArchive, Limits, is_zip, unpack, unpack_to_sending
+from relaypacsd import archive
+from relaypacsd import spool as spool_mod
+from relaypacsd.archive import BadArchive, Limits, is_zip, resume_unpacks, unpack, unpack_to_sending
 from relaypacsd.spool import Spool
 from tests.dicomfactory import write_instance
 
@@ -116,3 +119,69 @@ def test_daemon_start_removes_half_unpacked_temp_folders(tmp_path):
         assert not stale.exists()
     finally:
         daemon.shutdown(timeout=5)
+
+
+def _killed_at_rename(spool: Spool, z: Path, n: int) -> int:
+    """Unpack `z` in a child process that dies (os._exit, no clean-up) just before its n-th rename."""
+    pid = os.fork()
+    if pid == 0:  # the child: count renames, die at the n-th
+        calls = [0]
+        real = spool_mod.rename_noreplace
+
+        def dying_rename(src, dst):
+            calls[0] += 1
+            if calls[0] == n:
+                os._exit(9)
+            return real(src, dst)
+
+        archive.rename_noreplace = dying_rename
+        spool_mod.rename_noreplace = dying_rename
+        try:
+            unpack_to_sending(spool, z)
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+# 7 renames: the commit; a.dcm, b.dcm, c.dcm (the first file of each new folder is tried once before its
+# folder exists); the zip to sent/. Killed before each of them, and (8) not killed.
+@pytest.mark.parametrize("n", range(1, 9))
+def test_killed_at_any_rename_of_an_unpack_each_member_reaches_sending_once(tmp_path, n):
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    members = {}
+    for name in ("a.dcm", "s1/b.dcm", "s1/c.dcm"):
+        write_instance(tmp_path / "m" / name)
+        members[f"study/{name}"] = (tmp_path / "m" / name).read_bytes()
+    z = _zip(spool.sending / "study.zip", {k.removeprefix("study/"): v for k, v in members.items()})
+    status = _killed_at_rename(spool, z, n)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == (0 if n == 8 else 9)
+    resume_unpacks(spool)  # what start-up does
+    if z.exists():  # what recovery of sending/ does: the zip was not committed, unpack it again
+        unpack_to_sending(spool, z)
+    got = {str(spool.relative(p)): p.read_bytes() for p in spool.files("sending")}
+    assert got == members  # each exactly once, under its own name (no "~1" copies)
+    assert [p.name for p in spool.files("sent")] == ["study.zip"] and not z.exists()
+    assert not list(spool.root.glob(".relaypacs-unzip-*"))
+
+
+def test_two_unpacks_of_one_zip_commit_once(tmp_path, monkeypatch):
+    """A reload whose wait for a long unpack ran out starts a second unpack of the same zip."""
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    write_instance(tmp_path / "a.dcm")
+    z = _zip(spool.sending / "study.zip", {"a.dcm": (tmp_path / "a.dcm").read_bytes()})
+    real_unpack, second = archive.unpack, []
+
+    def slow_first(*args, **kwargs):  # the first unpack is still writing when the second one commits
+        result = real_unpack(*args, **kwargs)
+        if not second:
+            second.append(None)
+            second[0] = unpack_to_sending(spool, z)
+        return result
+
+    monkeypatch.setattr(archive, "unpack", slow_first)
+    first = unpack_to_sending(spool, z)
+    assert first == [] and len(second[0]) == 1
+    assert [str(spool.relative(p)) for p in spool.files("sending")] == ["study/a.dcm"]
+    assert not list(spool.root.glob(".relaypacs-unzip-*"))
