@@ -151,18 +151,27 @@ def cmd_retry(args: argparse.Namespace) -> int:
         for spool, path in todo:
             reason = (read_sidecar(path) or {}).get("reason", "")
             reset: list[str] = []
+            rows_at = str(path)  # where the file's journal rows are
             if journal is not None:
                 # The journal first: once the file is in sending/, a running daemon's sweep may take it at
-                # once and must find 'pending' rows there (and 'delivered' ones for PACS that have it).
+                # once and must find 'pending' rows there (and 'delivered' ones for PACS that have it), or it
+                # would send the file to every PACS again. So the rows go ahead of the file, to the name it
+                # will most likely get (the same one, unless a file of that name is waiting there).
                 reset = journal.reset_failed(str(path))
+                target = spool.sending / spool.relative(path)
+                if not target.exists() and not journal.rows(str(target)):
+                    journal.rename(rows_at, str(target))
+                    rows_at = str(target)
             try:
                 new = spool.requeue(path)
             except OSError as exc:
                 errors += 1
+                if journal is not None and rows_at != str(path):
+                    journal.rename(rows_at, str(path))  # back with the file, which stayed in failed/
                 print(f"FAIL {path}: cannot move it back to sending/ ({exc})")
                 continue
-            if journal is not None:
-                journal.rename(str(path), str(new))
+            if journal is not None and rows_at != str(new):
+                journal.rename(rows_at, str(new))
             again = f" for {', '.join(reset)}" if reset else ""
             print(f"queued {spool.relative(new)} in {spool.sending}{again} (was: {_short(reason, 80) or 'no reason recorded'})")
     finally:

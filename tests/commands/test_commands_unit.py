@@ -191,3 +191,36 @@ def test_batches_group_by_study():
     out = batches(items, 2, 10**6)
     assert all(len({i.study_instance_uid for _, i in b}) == 1 and len(b) <= 2 for b in out)
     assert sum(len(b) for b in out) == 7
+
+
+def test_retry_moves_the_journal_rows_ahead_of_the_file(tmp_path, capsys, monkeypatch):
+    """A running daemon may validate the file the moment it is back in sending/: it must find the PACS
+    that confirmed it already marked delivered, or it sends the file there again."""
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    bad = spool.failed / "bad.dcm"
+    bad.write_bytes(b"y")
+    write_sidecar(bad, {"reason": "refused by orthanc"})
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.ensure(str(bad), ["orthanc", "other"])
+    journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
+    journal.update(str(bad), "other", state="delivered", event="delivered")
+    journal.close()
+    seen_by_daemon = {}
+    real_requeue = Spool.requeue
+
+    def requeue_and_validate_at_once(self, path):
+        new = real_requeue(self, path)
+        daemon_journal = Journal(tmp_path / "state" / "journal.sqlite3")  # the daemon's own connection
+        seen_by_daemon.update({d: r.state for d, r in daemon_journal.ensure(str(new), ["orthanc", "other"]).items()})
+        daemon_journal.close()
+        return new
+
+    monkeypatch.setattr(Spool, "requeue", requeue_and_validate_at_once)
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    assert seen_by_daemon == {"orthanc": "pending", "other": "delivered"}
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    assert {d: r.state for d, r in journal.rows(str(spool.sending / "bad.dcm")).items()} == seen_by_daemon
+    assert journal.rows(str(bad)) == {}
+    journal.close()
