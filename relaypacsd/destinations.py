@@ -56,8 +56,10 @@ FALLBACK_STATUSES = frozenset({404, 405, 415})
 def stow_unusable(exc: PacsError) -> bool:
     """True when a STOW error says the endpoint itself is unusable (no answer, or no STOW-RS there)."""
     if isinstance(exc, PacsUnreachable):
-        # A read timeout means the server took the connection and is merely slow: not a reason to switch.
-        return not exc.read_timeout
+        # Only when no connection was ever made: a request that may have reached the PACS (a read timeout,
+        # a connection cut during the upload or the answer) may have stored the files, which C-STORE would
+        # then send a second time.
+        return not exc.sent
     return isinstance(exc, DestinationProblem) and exc.status in FALLBACK_STATUSES
 
 

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import pydicom
 import requests
+import urllib3
 
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomfile import is_uid
@@ -142,15 +143,28 @@ class DicomWebClient:
         }
         url = f"{self.base}/studies" + (f"/{quote(study_uid, safe='')}" if study_uid else "")
         start = time.monotonic()
-        resp = self._request("POST", url, data=body, headers=headers)
+        # No redirects: requests would turn the POST into a GET (a query whose empty answer confirms nothing),
+        # and the files would be blamed for a URL that needs fixing.
+        resp = self._request("POST", url, data=body, headers=headers, allow_redirects=False)
         try:
             content = resp.content
         except requests.RequestException as exc:
             raise self._unreachable(url, exc) from None
         elapsed = (time.monotonic() - start) * 1000.0
+        name = self.pacs.name
+        if resp.is_redirect:
+            where = resp.headers.get("Location", "?")
+            raise DestinationProblem(f"PACS '{name}' answered STOW-RS at {url} with a redirect (HTTP "
+                                     f"{resp.status_code}) to {where}: set [pacs.{name}] url to the address it "
+                                     "redirects to", status=resp.status_code)
         self._raise_for_destination(resp, url)
         parsed = _json_or_none(content)
         doc = parsed if isinstance(parsed, dict) else None
+        if 200 <= resp.status_code <= 299 and content.strip() and doc is None:
+            kind = resp.headers.get("Content-Type") or "no Content-Type"
+            raise DestinationProblem(f"PACS '{name}' answered STOW-RS at {url} (HTTP {resp.status_code}) with a body "
+                                     f"that is not DICOM JSON ({kind}), though we ask for {DICOM_JSON}: enable "
+                                     "JSON answers in its DICOMweb settings", status=resp.status_code)
         results = reconcile(resp.status_code, doc, [p.sop_uid for p in parts])
         return StowResponse(resp.status_code, doc, elapsed, results)
 
@@ -243,15 +257,18 @@ class DicomWebClient:
         name, env = self.pacs.name, env_prefix(self.pacs)
         product = "Orthanc" if self.pacs.type == "orthanc" else "the PACS"
         what = _why(exc, self.pacs)
+        sent = not _never_sent(exc)
         hint = f"is {product} running? check {env}URL / [pacs.{name}] url, DNS, firewall"
+        if sent and not isinstance(exc, requests.exceptions.ReadTimeout):
+            hint = (f"the connection broke during the request ({product} restarting, or a proxy or firewall "
+                    "cutting it); the files are retried")
         if isinstance(exc, requests.exceptions.SSLError):
             hint = (f"check the PACS's certificate and [pacs.{name}] ca_bundle (the CA that signed it), "
                     "client_cert / client_key")
         elif isinstance(exc, requests.exceptions.ReadTimeout):
             hint = (f"the PACS accepted the connection but is overloaded or stuck; raise [pacs.{name}] "
                     "read_timeout if it is merely slow")
-        return PacsUnreachable(f"PACS '{name}' unreachable at {url}: {what}: {hint}",
-                               read_timeout=isinstance(exc, requests.exceptions.ReadTimeout))
+        return PacsUnreachable(f"PACS '{name}' unreachable at {url}: {what}: {hint}", sent=sent)
 
     def _raise_for_destination(self, resp: requests.Response, url: str) -> None:
         status = resp.status_code
@@ -397,6 +414,16 @@ def _boundary_of(content_type: str) -> str | None:
         return None
     m = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type, re.IGNORECASE)
     return (m.group(1) or m.group(2)) if m else None
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """True when a request failed before any connection was made (refused, DNS, connect timeout, TLS)."""
+    if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError)):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
+        reason = getattr(exc.args[0], "reason", exc.args[0])  # urllib3's MaxRetryError wraps the cause
+        return isinstance(reason, urllib3.exceptions.NewConnectionError)
+    return False
 
 
 def _json_or_none(content: bytes) -> Any:

@@ -27,13 +27,14 @@ class PacsError(RelayPacsError):
 
 
 class PacsUnreachable(PacsError):
-    """The PACS did not answer at all (DNS, refused connection, timeout, TLS).
+    """The PACS did not answer, or not completely (DNS, refused connection, timeout, TLS, a cut connection).
 
-    `read_timeout` is true when it took the connection but did not answer in time: it is there, but slow."""
+    `sent` is true when the request may have reached it (the connection was made): it may have stored the
+    files, so they must not be sent another way now; false only when no connection was ever made."""
 
-    def __init__(self, message: str, *, read_timeout: bool = False):
+    def __init__(self, message: str, *, sent: bool = True):
         super().__init__(message, transient=True)
-        self.read_timeout = read_timeout
+        self.sent = sent
 
 
 class DestinationProblem(PacsError):

@@ -147,7 +147,7 @@ class OAuth2ClientCredentials(AuthBase):
                                  verify=self.verify, cert=self.cert)
         except requests.RequestException as exc:
             raise PacsUnreachable(f"{where} unreachable ({type(exc).__name__}): check oauth2_token_url, "
-                                  "DNS and firewall") from None
+                                  "DNS and firewall", sent=False) from None  # no image was sent yet
         if resp.status_code in (400, 401, 403):
             raise DestinationProblem(
                 f"{where} refused client_id {self.client_id!r} (HTTP {resp.status_code}): check client_id, "

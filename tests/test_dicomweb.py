@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 import requests
 
 from relaypacsd.config import PacsConfig, Secret
+from relaypacsd.destinations import stow_unusable
 from relaypacsd.dicomweb import CHUNK_SIZE, DicomWebClient, PartChanged, StowBody, StowPart, _MultipartWriter
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.http import make_session
@@ -184,10 +187,10 @@ def test_202_without_body_and_200_with_junk(canned: CannedServer, two_parts: lis
     canned.responder = lambda rec: Answer(202, b"")
     client = DicomWebClient(cfg(canned.url))
     assert [r.outcome for r in client.store(two_parts[:1]).results] == [Outcome.LIMITED]
-    # Orthanc's non-200 answers have no Content-Type; invalid JSON must not crash either.
+    # A success we cannot read says nothing about any file: the PACS (or a proxy) is at fault, not them.
     canned.responder = lambda rec: Answer(200, b"{not json")
-    resp = client.store(two_parts)
-    assert resp.body is None and [r.outcome for r in resp.results] == [Outcome.SPLIT] * 2
+    with pytest.raises(DestinationProblem, match="not DICOM JSON"):
+        client.store(two_parts)
 
 
 def test_json_without_content_type_is_parsed(canned: CannedServer, two_parts: list[StowPart]) -> None:
@@ -204,7 +207,7 @@ def test_slow_read_is_unreachable(canned: CannedServer, two_parts: list[StowPart
         DicomWebClient(cfg(canned.url, read_timeout=0.3)).store(two_parts[:1])
     msg = str(info.value)
     assert "main-pacs" in msg and canned.url + "/studies" in msg and "read_timeout" in msg
-    assert info.value.transient
+    assert info.value.transient and info.value.sent  # it took the request: it may have stored the files
 
 
 def test_401_names_pacs_url_and_variables_not_password(canned: CannedServer, two_parts: list[StowPart]) -> None:
@@ -242,6 +245,59 @@ def test_connection_refused_is_unreachable(two_parts: list[StowPart]) -> None:
     assert "'orthanc'" in msg and "http://127.0.0.1:1/dicom-web/studies" in msg
     assert "connection refused" in msg and "is Orthanc running" in msg and "ORTHANC_URL" in msg
     assert PASSWORD not in msg
+    assert info.value.sent is False  # nothing reached a PACS: another way (C-STORE) may be tried
+
+
+@pytest.fixture
+def cut_answer() -> Iterator[str]:
+    """A server that reads a whole request, starts a 200 answer and closes mid-body (a proxy cutting it)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: 500\r\n\r\n{\"00081199\"")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        srv.close()
+        thread.join(5)
+
+
+def test_an_answer_cut_off_after_the_upload_counts_as_sent(cut_answer: str, two_parts: list[StowPart]) -> None:
+    """The PACS may have stored the files: retry them over STOW later, never resend them another way now."""
+    with pytest.raises(PacsUnreachable) as info:
+        DicomWebClient(cfg(cut_answer)).store(two_parts)
+    assert info.value.sent is True and "connection broke during the request" in str(info.value)
+    assert not stow_unusable(info.value)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_destination_problem_never_a_get(canned: CannedServer, two_parts: list[StowPart],
+                                                         status: int) -> None:
+    """requests turns a redirected POST into a GET; its empty query answer would blame the files."""
+    canned.responder = lambda rec: Answer(status, headers={"Location": "https://pacs.example/dicom-web/studies"})
+    with pytest.raises(DestinationProblem) as info:
+        DicomWebClient(cfg(canned.url)).store(two_parts)
+    assert "redirect" in str(info.value) and "https://pacs.example/dicom-web/studies" in str(info.value)
+    assert [r.method for r in canned.received] == ["POST"]
+
+
+def test_a_2xx_answer_that_is_not_dicom_json_is_a_destination_problem(canned: CannedServer,
+                                                                      two_parts: list[StowPart]) -> None:
+    canned.responder = lambda rec: Answer(200, b"<NativeDicomModel/>", headers={"Content-Type": "application/dicom+xml"})
+    with pytest.raises(DestinationProblem, match="not DICOM JSON.*application/dicom\\+xml"):
+        DicomWebClient(cfg(canned.url)).store(two_parts)
 
 
 def test_oauth2_expired_token_during_stow_resends_whole_body(canned: CannedServer, two_parts: list[StowPart]) -> None:

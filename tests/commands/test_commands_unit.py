@@ -162,8 +162,8 @@ def test_deliver_parts_retries_and_splits():
 
 
 def test_fallback_rules():
-    assert stow_unusable(PacsUnreachable("connection refused"))
-    assert not stow_unusable(PacsUnreachable("no answer within 60 s (read_timeout)", read_timeout=True))
+    assert stow_unusable(PacsUnreachable("connection refused", sent=False))
+    assert not stow_unusable(PacsUnreachable("no answer within 60 s (read_timeout)", sent=True))
     assert stow_unusable(DestinationProblem("x", status=404))
     assert stow_unusable(DestinationProblem("x", status=415))
     assert not stow_unusable(DestinationProblem("x", status=401))
