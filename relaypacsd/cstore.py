@@ -25,7 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
-from relaypacsd.outcomes import InstanceResult, Outcome, describe_reason
+from relaypacsd.outcomes import InstanceResult, Outcome, classify_reason, describe_reason
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # PS3.8: odd context IDs 1..255
@@ -46,17 +46,18 @@ def classify_status(status: int | None) -> tuple[Outcome, str]:
     hexs = f"0x{status:04X}"
     if status == 0x0000:
         return Outcome.DELIVERED, "stored (C-STORE status 0x0000)"
-    if status in WARNING_CODES:
+    # The same codes as a STOW FailureReason, decided in one place (a dcm4chee 0xA770 is a duplicate,
+    # not "out of resources"; 0x0124 is the PACS's permissions, not the file).
+    outcome = classify_reason(status)
+    words = f"C-STORE status {hexs} ({describe_reason(status)})"
+    if outcome is Outcome.LIMITED and (status in WARNING_CODES or status & 0xF000 == 0xB000):
         return Outcome.DELIVERED, f"stored with warning {hexs} ({describe_reason(status)})"
-    if status == 0x0111:
-        return Outcome.DUPLICATE, f"PACS already has it: C-STORE status {hexs} (duplicate SOP instance)"
-    if status == 0x0213 or status & 0xFF00 == 0xA700:
-        return Outcome.TRANSIENT, f"PACS out of resources: C-STORE status {hexs} ({describe_reason(status)})"
-    if status in (0x0122, 0x0124) or status & 0xFF00 == 0xA900 or status & 0xF000 == 0xC000:
-        return Outcome.PERMANENT, f"PACS refused it: C-STORE status {hexs} ({describe_reason(status)})"
-    if status & 0xF000 == 0xB000:
-        return Outcome.DELIVERED, f"stored with warning {hexs}"
-    return Outcome.LIMITED, f"PACS answered C-STORE status {hexs} ({describe_reason(status)})"
+    return outcome, {
+        Outcome.DUPLICATE: f"PACS already has it: {words}",
+        Outcome.TRANSIENT: f"PACS out of resources: {words}",
+        Outcome.PERMANENT: f"PACS refused it: {words}",
+        Outcome.DESTINATION: f"PACS refused it: {words}: our AE title may not store there; allow it on the PACS",
+    }.get(outcome, f"PACS answered {words}")
 
 
 def _meta(path: Path) -> tuple[str, str]:

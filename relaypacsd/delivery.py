@@ -122,6 +122,9 @@ class Destination:
             first = self.ready.popleft()
             batch, size = [first], first.info.size
             study = first.info.study_instance_uid
+            # The PACS answers per SOP Instance UID: two files with one UID in a request (a corrected
+            # resend) could not be told apart, so a second one waits for the next batch.
+            uids = {first.info.sop_instance_uid}
             # Same study first, then anything else, so requests stay full under mixed traffic.
             for same_study in (True, False):
                 for item in list(self.ready):
@@ -129,10 +132,11 @@ class Destination:
                         break
                     if same_study != (item.info.study_instance_uid == study):
                         continue
-                    if size + item.info.size > cfg.batch_max_bytes:
+                    if size + item.info.size > cfg.batch_max_bytes or item.info.sop_instance_uid in uids:
                         continue
                     self.ready.remove(item)
                     batch.append(item)
+                    uids.add(item.info.sop_instance_uid)
                     size += item.info.size
             self.busy += 1
             return batch

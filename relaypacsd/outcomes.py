@@ -90,6 +90,8 @@ def classify_reason(code: int) -> Outcome:
     # Duplicates first: 0xA770 would otherwise fall in the A7xx "out of resources" range.
     if code in _DUPLICATE_CODES:
         return Outcome.DUPLICATE
+    if code == 0x0124:  # not authorized: the PACS's setup refuses us (the DIMSE 403), never the file's fault
+        return Outcome.DESTINATION
     if code == 0x0213 or code & 0xFF00 == 0xA700:
         return Outcome.TRANSIENT
     if code == 0x0122 or code & 0xFF00 == 0xA900 or code & 0xF000 == 0xC000:
@@ -147,6 +149,9 @@ def _failed(uid: str, status: int, item: Mapping[str, Any]) -> InstanceResult:
     outcome = classify_reason(code)
     if outcome is Outcome.DUPLICATE:
         return InstanceResult(uid, outcome, status, code, f"PACS already has it: {format_code(code)}")
+    if outcome is Outcome.DESTINATION:
+        return InstanceResult(uid, outcome, status, code, f"PACS refused it: FailureReason {format_code(code)}: "
+                                                          "our user or AE title may not store there; grant it on the PACS")
     return InstanceResult(uid, outcome, status, code, f"PACS refused it: FailureReason {format_code(code)}")
 
 
@@ -171,8 +176,10 @@ def _unconfirmed(uid: str, status: int, batch: bool) -> InstanceResult:
                               f"PACS rejected the file (HTTP {status}) without saying why: "
                               "look at the PACS's log for this SOPInstanceUID")
     if status == 413:
-        return InstanceResult(uid, Outcome.PERMANENT, status, None,
-                              "file too large for this PACS (HTTP 413): raise its upload limit")
+        # The limit is the PACS's (or its proxy's) setting, not a fault of the file: it waits until raised.
+        return InstanceResult(uid, Outcome.TRANSIENT, status, None,
+                              "file too large for this PACS or a proxy in front of it (HTTP 413): raise its upload "
+                              "limit (nginx: client_max_body_size); the file waits and is retried")
     return InstanceResult(uid, Outcome.LIMITED, status, None,
                           f"unexpected answer HTTP {status}, instance not confirmed")
 
@@ -198,8 +205,8 @@ def _items_by_uid(body: Mapping[str, Any] | None, tag: str) -> dict[str, Mapping
         if not isinstance(item, Mapping):
             continue
         uid = _first_value(item, REFERENCED_SOP_INSTANCE_UID)
-        if isinstance(uid, str) and uid.strip():
-            out[uid.strip()] = item
+        if isinstance(uid, str) and uid.strip("\0 "):
+            out[uid.strip("\0 ")] = item  # UI values may be NUL-padded (PS3.5 6.2), as ours were stripped
     return out
 
 

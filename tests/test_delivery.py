@@ -4,6 +4,7 @@ The PACS here is a scripted stand-in so each outcome class can be forced; the re
 """
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -507,3 +508,15 @@ def test_a_failed_row_is_settled_the_file_only_waits_for_its_move_to_failed(tmp_
     finally:
         engine.stop()
     assert a.received(sops[0]) == 1
+
+
+def test_two_files_with_one_sop_uid_never_share_a_request(tmp_path):
+    """The PACS answers per SOP Instance UID: in one request, a refusal of one could read as the other's."""
+    pacs = ScriptedPacs("a")
+    engine, spool, sops = setup(tmp_path, [pacs], n=2, batch_max_instances=10)
+    shutil.copy(next(spool.files("inbox")), spool.inbox / "resent.dcm")  # a second file, same instance
+    submit_all(engine, spool)
+    engine.start()
+    assert wait_until(lambda: count(spool, "sent") == 3)
+    engine.stop()
+    assert all(len(call) == len(set(call)) for call in pacs.calls) and pacs.received(sops[0]) == 2

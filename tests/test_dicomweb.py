@@ -166,11 +166,11 @@ def test_503_is_transient(canned: CannedServer, two_parts: list[StowPart]) -> No
     assert [r.outcome for r in resp.results] == [Outcome.TRANSIENT] * 2
 
 
-def test_413_splits_a_batch_and_fails_a_single(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_413_splits_a_batch_and_keeps_a_single_waiting(canned: CannedServer, two_parts: list[StowPart]) -> None:
     canned.responder = lambda rec: Answer(413, b"<html>Request Entity Too Large</html>")
     client = DicomWebClient(cfg(canned.url))
     assert [r.outcome for r in client.store(two_parts).results] == [Outcome.SPLIT] * 2
-    assert [r.outcome for r in client.store(two_parts[:1]).results] == [Outcome.PERMANENT]
+    assert [r.outcome for r in client.store(two_parts[:1]).results] == [Outcome.TRANSIENT]
 
 
 def test_202_with_failed_sop_sequence(canned: CannedServer, two_parts: list[StowPart]) -> None:

@@ -53,6 +53,7 @@ def outcomes(results: list[InstanceResult]) -> list[Outcome]:
     (0x0122, Outcome.PERMANENT),
     (0x0110, Outcome.LIMITED), (0x1234, Outcome.LIMITED), (0xFFFF, Outcome.LIMITED),
     (0x0111, Outcome.DUPLICATE), (0xA770, Outcome.DUPLICATE), (45070, Outcome.DUPLICATE),
+    (0x0124, Outcome.DESTINATION),
 ])
 def test_classify_reason_table(code: int, expected: Outcome) -> None:
     assert classify_reason(code) is expected
@@ -93,6 +94,7 @@ def test_failure_reason_given_in_decimal() -> None:
 @pytest.mark.parametrize("code,expected", [
     (0xA700, Outcome.TRANSIENT), (0xC122, Outcome.PERMANENT), (0x0122, Outcome.PERMANENT),
     (0x0111, Outcome.DUPLICATE), (45070, Outcome.DUPLICATE), (0xA770, Outcome.DUPLICATE),
+    (0x0124, Outcome.DESTINATION),
 ])
 def test_failed_sop_classified(code: int, expected: Outcome) -> None:
     [r] = reconcile(202, failed(A, code), [A])
@@ -137,9 +139,14 @@ def test_single_400_409_without_detail_permanent(status: int) -> None:
     assert outcomes(reconcile(status, None, [A])) == [Outcome.PERMANENT]
 
 
+def test_a_nul_padded_uid_in_the_answer_still_confirms() -> None:
+    """UI values may be padded with NUL (PS3.5 6.2); ours are sent stripped."""
+    assert outcomes(reconcile(200, ref(A + "\0"), [A])) == [Outcome.DELIVERED]
+
+
 def test_413() -> None:
-    [r] = reconcile(413, None, [A])
-    assert r.outcome is Outcome.PERMANENT and "too large" in r.reason
+    [r] = reconcile(413, None, [A])  # the PACS's (or proxy's) limit: the file waits, never blamed
+    assert r.outcome is Outcome.TRANSIENT and "too large" in r.reason and "client_max_body_size" in r.reason
     assert outcomes(reconcile(413, None, [A, B, C])) == [Outcome.SPLIT] * 3
 
 

@@ -169,7 +169,9 @@ def test_classify_status_table():
         assert classify_status(code)[0] is Outcome.DELIVERED
     for code in (0xA700, 0xA7FF, 0x0213):
         assert classify_status(code)[0] is Outcome.TRANSIENT
-    for code in (0xA900, 0xC000, 0xC123, 0x0122, 0x0124):
+    for code in (0xA900, 0xC000, 0xC123, 0x0122):
         assert classify_status(code)[0] is Outcome.PERMANENT
-    assert classify_status(0x0111)[0] is Outcome.DUPLICATE
+    for code in (0x0111, 0xA770, 0xB00E):  # dcm4chee's and Azure's "already have it" too
+        assert classify_status(code)[0] is Outcome.DUPLICATE
+    assert classify_status(0x0124)[0] is Outcome.DESTINATION  # not authorized: the PACS's setup
     assert classify_status(None)[0] is Outcome.TRANSIENT
