@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from relaypacsd import __version__
+from relaypacsd.commands.common import process_gone
 from relaypacsd.config import Config, find_config_path, load_config, to_toml
-from relaypacsd.errors import RelayPacsError
+from relaypacsd.errors import ConfigError, RelayPacsError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -27,9 +28,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from relaypacsd.logs import setup_logging
 
     config = _load(args)
-    setup_logging(config.daemon, level=args.log_level)
     if not config.watch:
-        raise RelayPacsError(f"{config.source}: no [[watch]] table: add one with path = \"/srv/relaypacs/inbox-root\"")
+        raise ConfigError(f"{config.source}: no [[watch]] table: add one with path = \"/srv/relaypacs/inbox-root\"")
+    setup_logging(config.daemon, level=args.log_level)
     from loguru import logger
 
     logger.info("relaypacsd {} starting with {}", __version__, config.source)
@@ -78,7 +79,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     if beat.get("stopped"):
         print(f"unhealthy: relaypacsd (pid {beat.get('pid')}) stopped at {time.ctime(float(beat.get('time', 0)))}")
         return EXIT_FAIL
-    if _process_gone(beat):
+    if process_gone(beat):
         print(f"unhealthy: relaypacsd (pid {beat.get('pid')}) is not running (crashed or killed): "
               "start the service, then see its log")
         return EXIT_FAIL
@@ -92,22 +93,6 @@ def cmd_health(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(f"healthy: heartbeat {age:.0f} s ago, {beat.get('in_flight', 0)} file(s) in flight")
     return EXIT_OK
-
-
-def _process_gone(beat: dict) -> bool:
-    """True if the heartbeat's writer ran on this host (same PID namespace) and its pid no longer exists."""
-    import socket
-
-    pid = beat.get("pid")
-    if not isinstance(pid, int) or beat.get("host") != socket.gethostname():
-        return False  # written elsewhere (another container, an old heartbeat): only its age counts
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, run by another user
-        return False
-    return False
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -131,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon in the foreground (systemd and Docker run this)")
-    p.add_argument("--log-level", help="override daemon.log_level (DEBUG, INFO, WARNING)")
+    p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="override daemon.log_level")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate the config and test every PACS (DNS, TCP, TLS, credentials, "
@@ -156,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="exit 0 if the running daemon is alive (Docker HEALTHCHECK, monitoring)")
     p.set_defaults(func=cmd_health)
     _add_operator_commands(sub)
+    # `relaypacsd init --config X` as well as `relaypacsd -c X init`: after a command, -c sets the same value.
+    for command in [*sub.choices.values(), show]:
+        command.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path of relaypacs.toml")
     return parser
 
 
@@ -222,9 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except RelayPacsError as exc:
-        from relaypacsd.errors import ConfigError
-
         print(f"relaypacsd: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAIL
+    except OSError as exc:  # a path the operator gave (init's target, an output folder): say which and why
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"relaypacsd: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

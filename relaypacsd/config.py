@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -210,6 +211,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"{path}: is a directory: point --config at the relaypacs.toml file inside it") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc}): fix the syntax at that line") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text (TOML must be): save it as UTF-8 (iconv -t UTF-8)") from None
     return build_config(raw, environ, source)
 
 
@@ -266,6 +269,7 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: daemon.log_level = {d.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     if not 0 <= d.metrics_port <= 65535:
         raise ConfigError(f"{where}: daemon.metrics_port = {d.metrics_port}: use 0 (off) or a port 1-65535")
+    _check_numbers(config, where)
     dl = config.delivery
     for key in ("retry_attempts", "batch_max_instances", "batch_max_bytes", "workers_per_pacs"):
         if getattr(dl, key) < 1:
@@ -275,6 +279,8 @@ def validate(config: Config, where: str = "config") -> None:
         if getattr(dl, key) <= 0:
             env = {"retry_delay": " (or PACS_RETRY_DELAY)"}.get(key, "")
             raise ConfigError(f"{where}: delivery.{key}{env} = {getattr(dl, key)}: must be a number of seconds/hours above 0")
+    if dl.sent_retention_days < 0:
+        raise ConfigError(f"{where}: delivery.sent_retention_days = {dl.sent_retention_days:g}: use 0 (keep) or more")
     for name in dl.active_pacs:
         if name not in config.pacs:
             known = ", ".join(sorted(config.pacs)) or "none"
@@ -296,6 +302,61 @@ def validate(config: Config, where: str = "config") -> None:
         _validate_pacs(p, where)
 
 
+# Bounds a sane setup stays far inside: beyond them a value is a typo (and some would exhaust the machine).
+_LIMITS: dict[str, tuple[float, float, str]] = {
+    "daemon.heartbeat_interval": (0.1, 3600, "seconds"),
+    "delivery.retry_attempts": (1, 100, ""),
+    "delivery.retry_delay": (0.001, 3600, "seconds"),
+    "delivery.workers_per_pacs": (1, 64, ""),
+    "delivery.batch_max_instances": (1, 10000, ""),
+    "pacs.connect_timeout": (0.001, 3600, "seconds"),
+    "pacs.read_timeout": (0.001, 86400, "seconds"),
+    "pacs.dicom_port": (0, 65535, "(0: none)"),
+}
+_ENV_OF = {"delivery.retry_attempts": "PACS_RETRY_ATTEMPTS", "delivery.retry_delay": "PACS_RETRY_DELAY"}
+
+
+def _check_numbers(config: Config, where: str) -> None:
+    """Every number finite (no nan/inf) and inside _LIMITS."""
+    sections: list[tuple[str, str, Any]] = [("daemon", "daemon", config.daemon), ("delivery", "delivery", config.delivery)]
+    sections += [(f"watch[{i}]", "watch", w) for i, w in enumerate(config.watch)]
+    sections += [(f"pacs.{p.name}", "pacs", p) for p in config.pacs.values()]
+    for key, kind, obj in sections:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            env = f" (or {_ENV_OF[f'{kind}.{f.name}']})" if f"{kind}.{f.name}" in _ENV_OF else ""
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: {key}.{f.name}{env} = {value}: must be a finite number")
+            low, high, unit = _LIMITS.get(f"{kind}.{f.name}", (-math.inf, math.inf, ""))
+            if not low <= value <= high:
+                raise ConfigError(f"{where}: {key}.{f.name}{env} = {value:g}: use {low:g} to {high:g} {unit}".rstrip())
+
+
+def _shown_url(url: str) -> str:
+    """A URL as safe to print: whatever precedes an '@' (a user name and password) is hidden."""
+    return "***@" + url.rsplit("@", 1)[1] if "@" in url else url
+
+
+def _check_url(url: str, key: str, where: str, env: str = "",
+               creds: str = "their own keys (username / password or password_file, client_secret)") -> None:
+    """http(s) scheme, a host, a valid port, and no credentials in it (they would be printed wherever it is)."""
+    also = f" (or {env})" if env else ""
+    if not (url.startswith("http://") or url.startswith("https://")):
+        raise ConfigError(f"{where}: {key}{also} = {_shown_url(url)!r}: must start with http:// or https://")
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        raise ConfigError(f"{where}: {key}{also} holds a user name or password: remove it from the URL and set "
+                          f"{creds} instead")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: {key}{also} = {url!r}: the port is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ConfigError(f"{where}: {key}{also} = {url!r}: no host name: use http://host:port")
+
+
 def _validate_pacs(p: PacsConfig, where: str) -> None:
     key = f"pacs.{p.name}"
     env = pacs_env_prefix(p.name)
@@ -303,13 +364,14 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
         raise ConfigError(f"{where}: {key}.type = {p.type!r}: use \"orthanc\", \"dcm4chee\" or \"dicomweb\"")
     if not p.url:
         raise ConfigError(f"{where}: {key}.url is missing: set url = \"http://host:8042\" in [{key}] or {env}URL")
-    if not (p.url.startswith("http://") or p.url.startswith("https://")):
-        raise ConfigError(f"{where}: {key}.url = {p.url!r} (or {env}URL): must start with http:// or https://")
-    parts = urlsplit(p.url)
-    if parts.username or parts.password:
-        # A password in the URL would be printed wherever the URL is: logs, errors, `config show`.
-        raise ConfigError(f"{where}: {key}.url (or {env}URL) holds a user name or password: remove it from the URL "
-                          f"and set {env}USERNAME / {env}PASSWORD (or password_file) instead")
+    _check_url(p.url, f"{key}.url", where, f"{env}URL", f"{env}USERNAME / {env}PASSWORD (or password_file)")
+    if p.dicomweb_root.startswith(("http://", "https://")) or "@" in p.dicomweb_root:
+        _check_url(p.dicomweb_root, f"{key}.dicomweb_root", where)
+    if p.oauth2_token_url:
+        _check_url(p.oauth2_token_url, f"{key}.oauth2_token_url", where)
+    for file_key in ("ca_bundle", "client_cert", "client_key"):
+        if getattr(p, file_key) and not os.path.isfile(getattr(p, file_key)):
+            raise ConfigError(f"{where}: {key}.{file_key} = {getattr(p, file_key)!r}: no such file: fix the path")
     if p.fallback not in ("", "cstore"):
         raise ConfigError(f"{where}: {key}.fallback = {p.fallback!r}: use \"cstore\" or leave it empty")
     if p.fallback == "cstore" and not (p.dicom_port and p.ae_title):
@@ -343,9 +405,14 @@ def resolve_secret(p: PacsConfig, name: str) -> Secret:
     if value or not path:
         return value
     try:
-        return Secret(Path(path).read_text().strip())
+        secret = Path(path).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"pacs.{p.name}.{file_key} = {path!r}: cannot read it ({exc.strerror}): fix the path or its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"pacs.{p.name}.{file_key} = {path!r}: not text: write the {name} into it as plain text") from None
+    if not secret:
+        raise ConfigError(f"pacs.{p.name}.{file_key} = {path!r}: the file is empty: write the {name} into it")
+    return Secret(secret)
 
 
 def pacs_env_prefix(name: str) -> str:
@@ -421,9 +488,9 @@ def _from_env(var: str, text: str, cls: type, key: str) -> Any:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
             return True
-        if low in ("0", "false", "no", "off", ""):
+        if low in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"environment: {var}={text!r}: use true or false")
+        raise ConfigError(f"environment: {var}={text!r}: use true or false" + (" (or unset it)" if not text else ""))
     if typ is int:
         try:
             return int(text)

@@ -7,6 +7,7 @@ import os
 import queue
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Item, Sender
 from relaypacsd.destinations import build_sender
-from relaypacsd.errors import InvalidDicomError, RelayPacsError
+from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.notify import Notifier
 from relaypacsd.spool import Spool, age_seconds, now_iso, sync_dirs
@@ -67,7 +68,11 @@ class Daemon:
         self.watchers = [InboxWatcher(s.inbox, w, self._arrived) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
         self._growing: dict[Path, float] = {}  # truncated files that may still grow -> first seen (monotonic)
-        self.journal = Journal(self.state_dir / "journal.sqlite3")
+        try:
+            self.journal = Journal(self.state_dir / "journal.sqlite3")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"daemon.state_dir = {str(self.state_dir)!r}: cannot keep the journal there ({exc}): "
+                              "make the folder writable by the service user") from None
         if senders is None:
             active = config.active() if config.delivery.enabled else []
             senders = {p.name: build_sender(p) for p in active}
@@ -242,7 +247,12 @@ class Daemon:
 
         self.metrics = Metrics(self)
         self.engine.on_batch = self.metrics.observe_batch
-        self.metrics.start_server(self.config.daemon.metrics_address, self.config.daemon.metrics_port)
+        d = self.config.daemon
+        try:
+            self.metrics.start_server(d.metrics_address, d.metrics_port)
+        except OSError as exc:
+            raise ConfigError(f"daemon.metrics_port = {d.metrics_port} on {d.metrics_address}: cannot listen there "
+                              f"({exc.strerror}): another process uses it? pick another port, or 0 to turn metrics off") from None
 
     def status_line(self) -> str:
         """One line for `systemctl status`: queue figures and PACS health."""

@@ -8,6 +8,7 @@ import sys
 from loguru import logger
 
 from relaypacsd.config import DaemonConfig
+from relaypacsd.errors import ConfigError
 
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {message}"
 
@@ -32,8 +33,15 @@ def setup_logging(cfg: DaemonConfig | None = None, *, level: str | None = None) 
     logger.add(sys.stderr, level=lvl, format=TEXT_FORMAT, serialize=serialize, backtrace=False, diagnose=False,
                colorize=False, enqueue=False)
     if cfg.log_file:
-        logger.add(cfg.log_file, level=lvl, format=TEXT_FORMAT, serialize=serialize, backtrace=False,
-                   diagnose=False, rotation=cfg.log_rotation, retention=cfg.log_retention, enqueue=True)
+        try:
+            logger.add(cfg.log_file, level=lvl, format=TEXT_FORMAT, serialize=serialize, backtrace=False,
+                       diagnose=False, rotation=cfg.log_rotation, retention=cfg.log_retention, enqueue=True)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"daemon.log_rotation = {cfg.log_rotation!r} / log_retention = {cfg.log_retention!r}: "
+                              f"{exc}: use e.g. \"50 MB\" and \"14 days\"") from None
+        except OSError as exc:
+            raise ConfigError(f"daemon.log_file = {cfg.log_file!r}: cannot write it ({exc.strerror}): fix the path "
+                              "or its permissions, or leave it empty (the journal of systemd or Docker keeps the log)") from None
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     # pynetdicom logs every PDU at INFO: keep it to warnings unless debugging.
     for name in ("pynetdicom", "apscheduler", "urllib3", "watchdog"):

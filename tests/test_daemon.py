@@ -2,10 +2,16 @@
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 
+import pytest
+
 from relaypacsd.config import build_config
+from relaypacsd.errors import ConfigError
 from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update
@@ -149,3 +155,36 @@ def test_shutdown_lets_the_request_in_flight_finish(tmp_path):
         daemon.shutdown(timeout=10)
         gate.set()
     assert count(spool, "sent") == 1 and count(spool, "sending") == 0 and pacs.received(sop) == 1
+
+
+def test_an_unusable_state_dir_is_a_config_error_naming_the_key(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "afile" / "state")},
+                           "watch": [{"path": str(tmp_path / "root")}], "delivery": {"enabled": False}}, {})
+    with pytest.raises(ConfigError, match="daemon.state_dir.*writable"):
+        Daemon(config, senders={})
+
+
+def test_a_metrics_port_in_use_is_a_config_error_naming_the_key(tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state"), "metrics_port": taken.getsockname()[1]},
+                           "watch": [{"path": str(tmp_path / "root")}], "delivery": {"enabled": False}}, {})
+    daemon = Daemon(config, senders={})
+    try:
+        with pytest.raises(ConfigError, match="daemon.metrics_port.*pick another port"):
+            daemon._start_metrics()
+    finally:
+        taken.close()
+        daemon.journal.close()
+
+
+def test_bad_log_rotation_stops_run_with_one_line_naming_the_key(tmp_path):
+    """Through the real command: loguru's own error would otherwise be a traceback and exit 1."""
+    conf = tmp_path / "relaypacs.toml"
+    conf.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nlog_file = "{tmp_path / "relay.log"}"\n'
+                    f'log_rotation = "banana"\n[delivery]\nenabled = false\n[[watch]]\npath = "{tmp_path / "root"}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORTHANC_", "DCM4CHEE_", "PACS_", "ACTIVE_PACS"))}
+    result = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(conf), "run"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2 and "daemon.log_rotation" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
+from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, process_gone, table
 from relaypacsd.journal import Journal
 from relaypacsd.spool import Spool, read_sidecar
 
@@ -49,7 +49,8 @@ def _daemon_state(state_dir: Path) -> dict[str, Any]:
     try:
         beat = json.loads((state_dir / "heartbeat.json").read_text())
         age = time.time() - float(beat.get("time", 0))
-        return {"running": age < 60, "heartbeat_age_seconds": round(age), "pid": beat.get("pid"),
+        running = age < 60 and not beat.get("stopped") and not process_gone(beat)  # as `health` judges it
+        return {"running": running, "heartbeat_age_seconds": round(age), "pid": beat.get("pid"),
                 "in_flight": beat.get("in_flight")}
     except (OSError, ValueError):
         return {"running": False, "heartbeat_age_seconds": None, "pid": None, "in_flight": None}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -224,3 +227,80 @@ def test_retry_moves_the_journal_rows_ahead_of_the_file(tmp_path, capsys, monkey
     assert {d: r.state for d, r in journal.rows(str(spool.sending / "bad.dcm")).items()} == seen_by_daemon
     assert journal.rows(str(bad)) == {}
     journal.close()
+
+
+SECRET = "S3cretPW-9f2"
+BROKEN = {  # name -> (relaypacs.toml text, environment, words the one line must hold)
+    "negative heartbeat": ('[daemon]\nheartbeat_interval = -5\n', {}, "daemon.heartbeat_interval"),
+    "nan heartbeat": ('[daemon]\nheartbeat_interval = nan\n', {}, "finite"),
+    "infinite retry delay": ("", {"PACS_RETRY_DELAY": "inf"}, "PACS_RETRY_DELAY"),
+    "huge worker count": ('[delivery]\nworkers_per_pacs = 100000000\n', {}, "workers_per_pacs"),
+    "url without scheme, with a password": ("", {"ORTHANC_URL": f"relaypacs:{SECRET}@pacs:8042"}, "http://"),
+    "password in dicomweb_root": (f'[pacs.orthanc]\nurl = "http://pacs:8042"\n'
+                                  f'dicomweb_root = "http://u:{SECRET}@pacs/dicom-web"\n', {}, "dicomweb_root"),
+    "password in the token url": (f'[pacs.orthanc]\nurl = "http://pacs:8042"\nclient_id = "relay"\n'
+                                  f'oauth2_token_url = "https://svc:{SECRET}@idp/token"\n', {}, "oauth2_token_url"),
+    "port not a number": ("", {"ORTHANC_URL": "http://pacs:80a42"}, "port"),
+    "empty PACS_ENABLED": ("", {"PACS_ENABLED": ""}, "PACS_ENABLED"),
+    "missing ca_bundle": ('[pacs.orthanc]\nurl = "https://pacs"\nca_bundle = "/nonexistent/ca.pem"\n', {}, "ca_bundle"),
+    "dicom port out of range": ('[pacs.orthanc]\nurl = "http://pacs"\ndicom_port = 70000\n', {}, "dicom_port"),
+    "negative retention": ('[delivery]\nsent_retention_days = -1\n', {}, "sent_retention_days"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_a_broken_config_is_one_line_exit_2_no_traceback_no_secret(tmp_path, capsys, monkeypatch, name):
+    text, env, words = BROKEN[name]
+    conf = tmp_path / "relaypacs.toml"
+    conf.write_text(f'[[watch]]\npath = "{tmp_path / "spool"}"\n' + text)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert cli.main(["-c", str(conf), "config", "show"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("relaypacsd: error:") and words in err, err
+    assert "Traceback" not in err and SECRET not in err
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    conf = tmp_path / "relaypacs.toml"
+    conf.write_bytes(f'# Configuraci\xf3n\n[[watch]]\npath = "{tmp_path}"\n'.encode("latin-1"))
+    assert cli.main(["-c", str(conf), "config", "show"]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_an_empty_password_file_is_refused(tmp_path):
+    from relaypacsd.config import ConfigError, PacsConfig, resolve_secret
+
+    empty = tmp_path / "pw"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="password_file.*empty"):
+        resolve_secret(PacsConfig(name="orthanc", url="http://pacs", password_file=str(empty)), "password")
+
+
+def test_config_may_follow_the_command_as_the_docs_write_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init", "--config", str(tmp_path / "etc" / "relaypacs.toml"), "--watch", str(tmp_path)]) == 0
+    assert (tmp_path / "etc" / "relaypacs.toml").exists()
+    assert cli.main(["config", "show", "-c", str(tmp_path / "etc" / "relaypacs.toml")]) == 0
+
+
+def test_init_into_a_place_it_cannot_write_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["init", "--config", str(tmp_path / "file" / "relaypacs.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "file" in err
+
+
+def test_an_unknown_log_level_on_the_command_line_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--log-level", "verbose"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_status_does_not_call_a_stopped_daemon_running(tmp_path, capsys):
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    (tmp_path / "state").mkdir()
+    beat = {"time": time.time(), "pid": os.getpid(), "host": socket.gethostname(), "stopped": True}
+    (tmp_path / "state" / "heartbeat.json").write_text(json.dumps(beat))
+    assert cli.main(["-c", str(conf), "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["daemon"]["running"] is False
