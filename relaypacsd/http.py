@@ -38,6 +38,10 @@ def security_warnings(pacs: PacsConfig) -> list[str]:
     if has_credentials and pacs.url.startswith("http://") and not _is_loopback(pacs.url):
         out.append(f"PACS '{pacs.name}': credentials are sent over plain http:// to {pacs.url}: anyone on the "
                    f"network path can read them; use https:// (set {env_prefix(pacs)}URL)")
+    token_url = pacs.oauth2_token_url
+    if token_url.startswith("http://") and not _is_loopback(token_url):
+        out.append(f"PACS '{pacs.name}': the OAuth2 client secret is sent over plain http:// to {token_url}: "
+                   "anyone on the network path can read it; use https:// for oauth2_token_url")
     if not pacs.ca_bundle and not pacs.verify_tls and pacs.url.startswith("https://"):
         out.append(f"PACS '{pacs.name}': TLS certificate verification is OFF (verify_tls = false): anyone on "
                    f"the network path to {pacs.url} can read and alter the images and the credentials; "

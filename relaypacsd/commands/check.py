@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -112,8 +113,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     config = load(args)
     c = Checker()
-    c.ok(f"config {config.source}")
+    if config.source == "(no file)":
+        print("warn no config file (looked at --config, $RELAYPACS_CONFIG, /etc/relaypacs/relaypacs.toml): "
+              "checking the defaults and the environment")
+    else:
+        c.ok(f"config {config.source}")
+    if not config.watch:
+        c.fail("watch roots", "none: the daemon refuses to start", "add a [[watch]] table with path = \"/srv/relaypacs/...\"")
     for w in config.watch:
+        if not os.path.isdir(w.path):
+            # Not created here: a share that is not mounted would then pass as a fresh local folder.
+            print(f"warn watch root {w.path} does not exist: the daemon creates it at start; if it is a share, "
+                  "mount it first")
+            continue
         try:
             Spool(Path(w.path)).prepare()
             c.ok(f"watch root {w.path}")

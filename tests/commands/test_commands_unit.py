@@ -304,3 +304,25 @@ def test_status_does_not_call_a_stopped_daemon_running(tmp_path, capsys):
     (tmp_path / "state" / "heartbeat.json").write_text(json.dumps(beat))
     assert cli.main(["-c", str(conf), "status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["daemon"]["running"] is False
+
+
+def test_check_does_not_create_a_missing_watch_root_and_fails_without_one(tmp_path, capsys):
+    """An unmounted share must not pass as a fresh local folder; no [[watch]] means the daemon won't start."""
+    conf = tmp_path / "relaypacs.toml"
+    conf.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[watch]]\npath = "{tmp_path / "share"}"\n')
+    assert cli.main(["-c", str(conf), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "does not exist" in out and "mount it first" in out and not (tmp_path / "share").exists()
+    conf.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert cli.main(["-c", str(conf), "check"]) == 1
+    assert "FAIL watch roots" in capsys.readouterr().out
+
+
+def test_a_client_secret_over_plain_http_is_warned_about():
+    from relaypacsd.config import PacsConfig
+    from relaypacsd.http import security_warnings
+
+    pacs = PacsConfig(name="orthanc", url="https://pacs", oauth2_token_url="http://idp.example/token", client_id="x")
+    assert any("client secret" in w and "http://idp.example/token" in w for w in security_warnings(pacs))
+    local = PacsConfig(name="orthanc", url="https://pacs", oauth2_token_url="http://127.0.0.1:9/token", client_id="x")
+    assert not any("client secret" in w for w in security_warnings(local))
