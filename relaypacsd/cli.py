@@ -54,8 +54,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     target = Path(args.config or os.environ.get("RELAYPACS_CONFIG") or "relaypacs.toml")
     if target.exists() and not args.force:
         raise RelayPacsError(f"{target} exists: pass --force to overwrite it, or choose another --config path")
-    root = args.watch or "/srv/relaypacs/default"
-    raw = {"daemon": {"state_dir": args.state_dir}, "watch": [{"path": root}]}
+    # Absolute: the service reads this file from another working directory.
+    root = os.path.abspath(args.watch or "/srv/relaypacs/default")
+    raw = {"daemon": {"state_dir": os.path.abspath(args.state_dir)}, "watch": [{"path": root}]}
     config = build_config(raw, os.environ, str(target))
     # Secrets that came from the environment stay out of the file: the environment keeps providing them.
     text = to_toml(config, mask=True).replace('"********"', '""')

@@ -284,12 +284,21 @@ def validate(config: Config, where: str = "config") -> None:
     for name in dl.active_pacs:
         if name not in config.pacs:
             known = ", ".join(sorted(config.pacs)) or "none"
+            if name.lower() in config.pacs:
+                raise ConfigError(f"{where}: ACTIVE_PACS / delivery.active_pacs names {name!r}: did you mean "
+                                  f"{name.lower()!r}? PACS names are lower case")
             raise ConfigError(
                 f"{where}: ACTIVE_PACS / delivery.active_pacs names {name!r}, which is not configured (configured: {known}): "
                 f"add a [pacs.{name}] table with a url, or set {pacs_env_prefix(name)}URL")
+    if not os.path.isabs(d.state_dir):
+        raise ConfigError(f"{where}: daemon.state_dir = {d.state_dir!r}: use an absolute path (the service does not "
+                          "run from this folder)")
     for i, w in enumerate(config.watch):
         if not w.path:
             raise ConfigError(f"{where}: watch[{i}].path is missing: set path = \"/srv/relaypacs/<modality>\"")
+        if not os.path.isabs(w.path):
+            raise ConfigError(f"{where}: watch[{i}].path = {w.path!r}: use an absolute path (the service does not run "
+                              f"from this folder): {os.path.abspath(w.path)!r}?")
         if w.observer not in OBSERVERS:
             raise ConfigError(f"{where}: watch[{i}].observer = {w.observer!r}: use \"auto\", \"native\" or \"polling\"")
         for key in ("settle_seconds", "poll_interval", "rescan_interval"):
@@ -377,7 +386,7 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
     if p.fallback == "cstore" and not (p.dicom_port and p.ae_title):
         raise ConfigError(f"{where}: {key}.fallback = \"cstore\" needs dicom_port and ae_title (or {env}AE_TITLE)")
     if p.password and p.password_file:
-        raise ConfigError(f"{where}: {key} has both password and password_file: keep one")
+        raise ConfigError(f"{where}: {key} has both password (in the file or {env}PASSWORD) and password_file: keep one")
     if bool(p.client_cert) != bool(p.client_key) and not _pem_holds_key(p.client_cert):
         raise ConfigError(f"{where}: {key}.client_cert and client_key go together: set both (or a PEM holding both as client_cert)")
     if p.oauth2_token_url and not p.client_id:

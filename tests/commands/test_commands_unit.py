@@ -245,6 +245,11 @@ BROKEN = {  # name -> (relaypacs.toml text, environment, words the one line must
     "missing ca_bundle": ('[pacs.orthanc]\nurl = "https://pacs"\nca_bundle = "/nonexistent/ca.pem"\n', {}, "ca_bundle"),
     "dicom port out of range": ('[pacs.orthanc]\nurl = "http://pacs"\ndicom_port = 70000\n', {}, "dicom_port"),
     "negative retention": ('[delivery]\nsent_retention_days = -1\n', {}, "sent_retention_days"),
+    "ACTIVE_PACS in upper case": ('[pacs.orthanc]\nurl = "http://pacs"\n', {"ACTIVE_PACS": "Orthanc"},
+                                  "did you mean 'orthanc'"),
+    "password in env and password_file": ('[pacs.orthanc]\nurl = "http://pacs"\npassword_file = "/run/pw"\n',
+                                          {"ORTHANC_PASSWORD": SECRET}, "ORTHANC_PASSWORD"),
+    "relative state_dir": ('[daemon]\nstate_dir = "state"\n', {}, "absolute path"),
 }
 
 
@@ -259,6 +264,14 @@ def test_a_broken_config_is_one_line_exit_2_no_traceback_no_secret(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("relaypacsd: error:") and words in err, err
     assert "Traceback" not in err and SECRET not in err
+
+
+def test_a_relative_watch_path_is_refused_with_its_absolute_form(tmp_path, capsys):
+    conf = tmp_path / "relaypacs.toml"
+    conf.write_text('[[watch]]\npath = "spool/ct"\n')
+    assert cli.main(["-c", str(conf), "config", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "watch[0].path" in err and "absolute" in err and os.path.abspath("spool/ct") in err
 
 
 def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
