@@ -11,7 +11,7 @@ import tomli_w
 def write_config(tmp: Path, *, url: str, username: str = "", password: str = "", dicom_port: int = 0,
                  ae_title: str = "", fallback: str = "", extra_pacs: dict | None = None, name: str = "orthanc") -> Path:
     """A relaypacs.toml with one watch root and one PACS (more with extra_pacs)."""
-    pacs: dict = {"type": "orthanc", "url": url, "connect_timeout": 2.0, "read_timeout": 10.0}
+    pacs: dict = {"type": "orthanc", "url": url, "connect_timeout": 2.0, "read_timeout": 30.0}  # heavy load may slow an answer
     if username:
         pacs.update(username=username, password=password)
     if dicom_port:

@@ -31,7 +31,7 @@ def _parts(folder: Path, n: int, template: Path | None = None) -> tuple[str, lis
 def _pacs(orthanc, **kw) -> PacsConfig:
     base = dict(name="orthanc", type="orthanc", url=orthanc.url, username=orthanc.username or "",
                 ae_title=orthanc.aet, dicom_host="127.0.0.1", dicom_port=orthanc.dicom_port,
-                connect_timeout=3.0, read_timeout=10.0)
+                connect_timeout=3.0, read_timeout=30.0)  # heavy load may slow an answer
     from relaypacsd.config import Secret
     base["password"] = Secret(orthanc.password or "")
     base.update(kw)
@@ -128,7 +128,7 @@ def test_cstore_to_dcmtk_storescp(storescp, tmp_path):
     port, out = storescp
     _, parts = _parts(tmp_path / "s", 3)
     pacs = PacsConfig(name="scp", url="http://127.0.0.1:1", ae_title="STORESCP", dicom_host="127.0.0.1",
-                      dicom_port=port, connect_timeout=3.0, read_timeout=10.0)
+                      dicom_port=port, connect_timeout=3.0, read_timeout=30.0)  # heavy load may slow an answer
     sender = CStoreSender(pacs)
     sender.probe()
     results, _ = sender.send(parts)
