@@ -218,6 +218,7 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
     required UIDs at this level to `values`."""
     header_s, short_s, long_s = (_LE_HEADER, _LE_SHORT, _LE_LONG) if little else (_BE_HEADER, _BE_SHORT, _BE_LONG)
     size = reader.size
+    last = -1
     while True:
         if until is None and pos == size:
             return pos
@@ -239,6 +240,12 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
                 continue
             raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos}")
         if seen is not None:
+            # Top-level elements come in increasing tag order (PS3.5 7.1). A file preallocated at full size and
+            # not yet filled reads on as zeros, tag (0000,0000): it must not pass as complete.
+            if tag <= last:
+                raise _Truncated(f"element ({group:04X},{element:04X}) at byte {pos} is out of order (zeros where "
+                                 "data should be: still being written, or preallocated and never filled)")
+            last = tag
             seen.add(tag)
         vr = buf[off + 4:off + 6]
         if explicit and vr in _LONG_VRS:

@@ -119,3 +119,19 @@ def test_uids_read_by_the_walk_match_pydicom_for_every_sample_pydicom_ships():
         assert info.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, name
         accepted += 1
     assert accepted >= 50  # pydicom 3.0 ships 56 complete Part-10 instances with all four UIDs
+
+
+def test_a_preallocated_file_not_yet_filled_is_truncated(tmp_path):
+    """SMB clients and rsync --preallocate set the full size first, then fill it: zeros after the last
+    element must not pass as a complete file. An image is caught by its missing pixel data; a report (SR,
+    PDF) has no such element, so the order of the tags has to tell."""
+    ds = fresh(CT_SMALL)
+    for tag in [t for t in ds.keys() if t.group in (0x0028, 0x7FE0)]:
+        del ds[tag]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    data = (tmp_path / "report.dcm").read_bytes()
+    inspect(tmp_path / "report.dcm")  # complete as written
+    (tmp_path / "x.dcm").write_bytes(data + bytes(4096))  # the rest of the preallocated size, still zeros
+    with pytest.raises(TruncatedDicom, match="out of order"):
+        inspect(tmp_path / "x.dcm")
