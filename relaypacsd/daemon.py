@@ -64,8 +64,8 @@ class Daemon:
         self.state_dir = Path(config.daemon.state_dir)
         self.stop_event = threading.Event()  # stops this generation's threads (a reload makes a new one)
         self.spools = [Spool(Path(w.path)) for w in config.watch]
-        self._arrived = threading.Event()  # a watcher saw a file complete: the scanner need not wait for TICK
-        self.watchers = [InboxWatcher(s.inbox, w, self._arrived) for s, w in zip(self.spools, config.watch)]
+        # Each watcher sets its own event when a file may have completed: its scanner need not wait for TICK.
+        self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
         self._growing: dict[Path, float] = {}  # truncated files that may still grow -> first seen (monotonic)
         try:
@@ -114,7 +114,9 @@ class Daemon:
             logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
         for watcher in self.watchers:
             watcher.start()
-        self._spawn(self._scanner, "scanner")
+        # One scanner per watch root: a share that hangs (a hard NFS mount) must not stop the others.
+        for i, (spool, watcher) in enumerate(zip(self.spools, self.watchers)):
+            self._spawn(lambda s=spool, w=watcher: self._scanner(s, w), f"scanner-{i}")
         self._start_jobs()
         self.engine.probe()
         self.ready.set()
@@ -272,24 +274,25 @@ class Daemon:
 
     # -- finding and validating files ------------------------------------------------------------------
 
-    def _scanner(self) -> None:
+    def _scanner(self, spool: Spool, watcher: InboxWatcher) -> None:
+        arrived = watcher.arrived
+        assert arrived is not None
         while not self.stop_event.is_set():
-            self._arrived.clear()  # before the look: an event during it makes the next look come at once
-            for spool, watcher in zip(self.spools, self.watchers):
-                try:
-                    ready = watcher.tick()
-                    # Claim in small groups: one fsync per directory and group, before anything is sent,
-                    # and the first files reach validation without waiting for a large burst.
-                    for i in range(0, len(ready), CLAIM_GROUP):
-                        if self.stop_event.is_set():
-                            break
-                        claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]) if m]
-                        sync_dirs(claimed)
-                        for moved in claimed:
-                            self._queue_intake(spool, moved)
-                except Exception:
-                    logger.exception("watch {}: scan failed; retrying", spool.inbox)
-            if self._arrived.wait(TICK):
+            arrived.clear()  # before the look: an event during it makes the next look come at once
+            try:
+                ready = watcher.tick()
+                # Claim in small groups: one fsync per directory and group, before anything is sent,
+                # and the first files reach validation without waiting for a large burst.
+                for i in range(0, len(ready), CLAIM_GROUP):
+                    if self.stop_event.is_set():
+                        break
+                    claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]) if m]
+                    sync_dirs(claimed)
+                    for moved in claimed:
+                        self._queue_intake(spool, moved)
+            except Exception:
+                logger.exception("watch {}: scan failed; retrying", spool.inbox)
+            if arrived.wait(TICK):
                 self.stop_event.wait(GATHER)
 
     def _claim(self, spool: Spool, path: Path) -> Path | None:

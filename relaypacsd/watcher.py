@@ -40,7 +40,9 @@ EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, 
 
 def is_ignored(name: str, extra: tuple[str, ...] = ()) -> bool:
     """True for names that mean "not finished" or "not an image" (temp files, dotfiles, sidecars)."""
-    return any(fnmatch.fnmatchcase(name, pat) for pat in DEFAULT_IGNORE + tuple(extra))
+    # Case-blind: a Windows client on a share writes IMG.PART and X.TMP as readily as the lower-case forms.
+    name = name.lower()
+    return any(fnmatch.fnmatchcase(name, pat.lower()) for pat in DEFAULT_IGNORE + tuple(extra))
 
 
 def filesystem_type(path: str | os.PathLike[str], mountinfo: str = "/proc/self/mountinfo") -> str:
@@ -273,15 +275,24 @@ class InboxWatcher:
             cand.writing = False
         elif kind == "writing" and self.mode == "native":
             cand.writing = True
+            cand.closed_key = None  # written again after a close (reopened to append): that close is void
 
     def _rescan(self, now: float, top: Path | None = None) -> None:
         """The source of truth: events are hints, a directory walk finds whatever they missed."""
-        for dirpath, dirnames, filenames in os.walk(top or self.inbox):
+        for dirpath, dirnames, filenames in os.walk(top or self.inbox, onerror=self._unreadable):
             dirnames[:] = [d for d in dirnames if not is_ignored(d, self.config.ignore)]
             for name in filenames:
                 path = os.path.join(dirpath, name)
                 if path not in self._candidates and not is_ignored(name, self.config.ignore):
                     self._note(path, "seen", None, now)
+
+    def _unreadable(self, exc: OSError) -> None:
+        """A folder the walk cannot list: its files would wait unseen, so say so (once per folder)."""
+        folder = exc.filename or str(self.inbox)
+        if folder not in self._warned:
+            self._warned.add(folder)
+            logger.error("watch {}: cannot list {} ({}): files in it are not forwarded; give the service user "
+                         "read and write access to it", self.inbox, folder, exc.strerror or exc)
 
     def _key(self, path: str) -> _Key | None:
         key = _stat_key(path)

@@ -188,3 +188,23 @@ def test_bad_log_rotation_stops_run_with_one_line_naming_the_key(tmp_path):
                             text=True, env=env, timeout=60)
     assert result.returncode == 2 and "daemon.log_rotation" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_hanging_watch_root_does_not_stop_the_others(tmp_path, monkeypatch):
+    """A hard-mounted NFS share that hangs blocks its scan; the local roots must go on forwarding."""
+    pacs = ScriptedPacs("orthanc")
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state")},
+                           "watch": [{"path": str(tmp_path / "share"), "settle_seconds": 0.1},
+                                     {"path": str(tmp_path / "local"), "settle_seconds": 0.1}],
+                           "delivery": {"retry_delay": 0.01}, "pacs": {"orthanc": {"url": pacs.target}}}, {})
+    daemon = Daemon(config, senders={"orthanc": pacs})
+    hung = threading.Event()
+    monkeypatch.setattr(daemon.watchers[0], "tick", lambda *a, **k: hung.wait(30) and [])
+    daemon.start()
+    try:
+        sop = write_instance(daemon.spools[1].inbox / "img.dcm")
+        assert wait_until(lambda: count(daemon.spools[1], "sent") == 1, timeout=10)
+    finally:
+        hung.set()
+        daemon.shutdown(timeout=5)
+    assert pacs.received(sop) == 1

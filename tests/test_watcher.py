@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from loguru import logger
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
 
 from relaypacsd.config import WatchConfig
@@ -260,3 +261,47 @@ def test_the_inbox_observer_asks_for_write_events():
     """They are the costliest events to handle, and dropping them looks like a free speed-up: it is not."""
     from relaypacsd.watcher import EVENTS
     assert FileModifiedEvent in EVENTS
+
+
+def test_a_write_after_the_close_voids_it(tmp_path):
+    """Closed, reopened to append, paused: the old close (handled late) must not make the file complete."""
+    w = make(tmp_path, settle=1)
+    w.mode = "native"
+    f = w.inbox / "appended.dcm"
+    f.write_bytes(b"first part")
+    _Handler(w._events).dispatch(FileClosedEvent(str(f)))  # handled late: the stat already sees the append
+    _Handler(w._events).dispatch(FileModifiedEvent(str(f)))  # the append
+    assert w.tick(now=0.0) == [] and w.tick(now=30.0) == []  # the writer still holds it
+    _Handler(w._events).dispatch(FileClosedEvent(str(f)))
+    assert w.tick(now=31.0) == [f]
+
+
+@pytest.mark.parametrize("name", ["IMG0001.PART", "X.TMP", "Scan.Partial", ".DS_STORE", "THUMBS.DB"])
+def test_temp_names_are_ignored_whatever_their_case(name):
+    """Windows clients on a share write upper-case temp names as readily as lower-case ones."""
+    assert is_ignored(name)
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
+    """Its files would otherwise wait unseen: the rest of the inbox goes on, the log names the folder."""
+    w = make(tmp_path, settle=0.1)
+    (w.inbox / "locked").mkdir()
+    (w.inbox / "locked" / "a.dcm").write_bytes(b"x")
+    (w.inbox / "b.dcm").write_bytes(b"y")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="ERROR", format="{message}")
+    try:
+        w.tick(now=0.0)
+        assert w.tick(now=5.0) == [w.inbox / "b.dcm"]
+        w.tick(now=40.0)  # a later rescan: said once, not at every rescan
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 1 and "locked" in lines[0] and "Permission denied" in lines[0]
