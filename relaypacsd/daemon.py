@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -117,8 +118,8 @@ class Daemon:
         # One scanner per watch root: a share that hangs (a hard NFS mount) must not stop the others.
         for i, (spool, watcher) in enumerate(zip(self.spools, self.watchers)):
             self._spawn(lambda s=spool, w=watcher: self._scanner(s, w), f"scanner-{i}")
-        self._start_jobs()
-        self.engine.probe()
+        self._start_jobs()  # the health probe's first run is at once, in the scheduler: a PACS that hangs
+                            # must not hold up start-up (nor a reload, which watchdog pings do not cover here)
         self.ready.set()
         self._write_heartbeat()
         logger.info("relaypacsd ready: {} watch root(s), forwarding to {}", len(self.spools),
@@ -223,7 +224,9 @@ class Daemon:
         for watcher in self.watchers:
             watcher.stop()
         try:
-            self.scheduler.shutdown(wait=True)
+            # Not waiting: a probe may hang on a PACS for its whole timeout (65 s by default); the engine
+            # ignores what it finds once stopping.
+            self.scheduler.shutdown(wait=False)
         except Exception:  # not started
             pass
         self.engine.stop(timeout=timeout, give_up=give_up)
@@ -418,7 +421,7 @@ class Daemon:
                                misfire_grace_time=max(1, int(d.retry_sweep_interval)), **common)
         self.scheduler.add_job(self.engine.probe, "interval", seconds=d.health_interval, id="health-probe",
                                jitter=min(5, d.health_interval / 10), misfire_grace_time=max(1, int(d.health_interval)),
-                               **common)
+                               next_run_time=datetime.now(timezone.utc), **common)
         self.scheduler.add_job(self._heartbeat_job, "interval", seconds=self.config.daemon.heartbeat_interval,
                                id="heartbeat", misfire_grace_time=5, **common)
         if d.sent_retention_days > 0:

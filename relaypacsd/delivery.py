@@ -507,16 +507,19 @@ class Engine:
         return released
 
     def probe(self) -> None:
-        """Probe every destination once and update its health."""
+        """Probe every destination once and update its health (not once stopping: the journal may be closed)."""
         for dest in self.destinations.values():
             try:
                 dest.sender.probe()
             except PacsError as exc:
-                dest.set_health(False, str(exc))
+                healthy, reason = False, str(exc)
             except Exception as exc:  # a probe must never kill the scheduler job
-                dest.set_health(False, f"{type(exc).__name__}: {exc}")
+                healthy, reason = False, f"{type(exc).__name__}: {exc}"
             else:
-                dest.set_health(True)
+                healthy, reason = True, ""
+            if self.stop_event.is_set():
+                return
+            dest.set_health(healthy, reason)
 
     def on_destination_back(self, dest: Destination) -> None:
         """A destination came back: everything waiting for it goes now, not at its next sweep."""

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from relaypacsd.config import build_config
-from relaypacsd.errors import ConfigError
+from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update
@@ -208,3 +208,31 @@ def test_a_hanging_watch_root_does_not_stop_the_others(tmp_path, monkeypatch):
         hung.set()
         daemon.shutdown(timeout=5)
     assert pacs.received(sop) == 1
+
+
+def test_a_probe_hanging_on_a_pacs_holds_up_neither_start_nor_stop(tmp_path):
+    """A PACS that takes connections and never answers keeps a probe for its whole timeout (65 s by
+    default): longer than systemd's watchdog allows a reload, and than a stop should take."""
+    pacs = ScriptedPacs("orthanc")
+    hang, probing, probed = threading.Event(), threading.Event(), threading.Event()
+
+    def hanging_probe():
+        probing.set()
+        hang.wait(30)
+        probed.set()
+        raise PacsUnreachable("PACS 'orthanc' unreachable: connection reset")
+
+    pacs.probe = hanging_probe
+    daemon = make(tmp_path, pacs)
+    try:
+        started = time.monotonic()
+        daemon.start()
+        assert probing.wait(5) and time.monotonic() - started < 5  # started while the probe still hangs
+        started = time.monotonic()
+        daemon.shutdown(timeout=5)
+        assert time.monotonic() - started < 15
+    finally:
+        hang.set()
+    assert probed.wait(5)
+    time.sleep(0.2)
+    assert daemon.engine.destinations["orthanc"].healthy  # what the late probe found is not recorded
