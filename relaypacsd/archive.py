@@ -24,7 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from relaypacsd.errors import InvalidDicomError
+from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.spool import Spool, fsync_dir, rename_noreplace, sync_dirs
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -46,6 +46,10 @@ class Limits:
 
 class BadArchive(InvalidDicomError):
     """The zip cannot be unpacked safely; the message says why."""
+
+
+class UnpackInterrupted(RelayPacsError):
+    """Moving a committed unpack's files on failed: they wait in its temp folder for the next start."""
 
 
 def is_zip(path: Path) -> bool:
@@ -150,7 +154,12 @@ def unpack_to_sending(spool: Spool, zip_path: Path, limits: Limits = Limits()) -
     fsync_dir(zip_path.parent)
     # Committed: from here the temp folder may hold the only copy of members. Were moving them to fail,
     # it stays for start-up to finish (resume_unpacks); it is removed only once they are all out.
-    moved = _finish_unpack(spool, tmp)
+    try:
+        moved = _finish_unpack(spool, tmp)
+    except OSError as exc:
+        raise UnpackInterrupted(f"unpacking {spool.relative(zip_path)} stopped after some files reached sending/ "
+                                f"({exc}): the zip and the other files wait in {tmp} and are moved on at the next "
+                                "start; fix the cause (permissions, free space) first") from None
     shutil.rmtree(tmp, ignore_errors=True)
     return moved
 
@@ -179,6 +188,10 @@ def _finish_unpack(spool: Spool, tmp: Path) -> list[Path]:
     """Move a committed unpack's members to sending/<folder>/ (one rename each), then its zip to sent/."""
     zip_rel = Path(json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))["zip"])
     folder = zip_rel.with_suffix("") if zip_rel.suffix.lower() == ".zip" else zip_rel.with_name(zip_rel.name + ".unzipped")
+    n = 0
+    while os.path.lexists(spool.sending / folder) and not (spool.sending / folder).is_dir():
+        n += 1  # a file holds that name (CT1 beside CT1.zip): the members go to CT1~1/ instead
+        folder = folder.with_name(f"{zip_rel.with_suffix('').name}~{n}")
     members = tmp / "members"
     moved = []
     for dirpath, _dirs, names in sorted(os.walk(members)):

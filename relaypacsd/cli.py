@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from relaypacsd import __version__
-from relaypacsd.commands.common import process_gone
 from relaypacsd.config import Config, find_config_path, load_config, to_toml
 from relaypacsd.errors import ConfigError, RelayPacsError
+from relaypacsd.heartbeat import process_gone
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon in the foreground (systemd and Docker run this)")
-    p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    p.add_argument("--log-level", type=str.upper, choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"],
                    help="override daemon.log_level")
     p.set_defaults(func=cmd_run)
 

@@ -354,16 +354,17 @@ def _check_url(url: str, key: str, where: str, env: str = "",
     also = f" (or {env})" if env else ""
     if not (url.startswith("http://") or url.startswith("https://")):
         raise ConfigError(f"{where}: {key}{also} = {_shown_url(url)!r}: must start with http:// or https://")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{where}: {key}{also}: not a valid URL (the port must be a number from 1 to 65535, an "
+                          "IPv6 address goes in brackets): use http://host:port/...") from None
     if parts.username or parts.password:
         raise ConfigError(f"{where}: {key}{also} holds a user name or password: remove it from the URL and set "
                           f"{creds} instead")
-    try:
-        parts.port
-    except ValueError:
-        raise ConfigError(f"{where}: {key}{also} = {url!r}: the port is not a number from 1 to 65535") from None
     if not parts.hostname:
-        raise ConfigError(f"{where}: {key}{also} = {url!r}: no host name: use http://host:port")
+        raise ConfigError(f"{where}: {key}{also}: no host name: use http://host:port/...")
 
 
 def _validate_pacs(p: PacsConfig, where: str) -> None:
@@ -374,12 +375,13 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
     if not p.url:
         raise ConfigError(f"{where}: {key}.url is missing: set url = \"http://host:8042\" in [{key}] or {env}URL")
     _check_url(p.url, f"{key}.url", where, f"{env}URL", f"{env}USERNAME / {env}PASSWORD (or password_file)")
-    if p.dicomweb_root.startswith(("http://", "https://")) or "@" in p.dicomweb_root:
+    if p.dicomweb_root.startswith(("http://", "https://")):
         _check_url(p.dicomweb_root, f"{key}.dicomweb_root", where)
     if p.oauth2_token_url:
         _check_url(p.oauth2_token_url, f"{key}.oauth2_token_url", where)
-    for file_key in ("ca_bundle", "client_cert", "client_key"):
-        if getattr(p, file_key) and not os.path.isfile(getattr(p, file_key)):
+    for file_key, exists in (("ca_bundle", os.path.exists), ("client_cert", os.path.isfile),
+                             ("client_key", os.path.isfile)):  # a CA bundle may be a hashed certificate folder
+        if getattr(p, file_key) and not exists(getattr(p, file_key)):
             raise ConfigError(f"{where}: {key}.{file_key} = {getattr(p, file_key)!r}: no such file: fix the path")
     if p.fallback not in ("", "cstore"):
         raise ConfigError(f"{where}: {key}.fallback = {p.fallback!r}: use \"cstore\" or leave it empty")

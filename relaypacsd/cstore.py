@@ -47,16 +47,18 @@ def classify_status(status: int | None) -> tuple[Outcome, str]:
     if status == 0x0000:
         return Outcome.DELIVERED, "stored (C-STORE status 0x0000)"
     # The same codes as a STOW FailureReason, decided in one place (a dcm4chee 0xA770 is a duplicate,
-    # not "out of resources"; 0x0124 is the PACS's permissions, not the file).
+    # not "out of resources"; 0x0124 is the PACS's permissions, not the file: it waits).
     outcome = classify_reason(status)
     words = f"C-STORE status {hexs} ({describe_reason(status)})"
     if outcome is Outcome.LIMITED and (status in WARNING_CODES or status & 0xF000 == 0xB000):
         return Outcome.DELIVERED, f"stored with warning {hexs} ({describe_reason(status)})"
+    if status == 0x0124:
+        return outcome, (f"PACS refused it: {words}: our AE title may not store it; allow it on the PACS "
+                         "(the file waits and is retried)")
     return outcome, {
         Outcome.DUPLICATE: f"PACS already has it: {words}",
         Outcome.TRANSIENT: f"PACS out of resources: {words}",
         Outcome.PERMANENT: f"PACS refused it: {words}",
-        Outcome.DESTINATION: f"PACS refused it: {words}: our AE title may not store there; allow it on the PACS",
     }.get(outcome, f"PACS answered {words}")
 
 

@@ -35,6 +35,7 @@ TICK = 0.2  # seconds between looks at the watchers' candidates when no event sa
 GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
 CLAIM_GROUP = 32  # files claimed per directory fsync
 HEARTBEAT_FILE = "heartbeat.json"
+VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
 UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
 
@@ -52,7 +53,7 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
-        self._next_watchdog = 0.0
+        self._next_watchdog = self._next_beat = 0.0
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
         self._unpacks_resumed: set[Path] = set()
@@ -103,13 +104,11 @@ class Daemon:
                            "valid files wait in sending/")
         elif not self.engine.destinations:
             logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
-        pruned = self.journal.prune_missing()  # before recovery: stale rows must not make a new file look sent
-        if pruned:
-            logger.info("journal: forgot {} file(s) that a previous run moved out of sending/ but did not record",
-                        pruned)
+        for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
+            self._settle_journal(spool)
         self.engine.start()
         for name in range(2):
-            self._spawn(self._validator, f"validate-{name}")
+            self._spawn(self._validator, f"{VALIDATOR}{name}")
         recovered = self._recover()
         if recovered:
             logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
@@ -210,16 +209,21 @@ class Daemon:
     def _waiting_for_requests(self) -> bool:
         """While a reload waits for requests in flight and unpacks: keep systemd's watchdog fed; SIGTERM ends
         the wait."""
-        if self.notifier.watchdog_interval and time.monotonic() >= self._next_watchdog:
+        now = time.monotonic()
+        if self.notifier.watchdog_interval and now >= self._next_watchdog:
             self.notifier.watchdog()
-            self._next_watchdog = time.monotonic() + self.notifier.watchdog_interval
+            self._next_watchdog = now + self.notifier.watchdog_interval
+        if now >= self._next_beat:  # and `relaypacsd health` (Docker's HEALTHCHECK) too: the heartbeat stays fresh
+            self._write_heartbeat()
+            self._next_beat = now + self.config.daemon.heartbeat_interval
         return self._stop_requested.is_set()
 
     def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
                      threads_timeout: float = 5.0) -> None:
         """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/.
         `timeout` bounds the wait for requests in flight, `threads_timeout` the wait for a validation (or
-        unpack) under way; give_up() ends both waits early."""
+        unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
+        give_up() ends both waits early."""
         self.stop_event.set()
         for watcher in self.watchers:
             watcher.stop()
@@ -230,9 +234,10 @@ class Daemon:
         except Exception:  # not started
             pass
         self.engine.stop(timeout=timeout, give_up=give_up)
-        deadline = time.monotonic() + threads_timeout
+        started = time.monotonic()
         for t in self._threads:
-            while t.is_alive() and time.monotonic() < deadline and not give_up():
+            limit = threads_timeout if t.name.startswith(VALIDATOR) else min(threads_timeout, 5.0)
+            while t.is_alive() and time.monotonic() < started + limit and not give_up():
                 t.join(0.2)
         self.journal.close()
 
@@ -328,6 +333,22 @@ class Daemon:
                 with self._intake_lock:
                     self._intake_paths.discard(path)
 
+    def _settle_journal(self, spool: Spool) -> None:
+        """Rows left under sending/ by a run killed between a file's move and its journal update: forget them
+        when the file is in sent/, follow it when it is in failed/. Only on that evidence: a file merely out
+        of sight (a share not mounted yet) keeps its rows, or a PACS that has it would get it again."""
+        for key in self.journal.paths_under(str(spool.sending)):
+            path = Path(key)
+            if path.exists():
+                continue
+            rel = spool.relative(path)
+            if (spool.sent / rel).exists():
+                self.journal.forget(key)
+                logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
+            elif (spool.failed / rel).exists():
+                self.journal.rename(key, str(spool.failed / rel))
+                logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
+
     def _resume_unpacks(self, spool: Spool) -> None:
         try:
             moved = archive.resume_unpacks(spool)
@@ -352,6 +373,9 @@ class Daemon:
                 if members:
                     logger.info("PACS forward unpacked {} into {}: {} file(s)", spool.relative(path),
                                 path.with_suffix("").name, len(members))
+                return
+            except archive.UnpackInterrupted as exc:
+                logger.error("PACS forward: {}", exc)
                 return
             except archive.BadArchive as exc:
                 new = spool.finish(path, "failed", {"reason": str(exc), "stage": "archive", "time": now_iso(),

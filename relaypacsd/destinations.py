@@ -120,8 +120,11 @@ class FallbackSender:
 
 
 def _kw(exc: PacsError) -> dict:
+    """The constructor arguments that rebuild `exc` with a longer message (each class takes its own)."""
     if isinstance(exc, DestinationProblem):
         return {"status": exc.status}
+    if isinstance(exc, PacsUnreachable):
+        return {"sent": exc.sent}
     return {"transient": exc.transient, "status": exc.status}
 
 

@@ -240,12 +240,13 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
                 continue
             raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos}")
         if seen is not None:
-            # Top-level elements come in increasing tag order (PS3.5 7.1). A file preallocated at full size and
-            # not yet filled reads on as zeros, tag (0000,0000): it must not pass as complete.
-            if tag <= last:
-                raise _Truncated(f"element ({group:04X},{element:04X}) at byte {pos} is out of order (zeros where "
-                                 "data should be: still being written, or preallocated and never filled)")
-            last = tag
+            # A file preallocated at full size and not yet filled reads on as zeros: tag (0000,0000) after the
+            # elements before it. Only that signature counts: tags merely out of order or repeated (some
+            # anonymizers append elements) are read by every PACS and were always forwarded.
+            if group == 0 and tag <= last:
+                raise _Truncated(f"zeros where data should be, from byte {pos} (still being written, or "
+                                 "preallocated and never filled)")
+            last = max(last, tag)
             seen.add(tag)
         vr = buf[off + 4:off + 6]
         if explicit and vr in _LONG_VRS:

@@ -190,12 +190,11 @@ class Journal:
         if stmts:
             self._tx(stmts)
 
-    def prune_missing(self) -> int:
-        """Forget files that no longer exist (moved by a run killed before it forgot them); return how many."""
-        paths = [r[0] for r in self._exec("SELECT DISTINCT path FROM deliveries")]
-        missing = [p for p in paths if not os.path.exists(p)]
-        self.forget(*missing)
-        return len(missing)
+    def paths_under(self, folder: str) -> list[str]:
+        """Every file path with rows, beneath `folder`."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        return [r[0] for r in self._exec("SELECT DISTINCT path FROM deliveries WHERE substr(path, 1, ?) = ?",
+                                         (len(prefix), prefix))]
 
     def rows_of(self, paths: list[str]) -> dict[str, dict[str, DeliveryRow]]:
         """Every destination's rows for several files, in one query."""

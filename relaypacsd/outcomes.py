@@ -90,8 +90,10 @@ def classify_reason(code: int) -> Outcome:
     # Duplicates first: 0xA770 would otherwise fall in the A7xx "out of resources" range.
     if code in _DUPLICATE_CODES:
         return Outcome.DUPLICATE
-    if code == 0x0124:  # not authorized: the PACS's setup refuses us (the DIMSE 403), never the file's fault
-        return Outcome.DESTINATION
+    if code == 0x0124:
+        # Not authorized: a permission the PACS lacks, never the file's fault. Per instance (an access rule
+        # on one study), so the file waits and is retried; pausing the whole PACS would hold up the others.
+        return Outcome.TRANSIENT
     if code == 0x0213 or code & 0xFF00 == 0xA700:
         return Outcome.TRANSIENT
     if code == 0x0122 or code & 0xFF00 == 0xA900 or code & 0xF000 == 0xC000:
@@ -149,9 +151,10 @@ def _failed(uid: str, status: int, item: Mapping[str, Any]) -> InstanceResult:
     outcome = classify_reason(code)
     if outcome is Outcome.DUPLICATE:
         return InstanceResult(uid, outcome, status, code, f"PACS already has it: {format_code(code)}")
-    if outcome is Outcome.DESTINATION:
+    if code == 0x0124:
         return InstanceResult(uid, outcome, status, code, f"PACS refused it: FailureReason {format_code(code)}: "
-                                                          "our user or AE title may not store there; grant it on the PACS")
+                                                          "our user or AE title may not store it; grant it on the PACS "
+                                                          "(the file waits and is retried)")
     return InstanceResult(uid, outcome, status, code, f"PACS refused it: FailureReason {format_code(code)}")
 
 

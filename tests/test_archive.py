@@ -185,3 +185,29 @@ def test_two_unpacks_of_one_zip_commit_once(tmp_path, monkeypatch):
     assert first == [] and len(second[0]) == 1
     assert [str(spool.relative(p)) for p in spool.files("sending")] == ["study/a.dcm"]
     assert not list(spool.root.glob(".relaypacs-unzip-*"))
+
+
+def test_a_file_named_like_the_zip_folder_does_not_strand_the_unpack(tmp_path):
+    """sending/CT1 (a file) beside sending/CT1.zip: the members go to CT1~1/, the zip to sent/."""
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    write_instance(tmp_path / "a.dcm")
+    (spool.sending / "CT1").write_bytes(b"a file of that name")
+    z = _zip(spool.sending / "CT1.zip", {"a.dcm": (tmp_path / "a.dcm").read_bytes()})
+    moved = unpack_to_sending(spool, z)
+    assert [str(spool.relative(p)) for p in moved] == ["CT1~1/a.dcm"]
+    assert (spool.sent / "CT1.zip").exists() and not list(spool.root.glob(".relaypacs-unzip-*"))
+
+
+def test_a_failure_after_the_commit_says_where_the_files_wait(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    write_instance(tmp_path / "a.dcm")
+    z = _zip(spool.sending / "CT1.zip", {"a.dcm": (tmp_path / "a.dcm").read_bytes()})
+    monkeypatch.setattr(Spool, "_move", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(archive.UnpackInterrupted, match="wait in .*relaypacs-unzip-.*next start") as err:
+        unpack_to_sending(spool, z)
+    assert "No space left" in str(err.value)
+    monkeypatch.undo()
+    assert [str(spool.relative(p)) for p in resume_unpacks(spool)] == ["CT1/a.dcm"]  # the next start
+    assert (spool.sent / "CT1.zip").exists()

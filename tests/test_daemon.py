@@ -1,5 +1,6 @@
 """The daemon object: start-up recovery and its hand-offs between watcher, validation and the engine."""
 
+import json
 import os
 import shutil
 import socket
@@ -14,7 +15,7 @@ from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
-from relaypacsd.journal import Update
+from relaypacsd.journal import Journal, Update
 from relaypacsd.spool import Spool, sidecar_path
 from tests.dicomfactory import write_instance
 from tests.test_delivery import ScriptedPacs, count, gated, wait_until
@@ -39,6 +40,7 @@ def test_start_forgets_rows_of_files_a_killed_run_moved_but_did_not_record(tmp_p
     spool.prepare()
     sop = write_instance(tmp_path / "img.dcm")
     old = spool.sending / "img.dcm"  # what the killed run had moved on to sent/
+    shutil.copy(tmp_path / "img.dcm", spool.sent / "img.dcm")
     daemon.journal.ensure(str(old), ["orthanc"], sop=sop)
     daemon.journal.apply([Update(str(old), "orthanc", "delivered", "delivered")])
     keep = spool.sending / "keep.dcm"
@@ -48,10 +50,33 @@ def test_start_forgets_rows_of_files_a_killed_run_moved_but_did_not_record(tmp_p
     try:
         assert daemon.journal.rows(str(old)) == {}
         shutil.copy(tmp_path / "img.dcm", spool.inbox / "img.dcm")
-        assert wait_until(lambda: count(spool, "sent") == 2)
+        assert wait_until(lambda: count(spool, "sent") == 3)  # the killed run's, keep.dcm, the new img.dcm
     finally:
         daemon.shutdown(timeout=5)
     assert pacs.received(sop) == 2  # keep.dcm (its rows were kept: the file exists) and the new img.dcm
+
+
+def test_start_keeps_the_rows_of_files_merely_out_of_sight(tmp_path):
+    """A share not mounted yet hides sending/ and failed/: forgetting their rows would send the files
+    again, once back, to the PACS that confirmed them."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    hidden = [spool.sending / "half-sent.dcm", spool.failed / "rejected.dcm"]
+    for key in hidden:
+        daemon.journal.ensure(str(key), ["orthanc", "other"], sop="1.2.3")
+        daemon.journal.apply([Update(str(key), "other", "delivered", "delivered")])
+    moved = spool.sending / "moved.dcm"  # a killed run moved it to failed/ before recording it
+    (spool.failed / "moved.dcm").write_bytes(b"x")
+    daemon.journal.ensure(str(moved), ["orthanc"], sop="1.2.4")
+    daemon.start()
+    daemon.shutdown(timeout=5)
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    try:
+        assert all(journal.rows(str(key))["other"].state == "delivered" for key in hidden)
+        assert journal.rows(str(moved)) == {} and journal.rows(str(spool.failed / "moved.dcm"))
+    finally:
+        journal.close()
 
 
 def test_a_file_of_the_same_name_claimed_while_the_last_one_was_moved_out_is_taken_at_once(tmp_path):
@@ -92,6 +117,8 @@ def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_p
         reloading.start()
         time.sleep(0.5)
         assert reloading.is_alive() and [p for p in pings if p > began]  # waiting, and systemd knows it lives
+        beat = json.loads((tmp_path / "state" / "heartbeat.json").read_text())
+        assert beat["time"] > time.time() - 1 and beat["alive"]  # and so does `relaypacsd health`
         gate.set()
         reloading.join(10)
         assert not reloading.is_alive() and wait_until(lambda: count(spool, "sent") == 1)
@@ -236,3 +263,20 @@ def test_a_probe_hanging_on_a_pacs_holds_up_neither_start_nor_stop(tmp_path):
     assert probed.wait(5)
     time.sleep(0.2)
     assert daemon.engine.destinations["orthanc"].healthy  # what the late probe found is not recorded
+
+
+def test_a_reload_is_not_held_up_by_a_scanner_stuck_on_a_hung_share(tmp_path, monkeypatch):
+    """Only a validation (an unpack) gets the long wait; the other threads of the old generation get 5 s."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    hung = threading.Event()
+    monkeypatch.setattr(daemon.watchers[0], "tick", lambda *a, **k: hung.wait(60) and [])
+    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
+    daemon.start()
+    try:
+        reloading = threading.Thread(target=daemon.reload)
+        reloading.start()
+        reloading.join(30)
+        assert not reloading.is_alive()
+    finally:
+        hung.set()
+        daemon.shutdown(timeout=5)

@@ -133,5 +133,14 @@ def test_a_preallocated_file_not_yet_filled_is_truncated(tmp_path):
     data = (tmp_path / "report.dcm").read_bytes()
     inspect(tmp_path / "report.dcm")  # complete as written
     (tmp_path / "x.dcm").write_bytes(data + bytes(4096))  # the rest of the preallocated size, still zeros
-    with pytest.raises(TruncatedDicom, match="out of order"):
+    with pytest.raises(TruncatedDicom, match="zeros where data should be"):
         inspect(tmp_path / "x.dcm")
+
+
+def test_elements_out_of_order_or_repeated_still_pass(tmp_path):
+    """Some anonymizers append an element after the pixel data or repeat one: PACS read such files."""
+    write_instance(tmp_path / "full.dcm")
+    data = (tmp_path / "full.dcm").read_bytes()
+    appended = b"\x12\x00\x62\x00CS\x04\x00YES "  # (0012,0062) PatientIdentityRemoved, after (7FE0,0010)
+    (tmp_path / "x.dcm").write_bytes(data + appended)
+    assert inspect(tmp_path / "x.dcm").size == len(data) + len(appended)

@@ -53,7 +53,7 @@ def outcomes(results: list[InstanceResult]) -> list[Outcome]:
     (0x0122, Outcome.PERMANENT),
     (0x0110, Outcome.LIMITED), (0x1234, Outcome.LIMITED), (0xFFFF, Outcome.LIMITED),
     (0x0111, Outcome.DUPLICATE), (0xA770, Outcome.DUPLICATE), (45070, Outcome.DUPLICATE),
-    (0x0124, Outcome.DESTINATION),
+    (0x0124, Outcome.TRANSIENT),
 ])
 def test_classify_reason_table(code: int, expected: Outcome) -> None:
     assert classify_reason(code) is expected
@@ -94,7 +94,7 @@ def test_failure_reason_given_in_decimal() -> None:
 @pytest.mark.parametrize("code,expected", [
     (0xA700, Outcome.TRANSIENT), (0xC122, Outcome.PERMANENT), (0x0122, Outcome.PERMANENT),
     (0x0111, Outcome.DUPLICATE), (45070, Outcome.DUPLICATE), (0xA770, Outcome.DUPLICATE),
-    (0x0124, Outcome.DESTINATION),
+    (0x0124, Outcome.TRANSIENT),
 ])
 def test_failed_sop_classified(code: int, expected: Outcome) -> None:
     [r] = reconcile(202, failed(A, code), [A])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -134,16 +132,3 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
             raise UsageError(f"{raw}: no such file or folder")
     return out
 
-
-def process_gone(beat: dict) -> bool:
-    """True if a heartbeat's writer ran on this host (same PID namespace) and its pid no longer exists."""
-    pid = beat.get("pid")
-    if not isinstance(pid, int) or beat.get("host") != socket.gethostname():
-        return False  # written elsewhere (another container, an old heartbeat): only its age counts
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, run by another user
-        return False
-    return False

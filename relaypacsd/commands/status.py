@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, process_gone, table
+from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
+from relaypacsd.heartbeat import process_gone
 from relaypacsd.journal import Journal
 from relaypacsd.spool import Spool, read_sidecar
 

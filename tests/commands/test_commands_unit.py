@@ -250,6 +250,9 @@ BROKEN = {  # name -> (relaypacs.toml text, environment, words the one line must
     "password in env and password_file": ('[pacs.orthanc]\nurl = "http://pacs"\npassword_file = "/run/pw"\n',
                                           {"ORTHANC_PASSWORD": SECRET}, "ORTHANC_PASSWORD"),
     "relative state_dir": ('[daemon]\nstate_dir = "state"\n', {}, "absolute path"),
+    "broken IPv6 bracket in the token url": ('[pacs.orthanc]\nurl = "http://pacs"\nclient_id = "relay"\n'
+                                             'oauth2_token_url = "https://[::1/token"\n', {}, "not a valid URL"),
+    "token in the query of a bad url": ("", {"ORTHANC_URL": f"http://pacs:80a42/?token={SECRET}"}, "port"),
 }
 
 
@@ -264,6 +267,16 @@ def test_a_broken_config_is_one_line_exit_2_no_traceback_no_secret(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("relaypacsd: error:") and words in err, err
     assert "Traceback" not in err and SECRET not in err
+
+
+def test_valid_unusual_settings_are_still_accepted(tmp_path):
+    from relaypacsd.config import build_config
+
+    certs = tmp_path / "certs"
+    certs.mkdir()  # a hashed CA folder (c_rehash) is a valid ca_bundle for requests
+    config = build_config({"watch": [{"path": str(tmp_path)}], "pacs": {"orthanc": {
+        "url": "http://[::1]:8042", "dicomweb_root": "/pacs@site/rs", "ca_bundle": str(certs)}}}, {})
+    assert config.pacs["orthanc"].stow_base == "http://[::1]:8042/pacs@site/rs"
 
 
 def test_a_relative_watch_path_is_refused_with_its_absolute_form(tmp_path, capsys):
@@ -339,3 +352,29 @@ def test_a_client_secret_over_plain_http_is_warned_about():
     assert any("client secret" in w and "http://idp.example/token" in w for w in security_warnings(pacs))
     local = PacsConfig(name="orthanc", url="https://pacs", oauth2_token_url="http://127.0.0.1:9/token", client_id="x")
     assert not any("client secret" in w for w in security_warnings(local))
+
+
+def test_when_stow_and_cstore_are_both_unreachable_the_error_says_both(tmp_path):
+    """Rebuilding the C-STORE error with the STOW one used to raise TypeError (a worker's "unexpected error")."""
+    from relaypacsd.config import PacsConfig
+    from relaypacsd.destinations import FallbackSender
+
+    pacs = PacsConfig(name="orthanc", type="orthanc", url="http://127.0.0.1:1", ae_title="ORTHANC",
+                      dicom_host="127.0.0.1", dicom_port=1, fallback="cstore", connect_timeout=1.0)
+    sender = FallbackSender(pacs)
+    write_instance_path = tmp_path / "a.dcm"
+    from tests.dicomfactory import write_instance
+
+    sop = write_instance(write_instance_path)
+    with pytest.raises(PacsUnreachable) as err:
+        sender.send([StowPart(write_instance_path, sop, write_instance_path.stat().st_size)])
+    assert "DICOM port unreachable" in str(err.value) and "STOW-RS also failed" in str(err.value)
+    with pytest.raises(PacsUnreachable, match="and STOW-RS"):
+        sender.probe()
+
+
+def test_the_command_line_does_not_load_pydicom_for_health():
+    """`health` runs every few seconds (Docker HEALTHCHECK): it must stay light."""
+    code = "import sys, relaypacsd.cli; print('pydicom' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "False"

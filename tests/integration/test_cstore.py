@@ -173,5 +173,6 @@ def test_classify_status_table():
         assert classify_status(code)[0] is Outcome.PERMANENT
     for code in (0x0111, 0xA770, 0xB00E):  # dcm4chee's and Azure's "already have it" too
         assert classify_status(code)[0] is Outcome.DUPLICATE
-    assert classify_status(0x0124)[0] is Outcome.DESTINATION  # not authorized: the PACS's setup
+    outcome, words = classify_status(0x0124)  # not authorized: the PACS's setup; the file waits
+    assert outcome is Outcome.TRANSIENT and "allow it on the PACS" in words
     assert classify_status(None)[0] is Outcome.TRANSIENT
