@@ -156,10 +156,10 @@ def unpack_to_sending(spool: Spool, zip_path: Path, limits: Limits = Limits()) -
     # it stays for start-up to finish (resume_unpacks); it is removed only once they are all out.
     try:
         moved = _finish_unpack(spool, tmp)
-    except OSError as exc:
+    except (OSError, RelayPacsError) as exc:
         raise UnpackInterrupted(f"unpacking {spool.relative(zip_path)} stopped after some files reached sending/ "
-                                f"({exc}): the zip and the other files wait in {tmp} and are moved on at the next "
-                                "start; fix the cause (permissions, free space) first") from None
+                                f"({exc}): the zip and the other files wait in {tmp}; fix the cause (permissions, "
+                                "free space), then restart the service: its start moves them on") from None
     shutil.rmtree(tmp, ignore_errors=True)
     return moved
 

@@ -343,17 +343,14 @@ def _check_numbers(config: Config, where: str) -> None:
                 raise ConfigError(f"{where}: {key}.{f.name}{env} = {value:g}: use {low:g} to {high:g} {unit}".rstrip())
 
 
-def _shown_url(url: str) -> str:
-    """A URL as safe to print: whatever precedes an '@' (a user name and password) is hidden."""
-    return "***@" + url.rsplit("@", 1)[1] if "@" in url else url
-
-
 def _check_url(url: str, key: str, where: str, env: str = "",
                creds: str = "their own keys (username / password or password_file, client_secret)") -> None:
     """http(s) scheme, a host, a valid port, and no credentials in it (they would be printed wherever it is)."""
     also = f" (or {env})" if env else ""
     if not (url.startswith("http://") or url.startswith("https://")):
-        raise ConfigError(f"{where}: {key}{also} = {_shown_url(url)!r}: must start with http:// or https://")
+        # Not the URL itself: it may hold a password before an '@' or a token in its query.
+        start = f"it starts with {url.split('://', 1)[0][:10]!r}://" if "://" in url else "it has no scheme"
+        raise ConfigError(f"{where}: {key}{also}: must start with http:// or https:// ({start})")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number

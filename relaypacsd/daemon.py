@@ -25,7 +25,7 @@ from relaypacsd.destinations import build_sender
 from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.notify import Notifier
-from relaypacsd.spool import Spool, age_seconds, now_iso, sync_dirs
+from relaypacsd.spool import Spool, age_seconds, now_iso, read_sidecar, sync_dirs
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
@@ -107,8 +107,10 @@ class Daemon:
         for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
             self._settle_journal(spool)
         self.engine.start()
+        # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
+        # go on beside the new generation with the old settings.
         for name in range(2):
-            self._spawn(self._validator, f"{VALIDATOR}{name}")
+            self._spawn(lambda stop=self.stop_event: self._validator(stop), f"{VALIDATOR}{name}")
         recovered = self._recover()
         if recovered:
             logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
@@ -116,7 +118,7 @@ class Daemon:
             watcher.start()
         # One scanner per watch root: a share that hangs (a hard NFS mount) must not stop the others.
         for i, (spool, watcher) in enumerate(zip(self.spools, self.watchers)):
-            self._spawn(lambda s=spool, w=watcher: self._scanner(s, w), f"scanner-{i}")
+            self._spawn(lambda s=spool, w=watcher, stop=self.stop_event: self._scanner(s, w, stop), f"scanner-{i}")
         self._start_jobs()  # the health probe's first run is at once, in the scheduler: a PACS that hangs
                             # must not hold up start-up (nor a reload, which watchdog pings do not cover here)
         self.ready.set()
@@ -282,17 +284,17 @@ class Daemon:
 
     # -- finding and validating files ------------------------------------------------------------------
 
-    def _scanner(self, spool: Spool, watcher: InboxWatcher) -> None:
+    def _scanner(self, spool: Spool, watcher: InboxWatcher, stop: threading.Event) -> None:
         arrived = watcher.arrived
         assert arrived is not None
-        while not self.stop_event.is_set():
+        while not stop.is_set():
             arrived.clear()  # before the look: an event during it makes the next look come at once
             try:
                 ready = watcher.tick()
                 # Claim in small groups: one fsync per directory and group, before anything is sent,
                 # and the first files reach validation without waiting for a large burst.
                 for i in range(0, len(ready), CLAIM_GROUP):
-                    if self.stop_event.is_set():
+                    if stop.is_set():  # also after a tick that hung past a reload: claim nothing
                         break
                     claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]) if m]
                     sync_dirs(claimed)
@@ -301,7 +303,7 @@ class Daemon:
             except Exception:
                 logger.exception("watch {}: scan failed; retrying", spool.inbox)
             if arrived.wait(TICK):
-                self.stop_event.wait(GATHER)
+                stop.wait(GATHER)
 
     def _claim(self, spool: Spool, path: Path) -> Path | None:
         """Claim one file; a file that cannot be moved is logged and left, never holding up the others."""
@@ -319,10 +321,11 @@ class Daemon:
             self._intake_paths.add(path)
         self._intake.put((spool, path))
 
-    def _validator(self) -> None:
-        while not self.stop_event.is_set():
+    def _validator(self, stop: threading.Event) -> None:
+        intake = self._intake  # this generation's
+        while not stop.is_set():
             try:
-                spool, path = self._intake.get(timeout=0.5)
+                spool, path = intake.get(timeout=0.5)
             except queue.Empty:
                 continue
             try:
@@ -334,20 +337,24 @@ class Daemon:
                     self._intake_paths.discard(path)
 
     def _settle_journal(self, spool: Spool) -> None:
-        """Rows left under sending/ by a run killed between a file's move and its journal update: forget them
-        when the file is in sent/, follow it when it is in failed/. Only on that evidence: a file merely out
-        of sight (a share not mounted yet) keeps its rows, or a PACS that has it would get it again."""
+        """Rows left under sending/ by a run killed between a file's move and its journal update: follow the
+        file into failed/, or forget them once it is in sent/. Only on evidence, the same SOP Instance UID
+        under that name or one a clash gave it (a~1.dcm): names are reused, and a file merely out of sight
+        (a share not mounted yet) keeps its rows, or a PACS that has it would get it again."""
         for key in self.journal.paths_under(str(spool.sending)):
             path = Path(key)
-            if path.exists():
+            sop = self.journal.sop_of(key)
+            if path.exists() or not sop:
                 continue
             rel = spool.relative(path)
-            if (spool.sent / rel).exists():
+            failed = [f for f in spool.namesakes(spool.failed / rel)
+                      if (read_sidecar(f) or {}).get("sop_instance_uid") == sop and not self.journal.rows(str(f))]
+            if failed:
+                self.journal.rename(key, str(failed[0]))
+                logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
+            elif any(dicomfile.sop_instance_uid(f) == sop for f in spool.namesakes(spool.sent / rel)):
                 self.journal.forget(key)
                 logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
-            elif (spool.failed / rel).exists():
-                self.journal.rename(key, str(spool.failed / rel))
-                logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
 
     def _resume_unpacks(self, spool: Spool) -> None:
         try:
@@ -371,8 +378,9 @@ class Daemon:
                 for member in members:
                     self._queue_intake(spool, member)
                 if members:
+                    folder = Path(os.path.commonpath([str(m.parent) for m in members]))
                     logger.info("PACS forward unpacked {} into {}: {} file(s)", spool.relative(path),
-                                path.with_suffix("").name, len(members))
+                                spool.relative(folder), len(members))
                 return
             except archive.UnpackInterrupted as exc:
                 logger.error("PACS forward: {}", exc)
@@ -397,6 +405,17 @@ class Daemon:
                                 "sweep", spool.relative(path), age_seconds(path))
                 return
             self._growing.pop(path, None)
+            if isinstance(exc, dicomfile.ZeroTail):
+                # Still zeros after the grace: padding after a complete data set, not data still to come.
+                try:
+                    info = dicomfile.inspect(path, zero_tail_ok=True)
+                except InvalidDicomError as again:
+                    exc = again
+                else:
+                    logger.warning("{} ends in zero bytes after its data set: taken as padding and forwarded",
+                                   spool.relative(path))
+                    self.engine.submit(path, spool, info)
+                    return
             stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
             new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                 "next_step": "fix or replace the file; `relaypacsd retry FILE` "

@@ -48,6 +48,10 @@ class TruncatedDicom(InvalidDicomError):
     """The file ends before its data set does: cut off, or still being written."""
 
 
+class ZeroTail(TruncatedDicom):
+    """Zero bytes follow the data set: a file preallocated and still being filled, or plain padding."""
+
+
 class DicomDirFound(InvalidDicomError):
     """The file is a DICOMDIR (an index of a media set), which is never sent as an instance."""
 
@@ -61,8 +65,19 @@ def is_dicomdir(path: str | os.PathLike[str]) -> bool:
     return str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS
 
 
-def inspect(path: str | os.PathLike[str]) -> DicomInfo:
-    """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why."""
+def sop_instance_uid(path: str | os.PathLike[str]) -> str:
+    """The file's SOP Instance UID from its meta header, else its data set; '' when it has none."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        uid = str(meta.get("MediaStorageSOPInstanceUID", "")).strip("\0 ")
+        return uid or str(pydicom.dcmread(path, stop_before_pixels=True).get("SOPInstanceUID", "")).strip("\0 ")
+    except Exception:  # not readable as DICOM: it is no evidence of anything
+        return ""
+
+
+def inspect(path: str | os.PathLike[str], *, zero_tail_ok: bool = False) -> DicomInfo:
+    """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why.
+    zero_tail_ok: zero bytes after the data set are padding (once the file has stopped changing)."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -79,7 +94,7 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
             "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
             "the image files it lists are forwarded as files of their own")
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")).strip() or _IMPLICIT_LE
-    top_level, raw = _check_complete(path, transfer_syntax, size)
+    top_level, raw = _check_complete(path, transfer_syntax, size, zero_tail_ok)
     values = {}
     for keyword, tag in _REQUIRED_TAGS.items():
         value = raw.get(tag, "")
@@ -125,7 +140,24 @@ class _Truncated(Exception):
     pass
 
 
-def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[int], dict[int, str]]:
+class _ZeroTail(_Truncated):
+    def __init__(self, pos: int):
+        super().__init__(f"zeros from byte {pos}")
+        self.pos = pos
+
+
+def _all_zero(reader: "_Reader", pos: int) -> bool:
+    """True when every byte from `pos` to the end of the file is zero."""
+    while pos < reader.size:
+        chunk = os.pread(reader.fd, 1 << 20, pos)
+        if not chunk or chunk.strip(b"\0"):
+            return False
+        pos += len(chunk)
+    return True
+
+
+def _check_complete(path: Path, transfer_syntax: str, size: int,
+                    zero_tail_ok: bool = False) -> tuple[set[int], dict[int, str]]:
     """Walk every element header and require the last element to end exactly at the end of the file.
 
     Returns the top-level tags seen and the required UIDs' values, read on the way. A pydicom Dataset parse
@@ -154,6 +186,11 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
                 raise TruncatedDicom("no data set after the file meta header: the file is truncated or empty; "
                                      "send it again")
             pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw)
+        except _ZeroTail as exc:
+            if not (zero_tail_ok and _all_zero(reader, exc.pos)):
+                raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
+                               "or preallocated and never filled); send it again") from None
+            pos = size  # a complete data set, then padding
         except _Truncated as exc:
             raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "
                                  "send it again") from None
@@ -244,8 +281,7 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
             # elements before it. Only that signature counts: tags merely out of order or repeated (some
             # anonymizers append elements) are read by every PACS and were always forwarded.
             if group == 0 and tag <= last:
-                raise _Truncated(f"zeros where data should be, from byte {pos} (still being written, or "
-                                 "preallocated and never filled)")
+                raise _ZeroTail(pos)
             last = max(last, tag)
             seen.add(tag)
         vr = buf[off + 4:off + 6]

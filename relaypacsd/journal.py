@@ -190,6 +190,11 @@ class Journal:
         if stmts:
             self._tx(stmts)
 
+    def sop_of(self, path: str) -> str:
+        """The SOP Instance UID the rows of `path` are about ('' when unknown)."""
+        found = self._exec("SELECT sop FROM deliveries WHERE path = ? AND sop != '' LIMIT 1", (path,))
+        return found[0][0] if found else ""
+
     def paths_under(self, folder: str) -> list[str]:
         """Every file path with rows, beneath `folder`."""
         prefix = folder.rstrip(os.sep) + os.sep

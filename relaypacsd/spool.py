@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -184,6 +185,15 @@ class Spool:
                         continue
                     oldest = age if oldest is None else max(oldest, age)
         return counts, oldest
+
+    def namesakes(self, path: Path) -> list[Path]:
+        """`path` and the files a name clash gave its ~N names (a.dcm, a~1.dcm, ...), those that exist."""
+        pattern = re.compile(re.escape(path.stem) + r"(~\d+)?" + re.escape(path.suffix))
+        try:
+            names = os.listdir(path.parent)
+        except OSError:
+            return []
+        return sorted(path.parent / name for name in names if pattern.fullmatch(name))
 
     def _reserve(self, dest: Path) -> Path:
         """A free name near `dest`: a same-named file never overwrites another (a.dcm, a~1.dcm, ...)."""

@@ -205,7 +205,7 @@ def test_a_failure_after_the_commit_says_where_the_files_wait(tmp_path, monkeypa
     write_instance(tmp_path / "a.dcm")
     z = _zip(spool.sending / "CT1.zip", {"a.dcm": (tmp_path / "a.dcm").read_bytes()})
     monkeypatch.setattr(Spool, "_move", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(archive.UnpackInterrupted, match="wait in .*relaypacs-unzip-.*next start") as err:
+    with pytest.raises(archive.UnpackInterrupted, match="wait in .*relaypacs-unzip-.*restart the service") as err:
         unpack_to_sending(spool, z)
     assert "No space left" in str(err.value)
     monkeypatch.undo()

@@ -16,7 +16,7 @@ from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Journal, Update
-from relaypacsd.spool import Spool, sidecar_path
+from relaypacsd.spool import Spool, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
 from tests.test_delivery import ScriptedPacs, count, gated, wait_until
 
@@ -68,6 +68,7 @@ def test_start_keeps_the_rows_of_files_merely_out_of_sight(tmp_path):
         daemon.journal.apply([Update(str(key), "other", "delivered", "delivered")])
     moved = spool.sending / "moved.dcm"  # a killed run moved it to failed/ before recording it
     (spool.failed / "moved.dcm").write_bytes(b"x")
+    write_sidecar(spool.failed / "moved.dcm", {"reason": "refused", "sop_instance_uid": "1.2.4"})
     daemon.journal.ensure(str(moved), ["orthanc"], sop="1.2.4")
     daemon.start()
     daemon.shutdown(timeout=5)
@@ -77,6 +78,36 @@ def test_start_keeps_the_rows_of_files_merely_out_of_sight(tmp_path):
         assert journal.rows(str(moved)) == {} and journal.rows(str(spool.failed / "moved.dcm"))
     finally:
         journal.close()
+
+
+def test_start_settles_rows_by_instance_not_by_name(tmp_path):
+    """Modalities reuse names: an older IMG.dcm in sent/ or failed/ is not the file the killed run moved."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    older = write_instance(spool.sent / "IMG.dcm")  # delivered long ago, another instance
+    ours = write_instance(spool.failed / "IMG.dcm")  # the killed run's file, refused by orthanc
+    write_sidecar(spool.failed / "IMG.dcm", {"reason": "refused", "sop_instance_uid": ours})
+    old_failure = spool.failed / "CT.dcm"  # an older failure, with its own rows
+    old_sop = write_instance(old_failure)
+    write_sidecar(old_failure, {"reason": "refused", "sop_instance_uid": old_sop})
+    daemon.journal.ensure(str(old_failure), ["orthanc"], sop=old_sop)
+    ours2 = write_instance(spool.failed / "CT~1.dcm")  # the killed run's, placed beside it
+    write_sidecar(spool.failed / "CT~1.dcm", {"reason": "refused", "sop_instance_uid": ours2})
+    for name, sop in (("IMG.dcm", ours), ("CT.dcm", ours2)):
+        key = str(spool.sending / name)
+        daemon.journal.ensure(key, ["orthanc", "other"], sop=sop)
+        daemon.journal.apply([Update(key, "other", "delivered", "delivered")])
+    daemon.start()
+    daemon.shutdown(timeout=5)
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    try:
+        assert journal.rows(str(spool.failed / "IMG.dcm"))["other"].state == "delivered"  # not forgotten
+        assert journal.rows(str(spool.failed / "CT~1.dcm"))["other"].state == "delivered"
+        assert journal.sop_of(str(old_failure)) == old_sop and set(journal.rows(str(old_failure))) == {"orthanc"}
+    finally:
+        journal.close()
+    assert older != ours
 
 
 def test_a_file_of_the_same_name_claimed_while_the_last_one_was_moved_out_is_taken_at_once(tmp_path):
@@ -280,3 +311,57 @@ def test_a_reload_is_not_held_up_by_a_scanner_stuck_on_a_hung_share(tmp_path, mo
     finally:
         hung.set()
         daemon.shutdown(timeout=5)
+
+
+def test_a_scanner_that_outlives_a_reload_claims_nothing_after_it(tmp_path, monkeypatch):
+    """Back from a tick that hung past the reload's wait, the old scanner must end, not claim with the
+    old settings beside the new generation."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    hung, entered = threading.Event(), threading.Event()
+    late = spool.inbox / "late.dcm"
+
+    def hanging_tick(*args, **kwargs):
+        entered.set()
+        hung.wait(60)
+        return [late]  # what it found settled, by its old rules
+
+    monkeypatch.setattr(daemon.watchers[0], "tick", hanging_tick)
+    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
+    claims: list[threading.Thread] = []
+    real_claim = daemon._claim
+    monkeypatch.setattr(daemon, "_claim", lambda s, p: claims.append(threading.current_thread()) or real_claim(s, p))
+    daemon.start()
+    try:
+        assert entered.wait(5)
+        old_scanner = next(t for t in threading.enumerate() if t.name == "scanner-0")
+        daemon.reload()  # its 5 s wait for the hung scanner runs out
+        write_instance(late)
+        hung.set()
+        old_scanner.join(5)
+        assert not old_scanner.is_alive() and old_scanner not in claims
+    finally:
+        hung.set()
+        daemon.shutdown(timeout=5)
+
+
+def test_a_zero_tail_waits_the_grace_then_goes_as_padding(tmp_path):
+    """Zeros after the data set: maybe a preallocating writer still filling the file, so it waits; still
+    zeros after the grace, they are padding (pydicom and PACS read such files): forwarded, not failed."""
+    from relaypacsd.dicomfile import inspect
+
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    write_instance(tmp_path / "full.dcm")
+    path = spool.sending / "padded.dcm"
+    path.write_bytes((tmp_path / "full.dcm").read_bytes() + bytes(4096))
+    daemon._validate(spool, path)
+    assert path in daemon._growing and not daemon.engine.known(path)  # written just now: it may still fill
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    daemon._validate(spool, path)
+    assert daemon.engine.known(path) and count(spool, "failed") == 0
+    assert inspect(path, zero_tail_ok=True).sop_instance_uid
+    daemon.journal.close()

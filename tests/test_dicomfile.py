@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from relaypacsd.dicomfile import DicomDirFound, TruncatedDicom, inspect, is_dicomdir
+from relaypacsd.dicomfile import DicomDirFound, TruncatedDicom, ZeroTail, inspect, is_dicomdir
 from relaypacsd.errors import InvalidDicomError
 from tests.dicomfactory import CT_SMALL, DICOMDIR, MR_SMALL, MR_TRUNCATED, NO_META, fresh, write_instance
 
@@ -133,8 +133,13 @@ def test_a_preallocated_file_not_yet_filled_is_truncated(tmp_path):
     data = (tmp_path / "report.dcm").read_bytes()
     inspect(tmp_path / "report.dcm")  # complete as written
     (tmp_path / "x.dcm").write_bytes(data + bytes(4096))  # the rest of the preallocated size, still zeros
-    with pytest.raises(TruncatedDicom, match="zeros where data should be"):
+    with pytest.raises(ZeroTail, match="zeros where data should be"):
         inspect(tmp_path / "x.dcm")
+    # Once the file has stopped changing, the zeros are padding: the daemon asks again, zero_tail_ok
+    assert inspect(tmp_path / "x.dcm", zero_tail_ok=True).size == len(data) + 4096
+    (tmp_path / "y.dcm").write_bytes(data + bytes(4096) + b"junk")
+    with pytest.raises(ZeroTail):
+        inspect(tmp_path / "y.dcm", zero_tail_ok=True)
 
 
 def test_elements_out_of_order_or_repeated_still_pass(tmp_path):

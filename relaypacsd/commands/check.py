@@ -89,7 +89,10 @@ def check_pacs(pacs: PacsConfig, c: Checker) -> None:
 
 
 def _check_tls(pacs: PacsConfig, sock: socket.socket, host: str, c: Checker) -> None:
-    ctx = ssl.create_default_context(cafile=pacs.ca_bundle or None)
+    # A CA bundle is a PEM file or a hashed certificate folder (c_rehash), as requests accepts both.
+    folder = bool(pacs.ca_bundle) and os.path.isdir(pacs.ca_bundle)
+    ctx = ssl.create_default_context(cafile=None if folder else pacs.ca_bundle or None,
+                                     capath=pacs.ca_bundle if folder else None)
     if not pacs.verify_tls:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

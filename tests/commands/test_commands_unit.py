@@ -253,6 +253,8 @@ BROKEN = {  # name -> (relaypacs.toml text, environment, words the one line must
     "broken IPv6 bracket in the token url": ('[pacs.orthanc]\nurl = "http://pacs"\nclient_id = "relay"\n'
                                              'oauth2_token_url = "https://[::1/token"\n', {}, "not a valid URL"),
     "token in the query of a bad url": ("", {"ORTHANC_URL": f"http://pacs:80a42/?token={SECRET}"}, "port"),
+    "scheme typo, token in the query": ("", {"ORTHANC_URL": f"htps://pacs/x?access_token={SECRET}"},
+                                        "starts with 'htps'"),
 }
 
 
@@ -378,3 +380,28 @@ def test_the_command_line_does_not_load_pydicom_for_health():
     code = "import sys, relaypacsd.cli; print('pydicom' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.strip() == "False"
+
+
+def test_check_reads_a_hashed_ca_folder_as_a_folder(tmp_path, monkeypatch):
+    """requests takes a c_rehash folder as ca_bundle; check's own TLS test must too, not fail 'unreachable'."""
+    import ssl
+
+    from relaypacsd.commands import check
+    from relaypacsd.config import PacsConfig
+
+    seen = {}
+
+    class Refusing:
+        verify_mode = check_hostname = None
+
+        def wrap_socket(self, *args, **kwargs):
+            raise ssl.SSLError("handshake refused (test)")
+
+    def context(cafile=None, capath=None):
+        seen.update(cafile=cafile, capath=capath)
+        return Refusing()
+
+    monkeypatch.setattr(check.ssl, "create_default_context", context)
+    c = check.Checker()
+    check._check_tls(PacsConfig(name="orthanc", url="https://pacs", ca_bundle=str(tmp_path)), None, "pacs", c)
+    assert seen == {"cafile": None, "capath": str(tmp_path)}
