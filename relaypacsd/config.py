@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -349,7 +350,9 @@ def _check_url(url: str, key: str, where: str, env: str = "",
     also = f" (or {env})" if env else ""
     if not (url.startswith("http://") or url.startswith("https://")):
         # Not the URL itself: it may hold a password before an '@' or a token in its query.
-        start = f"it starts with {url.split('://', 1)[0][:10]!r}://" if "://" in url else "it has no scheme"
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        start = f"it starts with {scheme!r}://" if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,9}", scheme) else \
+            "it has no scheme"
         raise ConfigError(f"{where}: {key}{also}: must start with http:// or https:// ({start})")
     try:
         parts = urlsplit(url)

@@ -25,7 +25,7 @@ from relaypacsd.destinations import build_sender
 from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.notify import Notifier
-from relaypacsd.spool import Spool, age_seconds, now_iso, read_sidecar, sync_dirs
+from relaypacsd.spool import Namesakes, Spool, age_seconds, now_iso, read_sidecar, sync_dirs
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
@@ -296,7 +296,8 @@ class Daemon:
                 for i in range(0, len(ready), CLAIM_GROUP):
                     if stop.is_set():  # also after a tick that hung past a reload: claim nothing
                         break
-                    claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]) if m]
+                    claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]
+                                           if not stop.is_set()) if m]
                     sync_dirs(claimed)
                     for moved in claimed:
                         self._queue_intake(spool, moved)
@@ -341,18 +342,23 @@ class Daemon:
         file into failed/, or forget them once it is in sent/. Only on evidence, the same SOP Instance UID
         under that name or one a clash gave it (a~1.dcm): names are reused, and a file merely out of sight
         (a share not mounted yet) keeps its rows, or a PACS that has it would get it again."""
+        namesakes = Namesakes()
         for key in self.journal.paths_under(str(spool.sending)):
             path = Path(key)
+            if path.exists():
+                continue
             sop = self.journal.sop_of(key)
-            if path.exists() or not sop:
+            if not sop:
                 continue
             rel = spool.relative(path)
-            failed = [f for f in spool.namesakes(spool.failed / rel)
-                      if (read_sidecar(f) or {}).get("sop_instance_uid") == sop and not self.journal.rows(str(f))]
+            # A failed file of this instance that has no rows of its own yet (rows there of another instance
+            # are a deleted file's, whose name was reused).
+            failed = [f for f in namesakes.of(spool.failed / rel)
+                      if (read_sidecar(f) or {}).get("sop_instance_uid") == sop and self.journal.sop_of(str(f)) != sop]
             if failed:
                 self.journal.rename(key, str(failed[0]))
                 logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
-            elif any(dicomfile.sop_instance_uid(f) == sop for f in spool.namesakes(spool.sent / rel)):
+            elif any(dicomfile.sop_instance_uid(f) == sop for f in namesakes.of(spool.sent / rel)):
                 self.journal.forget(key)
                 logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
 
@@ -395,7 +401,7 @@ class Daemon:
         except FileNotFoundError:
             return
         except InvalidDicomError as exc:
-            grace = max(TRUNCATION_GRACE, 5 * self._settle[spool.root])
+            grace = max(TRUNCATION_GRACE, 5 * self._settle.get(spool.root, 2.0))
             if isinstance(exc, dicomfile.TruncatedDicom) and self._quiet_for(path) < grace:
                 # A writer on a share may pause longer than the settle time: leave it in sending/ and
                 # look again at the next sweep instead of failing a file that may still be growing.
@@ -405,21 +411,14 @@ class Daemon:
                                 "sweep", spool.relative(path), age_seconds(path))
                 return
             self._growing.pop(path, None)
-            if isinstance(exc, dicomfile.ZeroTail):
-                # Still zeros after the grace: padding after a complete data set, not data still to come.
-                try:
-                    info = dicomfile.inspect(path, zero_tail_ok=True)
-                except InvalidDicomError as again:
-                    exc = again
-                else:
-                    logger.warning("{} ends in zero bytes after its data set: taken as padding and forwarded",
-                                   spool.relative(path))
-                    self.engine.submit(path, spool, info)
-                    return
             stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
+            next_step = "fix or replace the file; `relaypacsd retry FILE` queues it again"
+            if isinstance(exc, dicomfile.ZeroTail):
+                # Never forwarded as it is: a preallocating writer paused past the grace looks just the same.
+                next_step = (f"if the sender is done and the zeros are only padding, `truncate -s {exc.data_end} "
+                             "FILE` removes them; then `relaypacsd retry FILE`. Else send the file again")
             new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
-                                                "next_step": "fix or replace the file; `relaypacsd retry FILE` "
-                                                             "queues it again"})
+                                                "next_step": next_step})
             self.counters["failed"] += 1
             logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
             return

@@ -51,6 +51,10 @@ class TruncatedDicom(InvalidDicomError):
 class ZeroTail(TruncatedDicom):
     """Zero bytes follow the data set: a file preallocated and still being filled, or plain padding."""
 
+    def __init__(self, message: str, data_end: int):
+        super().__init__(message)
+        self.data_end = data_end  # where the zeros begin
+
 
 class DicomDirFound(InvalidDicomError):
     """The file is a DICOMDIR (an index of a media set), which is never sent as an instance."""
@@ -75,9 +79,8 @@ def sop_instance_uid(path: str | os.PathLike[str]) -> str:
         return ""
 
 
-def inspect(path: str | os.PathLike[str], *, zero_tail_ok: bool = False) -> DicomInfo:
-    """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why.
-    zero_tail_ok: zero bytes after the data set are padding (once the file has stopped changing)."""
+def inspect(path: str | os.PathLike[str]) -> DicomInfo:
+    """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -94,7 +97,7 @@ def inspect(path: str | os.PathLike[str], *, zero_tail_ok: bool = False) -> Dico
             "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
             "the image files it lists are forwarded as files of their own")
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")).strip() or _IMPLICIT_LE
-    top_level, raw = _check_complete(path, transfer_syntax, size, zero_tail_ok)
+    top_level, raw = _check_complete(path, transfer_syntax, size)
     values = {}
     for keyword, tag in _REQUIRED_TAGS.items():
         value = raw.get(tag, "")
@@ -156,8 +159,7 @@ def _all_zero(reader: "_Reader", pos: int) -> bool:
     return True
 
 
-def _check_complete(path: Path, transfer_syntax: str, size: int,
-                    zero_tail_ok: bool = False) -> tuple[set[int], dict[int, str]]:
+def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[int], dict[int, str]]:
     """Walk every element header and require the last element to end exactly at the end of the file.
 
     Returns the top-level tags seen and the required UIDs' values, read on the way. A pydicom Dataset parse
@@ -187,10 +189,9 @@ def _check_complete(path: Path, transfer_syntax: str, size: int,
                                      "send it again")
             pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw)
         except _ZeroTail as exc:
-            if not (zero_tail_ok and _all_zero(reader, exc.pos)):
-                raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
-                               "or preallocated and never filled); send it again") from None
-            pos = size  # a complete data set, then padding
+            padding = " or padded with zeros" if _all_zero(reader, exc.pos) else ""
+            raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
+                           f"preallocated and never filled{padding})", exc.pos) from None
         except _Truncated as exc:
             raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "
                                  "send it again") from None

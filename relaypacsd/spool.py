@@ -186,14 +186,6 @@ class Spool:
                     oldest = age if oldest is None else max(oldest, age)
         return counts, oldest
 
-    def namesakes(self, path: Path) -> list[Path]:
-        """`path` and the files a name clash gave its ~N names (a.dcm, a~1.dcm, ...), those that exist."""
-        pattern = re.compile(re.escape(path.stem) + r"(~\d+)?" + re.escape(path.suffix))
-        try:
-            names = os.listdir(path.parent)
-        except OSError:
-            return []
-        return sorted(path.parent / name for name in names if pattern.fullmatch(name))
 
     def _reserve(self, dest: Path) -> Path:
         """A free name near `dest`: a same-named file never overwrites another (a.dcm, a~1.dcm, ...)."""
@@ -295,3 +287,27 @@ def age_seconds(path: Path) -> float:
         return max(0.0, time.time() - path.stat().st_mtime)
     except OSError:
         return 0.0
+
+
+class Namesakes:
+    """Files by the name they had before a clash gave them a ~N (a~1.dcm -> a.dcm): each folder is listed
+    once, however many names are looked up in it."""
+
+    _CLASH = re.compile(r"~\d+(?=(\.[^.]*)?$)")
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, dict[str, list[Path]]] = {}
+
+    def of(self, path: Path) -> list[Path]:
+        """`path` and the files a name clash gave its ~N names (a.dcm, a~1.dcm, ...), those that exist."""
+        index = self._folders.get(path.parent)
+        if index is None:
+            index = self._folders[path.parent] = {}
+            try:
+                names = os.listdir(path.parent)
+            except OSError:
+                names = []
+            for name in names:  # under its own name too: a modality may name a file scan~5.dcm itself
+                for key in {name, self._CLASH.sub("", name, count=1)}:
+                    index.setdefault(key, []).append(path.parent / name)
+        return sorted(index.get(path.name, []))

@@ -16,7 +16,7 @@ from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Journal, Update
-from relaypacsd.spool import Spool, sidecar_path, write_sidecar
+from relaypacsd.spool import Spool, read_sidecar, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
 from tests.test_delivery import ScriptedPacs, count, gated, wait_until
 
@@ -94,7 +94,11 @@ def test_start_settles_rows_by_instance_not_by_name(tmp_path):
     daemon.journal.ensure(str(old_failure), ["orthanc"], sop=old_sop)
     ours2 = write_instance(spool.failed / "CT~1.dcm")  # the killed run's, placed beside it
     write_sidecar(spool.failed / "CT~1.dcm", {"reason": "refused", "sop_instance_uid": ours2})
-    for name, sop in (("IMG.dcm", ours), ("CT.dcm", ours2)):
+    reused = spool.failed / "MR.dcm"  # a failure whose name held a deleted file's rows (another instance)
+    ours3 = write_instance(reused)
+    write_sidecar(reused, {"reason": "refused", "sop_instance_uid": ours3})
+    daemon.journal.ensure(str(reused), ["orthanc"], sop="9.9.9.deleted")
+    for name, sop in (("IMG.dcm", ours), ("CT.dcm", ours2), ("MR.dcm", ours3)):
         key = str(spool.sending / name)
         daemon.journal.ensure(key, ["orthanc", "other"], sop=sop)
         daemon.journal.apply([Update(key, "other", "delivered", "delivered")])
@@ -105,6 +109,7 @@ def test_start_settles_rows_by_instance_not_by_name(tmp_path):
         assert journal.rows(str(spool.failed / "IMG.dcm"))["other"].state == "delivered"  # not forgotten
         assert journal.rows(str(spool.failed / "CT~1.dcm"))["other"].state == "delivered"
         assert journal.sop_of(str(old_failure)) == old_sop and set(journal.rows(str(old_failure))) == {"orthanc"}
+        assert journal.sop_of(str(reused)) == ours3 and journal.rows(str(reused))["other"].state == "delivered"
     finally:
         journal.close()
     assert older != ours
@@ -345,23 +350,24 @@ def test_a_scanner_that_outlives_a_reload_claims_nothing_after_it(tmp_path, monk
         daemon.shutdown(timeout=5)
 
 
-def test_a_zero_tail_waits_the_grace_then_goes_as_padding(tmp_path):
-    """Zeros after the data set: maybe a preallocating writer still filling the file, so it waits; still
-    zeros after the grace, they are padding (pydicom and PACS read such files): forwarded, not failed."""
-    from relaypacsd.dicomfile import inspect
-
+def test_a_zero_tail_waits_the_grace_then_fails_with_the_fix_never_goes_as_it_is(tmp_path):
+    """Zeros after the data set: a preallocating writer still filling the file, or padding. A writer paused
+    past the grace looks the same as padding, so such a file is never forwarded as it is: failed/, with
+    the exact command that strips padding."""
     pacs = ScriptedPacs("orthanc")
     daemon = make(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     write_instance(tmp_path / "full.dcm")
+    data = (tmp_path / "full.dcm").read_bytes()
     path = spool.sending / "padded.dcm"
-    path.write_bytes((tmp_path / "full.dcm").read_bytes() + bytes(4096))
+    path.write_bytes(data + bytes(4096))
     daemon._validate(spool, path)
     assert path in daemon._growing and not daemon.engine.known(path)  # written just now: it may still fill
     old = time.time() - 3600
     os.utime(path, (old, old))
     daemon._validate(spool, path)
-    assert daemon.engine.known(path) and count(spool, "failed") == 0
-    assert inspect(path, zero_tail_ok=True).sop_instance_uid
+    assert not daemon.engine.known(path) and count(spool, "failed") == 1
+    sidecar = read_sidecar(spool.failed / "padded.dcm")
+    assert f"truncate -s {len(data)} FILE" in sidecar["next_step"] and "zeros" in sidecar["reason"]
     daemon.journal.close()

@@ -190,3 +190,17 @@ def test_two_threads_failing_files_onto_one_free_name_each_keep_their_own_sideca
     assert len(failed) == 2
     for path in failed:  # each file's sidecar is there and tells its own story
         assert read_sidecar(path)["reason"] == f"bad {path.read_bytes().decode()}"
+
+
+def test_namesakes_find_a_file_and_the_names_a_clash_gave_its_namesakes(tmp_path):
+    from relaypacsd.spool import Namesakes
+
+    for name in ("a.dcm", "a~1.dcm", "a~12.dcm", "a.b~1.dcm", "ab.dcm", "scan~5.dcm", "NOSUFFIX~2", "x[1].dcm"):
+        (tmp_path / name).write_bytes(b"x")
+    names = Namesakes()
+    assert [p.name for p in names.of(tmp_path / "a.dcm")] == ["a.dcm", "a~1.dcm", "a~12.dcm"]
+    assert [p.name for p in names.of(tmp_path / "a.b.dcm")] == ["a.b~1.dcm"]
+    assert [p.name for p in names.of(tmp_path / "scan~5.dcm")] == ["scan~5.dcm"]  # its own name, kept
+    assert [p.name for p in names.of(tmp_path / "NOSUFFIX")] == ["NOSUFFIX~2"]
+    assert [p.name for p in names.of(tmp_path / "x[1].dcm")] == ["x[1].dcm"]
+    assert names.of(tmp_path / "missing" / "a.dcm") == []

@@ -255,6 +255,8 @@ BROKEN = {  # name -> (relaypacs.toml text, environment, words the one line must
     "token in the query of a bad url": ("", {"ORTHANC_URL": f"http://pacs:80a42/?token={SECRET}"}, "port"),
     "scheme typo, token in the query": ("", {"ORTHANC_URL": f"htps://pacs/x?access_token={SECRET}"},
                                         "starts with 'htps'"),
+    "no scheme, a later '://' after the password": ("", {"ORTHANC_URL": f"http:/a:{SECRET}@pacs/?r=https://x"},
+                                                    "no scheme"),
 }
 
 
