@@ -348,7 +348,7 @@ def _check_url(url: str, key: str, where: str, env: str = "",
                creds: str = "their own keys (username / password or password_file, client_secret)") -> None:
     """http(s) scheme, a host, a valid port, and no credentials in it (they would be printed wherever it is)."""
     also = f" (or {env})" if env else ""
-    if not (url.startswith("http://") or url.startswith("https://")):
+    if not url.startswith(("http://", "https://")):  # as written: the other checks compare it so
         # Not the URL itself: it may hold a password before an '@' or a token in its query.
         scheme = url.split("://", 1)[0] if "://" in url else ""
         start = f"it starts with {scheme!r}://" if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,9}", scheme) else \

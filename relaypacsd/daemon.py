@@ -25,7 +25,7 @@ from relaypacsd.destinations import build_sender
 from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.notify import Notifier
-from relaypacsd.spool import Namesakes, Spool, age_seconds, now_iso, read_sidecar, sync_dirs
+from relaypacsd.spool import Namesakes, Spool, age_seconds, now_iso, read_sidecar, sync_dirs, unclashed
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
@@ -351,14 +351,15 @@ class Daemon:
             if not sop:
                 continue
             rel = spool.relative(path)
+            named = rel.with_name(unclashed(rel.name))  # under that name or any ~N of it (a killed `retry`)
             # A failed file of this instance that has no rows of its own yet (rows there of another instance
             # are a deleted file's, whose name was reused).
-            failed = [f for f in namesakes.of(spool.failed / rel)
+            failed = [f for f in namesakes.of(spool.failed / named)
                       if (read_sidecar(f) or {}).get("sop_instance_uid") == sop and self.journal.sop_of(str(f)) != sop]
             if failed:
                 self.journal.rename(key, str(failed[0]))
                 logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
-            elif any(dicomfile.sop_instance_uid(f) == sop for f in namesakes.of(spool.sent / rel)):
+            elif any(dicomfile.sop_instance_uid(f) == sop for f in namesakes.of(spool.sent / named)):
                 self.journal.forget(key)
                 logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
 
@@ -413,7 +414,7 @@ class Daemon:
             self._growing.pop(path, None)
             stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
             next_step = "fix or replace the file; `relaypacsd retry FILE` queues it again"
-            if isinstance(exc, dicomfile.ZeroTail):
+            if isinstance(exc, dicomfile.ZeroTail) and exc.padding:
                 # Never forwarded as it is: a preallocating writer paused past the grace looks just the same.
                 next_step = (f"if the sender is done and the zeros are only padding, `truncate -s {exc.data_end} "
                              "FILE` removes them; then `relaypacsd retry FILE`. Else send the file again")

@@ -51,9 +51,10 @@ class TruncatedDicom(InvalidDicomError):
 class ZeroTail(TruncatedDicom):
     """Zero bytes follow the data set: a file preallocated and still being filled, or plain padding."""
 
-    def __init__(self, message: str, data_end: int):
+    def __init__(self, message: str, data_end: int, padding: bool):
         super().__init__(message)
         self.data_end = data_end  # where the zeros begin
+        self.padding = padding  # nothing but zeros follow: cutting them off leaves the data set whole
 
 
 class DicomDirFound(InvalidDicomError):
@@ -189,9 +190,10 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
                                      "send it again")
             pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw)
         except _ZeroTail as exc:
-            padding = " or padded with zeros" if _all_zero(reader, exc.pos) else ""
+            padding = _all_zero(reader, exc.pos)
             raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
-                           f"preallocated and never filled{padding})", exc.pos) from None
+                           f"preallocated and never filled{' or padded with zeros' if padding else ''})",
+                           exc.pos, padding) from None
         except _Truncated as exc:
             raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "
                                  "send it again") from None

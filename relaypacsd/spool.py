@@ -131,10 +131,11 @@ class Spool:
         assert moved is not None
         return moved
 
-    def requeue(self, path: Path) -> Path:
-        """Move a failed file back into sending/ (operator retry) and drop its sidecar."""
+    def requeue(self, path: Path, dest: Path | None = None) -> Path:
+        """Move a failed file back into sending/ (operator retry), to `dest` unless that name was taken
+        meanwhile, and drop its sidecar."""
         sidecar = sidecar_path(path)
-        moved = self._move(path, self.sending / self.relative(path), missing_ok=False)
+        moved = self._move(path, dest or self.sending / self.relative(path), missing_ok=False)
         assert moved is not None
         try:
             sidecar.unlink()
@@ -289,11 +290,17 @@ def age_seconds(path: Path) -> float:
         return 0.0
 
 
+_CLASH = re.compile(r"~\d+(?=(\.[^.]*)?$)")
+
+
+def unclashed(name: str) -> str:
+    """The name before a clash gave it a ~N: a~1.dcm -> a.dcm (a name without one is itself)."""
+    return _CLASH.sub("", name, count=1)
+
+
 class Namesakes:
     """Files by the name they had before a clash gave them a ~N (a~1.dcm -> a.dcm): each folder is listed
     once, however many names are looked up in it."""
-
-    _CLASH = re.compile(r"~\d+(?=(\.[^.]*)?$)")
 
     def __init__(self) -> None:
         self._folders: dict[Path, dict[str, list[Path]]] = {}
@@ -308,6 +315,6 @@ class Namesakes:
             except OSError:
                 names = []
             for name in names:  # under its own name too: a modality may name a file scan~5.dcm itself
-                for key in {name, self._CLASH.sub("", name, count=1)}:
+                for key in {name, unclashed(name)}:
                     index.setdefault(key, []).append(path.parent / name)
         return sorted(index.get(path.name, []))

@@ -135,7 +135,11 @@ def test_a_preallocated_file_not_yet_filled_is_truncated(tmp_path):
     (tmp_path / "x.dcm").write_bytes(data + bytes(4096))  # the rest of the preallocated size, still zeros
     with pytest.raises(ZeroTail, match="zeros where data should be.*or padded with zeros") as err:
         inspect(tmp_path / "x.dcm")
-    assert err.value.data_end == len(data)  # what `truncate -s` needs, were the zeros only padding
+    assert err.value.data_end == len(data) and err.value.padding  # what `truncate -s` needs
+    (tmp_path / "y.dcm").write_bytes(data + bytes(4096) + b"data written out of order")
+    with pytest.raises(ZeroTail) as err:
+        inspect(tmp_path / "y.dcm")
+    assert not err.value.padding and "padded" not in str(err.value)  # cutting there would lose data
 
 
 def test_elements_out_of_order_or_repeated_still_pass(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
 from relaypacsd.heartbeat import process_gone
 from relaypacsd.journal import Journal
-from relaypacsd.spool import Spool, read_sidecar
+from relaypacsd.spool import Spool, read_sidecar, unclashed
 
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -125,6 +126,52 @@ def _spool_of(path: Path, spools: list[Spool]) -> tuple[Spool, Path]:
     raise UsageError(f"{path}: not inside a failed/ folder of a watch root ({roots}): only failed files can be retried")
 
 
+def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> tuple[Path, list[str]]:
+    """Move a failed file back to sending/, its journal rows first; return its new path and the PACS reset.
+
+    The rows go first: once the file is in sending/, a running daemon may take it at once and must find
+    'delivered' rows there for the PACS that have it, or it sends the file to them again. They go to a name
+    that holds neither a file nor rows, and the file to exactly that name; killed in between, the rows wait
+    under sending/ and the next retry (or the daemon's start) finds them again by instance and name."""
+    sop = str((read_sidecar(path) or {}).get("sop_instance_uid", ""))
+    rows_at = str(path)
+    if not journal.rows(rows_at) and sop:
+        rows_at = _rows_left_ahead(spool, journal, path, sop) or rows_at
+    reset = journal.reset_failed(rows_at)
+    target = _free_sending_name(spool, journal, spool.sending / spool.relative(path), rows_at)
+    if rows_at != str(target):
+        journal.rename(rows_at, str(target))
+    try:
+        new = spool.requeue(path, target)
+    except OSError:
+        journal.rename(str(target), str(path))  # back with the file, which stayed in failed/
+        raise
+    if new != target:  # the name was taken between the look and the move
+        journal.rename(str(target), str(new))
+    return new, reset
+
+
+def _rows_left_ahead(spool: Spool, journal: Journal, path: Path, sop: str) -> str | None:
+    """Rows a killed retry moved to sending/ ahead of this file: same instance, same name (or a ~N of it),
+    no file there."""
+    folder = spool.sending / spool.relative(path).parent
+    for key in journal.paths_under(str(folder)):
+        p = Path(key)
+        if (p.parent == folder and unclashed(p.name) == unclashed(path.name) and not p.exists()
+                and journal.sop_of(key) == sop):
+            return key
+    return None
+
+
+def _free_sending_name(spool: Spool, journal: Journal, wanted: Path, ours: str) -> Path:
+    """The first of a.dcm, a~1.dcm, ... in sending/ with no file and no rows (but ours)."""
+    candidate, n = wanted, 0
+    while os.path.lexists(candidate) or (str(candidate) != ours and journal.rows(str(candidate))):
+        n += 1
+        candidate = wanted.with_name(f"{wanted.stem}~{n}{wanted.suffix}")
+    return candidate
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Move failed files back to sending/ and reset their 'failed' journal rows to 'pending'."""
     config = load(args)
@@ -153,27 +200,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
         for spool, path in todo:
             reason = (read_sidecar(path) or {}).get("reason", "")
             reset: list[str] = []
-            rows_at = str(path)  # where the file's journal rows are
-            if journal is not None:
-                # The journal first: once the file is in sending/, a running daemon's sweep may take it at
-                # once and must find 'pending' rows there (and 'delivered' ones for PACS that have it), or it
-                # would send the file to every PACS again. So the rows go ahead of the file, to the name it
-                # will most likely get (the same one, unless a file of that name is waiting there).
-                reset = journal.reset_failed(str(path))
-                target = spool.sending / spool.relative(path)
-                if not target.exists() and not journal.rows(str(target)):
-                    journal.rename(rows_at, str(target))
-                    rows_at = str(target)
             try:
-                new = spool.requeue(path)
+                if journal is None:
+                    new = spool.requeue(path)
+                else:
+                    new, reset = _requeue_with_rows(spool, journal, path)
             except OSError as exc:
                 errors += 1
-                if journal is not None and rows_at != str(path):
-                    journal.rename(rows_at, str(path))  # back with the file, which stayed in failed/
                 print(f"FAIL {path}: cannot move it back to sending/ ({exc})")
                 continue
-            if journal is not None and rows_at != str(new):
-                journal.rename(rows_at, str(new))
             again = f" for {', '.join(reset)}" if reset else ""
             print(f"queued {spool.relative(new)} in {spool.sending}{again} (was: {_short(reason, 80) or 'no reason recorded'})")
     finally:

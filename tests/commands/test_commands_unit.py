@@ -213,8 +213,8 @@ def test_retry_moves_the_journal_rows_ahead_of_the_file(tmp_path, capsys, monkey
     seen_by_daemon = {}
     real_requeue = Spool.requeue
 
-    def requeue_and_validate_at_once(self, path):
-        new = real_requeue(self, path)
+    def requeue_and_validate_at_once(self, path, dest=None):
+        new = real_requeue(self, path, dest)
         daemon_journal = Journal(tmp_path / "state" / "journal.sqlite3")  # the daemon's own connection
         seen_by_daemon.update({d: r.state for d, r in daemon_journal.ensure(str(new), ["orthanc", "other"]).items()})
         daemon_journal.close()
@@ -407,3 +407,85 @@ def test_check_reads_a_hashed_ca_folder_as_a_folder(tmp_path, monkeypatch):
     c = check.Checker()
     check._check_tls(PacsConfig(name="orthanc", url="https://pacs", ca_bundle=str(tmp_path)), None, "pacs", c)
     assert seen == {"cafile": None, "capath": str(tmp_path)}
+
+
+def _failed_file_confirmed_by_other(tmp_path, name="bad.dcm"):
+    """A failed file that PACS 'other' confirmed and 'orthanc' refused, with its journal rows."""
+    from tests.dicomfactory import write_instance
+
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    bad = spool.failed / name
+    sop = write_instance(bad)
+    write_sidecar(bad, {"reason": "refused by orthanc", "sop_instance_uid": sop})
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.ensure(str(bad), ["orthanc", "other"], sop=sop)
+    journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
+    journal.update(str(bad), "other", state="delivered", event="delivered")
+    journal.close()
+    return conf, spool, bad, sop
+
+
+def _states(tmp_path, path):
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    try:
+        return {d: r.state for d, r in journal.rows(str(path)).items()}
+    finally:
+        journal.close()
+
+
+def test_retry_when_the_name_is_taken_keeps_rows_and_file_together(tmp_path, capsys, monkeypatch):
+    """sending/bad.dcm is taken: rows and file must both go to bad~1.dcm, and be there together at the
+    moment the file lands (a running daemon may take it at once; a kill may come right after)."""
+    conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
+    (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
+    real_requeue = Spool.requeue
+
+    def requeue_then_killed(self, path, dest=None):
+        real_requeue(self, path, dest)
+        raise KeyboardInterrupt  # the process ends here: nothing after the move runs
+
+    monkeypatch.setattr(Spool, "requeue", requeue_then_killed)
+    cli.main(["-c", str(conf), "retry", str(bad)])
+    assert (spool.sending / "bad~1.dcm").exists()
+    assert _states(tmp_path, spool.sending / "bad~1.dcm") == {"orthanc": "pending", "other": "delivered"}
+
+
+def test_a_retry_killed_between_rows_and_file_is_finished_by_the_next_retry(tmp_path, capsys, monkeypatch):
+    """Killed after the rows moved ahead and before the file did: running retry again must adopt them,
+    not give the file fresh rows (which would send it again to 'other')."""
+    conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
+    (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, path, dest=None):
+        raise Killed()
+
+    monkeypatch.setattr(Spool, "requeue", killed)
+    with pytest.raises(Killed):
+        cli.main(["-c", str(conf), "retry", str(bad)])
+    monkeypatch.undo()
+    assert bad.exists() and _states(tmp_path, spool.sending / "bad~1.dcm")  # rows ahead, file behind
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    assert _states(tmp_path, spool.sending / "bad~1.dcm") == {"orthanc": "pending", "other": "delivered"}
+    assert (spool.sending / "bad~1.dcm").exists() and not bad.exists()
+
+
+def test_start_up_reunites_rows_a_killed_retry_left_ahead(tmp_path, monkeypatch):
+    """The same kill, then the daemon starts instead: the rows go back to the file in failed/."""
+    from relaypacsd.config import load_config
+    from relaypacsd.daemon import Daemon
+
+    conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
+    (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
+    monkeypatch.setattr(Spool, "requeue", lambda self, path, dest=None: (_ for _ in ()).throw(KeyboardInterrupt))
+    cli.main(["-c", str(conf), "retry", str(bad)])
+    monkeypatch.undo()
+    daemon = Daemon(load_config(conf), senders={})
+    daemon._settle_journal(spool)
+    daemon.journal.close()
+    assert _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}
+    assert _states(tmp_path, spool.sending / "bad~1.dcm") == {}
