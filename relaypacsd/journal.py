@@ -182,6 +182,15 @@ class Journal:
                   ("UPDATE deliveries SET path = ? WHERE path = ?", (new, old)),
                   ("UPDATE history SET path = ? WHERE path = ?", (new, old))])
 
+    def copy(self, old: str, new: str) -> None:
+        """Give `new` the rows and history of `old` as well (a file about to move there); rows of a file once
+        at `new` go. `old` keeps its own until the file has landed."""
+        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated"
+        self._tx([("DELETE FROM deliveries WHERE path = ?", (new,)), ("DELETE FROM history WHERE path = ?", (new,)),
+                  (f"INSERT INTO deliveries (path, {cols}) SELECT ?, {cols} FROM deliveries WHERE path = ?", (new, old)),
+                  ("INSERT INTO history (path, dest, time, event, detail) SELECT ?, dest, time, event, detail "
+                   "FROM history WHERE path = ? ORDER BY id", (new, old))])
+
     def forget(self, *paths: str) -> None:
         """Drop files that reached sent/, in one transaction: their memory is no longer needed."""
         stmts: list[tuple[str, tuple[Any, ...]]] = []

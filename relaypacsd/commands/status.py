@@ -13,7 +13,7 @@ from typing import Any
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
 from relaypacsd.heartbeat import process_gone
 from relaypacsd.journal import Journal
-from relaypacsd.spool import Spool, read_sidecar, unclashed
+from relaypacsd.spool import Spool, read_sidecar
 
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -127,46 +127,32 @@ def _spool_of(path: Path, spools: list[Spool]) -> tuple[Spool, Path]:
 
 
 def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> tuple[Path, list[str]]:
-    """Move a failed file back to sending/, its journal rows first; return its new path and the PACS reset.
+    """Move a failed file back to sending/ with its journal rows; return its new path and the PACS reset.
 
-    The rows go first: once the file is in sending/, a running daemon may take it at once and must find
-    'delivered' rows there for the PACS that have it, or it sends the file to them again. They go to a name
-    that holds neither a file nor rows, and the file to exactly that name; killed in between, the rows wait
-    under sending/ and the next retry (or the daemon's start) finds them again by instance and name."""
-    sop = str((read_sidecar(path) or {}).get("sop_instance_uid", ""))
-    rows_at = str(path)
-    if not journal.rows(rows_at) and sop:
-        rows_at = _rows_left_ahead(spool, journal, path, sop) or rows_at
-    reset = journal.reset_failed(rows_at)
-    target = _free_sending_name(spool, journal, spool.sending / spool.relative(path), rows_at)
-    if rows_at != str(target):
-        journal.rename(rows_at, str(target))
+    Once the file is in sending/, a running daemon may take it at once and must find 'delivered' rows there
+    for the PACS that have it, or it sends the file to them again. So the rows are copied first, to a name
+    that holds neither a file nor rows, the file moves to exactly that name, and only then do its rows in
+    failed/ go. Killed anywhere, the file keeps its rows: at worst a copy is left under a name with no file,
+    which a new file of another instance drops and one of the same instance may rightly use."""
+    key = str(path)
+    reset = journal.reset_failed(key)
+    target = _free_sending_name(spool, journal, spool.sending / spool.relative(path))
+    journal.copy(key, str(target))
     try:
         new = spool.requeue(path, target)
     except OSError:
-        journal.rename(str(target), str(path))  # back with the file, which stayed in failed/
+        journal.forget(str(target))  # the file stayed in failed/, with its rows
         raise
-    if new != target:  # the name was taken between the look and the move
-        journal.rename(str(target), str(new))
+    if new != target:  # the name was taken between the look and the move: the rows follow the file
+        journal.copy(key, str(new))
+    journal.forget(key)
     return new, reset
 
 
-def _rows_left_ahead(spool: Spool, journal: Journal, path: Path, sop: str) -> str | None:
-    """Rows a killed retry moved to sending/ ahead of this file: same instance, same name (or a ~N of it),
-    no file there."""
-    folder = spool.sending / spool.relative(path).parent
-    for key in journal.paths_under(str(folder)):
-        p = Path(key)
-        if (p.parent == folder and unclashed(p.name) == unclashed(path.name) and not p.exists()
-                and journal.sop_of(key) == sop):
-            return key
-    return None
-
-
-def _free_sending_name(spool: Spool, journal: Journal, wanted: Path, ours: str) -> Path:
-    """The first of a.dcm, a~1.dcm, ... in sending/ with no file and no rows (but ours)."""
+def _free_sending_name(spool: Spool, journal: Journal, wanted: Path) -> Path:
+    """The first of a.dcm, a~1.dcm, ... in sending/ with no file and no rows."""
     candidate, n = wanted, 0
-    while os.path.lexists(candidate) or (str(candidate) != ours and journal.rows(str(candidate))):
+    while os.path.lexists(candidate) or journal.rows(str(candidate)):
         n += 1
         candidate = wanted.with_name(f"{wanted.stem}~{n}{wanted.suffix}")
     return candidate

@@ -452,40 +452,23 @@ def test_retry_when_the_name_is_taken_keeps_rows_and_file_together(tmp_path, cap
     assert _states(tmp_path, spool.sending / "bad~1.dcm") == {"orthanc": "pending", "other": "delivered"}
 
 
-def test_a_retry_killed_between_rows_and_file_is_finished_by_the_next_retry(tmp_path, capsys, monkeypatch):
-    """Killed after the rows moved ahead and before the file did: running retry again must adopt them,
-    not give the file fresh rows (which would send it again to 'other')."""
-    conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
-    (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
-
-    class Killed(BaseException):
-        pass
-
-    def killed(self, path, dest=None):
-        raise Killed()
-
-    monkeypatch.setattr(Spool, "requeue", killed)
-    with pytest.raises(Killed):
-        cli.main(["-c", str(conf), "retry", str(bad)])
-    monkeypatch.undo()
-    assert bad.exists() and _states(tmp_path, spool.sending / "bad~1.dcm")  # rows ahead, file behind
-    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
-    assert _states(tmp_path, spool.sending / "bad~1.dcm") == {"orthanc": "pending", "other": "delivered"}
-    assert (spool.sending / "bad~1.dcm").exists() and not bad.exists()
-
-
-def test_start_up_reunites_rows_a_killed_retry_left_ahead(tmp_path, monkeypatch):
-    """The same kill, then the daemon starts instead: the rows go back to the file in failed/."""
-    from relaypacsd.config import load_config
-    from relaypacsd.daemon import Daemon
+def test_a_retry_killed_between_rows_and_file_leaves_the_file_its_rows(tmp_path, capsys, monkeypatch):
+    """Killed after the rows were copied ahead and before the file moved: the file in failed/ keeps its
+    rows, whatever becomes of the copy (a running daemon claiming a new file of that name drops it), and
+    the next retry carries them along (else the file would go again to 'other', which has it)."""
+    from relaypacsd.journal import Journal as J
 
     conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
     (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
     monkeypatch.setattr(Spool, "requeue", lambda self, path, dest=None: (_ for _ in ()).throw(KeyboardInterrupt))
     cli.main(["-c", str(conf), "retry", str(bad)])
     monkeypatch.undo()
-    daemon = Daemon(load_config(conf), senders={})
-    daemon._settle_journal(spool)
-    daemon.journal.close()
-    assert _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}
-    assert _states(tmp_path, spool.sending / "bad~1.dcm") == {}
+    assert bad.exists() and _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}
+    journal = J(tmp_path / "state" / "journal.sqlite3")  # the daemon claims a new bad~1.dcm, another instance
+    journal.ensure(str(spool.sending / "bad~1.dcm"), ["orthanc", "other"], sop="1.2.3.another")
+    journal.close()
+    capsys.readouterr()
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    (new,) = [p for p in spool.files("sending") if p.name != "bad.dcm"]
+    assert _states(tmp_path, new) == {"orthanc": "pending", "other": "delivered"} and not bad.exists()
+    assert _states(tmp_path, bad) == {}
