@@ -354,11 +354,13 @@ class Daemon:
             named = rel.with_name(unclashed(rel.name))  # under that name or any ~N of it (a killed `retry`)
             # A failed file of this instance that has no rows of its own yet (rows there of another instance
             # are a deleted file's, whose name was reused).
-            failed = [f for f in namesakes.of(spool.failed / named)
-                      if (read_sidecar(f) or {}).get("sop_instance_uid") == sop and self.journal.sop_of(str(f)) != sop]
+            same = [f for f in namesakes.of(spool.failed / named) if (read_sidecar(f) or {}).get("sop_instance_uid") == sop]
+            failed = [f for f in same if self.journal.sop_of(str(f)) != sop]
             if failed:
                 self.journal.rename(key, str(failed[0]))
                 logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
+            elif same:  # a copy a killed `retry` left ahead of the file, which still holds its own rows
+                self.journal.forget(key)
             elif any(dicomfile.sop_instance_uid(f) == sop for f in namesakes.of(spool.sent / named)):
                 self.journal.forget(key)
                 logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)

@@ -131,6 +131,17 @@ class Spool:
         assert moved is not None
         return moved
 
+    def move_to(self, src: Path, dest: Path) -> None:
+        """Rename `src` to exactly `dest` (FileExistsError when taken), creating its folder; durable."""
+        try:
+            rename_noreplace(src, dest)
+        except FileNotFoundError:
+            if not os.path.lexists(src):
+                raise
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            rename_noreplace(src, dest)
+        fsync_dir(dest.parent)
+
     def requeue(self, path: Path, dest: Path | None = None) -> Path:
         """Move a failed file back into sending/ (operator retry), to `dest` unless that name was taken
         meanwhile, and drop its sidecar."""

@@ -13,7 +13,7 @@ from typing import Any
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
 from relaypacsd.heartbeat import process_gone
 from relaypacsd.journal import Journal
-from relaypacsd.spool import Spool, read_sidecar
+from relaypacsd.spool import Spool, read_sidecar, sidecar_path
 
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -131,31 +131,34 @@ def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> tuple[Path
 
     Once the file is in sending/, a running daemon may take it at once and must find 'delivered' rows there
     for the PACS that have it, or it sends the file to them again. So the rows are copied first, to a name
-    that holds neither a file nor rows, the file moves to exactly that name, and only then do its rows in
-    failed/ go. Killed anywhere, the file keeps its rows: at worst a copy is left under a name with no file,
-    which a new file of another instance drops and one of the same instance may rightly use."""
+    that holds neither a file nor rows, the file moves to exactly that name (another name gets its own copy
+    first), and only then do its rows in failed/ go. Killed anywhere, the file keeps its rows; at worst a
+    copy is left under a name with no file, which start-up drops."""
     key = str(path)
     reset = journal.reset_failed(key)
-    target = _free_sending_name(spool, journal, spool.sending / spool.relative(path))
-    journal.copy(key, str(target))
-    try:
-        new = spool.requeue(path, target)
-    except OSError:
-        journal.forget(str(target))  # the file stayed in failed/, with its rows
-        raise
-    if new != target:  # the name was taken between the look and the move: the rows follow the file
-        journal.copy(key, str(new))
-    journal.forget(key)
-    return new, reset
-
-
-def _free_sending_name(spool: Spool, journal: Journal, wanted: Path) -> Path:
-    """The first of a.dcm, a~1.dcm, ... in sending/ with no file and no rows."""
-    candidate, n = wanted, 0
-    while os.path.lexists(candidate) or journal.rows(str(candidate)):
+    wanted = spool.sending / spool.relative(path)
+    n = 0
+    while True:
+        target = wanted if n == 0 else wanted.with_name(f"{wanted.stem}~{n}{wanted.suffix}")
         n += 1
-        candidate = wanted.with_name(f"{wanted.stem}~{n}{wanted.suffix}")
-    return candidate
+        if os.path.lexists(target) or journal.rows(str(target)):
+            continue
+        journal.copy(key, str(target))
+        try:
+            spool.move_to(path, target)
+        except FileExistsError:  # taken between the look and the move (the daemon claimed a file)
+            journal.forget(str(target))
+            continue
+        except OSError:
+            journal.forget(str(target))  # the file stayed in failed/, with its rows
+            raise
+        break
+    journal.forget(key)
+    try:
+        sidecar_path(path).unlink(missing_ok=True)
+    except OSError as exc:  # the file is back in sending/ with its rows: only the old reason stays behind
+        print(f"warn could not remove {sidecar_path(path)} ({exc.strerror}): delete it by hand")
+    return target, reset
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

@@ -211,16 +211,15 @@ def test_retry_moves_the_journal_rows_ahead_of_the_file(tmp_path, capsys, monkey
     journal.update(str(bad), "other", state="delivered", event="delivered")
     journal.close()
     seen_by_daemon = {}
-    real_requeue = Spool.requeue
+    real_move = Spool.move_to
 
-    def requeue_and_validate_at_once(self, path, dest=None):
-        new = real_requeue(self, path, dest)
+    def move_and_validate_at_once(self, src, dest):
+        real_move(self, src, dest)
         daemon_journal = Journal(tmp_path / "state" / "journal.sqlite3")  # the daemon's own connection
-        seen_by_daemon.update({d: r.state for d, r in daemon_journal.ensure(str(new), ["orthanc", "other"]).items()})
+        seen_by_daemon.update({d: r.state for d, r in daemon_journal.ensure(str(dest), ["orthanc", "other"]).items()})
         daemon_journal.close()
-        return new
 
-    monkeypatch.setattr(Spool, "requeue", requeue_and_validate_at_once)
+    monkeypatch.setattr(Spool, "move_to", move_and_validate_at_once)
     assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
     assert seen_by_daemon == {"orthanc": "pending", "other": "delivered"}
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
@@ -440,13 +439,13 @@ def test_retry_when_the_name_is_taken_keeps_rows_and_file_together(tmp_path, cap
     moment the file lands (a running daemon may take it at once; a kill may come right after)."""
     conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
     (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
-    real_requeue = Spool.requeue
+    real_move = Spool.move_to
 
-    def requeue_then_killed(self, path, dest=None):
-        real_requeue(self, path, dest)
+    def move_then_killed(self, src, dest):
+        real_move(self, src, dest)
         raise KeyboardInterrupt  # the process ends here: nothing after the move runs
 
-    monkeypatch.setattr(Spool, "requeue", requeue_then_killed)
+    monkeypatch.setattr(Spool, "move_to", move_then_killed)
     cli.main(["-c", str(conf), "retry", str(bad)])
     assert (spool.sending / "bad~1.dcm").exists()
     assert _states(tmp_path, spool.sending / "bad~1.dcm") == {"orthanc": "pending", "other": "delivered"}
@@ -460,7 +459,7 @@ def test_a_retry_killed_between_rows_and_file_leaves_the_file_its_rows(tmp_path,
 
     conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
     (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
-    monkeypatch.setattr(Spool, "requeue", lambda self, path, dest=None: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(Spool, "move_to", lambda self, src, dest: (_ for _ in ()).throw(KeyboardInterrupt))
     cli.main(["-c", str(conf), "retry", str(bad)])
     monkeypatch.undo()
     assert bad.exists() and _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}
@@ -472,3 +471,54 @@ def test_a_retry_killed_between_rows_and_file_leaves_the_file_its_rows(tmp_path,
     (new,) = [p for p in spool.files("sending") if p.name != "bad.dcm"]
     assert _states(tmp_path, new) == {"orthanc": "pending", "other": "delivered"} and not bad.exists()
     assert _states(tmp_path, bad) == {}
+
+
+def test_a_name_taken_between_the_look_and_the_move_gets_its_own_copy_first(tmp_path, capsys, monkeypatch):
+    """The daemon claims a new bad.dcm just before the move: the file lands on another name, which must
+    hold its rows the moment it lands (the daemon may take it then, or a kill may come)."""
+    conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
+    real_move = Spool.move_to
+    landed = {}
+
+    def raced(self, src, dest):
+        if dest.name == "bad.dcm":
+            dest.write_bytes(b"claimed by the daemon a moment ago")
+        real_move(self, src, dest)
+        landed[dest.name] = _states(tmp_path, dest)  # what a daemon taking it now would find
+        raise KeyboardInterrupt  # and killed right there
+
+    monkeypatch.setattr(Spool, "move_to", raced)
+    cli.main(["-c", str(conf), "retry", str(bad)])
+    assert landed == {"bad~1.dcm": {"orthanc": "pending", "other": "delivered"}}
+    assert _states(tmp_path, spool.sending / "bad.dcm") == {}  # the other file's name holds no copy of ours
+
+
+def test_a_sidecar_that_cannot_be_removed_does_not_cost_the_file_its_rows(tmp_path, capsys, monkeypatch):
+    conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name.endswith(".error.json"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    assert "could not remove" in capsys.readouterr().out
+    assert _states(tmp_path, spool.sending / "bad.dcm") == {"orthanc": "pending", "other": "delivered"}
+
+
+def test_start_up_drops_a_copy_a_killed_retry_left_ahead(tmp_path, monkeypatch):
+    from relaypacsd.config import load_config
+    from relaypacsd.daemon import Daemon
+
+    conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
+    monkeypatch.setattr(Spool, "move_to", lambda self, src, dest: (_ for _ in ()).throw(KeyboardInterrupt))
+    cli.main(["-c", str(conf), "retry", str(bad)])
+    monkeypatch.undo()
+    assert _states(tmp_path, spool.sending / "bad.dcm")  # the copy, with no file
+    daemon = Daemon(load_config(conf), senders={})
+    daemon._settle_journal(spool)
+    daemon.journal.close()
+    assert _states(tmp_path, spool.sending / "bad.dcm") == {}
+    assert _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}
