@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -398,6 +400,11 @@ class LocalOrthanc:
             self._session.auth = self.auth
             # Admin calls only, on loopback: a self-signed test certificate must not stop them.
             self._session.verify = False
+            # Orthanc closes idle keep-alive connections after a second: a GET that reuses one as it closes
+            # fails with "Remote end closed connection"; retried once (idempotent methods only, never POST).
+            retry = Retry(total=2, connect=2, read=1, status=0, backoff_factor=0.1)
+            self._session.mount("http://", HTTPAdapter(max_retries=retry))
+            self._session.mount("https://", HTTPAdapter(max_retries=retry))
         kwargs.setdefault("timeout", 30)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
