@@ -272,14 +272,12 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: daemon.metrics_port = {d.metrics_port}: use 0 (off) or a port 1-65535")
     _check_numbers(config, where)
     dl = config.delivery
-    for key in ("retry_attempts", "batch_max_instances", "batch_max_bytes", "workers_per_pacs"):
-        if getattr(dl, key) < 1:
-            env = {"retry_attempts": " (or PACS_RETRY_ATTEMPTS)"}.get(key, "")
-            raise ConfigError(f"{where}: delivery.{key}{env} = {getattr(dl, key)}: must be 1 or more")
-    for key in ("retry_delay", "retry_sweep_interval", "health_interval", "max_age_hours", "retry_backoff_max"):
+    # retry_attempts, retry_delay, workers_per_pacs and batch_max_instances: bounded in _LIMITS
+    if dl.batch_max_bytes < 1:
+        raise ConfigError(f"{where}: delivery.batch_max_bytes = {dl.batch_max_bytes}: must be 1 or more")
+    for key in ("retry_sweep_interval", "health_interval", "max_age_hours", "retry_backoff_max"):
         if getattr(dl, key) <= 0:
-            env = {"retry_delay": " (or PACS_RETRY_DELAY)"}.get(key, "")
-            raise ConfigError(f"{where}: delivery.{key}{env} = {getattr(dl, key)}: must be a number of seconds/hours above 0")
+            raise ConfigError(f"{where}: delivery.{key} = {getattr(dl, key)}: must be a number of seconds/hours above 0")
     if dl.sent_retention_days < 0:
         raise ConfigError(f"{where}: delivery.sent_retention_days = {dl.sent_retention_days:g}: use 0 (keep) or more")
     for name in dl.active_pacs:
@@ -393,9 +391,6 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
         raise ConfigError(f"{where}: {key}.client_cert and client_key go together: set both (or a PEM holding both as client_cert)")
     if p.oauth2_token_url and not p.client_id:
         raise ConfigError(f"{where}: {key}.oauth2_token_url needs client_id and client_secret (or client_secret_file)")
-    for tkey in ("connect_timeout", "read_timeout"):
-        if getattr(p, tkey) <= 0:
-            raise ConfigError(f"{where}: {key}.{tkey} = {getattr(p, tkey)}: must be above 0 seconds")
     for len_key in ("ae_title", "calling_ae_title"):
         if len(getattr(p, len_key)) > 16:
             raise ConfigError(f"{where}: {key}.{len_key} = {getattr(p, len_key)!r}: an AE title has at most 16 characters")

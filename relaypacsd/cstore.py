@@ -25,7 +25,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
-from relaypacsd.outcomes import InstanceResult, Outcome, classify_reason, describe_reason
+from relaypacsd.outcomes import (NOT_AUTHORIZED, NOT_AUTHORIZED_FIX, InstanceResult, Outcome, classify_reason,
+                                 describe_reason)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # PS3.8: odd context IDs 1..255
@@ -52,9 +53,8 @@ def classify_status(status: int | None) -> tuple[Outcome, str]:
     words = f"C-STORE status {hexs} ({describe_reason(status)})"
     if outcome is Outcome.LIMITED and (status in WARNING_CODES or status & 0xF000 == 0xB000):
         return Outcome.DELIVERED, f"stored with warning {hexs} ({describe_reason(status)})"
-    if status == 0x0124:
-        return outcome, (f"PACS refused it: {words}: our AE title may not store it; allow it on the PACS "
-                         "(the file waits and is retried)")
+    if status == NOT_AUTHORIZED:
+        return outcome, f"PACS refused it: {words}: {NOT_AUTHORIZED_FIX}"
     return outcome, {
         Outcome.DUPLICATE: f"PACS already has it: {words}",
         Outcome.TRANSIENT: f"PACS out of resources: {words}",

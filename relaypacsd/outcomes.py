@@ -67,6 +67,8 @@ _EXACT_REASONS: dict[int, str] = {
     0xC122: "transfer syntax not supported",
 }
 _DUPLICATE_CODES = frozenset({0x0111, 0xA770, 0xB00E})
+NOT_AUTHORIZED = 0x0124
+NOT_AUTHORIZED_FIX = "our user or AE title may not store it; allow it on the PACS (the file waits and is retried)"
 
 
 def describe_reason(code: int) -> str:
@@ -90,7 +92,7 @@ def classify_reason(code: int) -> Outcome:
     # Duplicates first: 0xA770 would otherwise fall in the A7xx "out of resources" range.
     if code in _DUPLICATE_CODES:
         return Outcome.DUPLICATE
-    if code == 0x0124:
+    if code == NOT_AUTHORIZED:
         # Not authorized: a permission the PACS lacks, never the file's fault. Per instance (an access rule
         # on one study), so the file waits and is retried; pausing the whole PACS would hold up the others.
         return Outcome.TRANSIENT
@@ -151,10 +153,9 @@ def _failed(uid: str, status: int, item: Mapping[str, Any]) -> InstanceResult:
     outcome = classify_reason(code)
     if outcome is Outcome.DUPLICATE:
         return InstanceResult(uid, outcome, status, code, f"PACS already has it: {format_code(code)}")
-    if code == 0x0124:
-        return InstanceResult(uid, outcome, status, code, f"PACS refused it: FailureReason {format_code(code)}: "
-                                                          "our user or AE title may not store it; grant it on the PACS "
-                                                          "(the file waits and is retried)")
+    if code == NOT_AUTHORIZED:
+        return InstanceResult(uid, outcome, status, code,
+                              f"PACS refused it: FailureReason {format_code(code)}: {NOT_AUTHORIZED_FIX}")
     return InstanceResult(uid, outcome, status, code, f"PACS refused it: FailureReason {format_code(code)}")
 
 

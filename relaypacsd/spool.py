@@ -142,11 +142,10 @@ class Spool:
             rename_noreplace(src, dest)
         fsync_dir(dest.parent)
 
-    def requeue(self, path: Path, dest: Path | None = None) -> Path:
-        """Move a failed file back into sending/ (operator retry), to `dest` unless that name was taken
-        meanwhile, and drop its sidecar."""
+    def requeue(self, path: Path) -> Path:
+        """Move a failed file back into sending/ (operator retry) and drop its sidecar."""
         sidecar = sidecar_path(path)
-        moved = self._move(path, dest or self.sending / self.relative(path), missing_ok=False)
+        moved = self._move(path, self.sending / self.relative(path), missing_ok=False)
         assert moved is not None
         try:
             sidecar.unlink()
@@ -198,13 +197,12 @@ class Spool:
                     oldest = age if oldest is None else max(oldest, age)
         return counts, oldest
 
-
     def _reserve(self, dest: Path) -> Path:
         """A free name near `dest`: a same-named file never overwrites another (a.dcm, a~1.dcm, ...)."""
         candidate, n = dest, 0
         while os.path.lexists(candidate) or os.path.lexists(sidecar_path(candidate)):
             n += 1
-            candidate = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
+            candidate = clashed(dest, n)
         return candidate
 
     def _move(self, src: Path, dest: Path, *, missing_ok: bool,
@@ -302,6 +300,11 @@ def age_seconds(path: Path) -> float:
 
 
 _CLASH = re.compile(r"~\d+(?=(\.[^.]*)?$)")
+
+
+def clashed(path: Path, n: int) -> Path:
+    """The n-th name a clash gives `path`: a.dcm -> a~n.dcm (what `unclashed` undoes)."""
+    return path.with_name(f"{path.stem}~{n}{path.suffix}")
 
 
 def unclashed(name: str) -> str:

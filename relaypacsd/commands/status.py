@@ -13,7 +13,7 @@ from typing import Any
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
 from relaypacsd.heartbeat import process_gone
 from relaypacsd.journal import Journal
-from relaypacsd.spool import Spool, read_sidecar, sidecar_path
+from relaypacsd.spool import Spool, clashed, read_sidecar, sidecar_path
 
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -139,7 +139,7 @@ def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> tuple[Path
     wanted = spool.sending / spool.relative(path)
     n = 0
     while True:
-        target = wanted if n == 0 else wanted.with_name(f"{wanted.stem}~{n}{wanted.suffix}")
+        target = wanted if n == 0 else clashed(wanted, n)
         n += 1
         if os.path.lexists(target) or journal.rows(str(target)):
             continue
