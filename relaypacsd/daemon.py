@@ -294,8 +294,7 @@ class Daemon:
                 # Claim in small groups: one fsync per directory and group, before anything is sent,
                 # and the first files reach validation without waiting for a large burst.
                 for i in range(0, len(ready), CLAIM_GROUP):
-                    if stop.is_set():  # also after a tick that hung past a reload: claim nothing
-                        break
+                    # Stopped (also after a tick that hung past a reload): claim nothing more.
                     claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]
                                            if not stop.is_set()) if m]
                     sync_dirs(claimed)

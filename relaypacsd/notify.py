@@ -6,8 +6,8 @@ Every function is a no-op when NOTIFY_SOCKET is unset (run by hand, in Docker), 
 from __future__ import annotations
 
 import os
-import time
 import socket
+import time
 from typing import Mapping
 
 from loguru import logger

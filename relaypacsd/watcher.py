@@ -38,11 +38,15 @@ REMOTE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "9p", "ceph", "glus
 EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
 
 
+_DEFAULT_IGNORE_LOWER = tuple(pat.lower() for pat in DEFAULT_IGNORE)  # lowered once: this runs per event
+
+
 def is_ignored(name: str, extra: tuple[str, ...] = ()) -> bool:
     """True for names that mean "not finished" or "not an image" (temp files, dotfiles, sidecars)."""
     # Case-blind: a Windows client on a share writes IMG.PART and X.TMP as readily as the lower-case forms.
     name = name.lower()
-    return any(fnmatch.fnmatchcase(name, pat.lower()) for pat in DEFAULT_IGNORE + tuple(extra))
+    return (any(fnmatch.fnmatchcase(name, pat) for pat in _DEFAULT_IGNORE_LOWER)
+            or any(fnmatch.fnmatchcase(name, pat.lower()) for pat in extra))
 
 
 def filesystem_type(path: str | os.PathLike[str], mountinfo: str = "/proc/self/mountinfo") -> str:

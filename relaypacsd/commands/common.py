@@ -131,4 +131,3 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
         else:
             raise UsageError(f"{raw}: no such file or folder")
     return out
-
