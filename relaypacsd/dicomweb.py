@@ -251,6 +251,14 @@ class DicomWebClient:
         try:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
+            if method == "GET" and _broke_under_us(exc):
+                # A PACS drops idle keep-alive connections (Orthanc after a few seconds): one reused just as
+                # it closed breaks without an answer. A GET changes nothing, so it goes once more on a fresh
+                # connection; a health probe would otherwise report a healthy PACS down. Never a POST.
+                try:
+                    return self.session.request(method, url, timeout=self.timeout, **kwargs)
+                except requests.RequestException as again:
+                    raise self._unreachable(url, again) from None
             raise self._unreachable(url, exc) from None
 
     def _unreachable(self, url: str, exc: BaseException) -> PacsUnreachable:
@@ -424,6 +432,13 @@ def _never_sent(exc: BaseException) -> bool:
         reason = getattr(exc.args[0], "reason", exc.args[0])  # urllib3's MaxRetryError wraps the cause
         return isinstance(reason, urllib3.exceptions.NewConnectionError)
     return False
+
+
+def _broke_under_us(exc: BaseException) -> bool:
+    """True when a connection broke during a request: neither refused (nothing sent) nor a timeout."""
+    return (isinstance(exc, requests.exceptions.ConnectionError)
+            and not isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError))
+            and not _never_sent(exc))
 
 
 def _json_or_none(content: bytes) -> Any:

@@ -480,3 +480,31 @@ def test_session_is_injectable(canned: CannedServer, two_parts: list[StowPart]) 
     client = DicomWebClient(cfg(canned.url), session=session)
     assert client.session is session and client.base == canned.url
     client.store(two_parts[:1])
+
+
+def test_a_probe_on_a_connection_closed_under_it_is_sent_once_more() -> None:
+    """A PACS drops idle keep-alive connections; a probe reusing one as it closes must not report a healthy
+    PACS down (it failed a CI run: the PACS that stayed up was logged DOWN, then 'reachable again')."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        for answer in (False, True):  # the first request gets no answer at all
+            conn, _ = srv.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                seen.append(data.split(b" ", 2)[0])
+                if answer:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\n[]")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        DicomWebClient(cfg(f"http://127.0.0.1:{srv.getsockname()[1]}")).probe()
+    finally:
+        srv.close()
+        thread.join(5)
+    assert seen == [b"GET", b"GET"]
