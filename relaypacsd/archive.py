@@ -53,12 +53,15 @@ class UnpackInterrupted(RelayPacsError):
 
 
 def is_zip(path: Path) -> bool:
-    """True when the file starts with a zip local-file header."""
+    """True when the file starts with a zip local-file header and is not a DICOM Part-10 file."""
     try:
         with open(path, "rb") as fh:
-            return fh.read(4) == ZIP_MAGIC
+            head = fh.read(132)
     except OSError:
         return False
+    # The 128-byte preamble is free for applications (PS3.10 7.1): one may start it with PK\x03\x04 (a
+    # DICOM/zip polyglot), so 'DICM' at byte 128 decides first.
+    return head[:4] == ZIP_MAGIC and head[128:132] != b"DICM"
 
 
 def _safe_name(name: str) -> PurePosixPath:

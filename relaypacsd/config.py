@@ -85,6 +85,7 @@ class DeliveryConfig:
     batch_max_bytes: int = 64 * 1024 * 1024
     workers_per_pacs: int = 4
     sent_retention_days: float = 0.0
+    strict_meta_uid: bool = False
 
 
 @dataclass(frozen=True)

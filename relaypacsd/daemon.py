@@ -399,7 +399,7 @@ class Daemon:
                 logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
                 return
         try:
-            info = dicomfile.inspect(path)
+            info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid)
         except FileNotFoundError:
             return
         except InvalidDicomError as exc:
@@ -425,6 +425,10 @@ class Daemon:
             logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
             return
         self._growing.pop(path, None)
+        if info.meta_sop_instance_uid:
+            logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
+                           "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
+                           "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
         self.engine.submit(path, spool, info)
 
     def _quiet_for(self, path: Path) -> float:

@@ -42,6 +42,9 @@ class DicomInfo:
     series_instance_uid: str
     transfer_syntax_uid: str
     size: int
+    # The file meta's MediaStorageSOPInstanceUID where it names another instance than the data set (some
+    # exporters rewrite one and not the other); '' when they agree. Delivery goes by the data set's UID.
+    meta_sop_instance_uid: str = ""
 
 
 class TruncatedDicom(InvalidDicomError):
@@ -71,17 +74,18 @@ def is_dicomdir(path: str | os.PathLike[str]) -> bool:
 
 
 def sop_instance_uid(path: str | os.PathLike[str]) -> str:
-    """The file's SOP Instance UID from its meta header, else its data set; '' when it has none."""
+    """The data set's SOP Instance UID (the one a PACS files it under); '' when it has none."""
     try:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        uid = str(meta.get("MediaStorageSOPInstanceUID", "")).strip("\0 ")
-        return uid or str(pydicom.dcmread(path, stop_before_pixels=True).get("SOPInstanceUID", "")).strip("\0 ")
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return str(ds.get("SOPInstanceUID", "")).strip("\0 ")
     except Exception:  # not readable as DICOM: it is no evidence of anything
         return ""
 
 
-def inspect(path: str | os.PathLike[str]) -> DicomInfo:
-    """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why."""
+def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False) -> DicomInfo:
+    """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why.
+
+    `strict_meta_uid` refuses a file whose meta header names another SOP instance than its data set."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -111,17 +115,19 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
                 raise TruncatedDicom(f"{message} (the data set ends before it: the file may be cut off)")
             raise InvalidDicomError(message)
         values[keyword] = value
-    has_pixels = not top_level.isdisjoint((0x7FE00010, 0x7FE00008, 0x7FE00009))
-    is_image = 0x00280010 in top_level or "Image Storage" in pydicom.uid.UID(values["SOPClassUID"]).name
-    if is_image and not has_pixels:
-        # A file cut off at an element boundary before the pixel data is structurally complete: catch it here.
-        raise TruncatedDicom("an image without pixel data: the file is incomplete (cut off before the image); "
-                                "send it again")
-    media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip()
-    if media_sop and media_sop != values["SOPInstanceUID"]:
+    bulk = _bulk_data_tags(values["SOPClassUID"], top_level)
+    if bulk and top_level.isdisjoint(bulk):
+        # A file cut off at an element boundary before its bulk data is structurally complete: catch it here.
+        what = "spectroscopy data" if bulk == _SPECTROSCOPY_DATA else "pixel data"
+        raise TruncatedDicom(f"an instance of a class that carries {what} without it: the file is incomplete "
+                             "(cut off before the image); send it again")
+    media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip("\0 ")
+    mismatch = media_sop if media_sop and media_sop != values["SOPInstanceUID"] else ""
+    if mismatch and strict_meta_uid:
         raise InvalidDicomError(
             f"file meta MediaStorageSOPInstanceUID ({media_sop}) differs from SOPInstanceUID "
-            f"({values['SOPInstanceUID']}): the file was altered inconsistently; re-export it from the source")
+            f"({values['SOPInstanceUID']}): the file was altered inconsistently; re-export it from the source "
+            "(delivery.strict_meta_uid = true refuses such files)")
     return DicomInfo(
         sop_class_uid=values["SOPClassUID"],
         sop_instance_uid=values["SOPInstanceUID"],
@@ -129,7 +135,40 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
         series_instance_uid=values["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax,
         size=size,
+        meta_sop_instance_uid=mismatch,
     )
+
+
+_PIXEL_DATA = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # Pixel Data, Float and Double Float Pixel Data
+_SPECTROSCOPY_DATA = frozenset((0x56000020,))
+# Storage classes whose instances carry pixel data although their names do not say "Image Storage".
+_PIXEL_CLASSES = frozenset((
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.8",  # Height Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.30",    # Parametric Map
+    "1.2.840.10008.5.1.4.1.1.6.2",   # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.81.1",  # Ophthalmic Thickness Map
+    "1.2.840.10008.5.1.4.1.1.82.1",  # Corneal Topography Map
+))
+_SPECTROSCOPY_CLASSES = frozenset((
+    "1.2.840.10008.5.1.4.1.1.4.2",   # MR Spectroscopy: SpectroscopyData (5600,0020) is Type 1
+))
+
+
+def _bulk_data_tags(sop_class: str, top_level: set[int]) -> frozenset[int]:
+    """The bulk data elements an instance of `sop_class` must have (one of them); empty if none is required.
+
+    Decided by the SOP class (PS3.3): an RT Dose, an SR or a spectroscopy object may have Rows and Columns
+    without pixel data. Only a class unknown to pydicom (private) falls back to "Rows means an image"."""
+    if sop_class in _SPECTROSCOPY_CLASSES:
+        return _SPECTROSCOPY_DATA
+    if sop_class in _PIXEL_CLASSES:
+        return _PIXEL_DATA
+    uid = pydicom.uid.UID(sop_class)
+    if uid in pydicom.uid.UID_dictionary:
+        return _PIXEL_DATA if "Image Storage" in uid.name else frozenset()
+    return _PIXEL_DATA if 0x00280010 in top_level else frozenset()
 
 
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2), as pydicom knows them

@@ -1,12 +1,13 @@
 """Validation: real pydicom samples, generated files, truncations, junk and DICOMDIR."""
 
+import struct
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from relaypacsd.dicomfile import DicomDirFound, TruncatedDicom, ZeroTail, inspect, is_dicomdir
+from relaypacsd.dicomfile import DicomDirFound, TruncatedDicom, ZeroTail, inspect, is_dicomdir, sop_instance_uid
 from relaypacsd.errors import InvalidDicomError
 from tests.dicomfactory import CT_SMALL, DICOMDIR, MR_SMALL, MR_TRUNCATED, NO_META, fresh, write_instance
 
@@ -149,3 +150,70 @@ def test_elements_out_of_order_or_repeated_still_pass(tmp_path):
     appended = b"\x12\x00\x62\x00CS\x04\x00YES "  # (0012,0062) PatientIdentityRemoved, after (7FE0,0010)
     (tmp_path / "x.dcm").write_bytes(data + appended)
     assert inspect(tmp_path / "x.dcm").size == len(data) + len(appended)
+
+
+def _spectroscopy(path, with_data=True):
+    """An MR Spectroscopy instance: Rows and Columns, its data in SpectroscopyData, no pixel data."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.PixelData
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows = ds.Columns = 1
+    if with_data:
+        ds.add_new(0x56000020, "OF", struct.pack("<8f", *range(8)))
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_mr_spectroscopy_carries_spectroscopy_data_not_pixel_data(tmp_path):
+    """Rows and Columns do not make an image: MR Spectroscopy has SpectroscopyData (5600,0020) instead."""
+    info = inspect(_spectroscopy(tmp_path / "mrs.dcm"))
+    assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.2"
+    with pytest.raises(TruncatedDicom, match="spectroscopy data"):
+        inspect(_spectroscopy(tmp_path / "cut.dcm", with_data=False))
+
+
+def test_an_image_class_without_pixel_data_still_counts_as_truncated(tmp_path):
+    """The check stays for the classes that carry pixel data, and Rows still decides for a private class."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    ds.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    with pytest.raises(TruncatedDicom, match="pixel data"):
+        inspect(tmp_path / "ct.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.8.498.1"  # private
+    ds.save_as(tmp_path / "private.dcm", enforce_file_format=True)
+    with pytest.raises(TruncatedDicom, match="pixel data"):
+        inspect(tmp_path / "private.dcm")
+
+
+def test_an_rt_dose_without_pixel_data_is_valid(tmp_path):
+    """RT Dose pixel data is conditional (a DVH-only dose object): not an image class by name, no demand."""
+    ds = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
+    del ds.PixelData
+    ds.save_as(tmp_path / "dvh.dcm", enforce_file_format=True)
+    assert inspect(tmp_path / "dvh.dcm").sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_a_meta_header_naming_another_instance_is_forwarded_by_the_data_sets_uid():
+    """pydicom's rtplan.dcm: meta header and data set name two UIDs; Orthanc files it by the data set's."""
+    path = get_testdata_file("rtplan.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    info = inspect(path)
+    assert info.sop_instance_uid == ds.SOPInstanceUID
+    assert info.meta_sop_instance_uid == ds.file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
+    assert sop_instance_uid(path) == ds.SOPInstanceUID  # start-up's evidence goes by the data set's UID too
+    with pytest.raises(InvalidDicomError, match="MediaStorageSOPInstanceUID .* differs .*strict_meta_uid"):
+        inspect(path, strict_meta_uid=True)
+    assert inspect(get_testdata_file("CT_small.dcm"), strict_meta_uid=True).meta_sop_instance_uid == ""
+
+
+def test_a_preamble_starting_like_a_zip_is_still_dicom(tmp_path):
+    """The 128-byte preamble is free (PS3.10 7.1): 'DICM' at byte 128 decides, not PK at byte 0."""
+    from relaypacsd.archive import is_zip
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.preamble = b"PK\x03\x04" + b"\0" * 124
+    ds.save_as(tmp_path / "polyglot.dcm", enforce_file_format=True)
+    assert (tmp_path / "polyglot.dcm").read_bytes()[:4] == b"PK\x03\x04"
+    assert not is_zip(tmp_path / "polyglot.dcm")
+    assert inspect(tmp_path / "polyglot.dcm").sop_instance_uid == ds.SOPInstanceUID

@@ -51,7 +51,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     seen: set[str] = set()
     for path in files:
         try:
-            info = dicomfile.inspect(path)
+            info = dicomfile.inspect(path, strict_meta_uid=config.delivery.strict_meta_uid)
         except InvalidDicomError as exc:
             invalid.append((path, str(exc)))
             continue
