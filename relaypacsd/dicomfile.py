@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import struct
@@ -42,6 +43,7 @@ class DicomInfo:
     series_instance_uid: str
     transfer_syntax_uid: str
     size: int
+    digest: str = ""  # sha256 of the whole file: tells a corrected file with a reused SOPInstanceUID from a copy
 
 
 class TruncatedDicom(InvalidDicomError):
@@ -129,7 +131,14 @@ def inspect(path: str | os.PathLike[str]) -> DicomInfo:
         series_instance_uid=values["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax,
         size=size,
+        digest=file_digest(path),
     )
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of the whole file, hex (one sequential read; ~30 us for a 39 KB CT)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2), as pydicom knows them
