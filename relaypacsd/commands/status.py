@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -133,24 +134,27 @@ def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> tuple[Path
     for the PACS that have it, or it sends the file to them again. So the rows are copied first, to a name
     that holds neither a file nor rows, the file moves to exactly that name (another name gets its own copy
     first), and only then do its rows in failed/ go. Killed anywhere, the file keeps its rows; at worst a
-    copy is left under a name with no file, which start-up drops."""
+    copy is left under a name with no file, which start-up drops.
+
+    The copy carries a token of this retry: when the name turns out taken, only the copy is taken back, never
+    rows the daemon wrote there meanwhile for a file it claimed under that name."""
     key = str(path)
     reset = journal.reset_failed(key)
     wanted = spool.sending / spool.relative(path)
+    token = secrets.token_hex(8)
     n = 0
     while True:
         target = wanted if n == 0 else clashed(wanted, n)
         n += 1
-        if os.path.lexists(target) or journal.rows(str(target)):
+        if os.path.lexists(target) or not journal.copy(key, str(target), token):
             continue
-        journal.copy(key, str(target))
         try:
             spool.move_to(path, target)
         except FileExistsError:  # taken between the look and the move (the daemon claimed a file)
-            journal.forget(str(target))
+            journal.uncopy(str(target), token)
             continue
         except OSError:
-            journal.forget(str(target))  # the file stayed in failed/, with its rows
+            journal.uncopy(str(target), token)  # the file stayed in failed/, with its rows
             raise
         break
     journal.forget(key)
