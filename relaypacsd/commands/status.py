@@ -41,11 +41,23 @@ def _read_journal(state_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str,
         counts: dict[str, dict[str, int]] = {}
         for dest, state, n in db.execute("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
             counts.setdefault(dest, {})[state] = n
+        _read_conflicts(db, dests)
         return dests, counts
     except sqlite3.Error:
         return {}, {}
     finally:
         db.close()
+
+
+def _read_conflicts(db: sqlite3.Connection, dests: dict[str, dict[str, Any]]) -> None:
+    """Add each destination's UID-conflict count; a journal no daemon has upgraded yet has none."""
+    try:
+        found = db.execute("SELECT dest, conflicts FROM destinations").fetchall()
+    except sqlite3.OperationalError:  # no such column: read-only here, so no upgrade
+        return
+    for dest, n in found:
+        if dest in dests:
+            dests[dest]["conflicts"] = n
 
 
 def _daemon_state(state_dir: Path) -> dict[str, Any]:
@@ -83,6 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      "last_error": d.get("last_error") or "", "last_success": _iso(d.get("last_success")),
                      "last_success_age_seconds": round(now - d["last_success"]) if d.get("last_success") else None,
                      "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
+                     "uid_conflicts": d.get("conflicts", 0),
                      "waiting": counts.get(p.name, {}).get("waiting", 0) + counts.get(p.name, {}).get("pending", 0)})
     if args.json:
         print_json({"daemon": daemon, "watch": roots, "pacs": pacs})
@@ -98,10 +111,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                  for r in roots]) if roots else "no [[watch]] root configured")
     print()
     if pacs:
-        print(table(["PACS", "health", "last success", "delivered", "failed", "waiting", "last error"],
+        print(table(["PACS", "health", "last success", "delivered", "failed", "UID conflicts", "waiting", "last error"],
                     [[p["name"], p["health"],
                       (human_age(p["last_success_age_seconds"]) + " ago") if p["last_success_age_seconds"] is not None else "never",
-                      p["delivered"], p["failed"], p["waiting"], _short(p["last_error"])] for p in pacs]))
+                      p["delivered"], p["failed"], p["uid_conflicts"], p["waiting"], _short(p["last_error"])] for p in pacs]))
     else:
         print("no active PACS")
     return EXIT_OK
