@@ -619,3 +619,36 @@ def test_a_retry_racing_the_daemons_claim_never_makes_a_rejected_file_sent(tmp_p
     journal.close()
     assert not (spool.sent / "bad.dcm").exists() and (spool.failed / "bad.dcm").exists()
     assert (spool.sending / "bad~1.dcm").exists()
+
+
+def test_status_counts_uid_conflicts_per_pacs(tmp_path, capsys):
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    Spool(tmp_path / "spool").prepare()
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.set_health("orthanc", True)
+    journal.ensure("/x/sending/b.dcm", ["orthanc"], sop="1.2.3")
+    journal.update("/x/sending/b.dcm", "orthanc", state="failed", event="uid_conflict", detail="uid_conflict: x")
+    journal.close()
+    assert cli.main(["-c", str(conf), "status", "--json"]) == 0
+    (pacs,) = json.loads(capsys.readouterr().out)["pacs"]
+    assert pacs["uid_conflicts"] == 1 and pacs["failed"] == 1
+    assert cli.main(["-c", str(conf), "status"]) == 0
+    assert "UID conflicts" in capsys.readouterr().out
+
+
+def test_status_reads_a_journal_no_daemon_has_upgraded_yet(tmp_path, capsys):
+    import sqlite3
+
+    from tests.test_journal import OLD_SCHEMA
+
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    Spool(tmp_path / "spool").prepare()
+    (tmp_path / "state").mkdir()
+    db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
+    db.executescript(OLD_SCHEMA)
+    db.execute("INSERT INTO destinations (dest, healthy, last_change, delivered) VALUES ('orthanc', 1, 1, 3)")
+    db.commit()
+    db.close()
+    assert cli.main(["-c", str(conf), "status", "--json"]) == 0
+    (pacs,) = json.loads(capsys.readouterr().out)["pacs"]
+    assert pacs["uid_conflicts"] == 0 and pacs["delivered"] == 3
