@@ -5,6 +5,7 @@ The folders are the truth; this is only memory. Losing it costs duplicate sends,
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -119,7 +120,7 @@ class Journal:
     def __init__(self, path: Path, instance_days: float = INSTANCE_MEMORY_DAYS):
         self.path = path
         self.instance_days = instance_days
-        self._since_prune = 0
+        self._confirmations = itertools.count(1)  # next() is atomic: workers apply from several threads
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -227,9 +228,7 @@ class Journal:
             ("INSERT INTO instances (dest, sop, digest, path, time) VALUES (?, ?, ?, ?, ?) ON CONFLICT(dest, sop) "
              "DO UPDATE SET digest = excluded.digest, path = excluded.path, time = excluded.time",
              (u.dest, u.sop, u.digest, u.path, now))]
-        self._since_prune += 1
-        if self._since_prune >= PRUNE_EVERY:
-            self._since_prune = 0
+        if next(self._confirmations) % PRUNE_EVERY == 0:
             stmts.append(("DELETE FROM instances WHERE (dest, sop) IN (SELECT dest, sop FROM instances "
                           "WHERE time < ? ORDER BY time LIMIT ?)", (now - self.instance_days * 86400, PRUNE_STEP)))
         return stmts
