@@ -17,7 +17,7 @@ from relaypacsd.config import Config, PacsConfig
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
-from relaypacsd.journal import DeliveryRow, Journal, Update
+from relaypacsd.journal import DeliveryRow, Journal, KnownInstance, Update, _iso
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 from relaypacsd.spool import Spool, now_iso, sync_dirs
 
@@ -51,6 +51,10 @@ class Item:
     pending: set[str]
     done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # What each destination settled (its 'delivered' or 'failed' update), kept in memory as well: rows can
+    # vanish under a file (a `relaypacsd retry` racing a claim of the same name), and no rows is no verdict.
+    settled: dict[str, Update] = field(default_factory=dict)
+    conflicts: dict[str, dict[str, object]] = field(default_factory=dict)  # per destination, for the sidecar
 
     @property
     def part(self) -> StowPart:
@@ -73,6 +77,11 @@ class Destination:
         self.back_at = 0.0  # monotonic time it was last found back up
         self.threads: list[threading.Thread] = []
         self.busy = 0
+        # SOP Instance UIDs in a request right now: a second file with one of them waits for that answer, so
+        # the journal knows which content the PACS got first (a UID conflict is told apart by that order).
+        # uid -> [the item, its requests]: the same item put back by a worker's error handler may go again.
+        self.in_request: dict[str, list] = {}
+        self._uid_wait = False  # a worker waits only because every ready file's UID is in a request
 
     def put(self, item: Item, at: float = 0.0) -> None:
         """Queue an item now, or park it until `at` (monotonic time) for the sweep."""
@@ -118,8 +127,12 @@ class Destination:
                         break
                     self.cond.wait(remaining)
                 if self.ready and self.healthy:
-                    break
-            first = self.ready.popleft()
+                    first = next((i for i in self.ready if not self._held(i)), None)
+                    if first is not None:
+                        break
+                    self._uid_wait = True
+                    self.cond.wait(0.5)
+            self.ready.remove(first)
             batch, size = [first], first.info.size
             study = first.info.study_instance_uid
             # The PACS answers per SOP Instance UID: two files with one UID in a request (a corrected
@@ -134,12 +147,34 @@ class Destination:
                         continue
                     if size + item.info.size > cfg.batch_max_bytes or item.info.sop_instance_uid in uids:
                         continue
+                    if self._held(item):
+                        continue
                     self.ready.remove(item)
                     batch.append(item)
                     uids.add(item.info.sop_instance_uid)
                     size += item.info.size
             self.busy += 1
+            for item in batch:
+                self.in_request.setdefault(item.info.sop_instance_uid, [item, 0])[1] += 1
             return batch
+
+    def _held(self, item: Item) -> bool:
+        """True when another file with this item's SOP Instance UID is in a request to this PACS right now."""
+        entry = self.in_request.get(item.info.sop_instance_uid)
+        return entry is not None and entry[0] is not item
+
+    def done_with(self, batch: list[Item]) -> None:
+        """A worker's request for `batch` has ended (answered, parked or abandoned): release its UIDs."""
+        with self.cond:
+            self.busy -= 1
+            for item in batch:
+                entry = self.in_request[item.info.sop_instance_uid]
+                entry[1] -= 1
+                if not entry[1]:
+                    del self.in_request[item.info.sop_instance_uid]
+            if self._uid_wait:
+                self._uid_wait = False
+                self.cond.notify_all()
 
     def set_health(self, healthy: bool, reason: str = "", failed_since: float | None = None) -> None:
         """Mark the destination up or down; log each change once; wake workers when it comes back.
@@ -291,8 +326,7 @@ class Engine:
                     if owed and self.known(item.path):
                         dest.put(item, time.monotonic() + self.config.delivery.retry_sweep_interval)
             finally:
-                with dest.cond:
-                    dest.busy -= 1
+                dest.done_with(batch)
 
     def _deliver(self, dest: Destination, batch: list[Item]) -> None:
         """Send a batch with quick retries for what may succeed soon; split batches that failed whole."""
@@ -346,18 +380,29 @@ class Engine:
         files that have settled everywhere, a folder move."""
         cfg = self.config.delivery
         rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
+        # No other request to this PACS holds these UIDs (Destination.in_request): this look and the commit
+        # below see every earlier confirmation of them.
+        known = self.journal.known_instances(dest.name, [i.info.sop_instance_uid for i, r in pairs
+                                                         if r.outcome in DELIVERED and i.info.digest])
         updates: list[Update] = []
-        settled: list[Item] = []
+        settled: list[tuple[Item, Update]] = []
         parked: list[tuple[Item, float]] = []
         for item, result in pairs:
             key = str(item.path)
             row = rows.get(key)
             attempts = (row.attempts if row else 0) + 1
+            result = self._check_uid(dest, item, result, known)
             detail = _detail(result)
             expired = time.time() - item.first_seen > cfg.max_age_hours * 3600
             if result.outcome in DELIVERED:
                 updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
+                                      code=result.reason_code, sop=item.info.sop_instance_uid,
+                                      digest=item.info.digest))
+            elif result.outcome is Outcome.UID_CONFLICT:
+                updates.append(Update(key, dest.name, "failed", result.outcome.value, detail, attempts,
                                       code=result.reason_code))
+                logger.error("PACS forward {} UID conflict: {} uid={}: {}", dest.name, item.spool.relative(item.path),
+                             item.info.sop_instance_uid, result.reason)
             elif result.outcome is Outcome.PERMANENT or expired or (
                     result.outcome is Outcome.LIMITED and attempts >= LIMITED_MAX_DELIVERIES):
                 if expired and result.outcome is not Outcome.PERMANENT:
@@ -373,19 +418,44 @@ class Engine:
                                       next_try=time.time() + delay, code=result.reason_code))
                 parked.append((item, delay))
                 continue
-            settled.append(item)
+            settled.append((item, updates[-1]))
         self.journal.apply(updates)
         for item, delay in parked:
             dest.put(item, time.monotonic() + delay)
         finishing = []
-        for item in settled:
+        for item, update in settled:
             with item.lock:
+                item.settled[dest.name] = update
                 item.pending.discard(dest.name)
                 if item.pending or item.done:
                     continue
                 item.done = True
             finishing.append(item)
         self._hand_over(finishing)
+
+    def _check_uid(self, dest: Destination, item: Item, result: InstanceResult,
+                   known: dict[str, KnownInstance]) -> InstanceResult:
+        """A confirmation (stored or duplicate) of a UID that this PACS confirmed before for other content is a
+        UID conflict: a PACS such as Orthanc answers success and keeps the first version silently."""
+        if result.outcome not in DELIVERED or not item.info.digest:
+            return result
+        uid = item.info.sop_instance_uid
+        earlier = known.get(uid)
+        if earlier is None or earlier.digest == item.info.digest:
+            known[uid] = KnownInstance(item.info.digest, str(item.path), time.time())
+            return result
+        earlier_file = _shown(item.spool, earlier.path)
+        answer = "stored" if result.outcome is Outcome.DELIVERED else "duplicate"
+        http = f"HTTP {result.http_status}" if result.http_status is not None else "C-STORE"
+        with item.lock:
+            item.conflicts[dest.name] = {
+                "earlier_file": earlier_file, "earlier_delivered": _iso(earlier.time),
+                "pacs_answer": {"http_status": result.http_status, "answer": answer, "reason": result.reason},
+                "note": "the PACS may have kept the earlier version: what it holds under this UID may not be this file"}
+        return InstanceResult(uid, Outcome.UID_CONFLICT, result.http_status, result.reason_code,
+                              f"the PACS answered {http}, {answer} ({result.reason}), but it confirmed this "
+                              f"SOPInstanceUID before for other content: {earlier_file}, delivered "
+                              f"{_iso(earlier.time)}; the PACS may have kept that earlier version")
 
     def _hand_over(self, items: list[Item]) -> None:
         """Give settled items to the finishing thread; finish them here when it does not run."""
@@ -431,7 +501,9 @@ class Engine:
         stuck: list[tuple[Item, OSError]] = []
         gone: list[Item] = []
         for item in items:
-            failed = any(r.state == "failed" for r in rows[str(item.path)].values())
+            failed = self._verdict(item, rows)
+            if failed is None:
+                continue
             try:
                 if failed:
                     moved.append(self._fail_file(item, rows[str(item.path)]))
@@ -462,10 +534,39 @@ class Engine:
             for item, folder in finished:
                 self.on_finished(item, folder)
 
+    def _verdict(self, item: Item, rows: dict[str, dict[str, DeliveryRow]]) -> bool | None:
+        """True when some destination failed the file (its rows or the engine's memory say so), False when all
+        confirmed it, None when a destination's verdict is lost (no row, no memory): it then stays in sending/.
+
+        Rows that vanished under a settled file are written back from memory (`rows` is updated), so its
+        sidecar and a later retry still know which PACS have it."""
+        key = str(item.path)
+        have = rows[key]
+        with item.lock:
+            memory = dict(item.settled)
+        missing = [u for d, u in memory.items() if d not in have]
+        failed = any(r.state == "failed" for r in have.values()) or any(u.state == "failed" for u in memory.values())
+        if missing:
+            logger.warning("PACS forward: the journal rows of {} for {} went missing after the PACS answered "
+                           "(removed by a `relaypacsd retry` racing a claim of this name?); deciding from the "
+                           "daemon's memory: {}", item.spool.relative(item.path), ", ".join(u.dest for u in missing),
+                           "failed" if failed else "delivered")
+            if failed:
+                self.journal.restore(key, item.info.sop_instance_uid, item.first_seen, missing)
+                rows[key] = self.journal.rows(key)
+        lost = sorted(d for d in self.destinations if d not in have and d not in memory)
+        if lost and not failed:
+            logger.warning("PACS forward: {} has no journal row for {} and was not settled there by this run: it "
+                           "stays in sending/ and the next retry sweep sends it there again (never taken as sent "
+                           "without a confirmation)", item.spool.relative(item.path), ", ".join(lost))
+            return None
+        return failed
+
     def _fail_file(self, item: Item, rows: dict[str, DeliveryRow]) -> Path:
         """Move a file that some PACS rejected to failed/, its sidecar holding every PACS's story."""
         key = str(item.path)
         failed = {d: r for d, r in rows.items() if r.state == "failed"}
+        conflicted = self.journal.conflicted(key) & set(failed)
         sidecar = {
             "reason": "; ".join(f"{d}: {r.last_error}" for d, r in failed.items()),
             "stage": "delivery",
@@ -477,6 +578,10 @@ class Engine:
             "history": self.journal.history(key),
             "next_step": "fix the cause, then `relaypacsd retry FILE` sends it again to the PACS that still need it",
         }
+        if conflicted:
+            # Memory of this run when it has it; after a restart, the journal's words.
+            sidecar["uid_conflict"] = {d: item.conflicts.get(d) or {"detail": failed[d].last_error} for d in conflicted}
+            sidecar["next_step"] = CONFLICT_NEXT_STEP
         new = item.spool.finish(item.path, "failed", sidecar, sync=False)
         self.journal.rename(key, str(new))
         return new
@@ -535,6 +640,22 @@ def backoff(base: float, attempts: int, cap: float) -> float:
 
 def _ms(started: float) -> float:
     return (time.monotonic() - started) * 1000
+
+
+CONFLICT_NEXT_STEP = (
+    "another file with this SOPInstanceUID but other content reached that PACS first (see uid_conflict): if this "
+    "file is a corrected version, give it a new SOPInstanceUID (and MediaStorageSOPInstanceUID) with a DICOM editor "
+    "and drop it into inbox/; or delete the earlier instance at the PACS, then `relaypacsd retry FILE`: a retry "
+    "forgets the earlier version at the PACS it resets, so this file then counts as delivered when the PACS "
+    "confirms it (if the earlier instance is still there, the PACS may keep it instead)")
+
+
+def _shown(spool: Spool, path: str) -> str:
+    """A file's path as a technician finds it: below its spool folder when it is in this watch root."""
+    try:
+        return str(spool.relative(Path(path)))
+    except ValueError:
+        return path
 
 
 def _hex(code: int | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import struct
@@ -45,6 +46,7 @@ class DicomInfo:
     # The file meta's MediaStorageSOPInstanceUID where it names another instance than the data set (some
     # exporters rewrite one and not the other); '' when they agree. Delivery goes by the data set's UID.
     meta_sop_instance_uid: str = ""
+    digest: str = ""  # sha256 of the whole file: tells a corrected file with a reused SOPInstanceUID from a copy
 
 
 class TruncatedDicom(InvalidDicomError):
@@ -136,7 +138,14 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False) -> D
         transfer_syntax_uid=transfer_syntax,
         size=size,
         meta_sop_instance_uid=mismatch,
+        digest=file_digest(path),
     )
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of the whole file, hex (one sequential read; ~30 us for a 39 KB CT)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 _PIXEL_DATA = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # Pixel Data, Float and Double Float Pixel Data

@@ -5,6 +5,7 @@ The folders are the truth; this is only memory. Losing it costs duplicate sends,
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -47,6 +48,32 @@ CREATE TABLE IF NOT EXISTS destinations (
 );
 """
 
+# Lasting memory of what each PACS confirmed, by SOP Instance UID: the rows above go once a file leaves
+# sending/, and a PACS such as Orthanc answers success for a second file with a known UID while it keeps
+# the first one (see README, "UID conflict"). Kept for INSTANCE_MEMORY_DAYS.
+INSTANCES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    dest TEXT NOT NULL,
+    sop TEXT NOT NULL,
+    digest TEXT NOT NULL,           -- sha256 of the whole file the PACS confirmed
+    path TEXT NOT NULL,             -- where that file was when it was delivered (sending/...)
+    time REAL NOT NULL,
+    PRIMARY KEY (dest, sop)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS instances_time ON instances(time);
+"""
+# Columns added after the first release: (table, column, definition). Added in place to older journals.
+ADDED_COLUMNS = [
+    ("destinations", "conflicts", "INTEGER NOT NULL DEFAULT 0"),
+    # A `relaypacsd retry` marks the rows it copies ahead of a file, so it can take back exactly those.
+    ("deliveries", "token", "TEXT NOT NULL DEFAULT ''"),
+    ("history", "token", "TEXT NOT NULL DEFAULT ''"),
+]
+INSTANCE_MEMORY_DAYS = 365.0
+PRUNE_EVERY = 256  # delivered instances between two pruning steps
+PRUNE_STEP = 1024  # at most this many expired instances per step: four times the intake, in small commits
+CONFLICT_EVENT = "uid_conflict"  # Outcome.UID_CONFLICT's value: its history event and its counter
+
 
 @dataclass(frozen=True)
 class DeliveryRow:
@@ -74,13 +101,26 @@ class Update:
     attempts: int | None = None
     next_try: float = 0.0
     code: int | None = None
+    sop: str = ""     # with a digest, a 'delivered' update is remembered in `instances`
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """What a PACS confirmed earlier under one SOP Instance UID."""
+
+    digest: str
+    path: str
+    time: float
 
 
 class Journal:
     """Thread-safe access to the journal database in the state directory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, instance_days: float = INSTANCE_MEMORY_DAYS):
         self.path = path
+        self.instance_days = instance_days
+        self._confirmations = itertools.count(1)  # next() is atomic: workers apply from several threads
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -89,6 +129,20 @@ class Journal:
         # and then the files are simply sent again.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._db.executescript(INSTANCES_SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Upgrade an older journal in place: add the columns it lacks (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+        for table, column, definition in ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column in have:
+                continue
+            try:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process (a command) added it just now
+                    raise
 
     def close(self) -> None:
         """Close the database."""
@@ -131,6 +185,8 @@ class Journal:
                       ("DELETE FROM deliveries WHERE path = ? AND sop != '' AND sop != ?", (path, sop))]
         stmts += [("INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated) "
                    "VALUES (?, ?, ?, 'pending', ?, ?)", (path, d, sop, seen, now)) for d in dests]
+        # Rows a retry copied here are now this file's: the retry must no longer take them back (uncopy).
+        stmts.append(("UPDATE deliveries SET token = '' WHERE path = ? AND token != ''", (path,)))
         self._tx(stmts)
         return self.rows(path)
 
@@ -157,6 +213,57 @@ class Journal:
                               (now, u.dest)))
             elif u.state == "failed":
                 stmts.append(("UPDATE destinations SET failed = failed + 1 WHERE dest = ?", (u.dest,)))
+            stmts += self._instance_statements(u, now)
+        if stmts:
+            self._tx(stmts)
+
+    def _instance_statements(self, u: Update, now: float) -> list[tuple[str, tuple[Any, ...]]]:
+        """The lasting memory's part of one update: remember a confirmed instance, count a UID conflict, and
+        every PRUNE_EVERY confirmations drop a small step of instances older than `instance_days`."""
+        if u.event == CONFLICT_EVENT:
+            return [("UPDATE destinations SET conflicts = conflicts + 1 WHERE dest = ?", (u.dest,))]
+        if u.state != "delivered" or not u.digest or not u.sop:
+            return []
+        stmts: list[tuple[str, tuple[Any, ...]]] = [
+            ("INSERT INTO instances (dest, sop, digest, path, time) VALUES (?, ?, ?, ?, ?) ON CONFLICT(dest, sop) "
+             "DO UPDATE SET digest = excluded.digest, path = excluded.path, time = excluded.time",
+             (u.dest, u.sop, u.digest, u.path, now))]
+        if next(self._confirmations) % PRUNE_EVERY == 0:
+            stmts.append(("DELETE FROM instances WHERE (dest, sop) IN (SELECT dest, sop FROM instances "
+                          "WHERE time < ? ORDER BY time LIMIT ?)", (now - self.instance_days * 86400, PRUNE_STEP)))
+        return stmts
+
+    def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
+        """What `dest` confirmed earlier under these SOP Instance UIDs (the lasting memory), in one query."""
+        wanted = sorted(set(sops))
+        out: dict[str, KnownInstance] = {}
+        for i in range(0, len(wanted), 500):  # SQLite's parameter limit
+            chunk = wanted[i:i + 500]
+            found = self._exec(f"SELECT sop, digest, path, time FROM instances WHERE dest = ? "
+                               f"AND sop IN ({','.join('?' * len(chunk))})", [dest, *chunk])
+            out.update({r[0]: KnownInstance(r[1], r[2], r[3]) for r in found})
+        return out
+
+    def prune_instances(self, limit: int = PRUNE_STEP) -> int:
+        """Drop up to `limit` remembered instances older than `instance_days`; return how many went."""
+        cutoff = time.time() - self.instance_days * 86400
+        with self._lock:
+            cur = self._db.execute("DELETE FROM instances WHERE (dest, sop) IN (SELECT dest, sop FROM instances "
+                                   "WHERE time < ? ORDER BY time LIMIT ?)", (cutoff, limit))
+            return cur.rowcount
+
+    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update]) -> None:
+        """Write back rows that went missing under a file the engine settled (from its memory), with a history
+        line, so its sidecar and a later `relaypacsd retry` know what each PACS said. No counter moves."""
+        now = time.time()
+        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        for u in updates:
+            stmts += [("INSERT OR REPLACE INTO deliveries (path, dest, sop, state, attempts, next_try, first_seen, "
+                       "last_error, last_code, updated) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                       (path, u.dest, sop, u.state, u.attempts or 0, first_seen,
+                        u.detail if u.state != "delivered" else "", u.code, now)),
+                      ("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
+                       (path, u.dest, now, u.event, f"(restored from the daemon's memory) {u.detail}"))]
         if stmts:
             self._tx(stmts)
 
@@ -182,14 +289,34 @@ class Journal:
                   ("UPDATE deliveries SET path = ? WHERE path = ?", (new, old)),
                   ("UPDATE history SET path = ? WHERE path = ?", (new, old))])
 
-    def copy(self, old: str, new: str) -> None:
-        """Give `new` the rows and history of `old` as well (a file about to move there); rows of a file once
-        at `new` go. `old` keeps its own until the file has landed."""
+    def copy(self, old: str, new: str, token: str) -> bool:
+        """Give `new` the rows and history of `old` as well (a file about to move there), marked with `token`;
+        `old` keeps its own until the file has landed. Only when `new` holds no rows: one look-and-write
+        transaction, so rows a daemon writes there meanwhile (a file it claimed) are never replaced.
+        Returns False, copying nothing, when `new` is taken."""
         cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated"
-        self._tx([("DELETE FROM deliveries WHERE path = ?", (new,)), ("DELETE FROM history WHERE path = ?", (new,)),
-                  (f"INSERT INTO deliveries (path, {cols}) SELECT ?, {cols} FROM deliveries WHERE path = ?", (new, old)),
-                  ("INSERT INTO history (path, dest, time, event, detail) SELECT ?, dest, time, event, detail "
-                   "FROM history WHERE path = ? ORDER BY id", (new, old))])
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the look and the write under one write lock
+            try:
+                if self._db.execute("SELECT 1 FROM deliveries WHERE path = ? LIMIT 1", (new,)).fetchall():
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.execute("DELETE FROM history WHERE path = ?", (new,))  # of a file once there, now gone
+                self._db.execute(f"INSERT INTO deliveries (path, token, {cols}) SELECT ?, ?, {cols} FROM deliveries "
+                                 "WHERE path = ?", (new, token, old))
+                self._db.execute("INSERT INTO history (path, token, dest, time, event, detail) SELECT ?, ?, dest, time, "
+                                 "event, detail FROM history WHERE path = ? ORDER BY id", (new, token, old))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
+    def uncopy(self, new: str, token: str) -> None:
+        """Take back what copy(old, new, token) wrote, and only that: rows a daemon has adopted or written under
+        `new` since (a file it claimed there) stay."""
+        self._tx([("DELETE FROM deliveries WHERE path = ? AND token = ?", (new, token)),
+                  ("DELETE FROM history WHERE path = ? AND token = ?", (new, token))])
 
     def forget(self, *paths: str) -> None:
         """Drop files that reached sent/, in one transaction: their memory is no longer needed."""
@@ -223,10 +350,18 @@ class Journal:
 
     def reset_failed(self, path: str, reason: str = "operator retry") -> list[str]:
         """Operator retry: 'failed' rows go back to 'pending' with fresh attempts and age; 'delivered'
-        rows stay, so a PACS that confirmed the file never gets it again. Returns the reset destinations."""
+        rows stay, so a PACS that confirmed the file never gets it again. A PACS where the file had a UID
+        conflict forgets the other version. Returns the reset destinations."""
         now = time.time()
-        dests = [r[0] for r in self._exec("SELECT dest FROM deliveries WHERE path = ? AND state = 'failed'", (path,))]
+        found = self._exec("SELECT dest, sop FROM deliveries WHERE path = ? AND state = 'failed'", (path,))
+        dests = [r[0] for r in found]
+        # A UID conflict is retried on the operator's word: forget the other version that PACS confirmed, or
+        # the file would only conflict again.
+        conflicted = self.conflicted(path)
         stmts: list[tuple[str, tuple[Any, ...]]] = [
+            ("DELETE FROM instances WHERE dest = ? AND sop = ?", (dest, sop))
+            for dest, sop in found if sop and dest in conflicted]
+        stmts += [
             ("UPDATE deliveries SET state = 'pending', attempts = 0, next_try = 0, last_error = '', last_code = NULL, "
              "updated = ? WHERE path = ? AND state = 'failed'", (now, path)),
             ("UPDATE deliveries SET first_seen = ? WHERE path = ?", (now, path))]
@@ -234,6 +369,12 @@ class Journal:
                    (path, d, now, "retry", reason)) for d in dests]
         self._tx(stmts)
         return dests
+
+    def conflicted(self, path: str) -> set[str]:
+        """The destinations whose last word on this file was a UID conflict."""
+        found = self._exec("SELECT dest, event FROM history WHERE path = ? ORDER BY id", (path,))
+        last = {dest: event for dest, event in found}
+        return {dest for dest, event in last.items() if event == CONFLICT_EVENT}
 
     def set_health(self, dest: str, healthy: bool, error: str = "") -> None:
         """Remember a destination's health for `relaypacsd status`."""

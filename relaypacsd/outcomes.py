@@ -33,6 +33,9 @@ class Outcome(str, enum.Enum):
     PERMANENT = "permanent"      # the PACS will never take this file: failed/
     DESTINATION = "destination"  # the PACS's setup, not the file: pause the destination
     SPLIT = "split"              # unknown within a batch: resend in smaller batches first
+    # Confirmed, but that PACS confirmed this SOPInstanceUID earlier for other content (decided by the engine
+    # from its journal, never from an answer alone): the PACS may have kept the earlier version. failed/.
+    UID_CONFLICT = "uid_conflict"
 
     @property
     def delivered(self) -> bool:

@@ -3,6 +3,7 @@
 The PACS here is a scripted stand-in so each outcome class can be forced; the real Orthanc is in tests/integration.
 """
 
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -10,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
+from loguru import logger
 
 import relaypacsd.delivery
 from relaypacsd.config import build_config
@@ -520,3 +523,235 @@ def test_two_files_with_one_sop_uid_never_share_a_request(tmp_path):
     assert wait_until(lambda: count(spool, "sent") == 3)
     engine.stop()
     assert all(len(call) == len(set(call)) for call in pacs.calls) and pacs.received(sops[0]) == 2
+
+
+# -- one SOPInstanceUID, other content (a corrected resend): a UID conflict, never "delivered" -------------
+
+
+@contextlib.contextmanager
+def captured():
+    """Every loguru line emitted inside the block, as 'LEVEL message'."""
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")), level="DEBUG", format="{level} {message}")
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
+def corrected_copy(src, dest, name="CORRECTED^NAME"):
+    """`dest`: the instance of `src` with one tag changed, its SOPInstanceUID kept (a corrected resend)."""
+    ds = pydicom.dcmread(src)
+    ds.PatientName = name
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def settle(engine, spool, sent, failed):
+    submit_all(engine, spool)
+    assert wait_until(lambda: count(spool, "sent") == sent and count(spool, "failed") == failed
+                      and engine.in_flight() == 0)
+
+
+def test_a_delivered_uid_with_other_content_is_a_uid_conflict_not_delivered(tmp_path):
+    pacs = ScriptedPacs("orthanc")  # answers "stored" to everything, as Orthanc does
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    engine.journal.set_health("orthanc", True)  # the probe's first word: the counters' row
+    engine.start()
+    try:
+        settle(engine, spool, 1, 0)
+        a = next(spool.files("sent"))
+        corrected_copy(a, spool.inbox / "b.dcm")
+        with captured() as log:
+            settle(engine, spool, 1, 1)
+    finally:
+        engine.stop()
+    assert pacs.received(sops[0]) == 2  # it was sent: the sidecar says what the PACS answered
+    b = next(spool.files("failed"))
+    assert b.name == "b.dcm" and [p.name for p in spool.files("sent")] == [a.name]
+    side = json.loads(sidecar_path(b).read_text())
+    conflict = side["uid_conflict"]["orthanc"]
+    assert conflict["earlier_file"] == a.name and conflict["earlier_delivered"]
+    assert conflict["pacs_answer"] == {"http_status": 200, "answer": "stored", "reason": "scripted delivered"}
+    assert "may have kept that earlier version" in side["reason"]
+    assert "new SOPInstanceUID" in side["next_step"] and "relaypacsd retry FILE" in side["next_step"]
+    assert side["pacs"]["orthanc"]["state"] == "failed" and side["history"][-1]["event"] == "uid_conflict"
+    assert [l for l in log if l.startswith(f"ERROR PACS forward orthanc UID conflict: b.dcm uid={sops[0]}: ")]
+    assert engine.journal.destinations()["orthanc"]["failed"] == 1
+    assert _conflicts(engine.journal) == {"orthanc": 1}
+
+
+def _conflicts(journal):
+    return dict(journal._exec("SELECT dest, conflicts FROM destinations"))
+
+
+def test_a_duplicate_answer_for_other_content_is_a_uid_conflict_too(tmp_path):
+    """A PACS answering 'already stored' (0x0111 and kin) for the corrected file has the earlier one."""
+    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.DELIVERED if call == 1 else Outcome.DUPLICATE)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    engine.start()
+    try:
+        settle(engine, spool, 1, 0)
+        corrected_copy(next(spool.files("sent")), spool.inbox / "b.dcm")
+        settle(engine, spool, 1, 1)
+    finally:
+        engine.stop()
+    side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
+    assert side["uid_conflict"]["orthanc"]["pacs_answer"]["answer"] == "duplicate"
+
+
+def test_the_same_bytes_again_are_a_plain_duplicate_delivered(tmp_path):
+    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.DELIVERED if call == 1 else Outcome.DUPLICATE)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    engine.journal.set_health("orthanc", True)
+    engine.start()
+    try:
+        settle(engine, spool, 1, 0)
+        shutil.copy(next(spool.files("sent")), spool.inbox / "again.dcm")
+        settle(engine, spool, 2, 0)
+    finally:
+        engine.stop()
+    assert pacs.received(sops[0]) == 2 and _conflicts(engine.journal) == {"orthanc": 0}
+
+
+def test_the_conflict_is_per_pacs(tmp_path):
+    """A PACS that never had the earlier version takes the corrected file; only the other one conflicts."""
+    a, b = ScriptedPacs("a"), ScriptedPacs("b")
+    engine, spool, sops = setup(tmp_path, [a, b], n=1)
+    engine.start()
+    try:
+        settle(engine, spool, 1, 0)
+        engine.journal._exec("DELETE FROM instances WHERE dest = 'b'")  # b got the first version elsewhere
+        corrected_copy(next(spool.files("sent")), spool.inbox / "b.dcm")
+        settle(engine, spool, 1, 1)
+    finally:
+        engine.stop()
+    side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
+    assert set(side["uid_conflict"]) == {"a"} and side["pacs"]["b"]["state"] == "delivered"
+
+
+def test_two_versions_in_flight_at_once_go_one_after_the_other_and_the_second_conflicts(tmp_path):
+    """Dropped together, with two workers: were both in requests at once, the journal could not know which
+    version the PACS got first (and kept)."""
+    pacs = ScriptedPacs("orthanc")
+    in_flight, overlap, send = [], [], pacs.send
+
+    def slow_send(parts):
+        in_flight.extend(p.sop_uid for p in parts)
+        overlap.append(len(in_flight) != len(set(in_flight)))
+        time.sleep(0.2)
+        try:
+            return send(parts)
+        finally:
+            for p in parts:
+                in_flight.remove(p.sop_uid)
+
+    pacs.send = slow_send
+    engine, spool, sops = setup(tmp_path, [pacs], n=1, workers_per_pacs=2, batch_max_instances=10)
+    first = next(spool.files("inbox"))
+    corrected_copy(first, spool.inbox / "zz-corrected.dcm")
+    submit_all(engine, spool)  # img00000.dcm is queued first
+    engine.start()
+    try:
+        assert wait_until(lambda: count(spool, "sent") == 1 and count(spool, "failed") == 1)
+    finally:
+        engine.stop()
+    assert overlap == [False, False] and pacs.received(sops[0]) == 2
+    assert [p.name for p in spool.files("sent")] == [first.name]
+    assert [p.name for p in spool.files("failed")] == ["zz-corrected.dcm"]
+
+
+def test_the_operators_retry_of_a_uid_conflict_lets_it_through(tmp_path):
+    from relaypacsd.commands.status import _requeue_with_rows
+
+    pacs = ScriptedPacs("orthanc")
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    engine.start()
+    try:
+        settle(engine, spool, 1, 0)
+        corrected_copy(next(spool.files("sent")), spool.inbox / "b.dcm")
+        settle(engine, spool, 1, 1)
+        new, reset = _requeue_with_rows(spool, engine.journal, next(spool.files("failed")))
+        assert reset == ["orthanc"]
+        engine.submit(new, spool, inspect(new))
+        assert wait_until(lambda: count(spool, "sent") == 2 and count(spool, "failed") == 0)
+    finally:
+        engine.stop()
+    b = spool.sent / "b.dcm"
+    known = engine.journal.known_instances("orthanc", [sops[0]])[sops[0]]
+    assert known.digest == inspect(b).digest  # the PACS now counts as having the corrected version
+
+
+def test_a_retry_of_another_failure_keeps_the_memory_of_the_uid(tmp_path):
+    """Only a UID conflict's retry forgets the earlier version; a file refused for another reason does not."""
+    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.DELIVERED if call == 1 else Outcome.PERMANENT)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    engine.start()
+    try:
+        settle(engine, spool, 1, 0)
+        corrected_copy(next(spool.files("sent")), spool.inbox / "b.dcm")
+        settle(engine, spool, 1, 1)
+    finally:
+        engine.stop()
+    assert engine.journal.reset_failed(str(next(spool.files("failed")))) == ["orthanc"]
+    assert engine.journal.known_instances("orthanc", [sops[0]])
+
+
+# -- the engine's memory of each destination's verdict: rows that vanish are no "sent" -----------------
+
+
+def _deferred_finish(engine):
+    """Hold settled items back from _finish (the window between the answer and the move); returns them."""
+    held = []
+    engine._hand_over = held.extend
+    return held
+
+
+def test_rows_removed_after_a_rejection_do_not_make_the_file_sent(tmp_path):
+    """`relaypacsd retry` racing a claim of the same name used to delete the daemon's fresh rows; _finish then
+    found no 'failed' row and moved a rejected file to sent/."""
+    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.PERMANENT)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    held = _deferred_finish(engine)
+    submit_all(engine, spool)
+    dest = engine.destinations["orthanc"]
+    engine._deliver(dest, dest.take_batch(threading.Event()))
+    (item,) = held
+    engine.journal.forget(str(item.path))  # what the racing retry's cleanup did
+    with captured() as log:
+        engine._finish(held)
+    assert count(spool, "sent") == 0 and count(spool, "failed") == 1
+    failed = next(spool.files("failed"))
+    side = json.loads(sidecar_path(failed).read_text())
+    assert side["pacs"]["orthanc"]["state"] == "failed" and "permanent" in side["reason"]
+    assert {d: r.state for d, r in engine.journal.rows(str(failed)).items()} == {"orthanc": "failed"}
+    assert any("went missing" in l and l.startswith("WARNING") for l in log)
+    engine.journal.close()
+
+
+def test_rows_removed_after_every_pacs_confirmed_still_make_the_file_sent(tmp_path):
+    pacs = ScriptedPacs("orthanc")
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    held = _deferred_finish(engine)
+    submit_all(engine, spool)
+    dest = engine.destinations["orthanc"]
+    engine._deliver(dest, dest.take_batch(threading.Event()))
+    engine.journal.forget(str(held[0].path))
+    engine._finish(held)
+    assert count(spool, "sent") == 1 and engine.journal.counts() == {}
+    engine.journal.close()
+
+
+def test_a_file_with_neither_rows_nor_a_verdict_in_memory_stays_in_sending(tmp_path):
+    """Submitted with every row settled (an earlier run's verdict), then the rows vanish: unknown, not sent."""
+    pacs = ScriptedPacs("orthanc")
+    engine, spool, sops = setup(tmp_path, [pacs], n=1)
+    held = _deferred_finish(engine)
+    f = spool.claim(next(spool.files("inbox")))
+    engine.journal.ensure(str(f), ["orthanc"], sop=sops[0])
+    engine.journal.update(str(f), "orthanc", state="failed", event="failed", detail="permanent: nope")
+    engine.submit(f, spool, inspect(f))
+    engine.journal.forget(str(f))
+    engine._finish(held)
+    assert list(spool.files("sending")) == [f] and engine.in_flight() == 0 and pacs.calls == []
+    engine.journal.close()

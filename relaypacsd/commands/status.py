@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -40,11 +41,23 @@ def _read_journal(state_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str,
         counts: dict[str, dict[str, int]] = {}
         for dest, state, n in db.execute("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
             counts.setdefault(dest, {})[state] = n
+        _read_conflicts(db, dests)
         return dests, counts
     except sqlite3.Error:
         return {}, {}
     finally:
         db.close()
+
+
+def _read_conflicts(db: sqlite3.Connection, dests: dict[str, dict[str, Any]]) -> None:
+    """Add each destination's UID-conflict count; a journal no daemon has upgraded yet has none."""
+    try:
+        found = db.execute("SELECT dest, conflicts FROM destinations").fetchall()
+    except sqlite3.OperationalError:  # no such column: read-only here, so no upgrade
+        return
+    for dest, n in found:
+        if dest in dests:
+            dests[dest]["conflicts"] = n
 
 
 def _daemon_state(state_dir: Path) -> dict[str, Any]:
@@ -82,6 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      "last_error": d.get("last_error") or "", "last_success": _iso(d.get("last_success")),
                      "last_success_age_seconds": round(now - d["last_success"]) if d.get("last_success") else None,
                      "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
+                     "uid_conflicts": d.get("conflicts", 0),
                      "waiting": counts.get(p.name, {}).get("waiting", 0) + counts.get(p.name, {}).get("pending", 0)})
     if args.json:
         print_json({"daemon": daemon, "watch": roots, "pacs": pacs})
@@ -97,10 +111,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                  for r in roots]) if roots else "no [[watch]] root configured")
     print()
     if pacs:
-        print(table(["PACS", "health", "last success", "delivered", "failed", "waiting", "last error"],
+        print(table(["PACS", "health", "last success", "delivered", "failed", "UID conflicts", "waiting", "last error"],
                     [[p["name"], p["health"],
                       (human_age(p["last_success_age_seconds"]) + " ago") if p["last_success_age_seconds"] is not None else "never",
-                      p["delivered"], p["failed"], p["waiting"], _short(p["last_error"])] for p in pacs]))
+                      p["delivered"], p["failed"], p["uid_conflicts"], p["waiting"], _short(p["last_error"])] for p in pacs]))
     else:
         print("no active PACS")
     return EXIT_OK
@@ -133,24 +147,27 @@ def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> tuple[Path
     for the PACS that have it, or it sends the file to them again. So the rows are copied first, to a name
     that holds neither a file nor rows, the file moves to exactly that name (another name gets its own copy
     first), and only then do its rows in failed/ go. Killed anywhere, the file keeps its rows; at worst a
-    copy is left under a name with no file, which start-up drops."""
+    copy is left under a name with no file, which start-up drops.
+
+    The copy carries a token of this retry: when the name turns out taken, only the copy is taken back, never
+    rows the daemon wrote there meanwhile for a file it claimed under that name."""
     key = str(path)
     reset = journal.reset_failed(key)
     wanted = spool.sending / spool.relative(path)
+    token = secrets.token_hex(8)
     n = 0
     while True:
         target = wanted if n == 0 else clashed(wanted, n)
         n += 1
-        if os.path.lexists(target) or journal.rows(str(target)):
+        if os.path.lexists(target) or not journal.copy(key, str(target), token):
             continue
-        journal.copy(key, str(target))
         try:
             spool.move_to(path, target)
         except FileExistsError:  # taken between the look and the move (the daemon claimed a file)
-            journal.forget(str(target))
+            journal.uncopy(str(target), token)
             continue
         except OSError:
-            journal.forget(str(target))  # the file stayed in failed/, with its rows
+            journal.uncopy(str(target), token)  # the file stayed in failed/, with its rows
             raise
         break
     journal.forget(key)

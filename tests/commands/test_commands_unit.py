@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -522,3 +523,132 @@ def test_start_up_drops_a_copy_a_killed_retry_left_ahead(tmp_path, monkeypatch):
     daemon.journal.close()
     assert _states(tmp_path, spool.sending / "bad.dcm") == {}
     assert _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}
+
+
+def _claimed_by_the_daemon_then_taken(tmp_path, monkeypatch, daemon_writes):
+    """Spool.move_to as a daemon claiming sending/bad.dcm just before the retry's move: the daemon's file
+    lands there, `daemon_writes(journal, path)` runs on the daemon's own connection, then the move fails."""
+    real_move = Spool.move_to
+
+    def raced(self, src, dest):
+        if dest.name == "bad.dcm":
+            dest.write_bytes(b"the daemon's own file")
+            journal = Journal(tmp_path / "state" / "journal.sqlite3")
+            try:
+                daemon_writes(journal, str(dest))
+            finally:
+                journal.close()
+            raise FileExistsError(17, "File exists", str(dest))
+        real_move(self, src, dest)
+
+    monkeypatch.setattr(Spool, "move_to", raced)
+
+
+def test_a_retry_racing_a_claim_leaves_the_daemons_fresh_rows_alone(tmp_path, capsys, monkeypatch):
+    """The retry's cleanup after FileExistsError deleted every row at the name, the daemon's too: its file then
+    had no 'failed' row, and a rejected file was moved to sent/."""
+    conf, spool, bad, sop = _failed_file_confirmed_by_other(tmp_path)
+
+    def daemon_writes(journal, path):
+        journal.ensure(path, ["orthanc", "other"], sop="1.2.3.the.daemons.file")
+        journal.update(path, "orthanc", state="failed", event="failed", detail="permanent: refused")
+
+    _claimed_by_the_daemon_then_taken(tmp_path, monkeypatch, daemon_writes)
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    assert _states(tmp_path, spool.sending / "bad.dcm") == {"orthanc": "failed", "other": "pending"}
+    assert _states(tmp_path, spool.sending / "bad~1.dcm") == {"orthanc": "pending", "other": "delivered"}
+
+
+def test_a_retry_racing_a_claim_of_the_same_instance_leaves_the_rows_it_adopted(tmp_path, capsys, monkeypatch):
+    """The daemon's file is the same instance: it adopts the copied rows (ensure keeps them) and records its
+    answer in them; the retry must not take those back."""
+    conf, spool, bad, sop = _failed_file_confirmed_by_other(tmp_path)
+
+    def daemon_writes(journal, path):
+        journal.ensure(path, ["orthanc", "other"], sop=sop)
+        journal.update(path, "orthanc", state="failed", event="failed", detail="permanent: refused")
+
+    _claimed_by_the_daemon_then_taken(tmp_path, monkeypatch, daemon_writes)
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    assert _states(tmp_path, spool.sending / "bad.dcm") == {"orthanc": "failed", "other": "delivered"}
+
+
+def test_a_retry_racing_the_daemons_claim_never_makes_a_rejected_file_sent(tmp_path, capsys, monkeypatch):
+    """The whole race, the real engine in the window between the PACS's answer and the file's move."""
+    from relaypacsd.config import load_config
+    from relaypacsd.delivery import Engine
+    from relaypacsd.dicomfile import inspect
+    from tests.dicomfactory import write_instance
+
+    conf, spool, bad, sop = _failed_file_confirmed_by_other(tmp_path)
+
+    class Refusing:
+        name, target = "orthanc", "http://orthanc.test"
+
+        def send(self, parts):
+            return [InstanceResult(p.sop_uid, Outcome.PERMANENT, 400, None, "refused") for p in parts], 400
+
+    class Taking(Refusing):
+        name = "other"
+
+        def send(self, parts):
+            return [InstanceResult(p.sop_uid, Outcome.DELIVERED, 200, None, "stored") for p in parts], 200
+
+    config = load_config(conf)
+    config.pacs["other"] = dataclasses.replace(config.pacs["orthanc"], name="other")
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    engine = Engine(config, journal, {"orthanc": Refusing(), "other": Taking()})
+    held = []
+    engine._hand_over = held.extend  # the finishing thread has not moved it yet
+    real_move = Spool.move_to
+
+    def raced(self, src, dest):
+        if dest.name == "bad.dcm":  # the daemon claims a new bad.dcm from inbox/ and delivers it
+            write_instance(spool.inbox / "bad.dcm")
+            claimed = spool.claim(spool.inbox / "bad.dcm")
+            engine.submit(claimed, spool, inspect(claimed))
+            for name in ("orthanc", "other"):
+                d = engine.destinations[name]
+                engine._deliver(d, d.take_batch(engine.stop_event))
+            raise FileExistsError(17, "File exists", str(dest))
+        real_move(self, src, dest)
+
+    monkeypatch.setattr(Spool, "move_to", raced)
+    assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
+    engine._finish(held)
+    journal.close()
+    assert not (spool.sent / "bad.dcm").exists() and (spool.failed / "bad.dcm").exists()
+    assert (spool.sending / "bad~1.dcm").exists()
+
+
+def test_status_counts_uid_conflicts_per_pacs(tmp_path, capsys):
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    Spool(tmp_path / "spool").prepare()
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.set_health("orthanc", True)
+    journal.ensure("/x/sending/b.dcm", ["orthanc"], sop="1.2.3")
+    journal.update("/x/sending/b.dcm", "orthanc", state="failed", event="uid_conflict", detail="uid_conflict: x")
+    journal.close()
+    assert cli.main(["-c", str(conf), "status", "--json"]) == 0
+    (pacs,) = json.loads(capsys.readouterr().out)["pacs"]
+    assert pacs["uid_conflicts"] == 1 and pacs["failed"] == 1
+    assert cli.main(["-c", str(conf), "status"]) == 0
+    assert "UID conflicts" in capsys.readouterr().out
+
+
+def test_status_reads_a_journal_no_daemon_has_upgraded_yet(tmp_path, capsys):
+    import sqlite3
+
+    from tests.test_journal import OLD_SCHEMA
+
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    Spool(tmp_path / "spool").prepare()
+    (tmp_path / "state").mkdir()
+    db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
+    db.executescript(OLD_SCHEMA)
+    db.execute("INSERT INTO destinations (dest, healthy, last_change, delivered) VALUES ('orthanc', 1, 1, 3)")
+    db.commit()
+    db.close()
+    assert cli.main(["-c", str(conf), "status", "--json"]) == 0
+    (pacs,) = json.loads(capsys.readouterr().out)["pacs"]
+    assert pacs["uid_conflicts"] == 0 and pacs["delivered"] == 3
