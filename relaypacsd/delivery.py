@@ -343,8 +343,9 @@ class Engine:
         def on_results(parts: list[StowPart], results: list[InstanceResult]) -> None:
             self._record_many(dest, [(by_part[p], r) for p, r in zip(parts, results)])
 
-        deliver_parts(dest.sender, list(by_part), cfg.retry_attempts, cfg.retry_delay, self._sleep, on_results,
-                      on_attempt=on_attempt, may_retry=lambda: dest.healthy and not self.stop_event.is_set())
+        deliver_parts(_UidChecked(self, dest, by_part), list(by_part), cfg.retry_attempts, cfg.retry_delay,
+                      self._sleep, on_results, on_attempt=on_attempt,
+                      may_retry=lambda: dest.healthy and not self.stop_event.is_set())
         if went_down:
             # Only once the batch's files are parked: a probe that found the PACS back between marking it
             # down and parking them would have released nothing, and they would wait a sweep interval.
@@ -380,10 +381,6 @@ class Engine:
         files that have settled everywhere, a folder move."""
         cfg = self.config.delivery
         rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
-        # No other request to this PACS holds these UIDs (Destination.in_request): this look and the commit
-        # below see every earlier confirmation of them.
-        known = self.journal.known_instances(dest.name, [i.info.sop_instance_uid for i, r in pairs
-                                                         if r.outcome in DELIVERED and i.info.digest])
         updates: list[Update] = []
         settled: list[tuple[Item, Update]] = []
         parked: list[tuple[Item, float]] = []
@@ -391,7 +388,6 @@ class Engine:
             key = str(item.path)
             row = rows.get(key)
             attempts = (row.attempts if row else 0) + 1
-            result = self._check_uid(dest, item, result, known)
             detail = _detail(result)
             expired = time.time() - item.first_seen > cfg.max_age_hours * 3600
             if result.outcome in DELIVERED:
@@ -432,6 +428,17 @@ class Engine:
                 item.done = True
             finishing.append(item)
         self._hand_over(finishing)
+
+    def check_uids(self, dest: Destination, items: list[Item], results: list[InstanceResult]) -> list[InstanceResult]:
+        """The PACS's answer with each confirmation of a UID it holds for other content turned into a conflict.
+
+        No other request to this PACS holds these UIDs (Destination.in_request): this look, made before the
+        answer is logged or recorded, and the commit that follows see every earlier confirmation of them."""
+        uids = [i.info.sop_instance_uid for i, r in zip(items, results) if r.outcome in DELIVERED and i.info.digest]
+        if not uids:
+            return results
+        known = self.journal.known_instances(dest.name, uids)
+        return [self._check_uid(dest, item, result, known) for item, result in zip(items, results)]
 
     def _check_uid(self, dest: Destination, item: Item, result: InstanceResult,
                    known: dict[str, KnownInstance]) -> InstanceResult:
@@ -630,6 +637,22 @@ class Engine:
     def on_destination_back(self, dest: Destination) -> None:
         """A destination came back: everything waiting for it goes now, not at its next sweep."""
         dest.release_due(everything=True)
+
+
+class _UidChecked:
+    """A destination's sender whose answers are checked for UID conflicts before anything logs or records them:
+    a PACS's "stored" for other content under a known UID is never reported as delivered."""
+
+    def __init__(self, engine: Engine, dest: Destination, by_part: dict[StowPart, Item]):
+        self.engine, self.dest, self.by_part = engine, dest, by_part
+        self.name, self.target = dest.sender.name, dest.sender.target
+
+    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
+        results, status = self.dest.sender.send(parts)
+        return self.engine.check_uids(self.dest, [self.by_part[p] for p in parts], results), status
+
+    def probe(self) -> None:
+        self.dest.sender.probe()
 
 
 def backoff(base: float, attempts: int, cap: float) -> float:

@@ -577,6 +577,8 @@ def test_a_delivered_uid_with_other_content_is_a_uid_conflict_not_delivered(tmp_
     assert "new SOPInstanceUID" in side["next_step"] and "relaypacsd retry FILE" in side["next_step"]
     assert side["pacs"]["orthanc"]["state"] == "failed" and side["history"][-1]["event"] == "uid_conflict"
     assert [l for l in log if l.startswith(f"ERROR PACS forward orthanc UID conflict: b.dcm uid={sops[0]}: ")]
+    # never logged as delivered, not even for a moment before the conflict is found
+    assert not [l for l in log if "PACS forward orthanc delivered" in l and "b.dcm" in l], log
     assert engine.journal.destinations()["orthanc"]["failed"] == 1
     assert _conflicts(engine.journal) == {"orthanc": 1}
 
