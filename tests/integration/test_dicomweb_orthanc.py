@@ -338,3 +338,9 @@ def test_tls_client_certificate(clean_orthanc: LocalOrthanc, pki: Path) -> None:
         with_cert.probe()
     finally:
         term.close()
+
+
+def test_the_running_orthancs_config_is_owner_only(orthanc: LocalOrthanc) -> None:
+    """The config Orthanc runs with holds its HTTP password in clear (item 15): 0600, not the umask's 0644."""
+    assert orthanc.password in orthanc.config_path.read_text()
+    assert orthanc.config_path.stat().st_mode & 0o777 == 0o600
