@@ -1,0 +1,50 @@
+"""What operators read: the real daemon's log and `relaypacsd status`, against the real Orthanc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relaypacsd.journal import Journal
+from tests.dicomfactory import write_instance, write_study
+from tests.integration.daemon_helpers import (count_in, daemon_env, daemon_log, start_daemon, stop_daemon, wait_for,
+                                              wait_ready, write_config)
+
+FORGED = "INFO    | PACS forward orthanc delivered: 999 file(s)"
+
+
+def _status(cfg: Path) -> dict:
+    res = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "status", "--json"],
+                         capture_output=True, text=True, env=daemon_env(), timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_file_name_cannot_forge_a_log_line(tmp_path: Path, clean_orthanc, fmt: str) -> None:
+    """Item 13: a name holding a newline and a fake record is logged escaped, in the text and JSON logs."""
+    cfg = write_config(tmp_path, clean_orthanc, daemon={"log_format": fmt})
+    name = f"x\n{FORGED}\r\x1b[2J.dcm"
+    proc = start_daemon(cfg)
+    try:
+        wait_ready(proc)
+        write_instance(tmp_path / name)
+        (tmp_path / name).rename(tmp_path / "spool" / "inbox" / name)
+        wait_for(lambda: count_in(tmp_path / "spool", "sent") == 1, 30, message=lambda: daemon_log(proc)[-3000:])
+    finally:
+        assert stop_daemon(proc) == 0
+    for text in (daemon_log(proc), (tmp_path / "logs" / "relaypacsd.log").read_text()):
+        lines = text.splitlines()
+        assert not any(line.startswith(FORGED.split(" ")[0]) for line in lines), text
+        assert not any("\x1b" in line or "\r" in line for line in lines)
+        if fmt == "json":
+            records = [json.loads(line)["record"] for line in lines if line.startswith("{")]
+            named = [r["message"] for r in records if "PACS forward" in r["message"] and "x\\n" in r["message"]]
+            assert named and not any("\n" in r["message"] for r in records)
+        else:
+            assert any("files=x\\nINFO    | PACS forward orthanc delivered: 999 file(s)\\r\\x1b[2J.dcm" in line
+                       for line in lines), text
