@@ -48,3 +48,30 @@ def test_a_file_name_cannot_forge_a_log_line(tmp_path: Path, clean_orthanc, fmt:
         else:
             assert any("files=x\\nINFO    | PACS forward orthanc delivered: 999 file(s)\\r\\x1b[2J.dcm" in line
                        for line in lines), text
+
+
+def test_status_tells_the_truth_from_the_first_delivery(tmp_path: Path, clean_orthanc) -> None:
+    """Item 10: after files were delivered to a healthy Orthanc, status said `health unknown`, `last success
+    never`, `delivered 0`; an earlier run's DOWN stayed on show while the PACS was up."""
+    cfg = write_config(tmp_path, clean_orthanc)
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.set_health("orthanc", False, "PACS 'orthanc' unreachable at ...: connection refused")  # an earlier run
+    journal.close()
+    proc = start_daemon(cfg)
+    try:
+        wait_ready(proc)
+        assert _status(cfg)["pacs"][0]["health"] != "DOWN"  # at once: the earlier run's finding is not this run's
+        n = 7
+        _, sops = write_study(tmp_path / "staging", n)
+        for f in sorted((tmp_path / "staging").iterdir()):
+            f.rename(tmp_path / "spool" / "inbox" / f.name)
+        wait_for(lambda: count_in(tmp_path / "spool", "sent") == n, 30, message=lambda: daemon_log(proc)[-3000:])
+        pacs = wait_for(lambda: (lambda p: p if p["delivered"] == n else None)(_status(cfg)["pacs"][0]), 10)
+        assert pacs["health"] == "up" and pacs["health_current"] is True
+        assert pacs["last_success"] is not None and pacs["last_success_age_seconds"] < 60
+        assert pacs["failed"] == 0 and pacs["waiting"] == 0
+        assert set(sops) <= clean_orthanc.list_instance_uids()
+    finally:
+        assert stop_daemon(proc) == 0
+    after = _status(cfg)["pacs"][0]
+    assert after["health"] == "up" and after["health_current"] is False and after["delivered"] == n
