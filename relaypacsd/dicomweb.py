@@ -30,6 +30,8 @@ from relaypacsd.outcomes import InstanceResult, reconcile
 CHUNK_SIZE = 256 * 1024
 DICOM_JSON = "application/dicom+json"
 _MAX_PART_HEADERS = 64 * 1024
+# Answers to the probe's GET from a server that may let us store though not query (see DicomWebClient.probe).
+_STORE_ONLY = (403, 405)
 
 
 class PartChanged(RelayPacsError):
@@ -171,15 +173,25 @@ class DicomWebClient:
     # -- health ----------------------------------------------------------------------------------
 
     def probe(self) -> None:
-        """Raise PacsUnreachable / DestinationProblem / PacsError unless the PACS answers properly."""
+        """Raise PacsUnreachable / DestinationProblem / PacsError unless the PACS answers as delivery needs.
+
+        The probe demands no right that delivery does not need. A 403 or 405 to its GET comes from a server
+        that answered at the STOW URL and knows who we are, but lets this account or endpoint store only:
+        reachable; whether we may store, only a STOW can tell (a STOW 403 marks the PACS down until the next
+        probe). A 401 refuses our credentials, which fails a STOW too: down, as is every other answer."""
         if self.pacs.type == "orthanc":
             url = self.pacs.url.rstrip("/") + "/system"
             resp = self._request("GET", url, headers={"Accept": "application/json"})
-            self._check(resp, url, what="Orthanc's /system")
+            self._check_probe(resp, url, what="Orthanc's /system")
         # QIDO as well for Orthanc: /system answers even when the DICOMweb plugin is missing.
         url = f"{self.base}/studies"
         resp = self._request("GET", url, params={"limit": "1"}, headers={"Accept": DICOM_JSON})
-        self._check(resp, url, what="QIDO-RS")
+        self._check_probe(resp, url, what="QIDO-RS")
+
+    def _check_probe(self, resp: requests.Response, url: str, *, what: str) -> None:
+        if resp.status_code in _STORE_ONLY:
+            return  # the server is there and accepted who we are; it merely will not answer this GET
+        self._check(resp, url, what=what)
 
     # -- QIDO-RS ---------------------------------------------------------------------------------
 

@@ -508,3 +508,15 @@ def test_a_probe_on_a_connection_closed_under_it_is_sent_once_more() -> None:
         srv.close()
         thread.join(5)
     assert seen == [b"GET", b"GET"]
+
+
+@pytest.mark.parametrize("status", [403, 405])
+def test_probe_of_a_store_only_endpoint_is_reachable(canned: CannedServer, status: int) -> None:
+    """A GET refused with 403/405 came from a server that answered at the STOW URL: reachable (item 11);
+    a 401 still is not (our credentials fail a STOW too)."""
+    canned.responder = lambda rec: Answer(status)
+    DicomWebClient(cfg(canned.url, type="orthanc")).probe()
+    DicomWebClient(cfg(canned.url + "/rs", type="dicomweb")).probe()
+    canned.responder = lambda rec: Answer(401)
+    with pytest.raises(DestinationProblem, match="refused our credentials"):
+        DicomWebClient(cfg(canned.url + "/rs", type="dicomweb")).probe()
