@@ -263,10 +263,13 @@ class DicomWebClient:
         try:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            if method == "GET" and _broke_under_us(exc):
-                # A PACS drops idle keep-alive connections (Orthanc after a few seconds): one reused just as
-                # it closed breaks without an answer. A GET changes nothing, so it goes once more on a fresh
-                # connection; a health probe would otherwise report a healthy PACS down. Never a POST.
+            if (method == "GET" and _broke_under_us(exc)) or (method == "POST" and _dropped_without_answer(exc)):
+                # A PACS drops idle keep-alive connections (Orthanc after a second): one reused just as it
+                # closed breaks without an answer. A GET changes nothing, so it goes once more on a fresh
+                # connection; a health probe would otherwise report a healthy PACS down. A STOW goes once more
+                # only when not a byte of answer came (the PACS may have stored some files, but a duplicate
+                # counts as delivered); else the whole PACS was marked down until the next probe. Never after
+                # a timeout: a PACS that is merely slow must not get the upload twice.
                 try:
                     return self.session.request(method, url, timeout=self.timeout, **kwargs)
                 except requests.RequestException as again:
@@ -451,6 +454,18 @@ def _broke_under_us(exc: BaseException) -> bool:
     return (isinstance(exc, requests.exceptions.ConnectionError)
             and not isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError))
             and not _never_sent(exc))
+
+
+def _dropped_without_answer(exc: BaseException) -> bool:
+    """True when the connection was closed or reset before any byte of the answer (the PACS closing an idle
+    keep-alive connection as we reused it): urllib3's 'Connection aborted.' with such a cause. An answer cut
+    off after its header is not this (requests raises ChunkedEncodingError or a 'Connection broken' error)."""
+    if not isinstance(exc, requests.exceptions.ConnectionError) or isinstance(exc, requests.exceptions.ConnectTimeout):
+        return False
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", None) or reason  # urllib3's MaxRetryError wraps the cause
+    return (isinstance(reason, urllib3.exceptions.ProtocolError) and len(reason.args) > 1
+            and isinstance(reason.args[1], (ConnectionResetError, BrokenPipeError)))  # RemoteDisconnected too
 
 
 def _json_or_none(content: bytes) -> Any:
