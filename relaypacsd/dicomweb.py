@@ -30,6 +30,12 @@ from relaypacsd.outcomes import InstanceResult, reconcile
 CHUNK_SIZE = 256 * 1024
 DICOM_JSON = "application/dicom+json"
 _MAX_PART_HEADERS = 64 * 1024
+# The cap on a STOW answer held in memory. Orthanc answers about 470 bytes of DICOM JSON per instance
+# (class and instance UIDs, a RetrieveURL: 23 KB for a batch of 50, measured); 4 KiB per instance plus 1 MiB
+# for warnings and failure reasons is ~50 times that (1.2 MiB for 50, 41 MiB for the largest batch allowed,
+# 10000). Anything larger is not a STOW answer: a PACS or proxy fault, never held whole in memory.
+STOW_ANSWER_BASE = 1024 * 1024
+STOW_ANSWER_PER_INSTANCE = 4096
 # Answers to the probe's GET from a server that may let us store though not query (see DicomWebClient.probe).
 _STORE_ONLY = (403, 405)
 
@@ -147,11 +153,8 @@ class DicomWebClient:
         start = time.monotonic()
         # No redirects: requests would turn the POST into a GET (a query whose empty answer confirms nothing),
         # and the files would be blamed for a URL that needs fixing.
-        resp = self._request("POST", url, data=body, headers=headers, allow_redirects=False)
-        try:
-            content = resp.content
-        except requests.RequestException as exc:
-            raise self._unreachable(url, exc) from None
+        resp = self._request("POST", url, data=body, headers=headers, allow_redirects=False, stream=True)
+        content = self._read_answer(resp, url, STOW_ANSWER_BASE + STOW_ANSWER_PER_INSTANCE * len(parts))
         elapsed = (time.monotonic() - start) * 1000.0
         name = self.pacs.name
         if resp.is_redirect:
@@ -169,6 +172,31 @@ class DicomWebClient:
                                      "JSON answers in its DICOMweb settings", status=resp.status_code)
         results = reconcile(resp.status_code, doc, [p.sop_uid for p in parts])
         return StowResponse(resp.status_code, doc, elapsed, results)
+
+    def _read_answer(self, resp: requests.Response, url: str, limit: int) -> bytes:
+        """The answer's body, read as it streams in and never beyond `limit` bytes: a larger one raises a
+        transient PacsError (the files wait and go again; a PACS or proxy fault, not theirs)."""
+        try:
+            declared = int(resp.headers.get("Content-Length") or 0)
+        except ValueError:
+            declared = 0
+        got = bytearray()
+        try:
+            if declared <= limit:
+                for chunk in resp.iter_content(CHUNK_SIZE):
+                    got += chunk
+                    if len(got) > limit:
+                        break
+        except requests.RequestException as exc:
+            raise self._unreachable(url, exc) from None
+        finally:
+            resp.close()  # past the cap the rest stays unread: this connection is not reused
+        if declared > limit or len(got) > limit:
+            raise PacsError(f"PACS '{self.pacs.name}' answered STOW-RS at {url} (HTTP {resp.status_code}) with more "
+                            f"than {limit // 1024} KiB, far beyond any STOW-RS answer: the files wait and are sent "
+                            "again; check the PACS and any proxy in front of it", transient=True,
+                            status=resp.status_code)
+        return bytes(got)
 
     # -- health ----------------------------------------------------------------------------------
 

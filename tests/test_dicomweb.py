@@ -613,3 +613,55 @@ def test_a_stow_that_timed_out_is_never_sent_twice(tmp_path: Path) -> None:
         srv.close()
         thread.join(5)
     assert posts == [1]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_oversized_stow_answer_is_the_pacss_fault_and_never_read_whole(tmp_path: Path, framing: str) -> None:
+    """Item 18: the STOW answer was read whole, without a cap. Past the cap (1 MiB + 4 KiB per instance) it is
+    a transient PacsError: the files wait (never failed, never delivered), and the rest is never read."""
+    from relaypacsd.delivery import deliver_parts
+    from relaypacsd.destinations import DicomWebSender
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    sent = [0]
+    total = 64 * 1024 * 1024  # what the server would send if the client read it all
+
+    def serve() -> None:
+        srv.settimeout(10)
+        for _ in range(2):  # store() and deliver_parts(): one connection each (the first is closed by the client)
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    _read_request(conn)
+                    piece = b"[" + b" " * (256 * 1024 - 2) + b"]"
+                    if framing == "content-length":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: "
+                                     + str(total).encode() + b"\r\n\r\n")
+                    else:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n")
+                    while sent[0] < total:
+                        data = piece if framing == "content-length" else b"%x\r\n%s\r\n" % (len(piece), piece)
+                        conn.sendall(data)
+                        sent[0] += len(piece)
+                except OSError:
+                    pass  # the client stopped reading and closed
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = DicomWebClient(cfg(f"http://127.0.0.1:{srv.getsockname()[1]}", type="dicomweb", read_timeout=5))
+        one = part(tmp_path, "a.dcm", b"A" * 100, "1.2.3.1")
+        with pytest.raises(PacsError, match="more than 1028 KiB") as info:
+            client.store([one])
+        assert info.value.transient and not isinstance(info.value, (DestinationProblem, PacsUnreachable))
+        results = deliver_parts(DicomWebSender(client.pacs), [one], attempts=1, delay=0)
+        assert results[one].outcome is Outcome.TRANSIENT
+    finally:
+        srv.close()
+        thread.join(10)
+    assert sent[0] < total / 2  # the client stopped reading: the answer was never held whole
+
