@@ -75,3 +75,26 @@ def test_status_tells_the_truth_from_the_first_delivery(tmp_path: Path, clean_or
         assert stop_daemon(proc) == 0
     after = _status(cfg)["pacs"][0]
     assert after["health"] == "up" and after["health_current"] is False and after["delivered"] == n
+
+
+def test_a_store_only_account_gets_its_files_and_is_shown_up(tmp_path: Path, orthanc_factory) -> None:
+    """Item 11 through the real daemon: an account that may store but not query (QIDO 403) was DOWN for ever."""
+    from tests.integration.test_dicomweb_orthanc import STORE_ONLY_FILTER
+
+    lua = tmp_path / "store-only.lua"
+    lua.write_text(STORE_ONLY_FILTER)
+    server = orthanc_factory(extra={"LuaScripts": [str(lua)], "RegisteredUsers": {"storeonly": "st0re-pw"}})
+    cfg = write_config(tmp_path, server, pacs={"username": "storeonly", "password": "st0re-pw"})
+    proc = start_daemon(cfg)
+    try:
+        wait_ready(proc)
+        wait_for(lambda: _status(cfg)["pacs"][0]["health"] != "unknown", 10)  # the first probe has run
+        _, sops = write_study(tmp_path / "staging", 3)
+        for f in sorted((tmp_path / "staging").iterdir()):
+            f.rename(tmp_path / "spool" / "inbox" / f.name)
+        wait_for(lambda: count_in(tmp_path / "spool", "sent") == 3, 20, message=lambda: daemon_log(proc)[-3000:])
+        assert _status(cfg)["pacs"][0]["health"] == "up"
+    finally:
+        assert stop_daemon(proc) == 0
+    assert set(sops) <= server.list_instance_uids()
+    assert "is DOWN" not in daemon_log(proc)
