@@ -75,6 +75,7 @@ class Destination:
         self.healthy = True
         self.down_reason = ""
         self.back_at = 0.0  # monotonic time it was last found back up
+        self.recorded = False  # this run's health is in the journal (its row starts "unknown")
         self.threads: list[threading.Thread] = []
         self.busy = 0
         # SOP Instance UIDs in a request right now: a second file with one of them waits for that answer, so
@@ -189,8 +190,9 @@ class Destination:
             if changed and healthy:
                 self.back_at = time.monotonic()
             self.cond.notify_all()
-            if changed:  # under the lock: the journal's health never disagrees with this one's
+            if changed or not self.recorded:  # under the lock: the journal's health never disagrees with this one's
                 self.engine.journal.set_health(self.name, healthy, reason)
+                self.recorded = True
         if not changed:
             return
         if healthy:
@@ -230,6 +232,7 @@ class Engine:
 
     def start(self) -> None:
         """Start the finishing thread and the workers of every destination."""
+        self.journal.begin_run(self.destinations)  # status: health unknown until this run finds out
         self._finisher = threading.Thread(target=self._finish_loop, name="finish", daemon=True)
         self._finisher.start()
         for dest in self.destinations.values():

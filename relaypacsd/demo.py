@@ -36,12 +36,11 @@ def run_demo(workdir: Path) -> int:
     pacs_toml = ""
     ui = ""
     if not os.environ.get("ORTHANC_URL"):
-        from relaypacsd.localorthanc import LocalOrthanc
+        from relaypacsd.localorthanc import LocalOrthanc, write_private
 
         pw_file = workdir / "orthanc-password"
         if not pw_file.exists():
-            pw_file.write_text(secrets.token_urlsafe(16))
-            pw_file.chmod(0o600)
+            write_private(pw_file, secrets.token_urlsafe(16))
         orthanc = LocalOrthanc(workdir / "orthanc", http_port=_port_or_free(8042), dicom_port=_port_or_free(4242),
                                username="relaypacs", password=pw_file.read_text().strip())
         orthanc.start()

@@ -30,6 +30,14 @@ from relaypacsd.outcomes import InstanceResult, reconcile
 CHUNK_SIZE = 256 * 1024
 DICOM_JSON = "application/dicom+json"
 _MAX_PART_HEADERS = 64 * 1024
+# The cap on a STOW answer held in memory. Orthanc answers about 470 bytes of DICOM JSON per instance
+# (class and instance UIDs, a RetrieveURL: 23 KB for a batch of 50, measured); 4 KiB per instance plus 1 MiB
+# for warnings and failure reasons is ~50 times that (1.2 MiB for 50, 41 MiB for the largest batch allowed,
+# 10000). Anything larger is not a STOW answer: a PACS or proxy fault, never held whole in memory.
+STOW_ANSWER_BASE = 1024 * 1024
+STOW_ANSWER_PER_INSTANCE = 4096
+# Answers to the probe's GET from a server that may let us store though not query (see DicomWebClient.probe).
+_STORE_ONLY = (403, 405)
 
 
 class PartChanged(RelayPacsError):
@@ -145,11 +153,8 @@ class DicomWebClient:
         start = time.monotonic()
         # No redirects: requests would turn the POST into a GET (a query whose empty answer confirms nothing),
         # and the files would be blamed for a URL that needs fixing.
-        resp = self._request("POST", url, data=body, headers=headers, allow_redirects=False)
-        try:
-            content = resp.content
-        except requests.RequestException as exc:
-            raise self._unreachable(url, exc) from None
+        resp = self._request("POST", url, data=body, headers=headers, allow_redirects=False, stream=True)
+        content = self._read_answer(resp, url, STOW_ANSWER_BASE + STOW_ANSWER_PER_INSTANCE * len(parts))
         elapsed = (time.monotonic() - start) * 1000.0
         name = self.pacs.name
         if resp.is_redirect:
@@ -168,18 +173,53 @@ class DicomWebClient:
         results = reconcile(resp.status_code, doc, [p.sop_uid for p in parts])
         return StowResponse(resp.status_code, doc, elapsed, results)
 
+    def _read_answer(self, resp: requests.Response, url: str, limit: int) -> bytes:
+        """The answer's body, read as it streams in and never beyond `limit` bytes: a larger one raises a
+        transient PacsError (the files wait and go again; a PACS or proxy fault, not theirs)."""
+        try:
+            declared = int(resp.headers.get("Content-Length") or 0)
+        except ValueError:
+            declared = 0
+        got = bytearray()
+        try:
+            if declared <= limit:
+                for chunk in resp.iter_content(CHUNK_SIZE):
+                    got += chunk
+                    if len(got) > limit:
+                        break
+        except requests.RequestException as exc:
+            raise self._unreachable(url, exc) from None
+        finally:
+            resp.close()  # past the cap the rest stays unread: this connection is not reused
+        if declared > limit or len(got) > limit:
+            raise PacsError(f"PACS '{self.pacs.name}' answered STOW-RS at {url} (HTTP {resp.status_code}) with more "
+                            f"than {limit // 1024} KiB, far beyond any STOW-RS answer: the files wait and are sent "
+                            "again; check the PACS and any proxy in front of it", transient=True,
+                            status=resp.status_code)
+        return bytes(got)
+
     # -- health ----------------------------------------------------------------------------------
 
     def probe(self) -> None:
-        """Raise PacsUnreachable / DestinationProblem / PacsError unless the PACS answers properly."""
+        """Raise PacsUnreachable / DestinationProblem / PacsError unless the PACS answers as delivery needs.
+
+        The probe demands no right that delivery does not need. A 403 or 405 to its GET comes from a server
+        that answered at the STOW URL and knows who we are, but lets this account or endpoint store only:
+        reachable; whether we may store, only a STOW can tell (a STOW 403 marks the PACS down until the next
+        probe). A 401 refuses our credentials, which fails a STOW too: down, as is every other answer."""
         if self.pacs.type == "orthanc":
             url = self.pacs.url.rstrip("/") + "/system"
             resp = self._request("GET", url, headers={"Accept": "application/json"})
-            self._check(resp, url, what="Orthanc's /system")
+            self._check_probe(resp, url, what="Orthanc's /system")
         # QIDO as well for Orthanc: /system answers even when the DICOMweb plugin is missing.
         url = f"{self.base}/studies"
         resp = self._request("GET", url, params={"limit": "1"}, headers={"Accept": DICOM_JSON})
-        self._check(resp, url, what="QIDO-RS")
+        self._check_probe(resp, url, what="QIDO-RS")
+
+    def _check_probe(self, resp: requests.Response, url: str, *, what: str) -> None:
+        if resp.status_code in _STORE_ONLY:
+            return  # the server is there and accepted who we are; it merely will not answer this GET
+        self._check(resp, url, what=what)
 
     # -- QIDO-RS ---------------------------------------------------------------------------------
 
@@ -251,10 +291,13 @@ class DicomWebClient:
         try:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            if method == "GET" and _broke_under_us(exc):
-                # A PACS drops idle keep-alive connections (Orthanc after a few seconds): one reused just as
-                # it closed breaks without an answer. A GET changes nothing, so it goes once more on a fresh
-                # connection; a health probe would otherwise report a healthy PACS down. Never a POST.
+            if (method == "GET" and _broke_under_us(exc)) or (method == "POST" and _dropped_without_answer(exc)):
+                # A PACS drops idle keep-alive connections (Orthanc after a second): one reused just as it
+                # closed breaks without an answer. A GET changes nothing, so it goes once more on a fresh
+                # connection; a health probe would otherwise report a healthy PACS down. A STOW goes once more
+                # only when not a byte of answer came (the PACS may have stored some files, but a duplicate
+                # counts as delivered); else the whole PACS was marked down until the next probe. Never after
+                # a timeout: a PACS that is merely slow must not get the upload twice.
                 try:
                     return self.session.request(method, url, timeout=self.timeout, **kwargs)
                 except requests.RequestException as again:
@@ -439,6 +482,18 @@ def _broke_under_us(exc: BaseException) -> bool:
     return (isinstance(exc, requests.exceptions.ConnectionError)
             and not isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError))
             and not _never_sent(exc))
+
+
+def _dropped_without_answer(exc: BaseException) -> bool:
+    """True when the connection was closed or reset before any byte of the answer (the PACS closing an idle
+    keep-alive connection as we reused it): urllib3's 'Connection aborted.' with such a cause. An answer cut
+    off after its header is not this (requests raises ChunkedEncodingError or a 'Connection broken' error)."""
+    if not isinstance(exc, requests.exceptions.ConnectionError) or isinstance(exc, requests.exceptions.ConnectTimeout):
+        return False
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", None) or reason  # urllib3's MaxRetryError wraps the cause
+    return (isinstance(reason, urllib3.exceptions.ProtocolError) and len(reason.args) > 1
+            and isinstance(reason.args[1], (ConnectionResetError, BrokenPipeError)))  # RemoteDisconnected too
 
 
 def _json_or_none(content: bytes) -> Any:

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_path ON history(path);
 CREATE TABLE IF NOT EXISTS destinations (
     dest TEXT PRIMARY KEY,
-    healthy INTEGER NOT NULL,
+    healthy INTEGER NOT NULL,       -- 1 up, 0 down, -1 unknown (this run has not found out yet)
     last_error TEXT NOT NULL DEFAULT '',
     last_change REAL NOT NULL,
     last_success REAL,
@@ -73,6 +73,13 @@ INSTANCE_MEMORY_DAYS = 365.0
 PRUNE_EVERY = 256  # delivered instances between two pruning steps
 PRUNE_STEP = 1024  # at most this many expired instances per step: four times the intake, in small commits
 CONFLICT_EVENT = "uid_conflict"  # Outcome.UID_CONFLICT's value: its history event and its counter
+
+HEALTH_UNKNOWN = -1
+
+
+def health_of(value: int) -> bool | None:
+    """The destinations table's `healthy` column as True (up), False (down) or None (not known yet)."""
+    return None if value == HEALTH_UNKNOWN else bool(value)
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,8 @@ class Journal:
         """Record several new states in one transaction (one batch's answer is one commit)."""
         now = time.time()
         stmts: list[tuple[str, tuple[Any, ...]]] = []
+        delivered: dict[str, int] = {}
+        failed: dict[str, int] = {}
         for u in updates:
             sets = "state = ?, next_try = ?, updated = ?, last_error = ?, last_code = ?"
             args: list[Any] = [u.state, u.next_try, now, u.detail if u.state != "delivered" else "", u.code]
@@ -209,11 +218,12 @@ class Journal:
             stmts.append(("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
                           (u.path, u.dest, now, u.event, u.detail)))
             if u.state == "delivered":
-                stmts.append(("UPDATE destinations SET last_success = ?, delivered = delivered + 1 WHERE dest = ?",
-                              (now, u.dest)))
+                delivered[u.dest] = delivered.get(u.dest, 0) + 1
             elif u.state == "failed":
-                stmts.append(("UPDATE destinations SET failed = failed + 1 WHERE dest = ?", (u.dest,)))
+                failed[u.dest] = failed.get(u.dest, 0) + 1
             stmts += self._instance_statements(u, now)
+        stmts += [_count_delivered(dest, n, now) for dest, n in delivered.items()]
+        stmts += [_count_failed(dest, n, now) for dest, n in failed.items()]
         if stmts:
             self._tx(stmts)
 
@@ -376,6 +386,14 @@ class Journal:
         last = {dest: event for dest, event in found}
         return {dest for dest, event in last.items() if event == CONFLICT_EVENT}
 
+    def begin_run(self, dests: Iterable[str]) -> None:
+        """A daemon (re)starts: every destination's health is unknown until this run finds out, so status
+        never shows an earlier run's DOWN as current; each active destination gets its row. Counters stay."""
+        now = time.time()
+        self._tx([("UPDATE destinations SET healthy = ?, last_change = ?", (HEALTH_UNKNOWN, now))]
+                 + [("INSERT OR IGNORE INTO destinations (dest, healthy, last_change) VALUES (?, ?, ?)",
+                     (d, HEALTH_UNKNOWN, now)) for d in dests])
+
     def set_health(self, dest: str, healthy: bool, error: str = "") -> None:
         """Remember a destination's health for `relaypacsd status`."""
         now = time.time()
@@ -385,9 +403,9 @@ class Journal:
                    (dest, int(healthy), error, now))])
 
     def destinations(self) -> dict[str, dict[str, Any]]:
-        """Health, last error, last success and counters per destination."""
+        """Health (True, False, None: not known yet), last error, last success and counters per destination."""
         found = self._exec("SELECT dest, healthy, last_error, last_change, last_success, delivered, failed FROM destinations")
-        return {r[0]: {"healthy": bool(r[1]), "last_error": r[2], "last_change": _iso(r[3]),
+        return {r[0]: {"healthy": health_of(r[1]), "last_error": r[2], "last_change": _iso(r[3]),
                        "last_success": _iso(r[4]) if r[4] else None, "delivered": r[5], "failed": r[6]} for r in found}
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -396,6 +414,21 @@ class Journal:
         for dest, state, n in self._exec("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
             out.setdefault(dest, {})[state] = n
         return out
+
+
+def _count_delivered(dest: str, n: int, now: float) -> tuple[str, tuple[Any, ...]]:
+    # A delivery is evidence of health: a row still unknown turns up. A DOWN one stays down: the probe, under
+    # the destination's lock, decides that, so the journal never disagrees with the running daemon.
+    return ("INSERT INTO destinations (dest, healthy, last_change, last_success, delivered) VALUES (?, 1, ?, ?, ?) "
+            "ON CONFLICT(dest) DO UPDATE SET last_success = excluded.last_success, delivered = delivered + excluded.delivered, "
+            f"last_change = CASE WHEN healthy = {HEALTH_UNKNOWN} THEN excluded.last_change ELSE last_change END, "
+            f"healthy = CASE WHEN healthy = {HEALTH_UNKNOWN} THEN 1 ELSE healthy END", (dest, now, now, n))
+
+
+def _count_failed(dest: str, n: int, now: float) -> tuple[str, tuple[Any, ...]]:
+    # A rejected file says nothing about the PACS's health.
+    return ("INSERT INTO destinations (dest, healthy, last_change, failed) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(dest) DO UPDATE SET failed = failed + excluded.failed", (dest, HEALTH_UNKNOWN, now, n))
 
 
 def _iso(t: float) -> str:

@@ -87,6 +87,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by its owner only (0600), atomically: no moment where others may read it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the file may have been left by an earlier run with a wider mode
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "relaypacsd"
@@ -308,9 +322,14 @@ class LocalOrthanc:
             b = free_port()
         return a, b
 
+    def write_config(self) -> Path:
+        """Write config() to config_path, mode 0600: it holds the HTTP password."""
+        write_private(self.config_path, json.dumps(self.config(), indent=2))
+        return self.config_path
+
     def _launch(self, shim: Path, deadline: float) -> int | None:
         """Run Orthanc once; None when ready, else its exit code."""
-        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        self.write_config()
         env = dict(os.environ)
         # DCMTK leaves Nagle on unless told: ~10x slower C-STORE on loopback (measured).
         env["TCP_NODELAY"] = "1"

@@ -508,3 +508,160 @@ def test_a_probe_on_a_connection_closed_under_it_is_sent_once_more() -> None:
         srv.close()
         thread.join(5)
     assert seen == [b"GET", b"GET"]
+
+
+@pytest.mark.parametrize("status", [403, 405])
+def test_probe_of_a_store_only_endpoint_is_reachable(canned: CannedServer, status: int) -> None:
+    """A GET refused with 403/405 came from a server that answered at the STOW URL: reachable (item 11);
+    a 401 still is not (our credentials fail a STOW too)."""
+    canned.responder = lambda rec: Answer(status)
+    DicomWebClient(cfg(canned.url, type="orthanc")).probe()
+    DicomWebClient(cfg(canned.url + "/rs", type="dicomweb")).probe()
+    canned.responder = lambda rec: Answer(401)
+    with pytest.raises(DestinationProblem, match="refused our credentials"):
+        DicomWebClient(cfg(canned.url + "/rs", type="dicomweb")).probe()
+
+
+def _read_request(conn: socket.socket, data: bytes = b"") -> tuple[bytes, bytes]:
+    """One whole HTTP request (head, body) from `conn`, and nothing of the next."""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("client closed")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head, body
+
+
+def _stow_ok(uids: list[str]) -> bytes:
+    import json as _json
+
+    doc = _json.dumps(referenced(*uids)).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: "
+            + str(len(doc)).encode() + b"\r\n\r\n" + doc)
+
+
+@pytest.mark.parametrize("how", ["reads-then-closes", "resets-at-once"])
+def test_a_stow_on_a_keepalive_connection_the_pacs_just_closed_is_sent_once_more(tmp_path: Path, how: str) -> None:
+    """Item 17: the PACS closes an idle keep-alive connection just as the next STOW goes out on it (no byte of
+    answer): resent once on a fresh connection, delivered, not 'unreachable' (which marked the PACS down)."""
+    uids = ["1.2.3.1", "1.2.3.2"]
+    first, second = part(tmp_path, "a.dcm", b"A" * 3000, uids[0]), part(tmp_path, "b.dcm", b"B" * 3000, uids[1])
+    srv = socket.create_server(("127.0.0.1", 0))
+    posts: list[int] = []  # connection number of each whole POST received
+
+    def serve() -> None:
+        srv.settimeout(10)  # never outlive the test, even when the client gave up early
+        conn, _ = srv.accept()
+        with conn:
+            _read_request(conn)
+            posts.append(1)
+            conn.sendall(_stow_ok(uids[:1]))  # keep-alive: the client pools this connection
+            if how == "reads-then-closes":
+                _read_request(conn)
+                posts.append(1)
+            else:  # closed with the request unread: the kernel answers RST
+                conn.recv(1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn, _ = srv.accept()
+        with conn:
+            _read_request(conn)
+            posts.append(2)
+            conn.sendall(_stow_ok(uids[1:]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = DicomWebClient(cfg(f"http://127.0.0.1:{srv.getsockname()[1]}", type="dicomweb", read_timeout=5))
+        assert client.store([first]).results[0].outcome is Outcome.DELIVERED
+        assert client.store([second]).results[0].outcome is Outcome.DELIVERED
+    finally:
+        srv.close()
+        thread.join(5)
+    assert posts[-1] == 2 and posts.count(2) == 1  # one resend, on a fresh connection
+
+
+def test_a_stow_that_timed_out_is_never_sent_twice(tmp_path: Path) -> None:
+    """A slow PACS may still be storing the batch: a read timeout is not a closed connection."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    posts: list[int] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(5)
+        try:
+            while not done.is_set():
+                conn, _ = srv.accept()
+                with conn:
+                    _read_request(conn)
+                    posts.append(1)
+                    done.wait(3)  # never answers in time
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = DicomWebClient(cfg(f"http://127.0.0.1:{srv.getsockname()[1]}", type="dicomweb", read_timeout=0.5))
+        with pytest.raises(PacsUnreachable, match="read_timeout"):
+            client.store([part(tmp_path, "a.dcm", b"A" * 100, "1.2.3.1")])
+    finally:
+        done.set()
+        srv.close()
+        thread.join(5)
+    assert posts == [1]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_oversized_stow_answer_is_the_pacss_fault_and_never_read_whole(tmp_path: Path, framing: str) -> None:
+    """Item 18: the STOW answer was read whole, without a cap. Past the cap (1 MiB + 4 KiB per instance) it is
+    a transient PacsError: the files wait (never failed, never delivered), and the rest is never read."""
+    from relaypacsd.delivery import deliver_parts
+    from relaypacsd.destinations import DicomWebSender
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    sent = [0]
+    total = 64 * 1024 * 1024  # what the server would send if the client read it all
+
+    def serve() -> None:
+        srv.settimeout(10)
+        for _ in range(2):  # store() and deliver_parts(): one connection each (the first is closed by the client)
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    _read_request(conn)
+                    piece = b"[" + b" " * (256 * 1024 - 2) + b"]"
+                    if framing == "content-length":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: "
+                                     + str(total).encode() + b"\r\n\r\n")
+                    else:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n")
+                    while sent[0] < total:
+                        data = piece if framing == "content-length" else b"%x\r\n%s\r\n" % (len(piece), piece)
+                        conn.sendall(data)
+                        sent[0] += len(piece)
+                except OSError:
+                    pass  # the client stopped reading and closed
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = DicomWebClient(cfg(f"http://127.0.0.1:{srv.getsockname()[1]}", type="dicomweb", read_timeout=5))
+        one = part(tmp_path, "a.dcm", b"A" * 100, "1.2.3.1")
+        with pytest.raises(PacsError, match="more than 1028 KiB") as info:
+            client.store([one])
+        assert info.value.transient and not isinstance(info.value, (DestinationProblem, PacsUnreachable))
+        results = deliver_parts(DicomWebSender(client.pacs), [one], attempts=1, delay=0)
+        assert results[one].outcome is Outcome.TRANSIENT
+    finally:
+        srv.close()
+        thread.join(10)
+    assert sent[0] < total / 2  # the client stopped reading: the answer was never held whole
+

@@ -33,3 +33,22 @@ def test_a_get_on_a_connection_closed_under_it_is_retried(tmp_path):
         srv.close()
         thread.join(5)
     assert requests_seen == [[b"GET", b"/instances"]] * 2
+
+
+def test_the_config_holding_the_password_is_owner_only(tmp_path):
+    """Orthanc's config holds the HTTP password in clear: 0600, even over a file an earlier run left 0644."""
+    orthanc = LocalOrthanc(tmp_path, http_port=18042, dicom_port=14242, password="s3cret-pw")
+    orthanc.config_path.write_text("{}")
+    orthanc.config_path.chmod(0o644)
+    path = orthanc.write_config()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert "s3cret-pw" in path.read_text()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_demo_password_file_is_owner_only_from_the_start(tmp_path):
+    from relaypacsd.localorthanc import write_private
+
+    target = tmp_path / "orthanc-password"
+    write_private(target, "pw")
+    assert target.stat().st_mode & 0o777 == 0o600 and target.read_text() == "pw"

@@ -13,7 +13,7 @@ from typing import Any
 
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
 from relaypacsd.heartbeat import process_gone
-from relaypacsd.journal import Journal
+from relaypacsd.journal import Journal, health_of
 from relaypacsd.spool import Spool, clashed, read_sidecar, sidecar_path
 
 JOURNAL_FILE = "journal.sqlite3"
@@ -36,7 +36,7 @@ def _read_journal(state_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str,
     try:
         dests = {}
         for r in db.execute("SELECT dest, healthy, last_error, last_change, last_success, delivered, failed FROM destinations"):
-            dests[r[0]] = {"healthy": bool(r[1]), "last_error": r[2], "last_change": r[3], "last_success": r[4],
+            dests[r[0]] = {"healthy": health_of(r[1]), "last_error": r[2], "last_change": r[3], "last_success": r[4],
                            "delivered": r[5], "failed": r[6]}
         counts: dict[str, dict[str, int]] = {}
         for dest, state, n in db.execute("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
@@ -90,8 +90,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     pacs = []
     for p in config.active():
         d = dests.get(p.name, {})
-        health = "unknown" if not d else ("up" if d["healthy"] else "DOWN")
+        healthy = d.get("healthy")
+        health = "unknown" if healthy is None else ("up" if healthy else "DOWN")
+        # The daemon resets health to unknown at start, so while it runs a row is this run's finding; once
+        # it stopped, what it last found is shown as such, never as current.
         pacs.append({"name": p.name, "target": p.stow_base, "health": health,
+                     "health_current": bool(daemon["running"]) and healthy is not None,
+                     "health_since": _iso(d.get("last_change")),
                      "last_error": d.get("last_error") or "", "last_success": _iso(d.get("last_success")),
                      "last_success_age_seconds": round(now - d["last_success"]) if d.get("last_success") else None,
                      "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
@@ -112,12 +117,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     print()
     if pacs:
         print(table(["PACS", "health", "last success", "delivered", "failed", "UID conflicts", "waiting", "last error"],
-                    [[p["name"], p["health"],
+                    [[p["name"], _health_text(p),
                       (human_age(p["last_success_age_seconds"]) + " ago") if p["last_success_age_seconds"] is not None else "never",
                       p["delivered"], p["failed"], p["uid_conflicts"], p["waiting"], _short(p["last_error"])] for p in pacs]))
     else:
         print("no active PACS")
     return EXIT_OK
+
+
+def _health_text(p: dict[str, Any]) -> str:
+    """'up', 'DOWN', 'unknown', or 'DOWN (when the daemon last ran)' for a finding that is no longer current."""
+    if p["health"] == "unknown" or p["health_current"]:
+        return p["health"]
+    return f"{p['health']} (when the daemon last ran)"
 
 
 def _short(text: str, n: int = 100) -> str:

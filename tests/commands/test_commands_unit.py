@@ -102,6 +102,49 @@ def test_status_and_retry(tmp_path, capsys):
     assert "nothing to retry" in capsys.readouterr().out
 
 
+def test_status_health_unknown_until_this_run_knows_and_counters_from_the_first_delivery(tmp_path, capsys):
+    """Item 10: the counters of a row never written by a health change were lost (delivered 0, last success
+    never), and an earlier run's DOWN stayed on show; a delivery is evidence of health."""
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    path = str(tmp_path / "spool" / "sending" / "a.dcm")
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.set_health("orthanc", False, "PACS 'orthanc' unreachable")  # an earlier run's outage
+
+    def status() -> dict:
+        assert cli.main(["-c", str(conf), "status", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["pacs"][0]
+
+    journal.begin_run(["orthanc"])  # a new run starts
+    first = status()
+    assert first["health"] == "unknown" and first["health_current"] is False and first["delivered"] == 0
+    journal.ensure(path, ["orthanc"])
+    journal.update(path, "orthanc", state="delivered", event="delivered")
+    after = status()
+    assert after["health"] == "up" and after["delivered"] == 1 and after["last_success"] is not None
+    assert "unreachable" in after["last_error"]  # the last error is history, kept
+    journal.set_health("orthanc", False, "PACS 'orthanc' unreachable again")
+    journal.update(path, "orthanc", state="delivered", event="delivered")  # a batch in flight as it went down
+    down = status()
+    assert down["health"] == "DOWN" and down["delivered"] == 2  # the probe's DOWN stands
+    assert journal.destinations()["orthanc"]["healthy"] is False
+    journal.begin_run(["orthanc"])
+    assert journal.destinations()["orthanc"]["healthy"] is None and journal.destinations()["orthanc"]["delivered"] == 2
+    journal.update(path, "orthanc", state="failed", event="failed")
+    assert status()["failed"] == 1 and status()["health"] == "unknown"  # a rejected file says nothing of health
+    journal.close()
+    assert cli.main(["-c", str(conf), "status"]) == 0
+    assert "unknown" in capsys.readouterr().out
+
+
+def test_status_says_a_stopped_daemons_finding_is_not_current(tmp_path, capsys):
+    conf = write_config(tmp_path, url="http://127.0.0.1:9")
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.set_health("orthanc", False, "PACS 'orthanc' unreachable")
+    journal.close()
+    assert cli.main(["-c", str(conf), "status"]) == 0
+    assert "DOWN (when the daemon last ran)" in capsys.readouterr().out
+
+
 def test_retry_refuses_files_outside_failed(tmp_path, capsys):
     conf = write_config(tmp_path, url="http://127.0.0.1:9")
     f = tmp_path / "elsewhere.dcm"
