@@ -487,12 +487,14 @@ class Daemon:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        limit = time.time() - self.config.delivery.sent_retention_days * 86400
+        keep = self.config.delivery.sent_retention_days * 86400
+        now = time.time()  # wall time: the file's arrival in sent/ may lie before this run
         removed = 0
         for spool in self.spools:
             for path in spool.files("sent"):
+                age = age_seconds(path, now)  # since it arrived in sent/, not its mtime (cp -p keeps that)
                 try:
-                    if path.stat().st_mtime < limit:
+                    if age is not None and age > keep:
                         path.unlink()
                         removed += 1
                 except OSError:
