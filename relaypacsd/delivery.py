@@ -47,7 +47,9 @@ class Item:
     path: Path
     spool: Spool
     info: DicomInfo
-    first_seen: float
+    # Monotonic time of its first sighting: the journal's wall-clock first_seen converted once at submit, so
+    # a step of the clock (NTP, a resumed VM) neither ages nor rejuvenates a waiting file.
+    born: float
     pending: set[str]
     done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -247,11 +249,13 @@ class Engine:
         """Take a valid file in sending/ and queue it for every destination that has not confirmed it."""
         key = str(path)
         rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
-        first_seen = min((r.first_seen for r in rows.values()), default=time.time())
+        now_wall, now_mono = time.time(), time.monotonic()
+        first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
+        born = now_mono - max(0.0, now_wall - first_seen)
         # A "failed" row is settled like a "delivered" one: such a file in sending/ only waits for its move
         # (an earlier move failed); `relaypacsd retry` resets failed rows to pending before it gets here.
         pending = {d for d, r in rows.items() if d in self.destinations and r.state not in ("delivered", "failed")}
-        item = Item(path=path, spool=spool, info=info, first_seen=first_seen, pending=set(pending))
+        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending))
         with self._items_lock:
             if path in self._items:
                 return  # already queued (a rescan of sending/ found it again)
@@ -262,7 +266,6 @@ class Engine:
             item.done = True
             self._hand_over([item])
             return
-        now_wall, now_mono = time.time(), time.monotonic()
         for name in pending:
             row = rows[name]
             at = now_mono + max(0.0, row.next_try - now_wall) if row.state == "waiting" else 0.0
@@ -354,7 +357,7 @@ class Engine:
             row = rows.get(key)
             attempts = (row.attempts if row else 0) + 1
             detail = _detail(result)
-            expired = time.time() - item.first_seen > cfg.max_age_hours * 3600
+            expired = time.monotonic() - item.born > cfg.max_age_hours * 3600
             if result.outcome in DELIVERED:
                 updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
                                       code=result.reason_code))
@@ -486,16 +489,16 @@ class Engine:
     def sweep(self) -> int:
         """Release every waiting item whose next try has come, at healthy destinations; fail what is too old."""
         released = 0
-        limit = time.time() - self.config.delivery.max_age_hours * 3600
+        limit = time.monotonic() - self.config.delivery.max_age_hours * 3600
         for dest in self.destinations.values():
             # A PACS that stays down gets no delivery attempt, so age is checked here too: for files parked
             # after a failure and for files that arrived while it was down (never taken from `ready`).
             with dest.cond:
-                expired = [item for item in dest.waiting if item.first_seen < limit]
+                expired = [item for item in dest.waiting if item.born < limit]
                 for item in expired:
                     del dest.waiting[item]
                 if not dest.healthy:
-                    old_ready = [item for item in dest.ready if item.first_seen < limit]
+                    old_ready = [item for item in dest.ready if item.born < limit]
                     for item in old_ready:
                         dest.ready.remove(item)
                     expired += old_ready
