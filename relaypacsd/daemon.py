@@ -85,7 +85,7 @@ class Daemon:
         self.engine.on_finished = self._on_finished
         if self.metrics is not None:
             self.engine.on_batch = self.metrics.observe_batch
-        self._intake: "queue.Queue[tuple[Spool, Path]]" = queue.Queue()
+        self._intake: "queue.Queue[tuple[Spool, Path] | None]" = queue.Queue()  # None: a validator's stop
         self._intake_paths: set[Path] = set()
         self._intake_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -112,7 +112,7 @@ class Daemon:
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
-        for name in range(2):
+        for name in range(VALIDATORS):
             self._spawn(lambda stop=self.stop_event: self._validator(stop), f"{VALIDATOR}{name}")
         recovered = self._recover()
         if recovered:
@@ -255,7 +255,11 @@ class Daemon:
         unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
         give_up() ends both waits early."""
         self.stop_event.set()
+        for _ in range(VALIDATORS):  # they block on the queue: one stop each
+            self._intake.put(None)
         for watcher in self.watchers:
+            if watcher.arrived is not None:  # its scanner may be waiting for the next rescan
+                watcher.arrived.set()
             watcher.stop()
         try:
             # Not waiting: a probe may hang on a PACS for its whole timeout (65 s by default); the engine
@@ -328,9 +332,12 @@ class Daemon:
                     sync_dirs(claimed)
                     for moved in claimed:
                         self._queue_intake(spool, moved)
+                # Idle (nothing settling), sleep until the next rescan: any event wakes the scanner then.
+                wait = watcher.idle_wait(TICK)
             except Exception:
                 logger.exception("watch {}: scan failed; retrying", spool.inbox)
-            if arrived.wait(TICK):
+                wait = TICK
+            if arrived.wait(wait):
                 stop.wait(GATHER)
 
     def _claim(self, spool: Spool, path: Path) -> Path | None:
@@ -352,10 +359,10 @@ class Daemon:
     def _validator(self, stop: threading.Event) -> None:
         intake = self._intake  # this generation's
         while not stop.is_set():
-            try:
-                spool, path = intake.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            job = intake.get()  # blocks: _stop_pieces queues a None per validator
+            if job is None:
+                return
+            spool, path = job
             try:
                 self._validate(spool, path)
             except Exception:

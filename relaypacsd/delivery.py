@@ -107,7 +107,9 @@ class Destination:
         with self.cond:
             while True:
                 while not stop.is_set() and (not self.ready or not self.healthy):
-                    self.cond.wait(0.5)
+                    # No timeout: put, release_due, set_health and Engine.stop all notify. An idle worker that
+                    # woke twice a second only to find nothing was most of an idle daemon's CPU.
+                    self.cond.wait()
                 if stop.is_set():
                     return []
                 # A burst arrives file by file: while other requests are in flight, linger a moment so
@@ -140,6 +142,8 @@ class Destination:
                     batch.append(item)
                     uids.add(item.info.sop_instance_uid)
                     size += item.info.size
+            if self.ready:  # what did not fit: another worker may take it now (nobody else would wake it)
+                self.cond.notify()
             self.busy += 1
             return batch
 
