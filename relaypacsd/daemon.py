@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
 TICK = 0.2  # seconds between looks at the watchers' candidates when no event says a file is complete
+VALIDATORS = 2  # validation threads per generation
+CLOCK_STEP = 5.0  # seconds by which wall and monotonic time may disagree over one main-loop tick (NTP slews far less)
 GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
 CLAIM_GROUP = 32  # files claimed per directory fsync
 HEARTBEAT_FILE = "heartbeat.json"
@@ -69,7 +71,8 @@ class Daemon:
         # Each watcher sets its own event when a file may have completed: its scanner need not wait for TICK.
         self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
-        self._growing: dict[Path, float] = {}  # truncated files that may still grow -> first seen (monotonic)
+        self._growing: dict[Path, float] = {}  # truncated files that may still grow -> unchanged since (monotonic)
+        self._grown: dict[Path, tuple[int, int]] = {}  # their (size, mtime) when last looked at
         try:
             self.journal = Journal(self.state_dir / "journal.sqlite3")
         except (OSError, sqlite3.Error) as exc:
@@ -82,7 +85,7 @@ class Daemon:
         self.engine.on_finished = self._on_finished
         if self.metrics is not None:
             self.engine.on_batch = self.metrics.observe_batch
-        self._intake: "queue.Queue[tuple[Spool, Path]]" = queue.Queue()
+        self._intake: "queue.Queue[tuple[Spool, Path] | None]" = queue.Queue()  # None: a validator's stop
         self._intake_paths: set[Path] = set()
         self._intake_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -109,7 +112,7 @@ class Daemon:
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
-        for name in range(2):
+        for name in range(VALIDATORS):
             self._spawn(lambda stop=self.stop_event: self._validator(stop), f"{VALIDATOR}{name}")
         recovered = self._recover()
         if recovered:
@@ -136,22 +139,47 @@ class Daemon:
         self._start_metrics()
         try:
             self.start()
-            tick = min(1.0, self.notifier.watchdog_interval or 1.0)
-            while not self._stop_requested.is_set():
-                if self.notifier.watchdog_interval and time.monotonic() >= self._next_watchdog and self.alive():
-                    # Only a daemon whose threads all run resets systemd's watchdog; else systemd restarts it.
-                    self.notifier.watchdog()
-                    self._next_watchdog = time.monotonic() + self.notifier.watchdog_interval
-                self._wake.wait(tick)
-                self._wake.clear()
-                if self._reload_requested.is_set() and not self._stop_requested.is_set():
-                    self._reload_requested.clear()
-                    self.reload()
+            self._main_loop()
         finally:
             self.shutdown()
             if self.metrics is not None:
                 self.metrics.stop_server()
         return 0
+
+    def _main_loop(self) -> None:
+        """Until asked to stop: feed systemd's watchdog, reload on request, follow steps of the system clock."""
+        tick = min(1.0, self.notifier.watchdog_interval or 1.0)
+        clock = (time.time(), time.monotonic())
+        while not self._stop_requested.is_set():
+            if self.notifier.watchdog_interval and time.monotonic() >= self._next_watchdog and self.alive():
+                # Only a daemon whose threads all run resets systemd's watchdog; else systemd restarts it.
+                self.notifier.watchdog()
+                self._next_watchdog = time.monotonic() + self.notifier.watchdog_interval
+            self._wake.wait(tick)
+            self._wake.clear()
+            clock = self._follow_clock(clock)
+            if self._reload_requested.is_set() and not self._stop_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+                clock = (time.time(), time.monotonic())
+
+    def _follow_clock(self, last: tuple[float, float]) -> tuple[float, float]:
+        """Detect a step of the wall clock since `last` (wall, monotonic) and run every scheduled job now.
+
+        apscheduler 3 plans interval jobs by wall-clock datetimes: stepped back an hour, the sweep, the probe
+        and the heartbeat would wait that hour (a PACS marked DOWN would stay DOWN). Returns the new (wall,
+        monotonic)."""
+        wall, mono = time.time(), time.monotonic()
+        step = (wall - last[0]) - (mono - last[1])
+        if abs(step) > CLOCK_STEP and self.scheduler.running:
+            logger.warning("the system clock was stepped {} by {:.0f} s (NTP, a resumed VM?): scheduled jobs run "
+                           "now and follow the new time; ages of waiting files are not affected",
+                           "forward" if step > 0 else "back", abs(step))
+            now = datetime.now(timezone.utc)
+            for job in self.scheduler.get_jobs():
+                self.scheduler.modify_job(job.id, next_run_time=now)
+            self.scheduler.wakeup()
+        return wall, mono
 
     def request_stop(self) -> None:
         """Ask the daemon to stop (safe from a signal handler: only sets flags)."""
@@ -227,7 +255,11 @@ class Daemon:
         unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
         give_up() ends both waits early."""
         self.stop_event.set()
+        for _ in range(VALIDATORS):  # they block on the queue: one stop each
+            self._intake.put(None)
         for watcher in self.watchers:
+            if watcher.arrived is not None:  # its scanner may be waiting for the next rescan
+                watcher.arrived.set()
             watcher.stop()
         try:
             # Not waiting: a probe may hang on a PACS for its whole timeout (65 s by default); the engine
@@ -300,9 +332,12 @@ class Daemon:
                     sync_dirs(claimed)
                     for moved in claimed:
                         self._queue_intake(spool, moved)
+                # Idle (nothing settling), sleep until the next rescan: any event wakes the scanner then.
+                wait = watcher.idle_wait(TICK)
             except Exception:
                 logger.exception("watch {}: scan failed; retrying", spool.inbox)
-            if arrived.wait(TICK):
+                wait = TICK
+            if arrived.wait(wait):
                 stop.wait(GATHER)
 
     def _claim(self, spool: Spool, path: Path) -> Path | None:
@@ -324,10 +359,10 @@ class Daemon:
     def _validator(self, stop: threading.Event) -> None:
         intake = self._intake  # this generation's
         while not stop.is_set():
-            try:
-                spool, path = intake.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            job = intake.get()  # blocks: _stop_pieces queues a None per validator
+            if job is None:
+                return
+            spool, path = job
             try:
                 self._validate(spool, path)
             except Exception:
@@ -409,10 +444,10 @@ class Daemon:
                 # look again at the next sweep instead of failing a file that may still be growing.
                 if path not in self._growing:
                     self._growing[path] = time.monotonic()
-                    logger.info("{} looks incomplete and was written {:.0f} s ago: checking again at the next "
-                                "sweep", spool.relative(path), age_seconds(path))
+                    logger.info("{} looks incomplete: checking again at the next sweep; it fails once unchanged "
+                                "for {:.0f} s", spool.relative(path), grace)
                 return
-            self._growing.pop(path, None)
+            self._forget_growing(path)
             stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
             next_step = "fix or replace the file; `relaypacsd retry FILE` queues it again"
             if isinstance(exc, dicomfile.ZeroTail) and exc.padding:
@@ -424,7 +459,7 @@ class Daemon:
             self.counters["failed"] += 1
             logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
             return
-        self._growing.pop(path, None)
+        self._forget_growing(path)
         if info.meta_sop_instance_uid:
             logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
                            "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
@@ -432,16 +467,25 @@ class Daemon:
         self.engine.submit(path, spool, info)
 
     def _quiet_for(self, path: Path) -> float:
-        """Seconds a file has not changed: by its mtime, or, when that lies in the future (a share's clock
-        ahead of ours), since we first saw it incomplete, so that such a file still fails in the end."""
+        """Seconds an incomplete file has stayed unchanged (size and mtime) since this daemon first saw it so.
+
+        Monotonic, never the mtime: a share's clock behind ours made a file being written look old (half of
+        it failed at once), one ahead made it look new forever. A change starts the count again."""
         try:
-            since_write = time.time() - path.stat().st_mtime
+            st = path.stat()
         except OSError:
             return 0.0
-        first_seen = self._growing.get(path)
-        if since_write < 0:
-            return 0.0 if first_seen is None else time.monotonic() - first_seen
-        return since_write
+        key, now = (st.st_size, st.st_mtime_ns), time.monotonic()
+        if self._grown.get(path) != key or path not in self._growing:
+            self._grown[path] = key
+            if path in self._growing:
+                self._growing[path] = now
+            return 0.0
+        return now - self._growing[path]
+
+    def _forget_growing(self, path: Path) -> None:
+        self._growing.pop(path, None)
+        self._grown.pop(path, None)
 
     def _recover(self) -> int:
         """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason."""
@@ -491,12 +535,14 @@ class Daemon:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        limit = time.time() - self.config.delivery.sent_retention_days * 86400
+        keep = self.config.delivery.sent_retention_days * 86400
+        now = time.time()  # wall time: the file's arrival in sent/ may lie before this run
         removed = 0
         for spool in self.spools:
             for path in spool.files("sent"):
+                age = age_seconds(path, now)  # since it arrived in sent/, not its mtime (cp -p keeps that)
                 try:
-                    if path.stat().st_mtime < limit:
+                    if age is not None and age > keep:
                         path.unlink()
                         removed += 1
                 except OSError:

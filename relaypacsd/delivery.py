@@ -47,9 +47,12 @@ class Item:
     path: Path
     spool: Spool
     info: DicomInfo
-    first_seen: float
+    # Monotonic time of its first sighting: the journal's wall-clock first_seen converted once at submit, so
+    # a step of the clock (NTP, a resumed VM) neither ages nor rejuvenates a waiting file.
+    born: float
     pending: set[str]
     done: bool = False
+    first_seen: float = 0.0  # the journal's wall-clock first sighting: only what is written back to it
     lock: threading.Lock = field(default_factory=threading.Lock)
     # What each destination settled (its 'delivered' or 'failed' update), kept in memory as well: rows can
     # vanish under a file (a `relaypacsd retry` racing a claim of the same name), and no rows is no verdict.
@@ -115,7 +118,9 @@ class Destination:
         with self.cond:
             while True:
                 while not stop.is_set() and (not self.ready or not self.healthy):
-                    self.cond.wait(0.5)
+                    # No timeout: put, release_due, set_health and Engine.stop all notify. An idle worker that
+                    # woke twice a second only to find nothing was most of an idle daemon's CPU.
+                    self.cond.wait()
                 if stop.is_set():
                     return []
                 # A burst arrives file by file: while other requests are in flight, linger a moment so
@@ -154,6 +159,8 @@ class Destination:
                     batch.append(item)
                     uids.add(item.info.sop_instance_uid)
                     size += item.info.size
+            if self.ready:  # what did not fit: another worker may take it now (nobody else would wake it)
+                self.cond.notify()
             self.busy += 1
             for item in batch:
                 self.in_request.setdefault(item.info.sop_instance_uid, [item, 0])[1] += 1
@@ -285,11 +292,13 @@ class Engine:
         """Take a valid file in sending/ and queue it for every destination that has not confirmed it."""
         key = str(path)
         rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
-        first_seen = min((r.first_seen for r in rows.values()), default=time.time())
+        now_wall, now_mono = time.time(), time.monotonic()
+        first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
+        born = now_mono - max(0.0, now_wall - first_seen)
         # A "failed" row is settled like a "delivered" one: such a file in sending/ only waits for its move
         # (an earlier move failed); `relaypacsd retry` resets failed rows to pending before it gets here.
         pending = {d for d, r in rows.items() if d in self.destinations and r.state not in ("delivered", "failed")}
-        item = Item(path=path, spool=spool, info=info, first_seen=first_seen, pending=set(pending))
+        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen)
         with self._items_lock:
             if path in self._items:
                 return  # already queued (a rescan of sending/ found it again)
@@ -300,7 +309,6 @@ class Engine:
             item.done = True
             self._hand_over([item])
             return
-        now_wall, now_mono = time.time(), time.monotonic()
         for name in pending:
             row = rows[name]
             at = now_mono + max(0.0, row.next_try - now_wall) if row.state == "waiting" else 0.0
@@ -392,7 +400,7 @@ class Engine:
             row = rows.get(key)
             attempts = (row.attempts if row else 0) + 1
             detail = _detail(result)
-            expired = time.time() - item.first_seen > cfg.max_age_hours * 3600
+            expired = time.monotonic() - item.born > cfg.max_age_hours * 3600
             if result.outcome in DELIVERED:
                 updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
                                       code=result.reason_code, sop=item.info.sop_instance_uid,
@@ -601,16 +609,16 @@ class Engine:
     def sweep(self) -> int:
         """Release every waiting item whose next try has come, at healthy destinations; fail what is too old."""
         released = 0
-        limit = time.time() - self.config.delivery.max_age_hours * 3600
+        limit = time.monotonic() - self.config.delivery.max_age_hours * 3600
         for dest in self.destinations.values():
             # A PACS that stays down gets no delivery attempt, so age is checked here too: for files parked
             # after a failure and for files that arrived while it was down (never taken from `ready`).
             with dest.cond:
-                expired = [item for item in dest.waiting if item.first_seen < limit]
+                expired = [item for item in dest.waiting if item.born < limit]
                 for item in expired:
                     del dest.waiting[item]
                 if not dest.healthy:
-                    old_ready = [item for item in dest.ready if item.first_seen < limit]
+                    old_ready = [item for item in dest.ready if item.born < limit]
                     for item in old_ready:
                         dest.ready.remove(item)
                     expired += old_ready

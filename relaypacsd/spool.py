@@ -181,7 +181,8 @@ class Spool:
                 yield Path(dirpath) / name
 
     def stats(self) -> tuple[dict[str, int], float | None]:
-        """Files per folder, and the age in seconds of the oldest file waiting (inbox/ or sending/)."""
+        """Files per folder, and the age in seconds of the oldest file waiting (inbox/ or sending/), counted
+        from its arrival in its folder (see `age_seconds`)."""
         counts: dict[str, int] = {}
         oldest: float | None = None
         now = time.time()
@@ -190,11 +191,9 @@ class Spool:
             for path in self.files(folder):
                 counts[folder] += 1
                 if folder in ("inbox", "sending"):
-                    try:
-                        age = now - os.lstat(path).st_mtime
-                    except OSError:
-                        continue
-                    oldest = age if oldest is None else max(oldest, age)
+                    age = age_seconds(path, now)
+                    if age is not None:
+                        oldest = age if oldest is None else max(oldest, age)
         return counts, oldest
 
     def _reserve(self, dest: Path) -> Path:
@@ -291,12 +290,18 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def age_seconds(path: Path) -> float:
-    """Seconds since the file was last modified."""
+def age_seconds(path: Path, now: float | None = None) -> float | None:
+    """Seconds since the file arrived in its folder (None if it is gone), whatever mtime it carries.
+
+    `cp -p` and `rsync -a` keep the original mtime, so a file copied in today may say "30 days old". On
+    Linux a rename sets the inode's ctime (ext4, xfs, btrfs, tmpfs: checked on ext4 and tmpfs), and so do
+    writing and utime(), so ctime is when the file was moved or written into its folder. max() with the
+    mtime keeps a filesystem that leaves ctime alone at the old behaviour."""
     try:
-        return max(0.0, time.time() - path.stat().st_mtime)
+        st = os.lstat(path)
     except OSError:
-        return 0.0
+        return None
+    return max(0.0, (time.time() if now is None else now) - max(st.st_mtime, st.st_ctime))
 
 
 _CLASH = re.compile(r"~\d+(?=(\.[^.]*)?$)")

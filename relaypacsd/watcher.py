@@ -129,9 +129,11 @@ class _Handler(FileSystemEventHandler):
     a folder moved in brings files that raise no event of their own).
     """
 
-    def __init__(self, events: "queue.SimpleQueue[_Event]", arrived: threading.Event | None = None):
+    def __init__(self, events: "queue.SimpleQueue[_Event]", arrived: threading.Event | None = None,
+                 idle: threading.Event | None = None):
         self.events = events
         self.arrived = arrived
+        self.idle = idle  # set while the scanner sleeps until the next rescan: then any event wakes it
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
@@ -151,6 +153,7 @@ class _Handler(FileSystemEventHandler):
             self._arrived()
         elif kind == "modified":
             self.events.put((os.fsdecode(event.src_path), "writing", None))
+            self._wake_idle()
         elif kind == "created":
             # A new file is empty when created. One that already has data is either a create we handle
             # late (its writes will say "writing") or watchdog's replay for a folder moved in or made
@@ -158,10 +161,16 @@ class _Handler(FileSystemEventHandler):
             path = os.fsdecode(event.src_path)
             key = _stat_key(path)
             self.events.put((path, "writing" if key is not None and key[0] == 0 else "seen", None))
+            self._wake_idle()
 
     def _arrived(self) -> None:
         if self.arrived is not None and not self.arrived.is_set():
             self.arrived.set()
+
+    def _wake_idle(self) -> None:
+        # Only an idle scanner: one with files settling already ticks, and a wake-up per write() would spin it.
+        if self.idle is not None and self.idle.is_set():
+            self._arrived()
 
 
 @dataclass
@@ -185,6 +194,7 @@ class InboxWatcher:
     _observer: BaseObserver | None = field(init=False, default=None)
     _next_rescan: float = field(init=False, default=0.0)
     _warned: set[str] = field(init=False, default_factory=set)
+    _idle: threading.Event = field(init=False, default_factory=threading.Event)
 
     def start(self) -> None:
         """Start the observer; fall back to polling when inotify limits are exhausted."""
@@ -206,7 +216,8 @@ class InboxWatcher:
     def _start_observer(self, mode: str) -> BaseObserver:
         observer = PollingObserver(timeout=self.config.poll_interval) if mode == "polling" else _InboxObserver()
         observer.daemon = True
-        observer.schedule(_Handler(self._events, self.arrived), str(self.inbox), recursive=True, event_filter=EVENTS)
+        observer.schedule(_Handler(self._events, self.arrived, self._idle), str(self.inbox), recursive=True,
+                          event_filter=EVENTS)
         observer.start()
         return observer
 
@@ -224,6 +235,7 @@ class InboxWatcher:
     def tick(self, now: float | None = None) -> list[Path]:
         """Drain events, rescan when due, and return the files that are complete now."""
         now = time.monotonic() if now is None else now
+        self._idle.clear()  # looking now: events need not wake us until idle_wait says so again
         while True:
             try:
                 path, kind, key = self._events.get_nowait()
@@ -258,6 +270,16 @@ class InboxWatcher:
     def pending(self) -> int:
         """Files seen but not yet complete."""
         return len(self._candidates)
+
+    def idle_wait(self, tick: float, now: float | None = None) -> float:
+        """Seconds the scanner may wait for an event before its next tick: `tick` while files settle, else
+        until the next rescan, and then any event (a new file's first write) wakes it, not only a complete one."""
+        now = time.monotonic() if now is None else now
+        self._idle.set()  # before the checks: an event queued after them finds it set and wakes the scanner
+        if self._candidates or not self._events.empty():
+            self._idle.clear()
+            return tick
+        return max(tick, self._next_rescan - now)
 
     def _note(self, path: str, kind: str, closed_key: _Key | None, now: float) -> None:
         # Every component counts: a file in inbox/.staging/ is as unfinished as one named .x.dcm,

@@ -1,5 +1,6 @@
 """The daemon object: start-up recovery and its hand-offs between watcher, validation and the engine."""
 
+import datetime
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
-from relaypacsd.daemon import Daemon
+from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Journal, Update
 from relaypacsd.spool import Spool, read_sidecar, sidecar_path, write_sidecar
@@ -364,10 +365,157 @@ def test_a_zero_tail_waits_the_grace_then_fails_with_the_fix_never_goes_as_it_is
     path.write_bytes(data + bytes(4096))
     daemon._validate(spool, path)
     assert path in daemon._growing and not daemon.engine.known(path)  # written just now: it may still fill
-    old = time.time() - 3600
-    os.utime(path, (old, old))
+    daemon._growing[path] -= 3600  # an hour of sweeps later, unchanged (the grace counts from our first look)
     daemon._validate(spool, path)
     assert not daemon.engine.known(path) and count(spool, "failed") == 1
     sidecar = read_sidecar(spool.failed / "padded.dcm")
     assert f"truncate -s {len(data)} FILE" in sidecar["next_step"] and "zeros" in sidecar["reason"]
     daemon.journal.close()
+
+
+def test_a_truncated_file_from_a_share_whose_clock_is_behind_gets_the_grace_then_goes(tmp_path):
+    """A share's clock an hour behind ours gives a file being written an mtime an hour old: it must still get
+    the truncation grace, counted from our first look, and go once complete. One that never grows fails."""
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    daemon.engine.start()
+    try:
+        sop = write_instance(tmp_path / "full.dcm")
+        data = (tmp_path / "full.dcm").read_bytes()
+        behind = time.time() - 3600
+
+        def write(path, body):
+            path.write_bytes(body)
+            os.utime(path, (behind, behind))  # what the writer's clock says
+
+        growing, stuck = spool.sending / "img.dcm", spool.sending / "stuck.dcm"
+        write(growing, data[:-2000])
+        daemon._validate(spool, growing)
+        assert growing.exists() and count(spool, "failed") == 0  # half a file: waits
+        daemon._growing[growing] -= TRUNCATION_GRACE - 1  # most of the grace later, it grew:
+        write(growing, data[:-100])
+        daemon._validate(spool, growing)
+        daemon._growing[growing] -= TRUNCATION_GRACE - 1  # the grace started again
+        daemon._validate(spool, growing)
+        assert growing.exists() and count(spool, "failed") == 0
+        write(growing, data)  # complete now
+        daemon._validate(spool, growing)
+        assert wait_until(lambda: count(spool, "sent") == 1) and pacs.received(sop) == 1
+
+        write(stuck, data[:-100])
+        daemon._validate(spool, stuck)
+        assert stuck.exists()
+        daemon._growing[stuck] -= TRUNCATION_GRACE + 1  # unchanged for the whole grace
+        daemon._validate(spool, stuck)
+        assert not stuck.exists() and sidecar_path(spool.failed / "stuck.dcm").exists()
+        assert count(spool, "failed") == 1 and not daemon._growing and not daemon._grown
+    finally:
+        daemon.engine.stop(timeout=5)
+        daemon.journal.close()
+
+
+def test_retention_counts_from_the_arrival_in_sent_not_from_a_copied_mtime(tmp_path, monkeypatch):
+    """`cp -p` / `rsync -a` keep a file's mtime of 30 days ago: retention must count from its arrival in sent/."""
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state")},
+                           "watch": [{"path": str(tmp_path / "root")}],
+                           "delivery": {"enabled": False, "sent_retention_days": 7}}, {})
+    daemon = Daemon(config, senders={})
+    spool = daemon.spools[0]
+    spool.prepare()
+    copy = tmp_path / "img.dcm"
+    write_instance(copy)
+    month_ago = time.time() - 30 * 86400
+    os.utime(copy, (month_ago, month_ago))
+    os.rename(copy, spool.inbox / "img.dcm")  # moved in, as a copy tool finishes
+    sent = spool.finish(spool.claim(spool.inbox / "img.dcm"), "sent")
+    daemon._retention_job()
+    assert sent.exists()  # sent seconds ago
+    later = time.time() + 8 * 86400
+    monkeypatch.setattr(time, "time", lambda: later)  # eight days on
+    daemon._retention_job()
+    assert not sent.exists()
+    daemon.journal.close()
+
+
+class _SteppableClock:
+    """The wall clock of this process, steppable: time.time() and the datetime.now() apscheduler and the
+    daemon read (monotonic time is left alone, as a real step leaves it)."""
+
+    def __init__(self, monkeypatch):
+        self.offset = 0.0
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + self.offset)
+
+        class SteppedDatetime(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return datetime.datetime.fromtimestamp(time.time(), tz)
+
+        for module in ("apscheduler.schedulers.base", "apscheduler.executors.base", "apscheduler.triggers.interval",
+                       "relaypacsd.daemon"):
+            monkeypatch.setattr(f"{module}.datetime", SteppedDatetime)
+
+
+def test_after_the_clock_steps_back_the_jobs_go_on_and_a_pacs_that_returns_is_marked_up(tmp_path, monkeypatch):
+    """apscheduler plans interval jobs by the wall clock: stepped back an hour, the probe, the sweep and the
+    heartbeat would wait that hour and a PACS marked DOWN stay DOWN. The main loop sees the step and runs them."""
+    clock = _SteppableClock(monkeypatch)
+    pacs = ScriptedPacs("orthanc")
+    pacs.probe_error = PacsUnreachable("PACS 'orthanc' unreachable: connection refused")
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state"), "heartbeat_interval": 1.0},
+                           "watch": [{"path": str(tmp_path / "root"), "rescan_interval": 3600}],
+                           "delivery": {"health_interval": 1.0, "retry_sweep_interval": 1.0},
+                           "pacs": {"orthanc": {"url": pacs.target}}}, {})
+    daemon = Daemon(config, senders={"orthanc": pacs})
+    dest = daemon.engine.destinations["orthanc"]
+    beat = daemon.state_dir / "heartbeat.json"
+    daemon.start()
+    loop = threading.Thread(target=daemon._main_loop, name="main-loop", daemon=True)
+    loop.start()
+    try:
+        assert wait_until(lambda: not dest.healthy, timeout=10)  # the first probe finds it down
+        clock.offset = -3600.0  # NTP steps the clock back an hour
+        time.sleep(0.2)
+        written = beat.stat().st_mtime_ns  # the kernel's clock: not stepped here
+        pacs.probe_error = None  # the PACS is back
+        assert wait_until(lambda: dest.healthy, timeout=10)
+        assert wait_until(lambda: beat.stat().st_mtime_ns > written, timeout=5)  # the heartbeat goes on
+    finally:
+        daemon.request_stop()
+        loop.join(10)
+        daemon.shutdown(timeout=5)
+
+
+def test_an_idle_daemon_does_not_wake_its_threads(tmp_path):
+    """Idle, the workers, validators and scanners block until there is work: waits with a timeout woke each
+    twice a second (the scanner five times) and were most of an idle daemon's CPU. Counts, not CPU %, so a
+    loaded machine cannot make it pass or fail."""
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    calls = {"worker": 0, "validator": 0, "scanner": 0}
+
+    def counted(kind, wait):
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return wait(*args, **kwargs)
+        return wrapper
+
+    for dest in daemon.engine.destinations.values():
+        dest.cond.wait = counted("worker", dest.cond.wait)
+    daemon._intake.get = counted("validator", daemon._intake.get)
+    for watcher in daemon.watchers:
+        watcher.tick = counted("scanner", watcher.tick)
+    daemon.start()
+    try:
+        time.sleep(0.5)  # start-up: the first scan, the first probe
+        before = dict(calls)
+        time.sleep(2.0)
+        woke = {kind: calls[kind] - before[kind] for kind in calls}
+        assert woke == {"worker": 0, "validator": 0, "scanner": 0}
+        sop = write_instance(daemon.spools[0].inbox / "img.dcm")  # and work still wakes them at once
+        assert wait_until(lambda: count(daemon.spools[0], "sent") == 1, timeout=10) and pacs.received(sop) == 1
+    finally:
+        daemon.shutdown(timeout=5)
+    assert not any(t.is_alive() for t in daemon._threads)  # the stop woke them too

@@ -298,7 +298,7 @@ def test_files_for_a_pacs_that_stays_down_expire_at_max_age(tmp_path):
     assert wait_until(lambda: not engine.destinations["orthanc"].healthy)
     assert engine.sweep() == 0 and count(spool, "sending") == 1  # 30 min old: keeps waiting
     item = next(iter(engine.destinations["orthanc"].waiting))
-    item.first_seen -= 3600  # now 90 minutes old
+    item.born -= 3600  # now 90 minutes old
     engine.sweep()
     assert wait_until(lambda: count(spool, "failed") == 1)
     engine.stop()
@@ -757,3 +757,24 @@ def test_a_file_with_neither_rows_nor_a_verdict_in_memory_stays_in_sending(tmp_p
     engine._finish(held)
     assert list(spool.files("sending")) == [f] and engine.in_flight() == 0 and pacs.calls == []
     engine.journal.close()
+
+
+def test_a_forward_step_of_the_clock_does_not_expire_a_waiting_file(tmp_path, monkeypatch):
+    """NTP or a resumed VM steps the clock 100 h forward: a file that waited seconds is no 72 h old file."""
+    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.TRANSIENT if call <= 2 else Outcome.DELIVERED)
+    engine, spool, sops = setup(tmp_path, [pacs], n=1, retry_attempts=1, max_age_hours=72)
+    dest = engine.destinations["orthanc"]
+    submit_all(engine, spool)
+    engine.start()
+    try:
+        assert wait_until(lambda: len(dest.waiting) == 1)  # parked after its first try
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 100 * 3600)
+        engine.sweep()  # the sweep's age check
+        dest.release_due(everything=True)  # its second try fails again: the delivery's age check
+        assert wait_until(lambda: len(pacs.calls) == 2 and len(dest.waiting) == 1)
+        dest.release_due(everything=True)
+        assert wait_until(lambda: count(spool, "sent") == 1)
+        assert count(spool, "failed") == 0
+    finally:
+        engine.stop()

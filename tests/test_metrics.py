@@ -31,12 +31,15 @@ def _fake_daemon(tmp_path):
                            alive=lambda: True), spool, dest
 
 
-def test_spool_gauges_and_health(tmp_path):
+def test_spool_gauges_and_health(tmp_path, monkeypatch):
     daemon, spool, dest = _fake_daemon(tmp_path)
     old = spool.sending / "a" / "old.dcm"
     old.parent.mkdir()
     old.write_bytes(b"x")
     os.utime(old, (time.time() - 100, time.time() - 100))
+    # Ages count from the arrival in the folder (ctime), not the mtime: the scrape comes 100 s later.
+    later = time.time() + 100
+    monkeypatch.setattr("relaypacsd.spool.time", SimpleNamespace(time=lambda: later))
     (spool.inbox / "new.dcm").write_bytes(b"x")
     (spool.failed / "bad.dcm").write_bytes(b"x")
     (spool.failed / "bad.dcm.error.json").write_text("{}")

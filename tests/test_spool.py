@@ -204,3 +204,23 @@ def test_namesakes_find_a_file_and_the_names_a_clash_gave_its_namesakes(tmp_path
     assert [p.name for p in names.of(tmp_path / "NOSUFFIX")] == ["NOSUFFIX~2"]
     assert [p.name for p in names.of(tmp_path / "x[1].dcm")] == ["x[1].dcm"]
     assert names.of(tmp_path / "missing" / "a.dcm") == []
+
+
+def test_oldest_waiting_counts_from_the_arrival_not_from_a_copied_mtime(tmp_path):
+    """`cp -p` / `rsync -a` keep the original mtime (30 days ago here); the file has waited seconds. This
+    also checks what the age relies on: a rename sets the inode's ctime on this filesystem."""
+    s = Spool(tmp_path / "root")
+    s.prepare()
+    copy = tmp_path / "img.dcm"
+    copy.write_bytes(b"x")
+    month_ago = time.time() - 30 * 86400
+    os.utime(copy, (month_ago, month_ago))
+    time.sleep(1.1)  # so that only the rename can explain a fresh ctime
+    os.rename(copy, s.inbox / "img.dcm")
+    assert spool_mod.age_seconds(s.inbox / "img.dcm") < 1.0
+    counts, oldest = s.stats()
+    assert counts["inbox"] == 1 and oldest is not None and oldest < 60
+    s.claim(s.inbox / "img.dcm")
+    counts, oldest = s.stats()
+    assert counts["sending"] == 1 and oldest is not None and oldest < 60
+    assert spool_mod.age_seconds(tmp_path / "gone.dcm") is None

@@ -305,3 +305,29 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
     finally:
         logger.remove(sink)
     assert len(lines) == 1 and "locked" in lines[0] and "Permission denied" in lines[0]
+
+
+def test_an_idle_scanner_sleeps_until_the_rescan_and_a_first_write_wakes_it(tmp_path):
+    """With nothing settling the scanner may sleep until the next rescan; then a file that is only being
+    written (no close yet, which alone used to set `arrived`) must wake it, or it would wait unseen."""
+    arrived = threading.Event()
+    w = InboxWatcher(tmp_path / "inbox", WatchConfig(path=str(tmp_path), settle_seconds=0.5, observer="native",
+                                                     rescan_interval=3600), arrived)
+    w.inbox.mkdir()
+    w.start()
+    try:
+        w.tick()  # the initial scan: nothing there
+        assert w.idle_wait(0.2) > 3000  # idle: no tick needed before the rescan an hour away
+        arrived.clear()
+        with open(w.inbox / "img.dcm", "wb") as fh:
+            fh.write(b"x" * 100)
+            fh.flush()
+            assert arrived.wait(5)  # woken while the writer still holds the file
+            assert w.tick() == [] and w.idle_wait(0.2) == 0.2  # a file settles: short looks again
+            arrived.clear()
+            fh.write(b"y" * 100)
+            fh.flush()
+            time.sleep(0.3)
+            assert not arrived.is_set()  # not idle: a write does not wake it (it ticks anyway)
+    finally:
+        w.stop()

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""CPU of an idle relaypacsd: the real daemon, a real local Orthanc as its PACS, default intervals.
+
+    .venv/bin/python bench/idle_cpu.py              # 60 s
+    .venv/bin/python bench/idle_cpu.py --seconds 20
+
+Starts Orthanc (relaypacsd/localorthanc.py) and `relaypacsd run` with the default settings (native inotify
+observer, probe every 30 s), waits until the daemon is ready, reads utime + stime of its process from
+/proc/PID/stat at the start and the end of the window and prints the clock ticks and the share of one core.
+Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relaypacsd.localorthanc import LocalOrthanc  # noqa: E402
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (all its threads)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": fields 3.. of proc(5)
+    return int(fields[11]) + int(fields[12])  # utime (14), stime (15)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0, help="measuring window (default 60)")
+    args = parser.parse_args()
+    hz = os.sysconf("SC_CLK_TCK")
+    with tempfile.TemporaryDirectory(prefix="relaypacs-idle-") as tmp:
+        work = Path(tmp)
+        with LocalOrthanc(work / "orthanc") as orthanc:
+            user, password = orthanc.auth
+            (work / "pw").write_text(password)
+            cfg = work / "relaypacs.toml"
+            cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\n'
+                           f'[[watch]]\npath = "{work / "spool"}"\n'
+                           f'[pacs.orthanc]\ntype = "orthanc"\nurl = "{orthanc.url}"\nusername = "{user}"\n'
+                           f'password_file = "{work / "pw"}"\n')
+            log = open(work / "daemon.log", "wb")
+            proc = subprocess.Popen([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "run"],
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            try:
+                deadline = time.monotonic() + 30
+                while b"relaypacsd ready" not in (work / "daemon.log").read_bytes():
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
+                    time.sleep(0.1)
+                time.sleep(2.0)  # start-up work (imports, the first probe) is not idle time
+                before, started = cpu_ticks(proc.pid), time.monotonic()
+                time.sleep(args.seconds)
+                ticks, elapsed = cpu_ticks(proc.pid) - before, time.monotonic() - started
+            finally:
+                proc.terminate()
+                proc.wait(30)
+                log.close()
+    share = 100.0 * ticks / hz / elapsed
+    print(f"idle relaypacsd: {ticks} ticks (1/{hz} s) in {elapsed:.0f} s = {share:.2f} % of one core")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
