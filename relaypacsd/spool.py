@@ -320,21 +320,16 @@ class Spool:
         Returns how many went."""
         removed = 0
         limit = time.time() - min_age
-        while folder.parent != folder:
-            try:
-                rel = self.relative(folder)
-            except ValueError:
-                break
-            if rel == Path("."):  # one of the four folders itself
-                break
-            try:
-                if os.lstat(folder).st_mtime > limit:
-                    break
+        try:
+            mtime = os.lstat(folder).st_mtime
+            while self.relative(folder) != Path(".") and mtime <= limit:  # never one of the four folders
+                # The parent's mtime before our rmdir changes it: was it quiet, apart from us?
+                mtime = os.lstat(folder.parent).st_mtime
                 os.rmdir(folder)  # refuses a folder that is not empty: nothing to check first
-            except OSError:
-                break
-            removed += 1
-            folder = folder.parent
+                removed += 1
+                folder = folder.parent
+        except (OSError, ValueError):  # not empty, gone, or not in this spool
+            pass
         return removed
 
     def prune_tree(self, folder: str, min_age: float) -> int:
