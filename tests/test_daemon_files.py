@@ -15,10 +15,12 @@ from relaypacsd import spool as spool_mod
 from relaypacsd.dicomweb import StowBody
 from relaypacsd.errors import PacsUnreachable
 from relaypacsd.journal import Journal
-from relaypacsd.spool import NAME_MAX, SIDECAR_SUFFIX, read_sidecar, rename_noreplace, write_sidecar
+from relaypacsd.spool import SIDECAR_SUFFIX, read_sidecar, rename_noreplace, write_sidecar
 from tests.dicomfactory import MR_SMALL, write_instance
 from tests.test_daemon import make
 from tests.test_delivery import ScriptedPacs, count, wait_until
+
+NAME_MAX = 255
 
 
 class ReadingPacs(ScriptedPacs):
