@@ -330,7 +330,7 @@ class Daemon:
             if valid_path(rel) is not rel:  # once: from here on the file has a valid UTF-8 name everywhere
                 logger.warning("{} has a name that is not valid UTF-8 (an SMB client's Latin-1?): claimed as {}",
                                printable(rel), spool.relative(moved))
-            if rel.parent != Path("."):
+            if path.parent != spool.inbox:
                 self._may_be_empty(spool, path.parent)
         return moved
 
@@ -445,7 +445,7 @@ class Daemon:
                 new = spool.finish(path, "failed", {"reason": str(exc), "stage": "archive", "time": now_iso(),
                                                     "next_step": "fix the archive, or unzip it into inbox/ yourself"})
                 self._may_be_empty(spool, path.parent)
-                logger.warning("validation refused archive {}: {} (moved to {})", spool.relative(path), exc,
+                logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
                                spool.relative(new))
                 return
         try:
@@ -529,7 +529,7 @@ class Daemon:
 
     def _on_finished(self, item: Item, folder: str) -> None:
         self.counters[folder] += 1
-        if item.spool.relative(item.path).parent != Path("."):
+        if item.path.parent != item.spool.sending:
             self._may_be_empty(item.spool, item.path.parent)
         if item.path.exists():
             # A new file of the same name was claimed while this one was being moved out: validation

@@ -271,7 +271,10 @@ class Spool:
                 if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and not os.path.isdir(dest.parent):
                     wanted = self._make_parent(wanted)  # the first file of a subfolder
                     continue
-                if exc.errno == errno.ENOTDIR and os.path.lexists(src):
+                if exc.errno == errno.ENAMETOOLONG and fit_name(wanted.stem, wanted.suffix) != wanted.name:
+                    wanted = wanted.with_name(fit_name(wanted.stem, wanted.suffix))  # the suffix stays
+                    continue
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.lexists(src):
                     # A file holds a folder's name there (sent/CT1 is a file, sending/CT1/IM0001 comes):
                     # the folder gets a free name instead, sent/CT1~1/IM0001.
                     wanted = self._free_folders(wanted)

@@ -315,3 +315,30 @@ def test_rows_of_files_deleted_from_failed_go_after_two_looks(tmp_path):
         assert daemon.journal.rows(str(deleted)) == {} and daemon.journal.rows(str(kept))
     finally:
         daemon.shutdown(timeout=5)
+
+
+# -- item 12: a validation refusal says what refused it ---------------------------------------------------
+
+
+def test_a_validation_refusal_says_validation_not_pacs_forward(tmp_path):
+    """No PACS saw the file: "PACS forward rejected" sent technicians to the PACS's logs."""
+    from loguru import logger
+
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.sending / "bad.dcm").write_bytes(b"not dicom" * 30)
+    zipped = spool.sending / "bad.zip"
+    zipped.write_bytes(b"PK\x03\x04 but no archive after it")
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{message}", level="INFO")
+    try:
+        daemon._validate(spool, spool.sending / "bad.dcm")
+        daemon._validate(spool, zipped)
+    finally:
+        logger.remove(sink)
+        daemon.journal.close()
+    refusals = [line for line in lines if "refused" in line]
+    assert len(refusals) == 2 and not [line for line in lines if "PACS forward" in line], lines
+    assert refusals[0].startswith("validation refused bad.dcm: ") and "(moved to failed/bad.dcm)" in refusals[0]
+    assert refusals[1].startswith("validation refused archive bad.zip: ") and "(moved to failed/bad.zip)" in refusals[1]
