@@ -1,0 +1,52 @@
+"""Issue #9 item 3 against the real Orthanc: a file rewritten or deleted in sending/ after its validation,
+through the in-process daemon and the real STOW-RS sender."""
+
+from __future__ import annotations
+
+from relaypacsd.config import build_config
+from relaypacsd.daemon import Daemon
+from relaypacsd.destinations import build_sender
+from relaypacsd.errors import PacsUnreachable
+from tests.dicomfactory import MR_SMALL, write_instance
+from tests.integration.test_dicomweb_orthanc import pacs_for
+from tests.test_delivery import count, wait_until
+
+
+def _held_daemon(tmp_path, orthanc):
+    """The daemon with the real sender, whose probe fails until released: validated files wait unsent."""
+    sender = build_sender(pacs_for(orthanc))
+    real_probe, down = sender.probe, [True]
+
+    def probe():
+        if down[0]:
+            raise PacsUnreachable("PACS 'orthanc' held down by the test")
+        real_probe()
+
+    sender.probe = probe
+    config = build_config({"daemon": {"state_dir": str(tmp_path / "state")},
+                           "watch": [{"path": str(tmp_path / "root"), "settle_seconds": 0.1, "rescan_interval": 3600}],
+                           "delivery": {"retry_delay": 0.01}, "pacs": {"orthanc": {"url": orthanc.url}}}, {})
+    daemon = Daemon(config, senders={"orthanc": sender})
+    return daemon, down
+
+
+def test_rewritten_in_sending_is_validated_again_and_the_new_version_reaches_orthanc(tmp_path, clean_orthanc):
+    daemon, down = _held_daemon(tmp_path, clean_orthanc)
+    spool, dest = daemon.spools[0], daemon.engine.destinations["orthanc"]
+    daemon.start()
+    try:
+        assert wait_until(lambda: not dest.healthy)
+        old_sop = write_instance(spool.inbox / "img.dcm")
+        gone_sop = write_instance(spool.inbox / "gone.dcm")
+        assert wait_until(lambda: daemon.engine.known(spool.sending / "img.dcm")
+                          and daemon.engine.known(spool.sending / "gone.dcm"))
+        new_sop = write_instance(spool.sending / "img.dcm", MR_SMALL)  # another size
+        (spool.sending / "gone.dcm").unlink()
+        down[0] = False
+        daemon.engine.probe()
+        assert wait_until(lambda: count(spool, "sent") == 1 and daemon.engine.in_flight() == 0, timeout=20)
+    finally:
+        daemon.shutdown(timeout=10)
+    assert clean_orthanc.list_instance_uids() == {new_sop}
+    assert old_sop != new_sop and gone_sop not in clean_orthanc.list_instance_uids()
+    assert count(spool, "sending") == 0 and count(spool, "failed") == 0
