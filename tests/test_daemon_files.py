@@ -10,6 +10,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from relaypacsd import archive
 from relaypacsd import spool as spool_mod
 from relaypacsd.dicomweb import StowBody
@@ -145,11 +147,8 @@ def test_the_check_then_rename_fallback_never_overwrites(tmp_path, monkeypatch):
     monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
     (tmp_path / "a").write_text("a")
     (tmp_path / "b").write_text("b")
-    try:
+    with pytest.raises(FileExistsError):  # never an overwrite
         rename_noreplace(tmp_path / "a", tmp_path / "b")
-        raise AssertionError("overwrote")
-    except FileExistsError:
-        pass
     assert (tmp_path / "a").read_text() == "a" and (tmp_path / "b").read_text() == "b"
     rename_noreplace(tmp_path / "a", tmp_path / "c")
     assert not (tmp_path / "a").exists() and (tmp_path / "c").read_text() == "a"
@@ -158,23 +157,43 @@ def test_the_check_then_rename_fallback_never_overwrites(tmp_path, monkeypatch):
     real_lexists = os.path.lexists
     monkeypatch.setattr(os.path, "lexists", lambda p: False if str(p).endswith("/d") else real_lexists(p))
     (tmp_path / "d").write_text("d")
-    try:
+    with pytest.raises(FileExistsError):  # never an overwrite
         rename_noreplace(tmp_path / "c", tmp_path / "d")
-        raise AssertionError("overwrote")
-    except FileExistsError:
-        pass
     assert (tmp_path / "d").read_text() == "d" and (tmp_path / "c").read_text() == "a"
     # A folder (an unpack's temp folder) cannot be hard-linked: the check-then-rename still refuses.
     (tmp_path / "dir1").mkdir()
     (tmp_path / "dir2").mkdir()
     monkeypatch.setattr(os.path, "lexists", real_lexists)
-    try:
+    with pytest.raises(FileExistsError):  # never an overwrite
         rename_noreplace(tmp_path / "dir1", tmp_path / "dir2")
-        raise AssertionError("overwrote")
-    except FileExistsError:
-        pass
     rename_noreplace(tmp_path / "dir1", tmp_path / "dir3")
     assert (tmp_path / "dir3").is_dir()
+
+
+def test_the_fallback_survives_an_nfs_retried_link_and_filesystems_without_hard_links(tmp_path, monkeypatch):
+    """NFS may retry a LINK that succeeded and answer EEXIST: the same inode is ours, the move is done. Where
+    link(2) is refused (EPERM: some CIFS, protected_hardlinks), check-then-rename, still no overwrite."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    real_link = os.link
+
+    def retried_link(src, dst, **kwargs):
+        real_link(src, dst, **kwargs)
+        raise FileExistsError(17, "File exists", str(dst))
+
+    (tmp_path / "a").write_text("a")
+    monkeypatch.setattr(os, "link", retried_link)
+    rename_noreplace(tmp_path / "a", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and (tmp_path / "b").read_text() == "a"
+
+    def no_links(src, dst, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "c").write_text("c")
+    with pytest.raises(FileExistsError):  # never an overwrite
+        rename_noreplace(tmp_path / "c", tmp_path / "b")
+    rename_noreplace(tmp_path / "c", tmp_path / "d")
+    assert (tmp_path / "b").read_text() == "a" and (tmp_path / "d").read_text() == "c" and not (tmp_path / "c").exists()
 
 
 def test_whole_daemon_on_the_fallback_rename_delivers_and_never_overwrites(tmp_path, monkeypatch):
