@@ -39,6 +39,9 @@ HEARTBEAT_FILE = "heartbeat.json"
 VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
 UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
+# An emptied study folder goes once untouched this long (or the settle time, if longer): a writer pausing
+# between the files of a study (a slow C-STORE link into inbox/) must not find its folder gone (ENOENT).
+FOLDER_QUIET = 60.0
 FAILED_ROWS_INTERVAL = 3600.0  # seconds between looks for journal rows of files deleted from failed/
 
 
@@ -116,7 +119,7 @@ class Daemon:
             self._settle_journal(spool)
             # Empty study folders an earlier run left (each also costs an inotify watch).
             for folder in ("inbox", "sending"):
-                spool.prune_tree(folder, self._settle[spool.root])
+                spool.prune_tree(folder, self._folder_quiet(spool))
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -339,18 +342,21 @@ class Daemon:
             self._emptied.add((spool, folder))
 
     def _prune(self) -> None:
-        """Remove the study folders that claims and moves emptied, once quiet for the settle time: a writer
-        that has just made a folder is about to put its file there (its mtime is new), so it is kept."""
+        """Remove the study folders that claims and moves emptied, once untouched for FOLDER_QUIET: a writer
+        that has just made a folder, or paused between its files, is about to put a file there."""
         with self._emptied_lock:
             candidates, self._emptied = self._emptied, set()
         for spool, folder in candidates:
-            removed = spool.prune(folder, self._settle.get(spool.root, 2.0))
+            removed = spool.prune(folder, self._folder_quiet(spool))
             left = folder.parents[removed - 1] if removed else folder  # where it stopped
             try:
                 if spool.relative(left) != Path(".") and not os.listdir(left):
                     self._may_be_empty(spool, left)  # empty but changed just now: look again at the next sweep
             except OSError:  # gone, or not a folder: nothing to do
                 pass
+
+    def _folder_quiet(self, spool: Spool) -> float:
+        return max(FOLDER_QUIET, self._settle.get(spool.root, 2.0))
 
     def _queue_intake(self, spool: Spool, path: Path) -> None:
         with self._intake_lock:

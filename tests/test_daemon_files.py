@@ -286,7 +286,8 @@ def test_a_file_deleted_from_sending_after_validation_is_forgotten_not_retried(t
 # -- item 14: emptied folders, rows of deleted failures -----------------------------------------------------
 
 
-def test_emptied_study_folders_are_removed_once_quiet_never_the_four_folders(tmp_path):
+def test_emptied_study_folders_are_removed_once_quiet_never_the_four_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.1)  # 60 s in service; the settle time here
     pacs = ScriptedPacs("orthanc")
     daemon = make(tmp_path, pacs)
     spool = daemon.spools[0]
