@@ -50,3 +50,21 @@ def test_rewritten_in_sending_is_validated_again_and_the_new_version_reaches_ort
     assert clean_orthanc.list_instance_uids() == {new_sop}
     assert old_sop != new_sop and gone_sop not in clean_orthanc.list_instance_uids()
     assert count(spool, "sending") == 0 and count(spool, "failed") == 0
+
+
+def test_cstore_sends_nothing_of_a_file_rewritten_since_validation(clean_orthanc, tmp_path):
+    """C-STORE reads the file itself: a rewritten one would go out unvalidated, under the old one's name."""
+    from relaypacsd.cstore import CStoreSender
+    from relaypacsd.delivery import Changed, deliver_parts
+    from relaypacsd.dicomweb import StowPart
+    from tests.integration.test_cstore import _pacs
+
+    keep, changed, gone = (tmp_path / n for n in ("keep.dcm", "changed.dcm", "gone.dcm"))
+    parts = [StowPart(p, write_instance(p), p.stat().st_size) for p in (keep, changed, gone)]
+    new_sop = write_instance(changed, MR_SMALL)
+    gone.unlink()
+    final = deliver_parts(CStoreSender(_pacs(clean_orthanc)), parts, attempts=3, delay=0, sleep=lambda s: None)
+    assert final[parts[0]].outcome.delivered
+    assert isinstance(final[parts[1]], Changed) and not final[parts[1]].gone
+    assert isinstance(final[parts[2]], Changed) and final[parts[2]].gone
+    assert clean_orthanc.list_instance_uids() == {parts[0].sop_uid} and new_sop not in clean_orthanc.list_instance_uids()
