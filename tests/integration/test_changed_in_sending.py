@@ -3,6 +3,9 @@ through the in-process daemon and the real STOW-RS sender."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from relaypacsd.config import build_config
 from relaypacsd.daemon import Daemon
 from relaypacsd.destinations import build_sender
@@ -68,3 +71,26 @@ def test_cstore_sends_nothing_of_a_file_rewritten_since_validation(clean_orthanc
     assert isinstance(final[parts[1]], Changed) and not final[parts[1]].gone
     assert isinstance(final[parts[2]], Changed) and final[parts[2]].gone
     assert clean_orthanc.list_instance_uids() == {parts[0].sop_uid} and new_sop not in clean_orthanc.list_instance_uids()
+
+
+def test_a_file_deleted_during_a_stow_request_is_the_files_problem_not_the_pacs(clean_orthanc, tmp_path,
+                                                                                 monkeypatch):
+    """Gone between the check before the request and the reading of its part: the PACS stays up."""
+    from relaypacsd.delivery import Changed, send_safely
+    from relaypacsd.dicomweb import StowPart
+
+    keep, gone = tmp_path / "keep.dcm", tmp_path / "gone.dcm"
+    parts = [StowPart(p, write_instance(p), p.stat().st_size) for p in (keep, gone)]
+    sender = build_sender(pacs_for(clean_orthanc))
+    real_stat = Path.stat
+
+    def stat_then_delete(self, *args, **kwargs):  # the check before the request passes, then the file goes
+        result = real_stat(self, *args, **kwargs)
+        if self == gone and os.path.exists(gone):
+            os.unlink(gone)
+        return result
+
+    monkeypatch.setattr(Path, "stat", stat_then_delete)
+    results, _, down = send_safely(sender, parts)
+    assert down is None and isinstance(results[1], Changed) and results[1].gone
+    assert not isinstance(results[0], Changed)  # not sent: the request was cut; it waits as transient
