@@ -618,7 +618,7 @@ def send_safely(sender: Sender, parts: list[StowPart]) -> tuple[list[InstanceRes
 def _file_trouble(parts: list[StowPart], exc: Exception) -> list[InstanceResult]:
     """A file of the request could not be read: those changed or gone since validation are Changed (one stat
     each, only on this error path); the others were not sent and wait as transient."""
-    out: list[InstanceResult] = []
+    out: list[InstanceResult | None] = []
     for part in parts:
         try:
             size: int | None = os.stat(part.path).st_size
@@ -632,8 +632,11 @@ def _file_trouble(parts: list[StowPart], exc: Exception) -> list[InstanceResult]
             out.append(Changed(part.sop_uid, Outcome.TRANSIENT, None, None,
                                f"size changed from {part.size} to {size} bytes"))
         else:
-            out.append(InstanceResult(part.sop_uid, Outcome.TRANSIENT, None, None, f"cannot read file: {exc}"))
-    return out
+            out.append(None)
+    changed = [p.path.name for p, r in zip(parts, out) if r is not None]
+    why = (f"not sent: {', '.join(changed)} in the same request changed since validation; sent again without it"
+           if changed else f"cannot read file: {exc}")
+    return [r or InstanceResult(p.sop_uid, Outcome.TRANSIENT, None, None, why) for p, r in zip(parts, out)]
 
 
 AttemptHook = Callable[[list[StowPart], list[InstanceResult], "int | None", float, int, "str | None"], None]
