@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from relaypacsd import archive
 from relaypacsd import spool as spool_mod
@@ -67,7 +68,15 @@ def test_a_name_that_is_not_utf8_is_claimed_under_its_cp1252_name_and_delivered(
     sop = write_instance(raw)
     left = Path(os.fsdecode(os.fsencode(spool.sending) + b"/old\x9d.dcm"))  # an older run's; 0x9D: not cp1252
     sop2 = write_instance(left)
-    assert _run(daemon, lambda: count(spool, "sent") == 2)
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{message}", level="INFO")
+    try:
+        assert _run(daemon, lambda: count(spool, "sent") == 2)
+    finally:
+        logger.remove(sink)
+    named = [line for line in lines if "not valid UTF-8" in line]
+    assert len(named) == 2 and "CT\\xe9/IM\\xe90001.dcm" in named[0] + named[1]  # once each, escaped
+    assert all(line.encode("utf-8") for line in lines)  # every line is valid UTF-8 from here on
     assert (spool.sent / "CTé" / "IMé0001.dcm").exists() and (spool.sent / "old\x9d.dcm").exists()
     assert pacs.received(sop) == 1 and pacs.received(sop2) == 1
     assert count(spool, "sending") == 0 and _rows(tmp_path) == 0
@@ -342,8 +351,6 @@ def test_rows_of_files_deleted_from_failed_go_after_two_looks(tmp_path):
 
 def test_a_validation_refusal_says_validation_not_pacs_forward(tmp_path):
     """No PACS saw the file: "PACS forward rejected" sent technicians to the PACS's logs."""
-    from loguru import logger
-
     daemon = make(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
