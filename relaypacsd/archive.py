@@ -105,9 +105,16 @@ def unpack(zip_path: Path, dest: Path, limits: Limits = Limits()) -> list[Path]:
                 raise BadArchive(f"entry {info.filename!r} is encrypted: send an archive without a password")
             rel = _safe_name(info.filename)
             target = dest.joinpath(*rel.parts)
+            if target.is_dir():
+                raise BadArchive(f"entry {info.filename!r} is a file where the archive also has a folder of that "
+                                 "name: refused (re-create the archive with distinct names)")
             if target.exists():
                 raise BadArchive(f"entry {info.filename!r} appears twice in the archive")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # S1 and S1/IM2 both in the archive
+                raise BadArchive(f"entry {info.filename!r} needs a folder where the archive also has a file of that "
+                                 "name: refused (re-create the archive with distinct names)") from None
             size = 0
             try:
                 with zf.open(info) as src, open(target, "xb") as out:

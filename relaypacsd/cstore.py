@@ -11,6 +11,7 @@ docs/commands.md.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relaypacsd.config import PacsConfig
-from relaypacsd.dicomweb import StowPart
+from relaypacsd.dicomweb import PartChanged, StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.outcomes import (NOT_AUTHORIZED, NOT_AUTHORIZED_FIX, InstanceResult, Outcome, classify_reason,
                                  describe_reason)
@@ -135,6 +136,10 @@ class CStoreSender:
         """C-STORE every part over one association; one result per part, in order."""
         if not parts:
             raise ValueError("send() needs at least one part")
+        for part in parts:  # as STOW-RS does: a file rewritten since its validation is validated again
+            actual = os.stat(part.path).st_size
+            if actual != part.size:
+                raise PartChanged(part.path, part.size, actual)
         metas = [_meta(p.path) for p in parts]
         contexts = _contexts(metas)
         if not contexts:

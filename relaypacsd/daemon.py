@@ -25,7 +25,8 @@ from relaypacsd.destinations import build_sender
 from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.notify import Notifier
-from relaypacsd.spool import Namesakes, Spool, age_seconds, now_iso, read_sidecar, sync_dirs, unclashed
+from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
+                              valid_path)
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
@@ -40,6 +41,10 @@ HEARTBEAT_FILE = "heartbeat.json"
 VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
 UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
+# An emptied study folder goes once untouched this long (or the settle time, if longer): a writer pausing
+# between the files of a study (a slow C-STORE link into inbox/) must not find its folder gone (ENOENT).
+FOLDER_QUIET = 60.0
+FAILED_ROWS_INTERVAL = 3600.0  # seconds between looks for journal rows of files deleted from failed/
 
 
 class Daemon:
@@ -83,6 +88,12 @@ class Daemon:
             senders = {p.name: build_sender(p) for p in active}
         self.engine = Engine(config, self.journal, senders)
         self.engine.on_finished = self._on_finished
+        self.engine.on_changed = self._on_changed
+        # Folders a claim or a move out of sending/ may have emptied: removed at the next sweep (`_prune`).
+        self._emptied: set[tuple[Spool, Path]] = set()
+        self._emptied_lock = threading.Lock()
+        self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
+        self._missing_failed: set[str] = set()  # rows under failed/ whose file was missing at the last look
         if self.metrics is not None:
             self.engine.on_batch = self.metrics.observe_batch
         self._intake: "queue.Queue[tuple[Spool, Path] | None]" = queue.Queue()  # None: a validator's stop
@@ -109,11 +120,15 @@ class Daemon:
             logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
         for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
             self._settle_journal(spool)
+            # Empty study folders an earlier run left (each also costs an inotify watch).
+            for folder in ("inbox", "sending"):
+                spool.prune_tree(folder, self._folder_quiet(spool))
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
         for name in range(VALIDATORS):
             self._spawn(lambda stop=self.stop_event: self._validator(stop), f"{VALIDATOR}{name}")
+        self._drop_rows_of_deleted_failures()  # the first look (see there)
         recovered = self._recover()
         if recovered:
             logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
@@ -342,12 +357,41 @@ class Daemon:
 
     def _claim(self, spool: Spool, path: Path) -> Path | None:
         """Claim one file; a file that cannot be moved is logged and left, never holding up the others."""
+        rel = spool.relative(path)
         try:
-            return spool.claim(path, sync=False)
+            moved = spool.claim(path, sync=False)
         except (OSError, RelayPacsError) as exc:
             logger.error("cannot claim {} (moving it to sending/ failed: {}); it stays in inbox/ and is tried at "
-                         "the next rescan: check that folder's permissions", spool.relative(path), exc)
+                         "the next rescan: check that folder's permissions", printable(rel), printable(str(exc)))
             return None
+        if moved is not None:
+            if valid_path(rel) is not rel:  # once: from here on the file has a valid UTF-8 name everywhere
+                logger.warning("{} has a name that is not valid UTF-8 (an SMB client's Latin-1?): claimed as {}",
+                               printable(rel), spool.relative(moved))
+            if path.parent != spool.inbox:
+                self._may_be_empty(spool, path.parent)
+        return moved
+
+    def _may_be_empty(self, spool: Spool, folder: Path) -> None:
+        with self._emptied_lock:
+            self._emptied.add((spool, folder))
+
+    def _prune(self) -> None:
+        """Remove the study folders that claims and moves emptied, once untouched for FOLDER_QUIET: a writer
+        that has just made a folder, or paused between its files, is about to put a file there."""
+        with self._emptied_lock:
+            candidates, self._emptied = self._emptied, set()
+        for spool, folder in candidates:
+            removed = spool.prune(folder, self._folder_quiet(spool))
+            left = folder.parents[removed - 1] if removed else folder  # where it stopped
+            try:
+                if spool.relative(left) != Path(".") and not os.listdir(left):
+                    self._may_be_empty(spool, left)  # empty but changed just now: look again at the next sweep
+            except OSError:  # gone, or not a folder: nothing to do
+                pass
+
+    def _folder_quiet(self, spool: Spool) -> float:
+        return max(FOLDER_QUIET, self._settle.get(spool.root, 2.0))
 
     def _queue_intake(self, spool: Spool, path: Path) -> None:
         with self._intake_lock:
@@ -415,6 +459,15 @@ class Daemon:
     def _validate(self, spool: Spool, path: Path) -> None:
         if self.engine.known(path):
             return
+        rel = spool.relative(path)
+        if valid_path(rel) is not rel:
+            # Left in sending/ by an older run (or put there by hand): SQLite, sidecars and logs need UTF-8.
+            renamed = spool.make_valid(path)
+            if renamed is not None:
+                logger.warning("{} in sending/ has a name that is not valid UTF-8: renamed {}",
+                               printable(rel), spool.relative(renamed))
+                self._queue_intake(spool, renamed)
+            return
         if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
             try:
                 members = archive.unpack_to_sending(spool, path)
@@ -422,16 +475,19 @@ class Daemon:
                     self._queue_intake(spool, member)
                 if members:
                     folder = Path(os.path.commonpath([str(m.parent) for m in members]))
-                    logger.info("PACS forward unpacked {} into {}: {} file(s)", spool.relative(path),
+                    logger.info("unpacked {} into {}: {} file(s)", spool.relative(path),
                                 spool.relative(folder), len(members))
+                self._may_be_empty(spool, path.parent)
                 return
             except archive.UnpackInterrupted as exc:
-                logger.error("PACS forward: {}", exc)
+                logger.error("unpack: {}", exc)
                 return
             except archive.BadArchive as exc:
                 new = spool.finish(path, "failed", {"reason": str(exc), "stage": "archive", "time": now_iso(),
                                                     "next_step": "fix the archive, or unzip it into inbox/ yourself"})
-                logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
+                self._may_be_empty(spool, path.parent)
+                logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
+                               spool.relative(new))
                 return
         try:
             info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid)
@@ -457,7 +513,10 @@ class Daemon:
             new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                 "next_step": next_step})
             self.counters["failed"] += 1
-            logger.warning("PACS forward rejected {}: {} (moved to {})", spool.relative(path), exc, new.parent)
+            self._may_be_empty(spool, path.parent)
+            # No PACS saw it: say what refused it ("PACS forward" is for what a PACS did).
+            logger.warning("validation refused {}: {} (moved to failed/{})", spool.relative(path), exc,
+                           spool.relative(new))
             return
         self._forget_growing(path)
         if info.meta_sop_instance_uid:
@@ -488,7 +547,12 @@ class Daemon:
         self._grown.pop(path, None)
 
     def _recover(self) -> int:
-        """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason."""
+        """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason.
+        Also, at each sweep, the light housekeeping: emptied study folders, rows of deleted failures."""
+        self._prune()
+        if time.monotonic() >= self._next_failed_rows:
+            self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
+            self._drop_rows_of_deleted_failures()
         count = 0
         for spool in self.spools:
             for path in spool.files("sending"):
@@ -497,8 +561,30 @@ class Daemon:
                     count += 1
         return count
 
+    def _drop_rows_of_deleted_failures(self) -> int:
+        """Forget the rows of files deleted from failed/: those missing at two looks an hour apart (start-up
+        makes the first). One look is no proof: a share not mounted yet hides failed/, and a file back in
+        sight without its rows would be sent again to the PACS that confirmed it. One stat per row."""
+        missing = {key for spool in self.spools for key in self.journal.paths_under(str(spool.failed))
+                   if not os.path.lexists(key)}
+        gone, self._missing_failed = missing & self._missing_failed, missing - self._missing_failed
+        if gone:
+            self.journal.forget(*gone)
+            logger.info("journal: forgot {} file(s) deleted from failed/", len(gone))
+        return len(gone)
+
+    def _on_changed(self, item: Item, gone: bool) -> None:
+        """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
+        let its folder go."""
+        if gone:
+            self._may_be_empty(item.spool, item.path.parent)
+        else:
+            self._queue_intake(item.spool, item.path)
+
     def _on_finished(self, item: Item, folder: str) -> None:
         self.counters[folder] += 1
+        if item.path.parent != item.spool.sending:
+            self._may_be_empty(item.spool, item.path.parent)
         if item.path.exists():
             # A new file of the same name was claimed while this one was being moved out: validation
             # skipped it as already known; take it now rather than at the next sweep.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import random
 import threading
@@ -38,6 +39,14 @@ class Sender(Protocol):
 
     def probe(self) -> None:
         """Raise PacsError unless the destination answers and accepts our credentials."""
+
+
+@dataclass(frozen=True)
+class Changed(InstanceResult):
+    """Not sent: the file is no longer the one validated (its size differs), or it is gone. Sending it again
+    cannot help: it is validated again (a new version), or forgotten."""
+
+    gone: bool = False
 
 
 @dataclass(eq=False)
@@ -232,6 +241,8 @@ class Engine:
         self._finishing: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
         self._finisher: threading.Thread | None = None
         self.on_finished: Callable[[Item, str], None] | None = None
+        # A file changed or vanished in sending/ after validation, dropped here: (item, gone).
+        self.on_changed: Callable[[Item, bool], None] | None = None
         # Observer of every send attempt (metrics): (destination, items, results, HTTP status, ms, attempt).
         self.on_batch: Callable[[Destination, list[Item], list[InstanceResult], int | None, float, int], None] | None = None
 
@@ -352,7 +363,11 @@ class Engine:
             self._log_batch(dest, [by_part[p] for p in parts], results, status, ms, attempt)
 
         def on_results(parts: list[StowPart], results: list[InstanceResult]) -> None:
-            self._record_many(dest, [(by_part[p], r) for p, r in zip(parts, results)])
+            pairs = [(by_part[p], r) for p, r in zip(parts, results)]
+            for item, result in pairs:
+                if isinstance(result, Changed):
+                    self._drop_changed(item, result)
+            self._record_many(dest, [(i, r) for i, r in pairs if not isinstance(r, Changed)])
 
         deliver_parts(_UidChecked(self, dest, by_part), list(by_part), cfg.retry_attempts, cfg.retry_delay,
                       self._sleep, on_results, on_attempt=on_attempt,
@@ -391,6 +406,10 @@ class Engine:
         """Turn each instance's outcome at one destination into journal state (one commit) and, for the
         files that have settled everywhere, a folder move."""
         cfg = self.config.delivery
+        with self._items_lock:  # a file dropped meanwhile (it changed): its answer is about an old version
+            pairs = [(item, r) for item, r in pairs if self._items.get(item.path) is item]
+        if not pairs:
+            return
         rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
         updates: list[Update] = []
         settled: list[tuple[Item, Update]] = []
@@ -428,7 +447,8 @@ class Engine:
             settled.append((item, updates[-1]))
         self.journal.apply(updates)
         for item, delay in parked:
-            dest.put(item, time.monotonic() + delay)
+            if not item.done:  # dropped meanwhile (changed in sending/): it must not come back
+                dest.put(item, time.monotonic() + delay)
         finishing = []
         for item, update in settled:
             with item.lock:
@@ -474,6 +494,33 @@ class Engine:
                               f"the PACS answered {http}, {answer} ({result.reason}), but it confirmed this "
                               f"SOPInstanceUID before for other content: {earlier_file}, delivered "
                               f"{_iso(earlier.time)}; the PACS may have kept that earlier version")
+
+    def _drop_changed(self, item: Item, result: Changed) -> None:
+        """Take a file that changed or vanished since its validation out of every queue and the journal, and
+        hand it back (on_changed): validated again as a new version, or forgotten."""
+        with item.lock:
+            if item.done:  # settled everywhere meanwhile: its move decides
+                return
+            item.done = True
+        for dest in self.destinations.values():
+            with dest.cond:
+                dest.waiting.pop(item, None)
+                try:
+                    dest.ready.remove(item)
+                except ValueError:
+                    pass
+        # Rows of PACS that confirmed the old version go too: what sits in sending/ now is another file, which
+        # no PACS has confirmed; marking it delivered would move an unsent file to sent/.
+        self.journal.forget(str(item.path))
+        with self._items_lock:
+            if self._items.get(item.path) is item:
+                del self._items[item.path]
+        what = "was removed" if result.gone else "changed"
+        then = "forgotten" if result.gone else "it is validated again"
+        logger.warning("{} {} in sending/ after validation ({}): not sent; {}", item.spool.relative(item.path),
+                       what, result.reason, then)
+        if self.on_changed:
+            self.on_changed(item, result.gone)
 
     def _hand_over(self, items: list[Item]) -> None:
         """Give settled items to the finishing thread; finish them here when it does not run."""
@@ -718,9 +765,33 @@ def send_safely(sender: Sender, parts: list[StowPart]) -> tuple[list[InstanceRes
         outcome = Outcome.TRANSIENT if exc.transient else Outcome.PERMANENT
         return results_for_error(uids, outcome, str(exc), exc.status), exc.status, None
     except (OSError, RelayPacsError) as exc:  # the file vanished, changed or became unreadable under us
-        return results_for_error(uids, Outcome.TRANSIENT, f"cannot read file: {exc}"), None, None
+        return _file_trouble(parts, exc), None, None
     problem = next((r for r in results if r.outcome is Outcome.DESTINATION), None)
     return results, status, (problem.reason if problem else None)
+
+
+def _file_trouble(parts: list[StowPart], exc: Exception) -> list[InstanceResult]:
+    """A file of the request could not be read: those changed or gone since validation are Changed (one stat
+    each, only on this error path); the others were not sent and wait as transient."""
+    out: list[InstanceResult | None] = []
+    for part in parts:
+        try:
+            size: int | None = os.stat(part.path).st_size
+        except FileNotFoundError:
+            size = None
+        except OSError:
+            size = part.size  # unreadable, not changed: waiting may help (permissions fixed)
+        if size is None:
+            out.append(Changed(part.sop_uid, Outcome.TRANSIENT, None, None, "file gone", gone=True))
+        elif size != part.size:
+            out.append(Changed(part.sop_uid, Outcome.TRANSIENT, None, None,
+                               f"size changed from {part.size} to {size} bytes"))
+        else:
+            out.append(None)
+    changed = [p.path.name for p, r in zip(parts, out) if r is not None]
+    why = (f"not sent: {', '.join(changed)} in the same request changed since validation; sent again without it"
+           if changed else f"cannot read file: {exc}")
+    return [r or InstanceResult(p.sop_uid, Outcome.TRANSIENT, None, None, why) for p, r in zip(parts, out)]
 
 
 AttemptHook = Callable[[list[StowPart], list[InstanceResult], "int | None", float, int, "str | None"], None]
@@ -757,7 +828,7 @@ def deliver_parts(sender: Sender, parts: list[StowPart], attempts: int, delay: f
                                                      result.reason_code, f"{result.reason} (not split now: "
                                                      "stopping, or the PACS is down)")))
             elif (result.outcome in (Outcome.TRANSIENT, Outcome.LIMITED) and attempt < attempts and down is None
-                  and go_on):
+                  and go_on and not isinstance(result, Changed)):
                 retry.append(part)
             else:
                 settled.append((part, result))

@@ -91,7 +91,13 @@ class StowBody:
         for part in self.parts:
             yield self._head
             sent = 0
-            with open(part.path, "rb") as fh:
+            try:
+                fh = open(part.path, "rb")
+            except FileNotFoundError:
+                # Deleted after the check before the request: the file's problem. As an OSError it would reach
+                # urllib3, which reports it as a broken connection, and the PACS would be marked down.
+                raise PartChanged(part.path, part.size, 0) from None
+            with fh:
                 actual = os.fstat(fh.fileno()).st_size
                 if actual != part.size:
                     raise PartChanged(part.path, part.size, actual)

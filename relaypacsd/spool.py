@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from relaypacsd.errors import SpoolError
 
 FOLDERS = ("inbox", "sending", "sent", "failed")
 SIDECAR_SUFFIX = ".error.json"
+NAME_MAX = 255  # bytes of one name (Linux, most filesystems); names we make are cut to fit, sidecar suffix included
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -57,10 +59,38 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), str(src), None, str(dst))
-        # this filesystem (older NFS/CIFS) cannot do it: fall through to check-then-rename
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-    os.replace(src, dst)
+        # this filesystem (NFS, older CIFS) cannot do it: fall through
+    _link_noreplace(src, dst)
+
+
+def _link_noreplace(src: Path, dst: Path) -> None:
+    """Rename without overwriting where renameat2 cannot: link(2) refuses a taken name atomically, even on
+    NFS; then the old name goes. Where hard links are refused too (some CIFS), check-then-rename."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        # NFS over UDP may retry a LINK that succeeded and report EEXIST: the same inode is ours.
+        if not _same_file(src, dst):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EACCES):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
+        os.replace(src, dst)
+        return
+    try:
+        os.unlink(src)
+    except FileNotFoundError:  # a retried NFS UNLINK that had already succeeded
+        pass
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 @dataclass(frozen=True)
@@ -118,13 +148,15 @@ class Spool:
         """Move a complete file from inbox/ to sending/; None if someone else took it first.
 
         sync=False leaves the directory fsync to the caller, who batches it (`sync_dirs`)."""
-        return self._move(path, self.sending / self.relative(path), missing_ok=True, sync=sync)
+        return self._move(path, self.sending / valid_path(self.relative(path)), missing_ok=True, sync=sync)
 
     def finish(self, path: Path, folder: str, error: dict[str, Any] | None = None, *, sync: bool = True) -> Path:
         """Move a file from sending/ to sent/ or failed/; a failed file gets its sidecar first."""
         if folder not in ("sent", "failed"):
             raise ValueError(folder)
         dest = self.root / folder / self.relative(path)
+        if folder == "failed" and len(os.fsencode(dest.name)) + len(SIDECAR_SUFFIX) > NAME_MAX:
+            dest = dest.with_name(fit_name(dest.stem, dest.suffix))  # else its sidecar's name is too long
         # The sidecar goes first: a file that reaches failed/ always has its reason beside it.
         before = (lambda d: write_sidecar(d, error or {"reason": "unknown"})) if folder == "failed" else None
         moved = self._move(path, dest, missing_ok=False, before=before, sync=sync)
@@ -141,6 +173,10 @@ class Spool:
             dest.parent.mkdir(parents=True, exist_ok=True)
             rename_noreplace(src, dest)
         fsync_dir(dest.parent)
+
+    def make_valid(self, path: Path) -> Path | None:
+        """Give a file in sending/ whose name is not valid UTF-8 (`valid_path`) a valid one; None if gone."""
+        return self._move(path, self.sending / valid_path(self.relative(path)), missing_ok=True)
 
     def requeue(self, path: Path) -> Path:
         """Move a failed file back into sending/ (operator retry) and drop its sidecar."""
@@ -217,7 +253,7 @@ class Spool:
                              before: Callable[[Path], object] | None, sync: bool) -> Path | None:
         wanted = dest
         if before is not None:  # the sidecar is written into the destination folder first
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            wanted = self._make_parent(wanted)
         for attempt in range(1000):
             # Without a sidecar, try the name itself first: renameat2 refuses a taken name, and the free
             # name is the common case. After a clash, or with a sidecar to place, probe for a free name.
@@ -232,7 +268,15 @@ class Spool:
                 if isinstance(exc, FileExistsError):
                     continue  # taken, or another process took it between our check and the rename
                 if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and not os.path.isdir(dest.parent):
-                    dest.parent.mkdir(parents=True, exist_ok=True)  # the first file of a subfolder
+                    wanted = self._make_parent(wanted)  # the first file of a subfolder
+                    continue
+                if exc.errno == errno.ENAMETOOLONG and fit_name(wanted.stem, wanted.suffix) != wanted.name:
+                    wanted = wanted.with_name(fit_name(wanted.stem, wanted.suffix))  # the suffix stays
+                    continue
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.lexists(src):
+                    # A file holds a folder's name there (sent/CT1 is a file, sending/CT1/IM0001 comes):
+                    # the folder gets a free name instead, sent/CT1~1/IM0001.
+                    wanted = self._free_folders(wanted)
                     continue
                 if isinstance(exc, FileNotFoundError) and missing_ok and not os.path.lexists(src):
                     return None
@@ -247,6 +291,56 @@ class Spool:
                 fsync_dir(dest.parent)
             return dest
         raise SpoolError(f"cannot find a free name for {dest}: clean up {dest.parent}")
+
+
+    def _make_parent(self, dest: Path) -> Path:
+        """Create the folder of `dest`; where a file holds a folder's name, the folder gets a free one."""
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            return dest
+        except (FileExistsError, NotADirectoryError):
+            dest = self._free_folders(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            return dest
+
+    def _free_folders(self, dest: Path) -> Path:
+        """`dest` with every folder below its spool folder that a file (not a folder) holds renamed to a free
+        ~N name: sent/CT1/IM0001, sent/CT1 a file -> sent/CT1~1/IM0001."""
+        rel = self.relative(dest)
+        current = Path(os.fspath(dest)[:-len(os.fspath(rel)) - 1])
+        for part in rel.parts[:-1]:
+            candidate, n = current / part, 0
+            while os.path.lexists(candidate) and not stat.S_ISDIR(os.lstat(candidate).st_mode):
+                n += 1
+                candidate = current / fit_name(part, f"~{n}")
+            current = candidate
+        return current / rel.name
+
+    def prune(self, folder: Path, min_age: float) -> int:
+        """Remove `folder` and its parents, up to (never) the spool folder, while they are empty and have not
+        changed for `min_age` seconds (a writer that just made one is about to put its file there).
+        Returns how many went."""
+        removed = 0
+        limit = time.time() - min_age
+        try:
+            mtime = os.lstat(folder).st_mtime
+            while self.relative(folder) != Path(".") and mtime <= limit:  # never one of the four folders
+                # The parent's mtime before our rmdir changes it: was it quiet, apart from us?
+                mtime = os.lstat(folder.parent).st_mtime
+                os.rmdir(folder)  # refuses a folder that is not empty: nothing to check first
+                removed += 1
+                folder = folder.parent
+        except (OSError, ValueError):  # not empty, gone, or not in this spool
+            pass
+        return removed
+
+    def prune_tree(self, folder: str, min_age: float) -> int:
+        """Remove every empty folder below one of the four folders (at start-up: those earlier runs left)."""
+        removed = 0
+        for dirpath, dirnames, filenames in os.walk(self.root / folder, topdown=False):
+            if not dirnames and not filenames and Path(dirpath) != self.root / folder:
+                removed += self.prune(Path(dirpath), min_age)
+        return removed
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:
@@ -266,7 +360,8 @@ def write_sidecar(path: Path, error: dict[str, Any]) -> Path:
     body = dict(error)
     body.setdefault("file", path.name)
     body.setdefault("time", now_iso())
-    tmp = side.with_name(f".relaypacs-{side.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    # Not named after the file: a long name would make the temp name too long (ENAMETOOLONG).
+    tmp = side.with_name(f".relaypacs-sidecar.{os.getpid()}-{threading.get_ident()}.tmp")
     side.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(body, fh, indent=2, sort_keys=False)
@@ -308,8 +403,53 @@ _CLASH = re.compile(r"~\d+(?=(\.[^.]*)?$)")
 
 
 def clashed(path: Path, n: int) -> Path:
-    """The n-th name a clash gives `path`: a.dcm -> a~n.dcm (what `unclashed` undoes)."""
-    return path.with_name(f"{path.stem}~{n}{path.suffix}")
+    """The n-th name a clash gives `path`: a.dcm -> a~n.dcm (what `unclashed` undoes), its stem cut to fit
+    NAME_MAX."""
+    return path.with_name(fit_name(path.stem, f"~{n}{path.suffix}"))
+
+
+def fit_name(stem: str, tail: str = "") -> str:
+    """`stem + tail`, the stem cut (on a character boundary) so that the name, and its sidecar's, fit
+    NAME_MAX bytes in UTF-8: the tail (~N, suffix) is what tells names apart, so it stays."""
+    room = NAME_MAX - len(SIDECAR_SUFFIX) - len(tail.encode("utf-8", "surrogateescape"))
+    if room < 1:  # an absurd suffix: keep only the ~N of the tail
+        return fit_name(stem + tail, "")
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return stem + tail
+    return raw[:room].decode("utf-8", "ignore") + tail
+
+
+def valid_name(name: str) -> str:
+    """A name that is valid UTF-8: bytes that are not (an SMB client's Latin-1) are read as cp1252, which
+    is what such a client meant, else Latin-1; the result is cut to fit NAME_MAX."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:  # os.listdir gave undecodable bytes as surrogates
+        pass
+    raw = os.fsencode(name)
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D are not cp1252
+        text = raw.decode("latin-1")
+    path = Path(text)
+    return fit_name(path.stem, path.suffix) if path.suffix else fit_name(text)
+
+
+def valid_path(rel: Path) -> Path:
+    """`rel` with each component made valid UTF-8 (`valid_name`)."""
+    text = os.fspath(rel)
+    try:
+        text.encode("utf-8")
+        return rel  # the common case: one check, no per-component work
+    except UnicodeEncodeError:
+        return Path(*(valid_name(part) for part in rel.parts))
+
+
+def printable(path: Path | str) -> str:
+    """A path for a log line, bytes that are not UTF-8 escaped (\\xe9)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def unclashed(name: str) -> str:
