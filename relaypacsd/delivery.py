@@ -407,7 +407,12 @@ class Engine:
         files that have settled everywhere, a folder move."""
         cfg = self.config.delivery
         with self._items_lock:  # a file dropped meanwhile (it changed): its answer is about an old version
+            dropped = [(item, r) for item, r in pairs if self._items.get(item.path) is not item]
             pairs = [(item, r) for item, r in pairs if self._items.get(item.path) is item]
+        # Yet the PACS has those old bytes under the UID now: remembered, so the new version conflicts there.
+        self.journal.remember([Update(str(item.path), dest.name, "delivered", r.outcome.value,
+                                      sop=item.info.sop_instance_uid, digest=item.info.digest)
+                               for item, r in dropped if r.outcome in DELIVERED])
         if not pairs:
             return
         rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])

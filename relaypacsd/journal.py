@@ -243,6 +243,14 @@ class Journal:
                           "WHERE time < ? ORDER BY time LIMIT ?)", (now - self.instance_days * 86400, PRUNE_STEP)))
         return stmts
 
+    def remember(self, updates: list[Update]) -> None:
+        """Only the lasting memory's part of 'delivered' updates: what a PACS confirmed of a file dropped
+        meanwhile (it changed); its rows are another version's now and must not move."""
+        now = time.time()
+        stmts = [s for u in updates for s in self._instance_statements(u, now)]
+        if stmts:
+            self._tx(stmts)
+
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         """What `dest` confirmed earlier under these SOP Instance UIDs (the lasting memory), in one query."""
         wanted = sorted(set(sops))

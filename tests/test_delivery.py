@@ -778,3 +778,42 @@ def test_a_forward_step_of_the_clock_does_not_expire_a_waiting_file(tmp_path, mo
         assert count(spool, "failed") == 0
     finally:
         engine.stop()
+
+
+def test_a_confirmation_that_comes_back_after_the_file_changed_is_still_remembered_for_its_uid(tmp_path):
+    """PACS x confirms the validated bytes while PACS y finds the file rewritten (dropped, validated again): x
+    keeps the first version, so the new version's "stored" at x is a UID conflict, never delivered."""
+    from relaypacsd.dicomweb import PartChanged
+
+    x, y = ScriptedPacs("x"), ScriptedPacs("y")
+    engine, spool, sops = setup(tmp_path, [x, y], n=1)
+    changed = []
+    engine.on_changed = lambda item, gone: changed.append(item)
+    submit_all(engine, spool)
+    dx, dy = engine.destinations["x"], engine.destinations["y"]
+    bx, by = dx.take_batch(threading.Event()), dy.take_batch(threading.Event())
+    path, size = bx[0].path, bx[0].info.size
+    send_x = x.send
+
+    def x_answers_after_the_rewrite(parts):  # x read the validated bytes; its answer is still on the way
+        corrected_copy(path, tmp_path / "new.dcm", name="REWRITTEN^WHILE^X^WAS^STORING^IT")
+        (tmp_path / "new.dcm").replace(path)
+        y.raise_next.append(PartChanged(path, size, path.stat().st_size))
+        engine._deliver(dy, by)
+        dy.done_with(by)
+        return send_x(parts)
+
+    x.send = x_answers_after_the_rewrite
+    engine._deliver(dx, bx)
+    dx.done_with(bx)
+    assert [i.path for i in changed] == [path] and path.stat().st_size != size
+    x.send = send_x
+    engine.submit(path, spool, inspect(path))  # validated again: the new version
+    for dest in (dx, dy):
+        batch = dest.take_batch(threading.Event())
+        engine._deliver(dest, batch)
+        dest.done_with(batch)
+    assert count(spool, "sent") == 0 and count(spool, "failed") == 1
+    side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
+    assert set(side["uid_conflict"]) == {"x"} and side["pacs"]["y"]["state"] == "delivered"
+    engine.journal.close()
