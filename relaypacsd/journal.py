@@ -231,7 +231,9 @@ class Journal:
         """The lasting memory's part of one update: remember a confirmed instance, count a UID conflict, and
         every PRUNE_EVERY confirmations drop a small step of instances older than `instance_days`."""
         if u.event == CONFLICT_EVENT:
-            return [("UPDATE destinations SET conflicts = conflicts + 1 WHERE dest = ?", (u.dest,))]
+            # An upsert like the other counters: the first conflict may come before the destination's row.
+            return [("INSERT INTO destinations (dest, healthy, last_change, conflicts) VALUES (?, ?, ?, 1) "
+                     "ON CONFLICT(dest) DO UPDATE SET conflicts = conflicts + 1", (u.dest, HEALTH_UNKNOWN, now))]
         if u.state != "delivered" or not u.digest or not u.sop:
             return []
         stmts: list[tuple[str, tuple[Any, ...]]] = [

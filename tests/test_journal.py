@@ -134,3 +134,10 @@ def test_restore_writes_rows_back_without_counting_twice(journal):
     assert journal.sop_of("/s/sending/a.dcm") == "1.2.3"
     assert journal.destinations()["orthanc"]["failed"] == 1
     assert "restored" in journal.history("/s/sending/a.dcm")[-1]["detail"]
+
+
+def test_a_uid_conflict_is_counted_from_the_first_one_on_like_deliveries_and_failures(journal):
+    """The counters' row is created by the first update that counts: the conflict must not come before it."""
+    journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")
+    journal.apply([Update("/s/sending/a.dcm", "orthanc", "failed", "uid_conflict", "uid_conflict: earlier")])
+    assert journal._exec("SELECT dest, failed, conflicts FROM destinations") == [("orthanc", 1, 1)]
