@@ -616,15 +616,15 @@ class Engine:
             memory = dict(item.settled)
         missing = [u for d, u in memory.items() if d not in have]
         failed = any(r.state == "failed" for r in have.values()) or any(u.state == "failed" for u in memory.values())
+        lost = sorted(d for d in self.destinations if d not in have and d not in memory)
         if missing:
             logger.warning("PACS forward: the journal rows of {} for {} went missing after the PACS answered "
                            "(removed by a `relaypacsd retry` racing a claim of this name?); deciding from the "
                            "daemon's memory: {}", item.spool.relative(item.path), ", ".join(u.dest for u in missing),
                            "failed" if failed else "delivered")
-            if failed:
+            if failed or lost:  # staying in sending/ too: a PACS that confirmed it must not get it again
                 self.journal.restore(key, item.info.sop_instance_uid, item.first_seen, missing)
                 rows[key] = self.journal.rows(key)
-        lost = sorted(d for d in self.destinations if d not in have and d not in memory)
         if lost and not failed:
             logger.warning("PACS forward: {} has no journal row for {} and was not settled there by this run: it "
                            "stays in sending/ and the next retry sweep sends it there again (never taken as sent "

@@ -817,3 +817,34 @@ def test_a_confirmation_that_comes_back_after_the_file_changed_is_still_remember
     side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
     assert set(side["uid_conflict"]) == {"x"} and side["pacs"]["y"]["state"] == "delivered"
     engine.journal.close()
+
+
+def test_a_verdict_in_memory_is_written_back_when_another_pacs_verdict_is_lost(tmp_path):
+    """Rows vanish under a file that b confirmed in an earlier run and a in this one: b's verdict is lost, so
+    the file stays for b; a, which confirmed it, must not get it again."""
+    a, b = ScriptedPacs("a"), ScriptedPacs("b")
+    engine, spool, sops = setup(tmp_path, [a, b], n=1)
+    held = _deferred_finish(engine)
+    f = spool.claim(next(spool.files("inbox")))
+    engine.journal.ensure(str(f), ["a", "b"], sop=sops[0])
+    engine.journal.update(str(f), "b", state="delivered", event="delivered")  # an earlier run's verdict
+    engine.submit(f, spool, inspect(f))
+    da = engine.destinations["a"]
+    batch = da.take_batch(threading.Event())
+    engine._deliver(da, batch)
+    da.done_with(batch)
+    engine.journal.forget(str(f))  # what a racing retry's cleanup did
+    engine._finish(held)
+    assert list(spool.files("sending")) == [f] and engine.in_flight() == 0
+    engine._hand_over = engine._finish
+    engine.submit(f, spool, inspect(f))  # the next sweep takes it up again
+    for dest in engine.destinations.values():
+        with dest.cond:
+            ready = bool(dest.ready)
+        if ready:
+            batch = dest.take_batch(threading.Event())
+            engine._deliver(dest, batch)
+            dest.done_with(batch)
+    assert count(spool, "sent") == 1
+    assert a.received(sops[0]) == 1 and b.received(sops[0]) == 1
+    engine.journal.close()
