@@ -235,6 +235,7 @@ class Engine:
         self._sleep = sleep or self.stop_event.wait
         self._items: dict[Path, Item] = {}
         self._items_lock = threading.Lock()
+        self._recording = threading.Lock()  # see _record_many
         # Settled files go to one finishing thread (renames, fsync, journal), so a worker sends its next
         # batch at once: batches that a PACS answers together no longer leave it idle while all the
         # workers finish at the same time. Files queued meanwhile share one fsync.
@@ -406,51 +407,54 @@ class Engine:
         """Turn each instance's outcome at one destination into journal state (one commit) and, for the
         files that have settled everywhere, a folder move."""
         cfg = self.config.delivery
-        with self._items_lock:  # a file dropped meanwhile (it changed): its answer is about an old version
-            dropped = [(item, r) for item, r in pairs if self._items.get(item.path) is not item]
-            pairs = [(item, r) for item, r in pairs if self._items.get(item.path) is item]
-        # Yet the PACS has those old bytes under the UID now: remembered, so the new version conflicts there.
-        self.journal.remember([Update(str(item.path), dest.name, "delivered", r.outcome.value,
-                                      sop=item.info.sop_instance_uid, digest=item.info.digest)
-                               for item, r in dropped if r.outcome in DELIVERED])
-        if not pairs:
-            return
-        rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
-        updates: list[Update] = []
-        settled: list[tuple[Item, Update]] = []
-        parked: list[tuple[Item, float]] = []
-        for item, result in pairs:
-            key = str(item.path)
-            row = rows.get(key)
-            attempts = (row.attempts if row else 0) + 1
-            detail = _detail(result)
-            expired = time.monotonic() - item.born > cfg.max_age_hours * 3600
-            if result.outcome in DELIVERED:
-                updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
-                                      code=result.reason_code, sop=item.info.sop_instance_uid,
-                                      digest=item.info.digest))
-            elif result.outcome is Outcome.UID_CONFLICT:
-                updates.append(Update(key, dest.name, "failed", result.outcome.value, detail, attempts,
-                                      code=result.reason_code))
-                logger.error("PACS forward {} UID conflict: {} uid={}: {}", dest.name, item.spool.relative(item.path),
-                             item.info.sop_instance_uid, result.reason)
-            elif result.outcome is Outcome.PERMANENT or expired or (
-                    result.outcome is Outcome.LIMITED and attempts >= LIMITED_MAX_DELIVERIES):
-                if expired and result.outcome is not Outcome.PERMANENT:
-                    detail = f"gave up after {cfg.max_age_hours:g} h of retries; last error: {detail}"
-                updates.append(Update(key, dest.name, "failed", "failed", detail, attempts, code=result.reason_code))
-                logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
-                             item.info.sop_instance_uid, detail)
-            else:
-                # Transient, limited, destination problem: the file waits; a destination problem spends no attempt.
-                spent = attempts if result.outcome is not Outcome.DESTINATION else attempts - 1
-                delay = backoff(cfg.retry_delay, spent, cfg.retry_backoff_max)
-                updates.append(Update(key, dest.name, "waiting", result.outcome.value, detail, spent,
-                                      next_try=time.time() + delay, code=result.reason_code))
-                parked.append((item, delay))
-                continue
-            settled.append((item, updates[-1]))
-        self.journal.apply(updates)
+        # The look at which files are still tracked and the commit are one step for _drop_changed: a file
+        # dropped in between gets a new version's rows under its name, which this answer must not update.
+        with self._recording:
+            with self._items_lock:  # a file dropped meanwhile (it changed): its answer is about an old version
+                dropped = [(item, r) for item, r in pairs if self._items.get(item.path) is not item]
+                pairs = [(item, r) for item, r in pairs if self._items.get(item.path) is item]
+            # Yet the PACS has those old bytes under the UID now: remembered, so the new version conflicts there.
+            self.journal.remember([Update(str(item.path), dest.name, "delivered", r.outcome.value,
+                                          sop=item.info.sop_instance_uid, digest=item.info.digest)
+                                   for item, r in dropped if r.outcome in DELIVERED])
+            if not pairs:
+                return
+            rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
+            updates: list[Update] = []
+            settled: list[tuple[Item, Update]] = []
+            parked: list[tuple[Item, float]] = []
+            for item, result in pairs:
+                key = str(item.path)
+                row = rows.get(key)
+                attempts = (row.attempts if row else 0) + 1
+                detail = _detail(result)
+                expired = time.monotonic() - item.born > cfg.max_age_hours * 3600
+                if result.outcome in DELIVERED:
+                    updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
+                                          code=result.reason_code, sop=item.info.sop_instance_uid,
+                                          digest=item.info.digest))
+                elif result.outcome is Outcome.UID_CONFLICT:
+                    updates.append(Update(key, dest.name, "failed", result.outcome.value, detail, attempts,
+                                          code=result.reason_code))
+                    logger.error("PACS forward {} UID conflict: {} uid={}: {}", dest.name, item.spool.relative(item.path),
+                                 item.info.sop_instance_uid, result.reason)
+                elif result.outcome is Outcome.PERMANENT or expired or (
+                        result.outcome is Outcome.LIMITED and attempts >= LIMITED_MAX_DELIVERIES):
+                    if expired and result.outcome is not Outcome.PERMANENT:
+                        detail = f"gave up after {cfg.max_age_hours:g} h of retries; last error: {detail}"
+                    updates.append(Update(key, dest.name, "failed", "failed", detail, attempts, code=result.reason_code))
+                    logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
+                                 item.info.sop_instance_uid, detail)
+                else:
+                    # Transient, limited, destination problem: the file waits; a destination problem spends no attempt.
+                    spent = attempts if result.outcome is not Outcome.DESTINATION else attempts - 1
+                    delay = backoff(cfg.retry_delay, spent, cfg.retry_backoff_max)
+                    updates.append(Update(key, dest.name, "waiting", result.outcome.value, detail, spent,
+                                          next_try=time.time() + delay, code=result.reason_code))
+                    parked.append((item, delay))
+                    continue
+                settled.append((item, updates[-1]))
+            self.journal.apply(updates)
         for item, delay in parked:
             if not item.done:  # dropped meanwhile (changed in sending/): it must not come back
                 dest.put(item, time.monotonic() + delay)
@@ -516,8 +520,8 @@ class Engine:
                     pass
         # Rows of PACS that confirmed the old version go too: what sits in sending/ now is another file, which
         # no PACS has confirmed; marking it delivered would move an unsent file to sent/.
-        self.journal.forget(str(item.path))
-        with self._items_lock:
+        with self._recording, self._items_lock:
+            self.journal.forget(str(item.path))
             if self._items.get(item.path) is item:
                 del self._items[item.path]
         what = "was removed" if result.gone else "changed"

@@ -848,3 +848,42 @@ def test_a_verdict_in_memory_is_written_back_when_another_pacs_verdict_is_lost(t
     assert count(spool, "sent") == 1
     assert a.received(sops[0]) == 1 and b.received(sops[0]) == 1
     engine.journal.close()
+
+
+def test_an_answer_for_the_old_version_never_lands_on_the_rows_of_the_new_one(tmp_path):
+    """x's answer for the validated bytes is being recorded while y drops the rewritten file and the new version
+    is submitted under the same name: x's 'delivered' must not become the new version's (after a restart it
+    would go to sent/ without x ever confirming it)."""
+    from relaypacsd.dicomweb import PartChanged
+
+    x, y = ScriptedPacs("x"), ScriptedPacs("y")
+    engine, spool, sops = setup(tmp_path, [x, y], n=1)
+    resubmitted = threading.Event()
+
+    def validated_again(item, gone):
+        engine.submit(item.path, spool, inspect(item.path))
+        resubmitted.set()
+
+    engine.on_changed = validated_again
+    submit_all(engine, spool)
+    dx, dy = engine.destinations["x"], engine.destinations["y"]
+    bx, by = dx.take_batch(threading.Event()), dy.take_batch(threading.Event())
+    path, size = bx[0].path, bx[0].info.size
+    rows_at, ys = engine.journal.rows_at, []
+
+    def y_drops_it_meanwhile(dest, paths):  # between x's look at its items and its commit
+        if dest == "x" and not ys:
+            corrected_copy(path, tmp_path / "new.dcm", name="REWRITTEN^WHILE^X^WAS^RECORDING")
+            (tmp_path / "new.dcm").replace(path)
+            y.raise_next.append(PartChanged(path, size, path.stat().st_size))
+            ys.append(threading.Thread(target=engine._deliver, args=(dy, by)))
+            ys[0].start()
+            resubmitted.wait(1)  # it cannot happen in this window once the window is closed
+        return rows_at(dest, paths)
+
+    engine.journal.rows_at = y_drops_it_meanwhile
+    engine._deliver(dx, bx)
+    ys[0].join(10)
+    assert resubmitted.is_set() and engine.known(path)
+    assert {d: r.state for d, r in engine.journal.rows(str(path)).items()} == {"x": "pending", "y": "pending"}
+    engine.journal.close()
