@@ -102,16 +102,33 @@ def run_raw(orthanc: LocalOrthanc, paths: list[Path], batch: int = 50, threads: 
     return time.perf_counter() - started
 
 
-def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path) -> tuple[float, float]:
-    """Start the daemon, write the files into inbox/, time until all are in sent/. Returns (total, first)."""
+def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING") -> Path:
+    """A default-settings config for the real daemon: spool and state below `work`, `orthanc` its one PACS."""
     user, password = orthanc.auth
+    work.mkdir(parents=True, exist_ok=True)
     (work / "pw").write_text(password)
     cfg = work / "relaypacs.toml"
-    cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\nlog_level = "WARNING"\n'
+    cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\nlog_level = "{log_level}"\n'
                    f'[[watch]]\npath = "{work / "spool"}"\n'
                    f'[pacs.orthanc]\ntype = "orthanc"\nurl = "{orthanc.url}"\nusername = "{user}"\n'
                    f'password_file = "{work / "pw"}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "run"],
+    return cfg
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process so far (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
+                   python: str = sys.executable) -> tuple[float, float, float]:
+    """Start the daemon, write the files into inbox/, time until all are in sent/.
+
+    Returns (total, first, the daemon's CPU ms per file over the drain)."""
+    cfg = daemon_config(orthanc, work)
+    proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"],
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
     try:
         inbox, sent = work / "spool" / "inbox", work / "spool" / "sent"
@@ -120,6 +137,7 @@ def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path) -> tupl
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
             time.sleep(0.05)
+        cpu_before = cpu_seconds(proc.pid)
         started = time.perf_counter()
         first: list[float] = []
 
@@ -138,8 +156,9 @@ def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path) -> tupl
             n = len(os.listdir(sent)) if sent.exists() else 0  # cheap: this process shares the sender's CPU
             if n >= target:
                 total = time.perf_counter() - started
+                cpu_ms = (cpu_seconds(proc.pid) - cpu_before) * 1000 / target
                 watcher.join(1)
-                return total, first[0] if first else total
+                return total, first[0] if first else total, cpu_ms
             if proc.poll() is not None:
                 raise RuntimeError("daemon died: " + (work / "daemon.log").read_text()[-2000:])
             # The raw sender's end is exact: poll finely once the last batches are due, coarsely before.
@@ -168,21 +187,31 @@ def layouts() -> dict[str, tuple[set[int], set[int]]]:
     return result
 
 
-def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool) -> dict[str, list[float]]:
-    """Run the senders `rounds` times, alternating, each on fresh instances; return their times."""
-    times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "curl": []}
+def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool,
+            compare: str | None = None) -> dict[str, list[float]]:
+    """Run the senders `rounds` times, alternating, each on fresh instances; return their times.
+
+    `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other"."""
+    times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
+                                     "curl": []}
+    senders = ("raw", "relay") + (("other",) if compare else ())
     for r in range(rounds):
-        for sender in ("raw", "relay") + (("curl",) if with_curl and r == 0 else ()):
+        for sender in senders + (("curl",) if with_curl and r == 0 else ()):
             work = tmp / f"n{count}-{sender}-{r}"
             paths = generate(work / "files", count)
             if sender == "raw":
                 times["raw"].append(run_raw(orthanc, paths))
             elif sender == "curl":
                 times["curl"].append(run_curl(orthanc, paths, work))
+            elif sender == "other":
+                total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable)
+                times["other"].append(total)
+                times["other_cpu"].append(cpu)
             else:
-                total, first = run_relaypacsd(orthanc, paths, work)
+                total, first, cpu = run_relaypacsd(orthanc, paths, work)
                 times["relay"].append(total)
                 times["first"].append(first)
+                times["cpu"].append(cpu)
             shutil.rmtree(work, ignore_errors=True)
     return times
 
@@ -193,6 +222,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="raw and relaypacsd runs per size and layout")
     parser.add_argument("--layouts", nargs="+", choices=["separate", "shared"], default=["separate", "shared"])
     parser.add_argument("--curl-up-to", type=int, default=500, help="run the slow curl loop for sizes up to N")
+    parser.add_argument("--compare", metavar="PYTHON", help="also run the relaypacsd of another checkout, by its "
+                        "venv's python (e.g. an older commit's), alternating with this one")
     args = parser.parse_args()
     rows = []
     everything = os.sched_getaffinity(0)
@@ -208,7 +239,7 @@ def main() -> int:
                     pin(orthanc.pid, orthanc_cpus)
                     pin(os.getpid(), sender_cpus)  # the daemon and curl inherit it
                     for count in args.counts:
-                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to)
+                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare)
                         row = {"layout": layout, "n": count, **{k: statistics.median(v) for k, v in t.items() if v}}
                         row["spread"] = min(r / x for r, x in zip(t["raw"], t["relay"])), \
                             max(r / x for r, x in zip(t["raw"], t["relay"]))
@@ -219,9 +250,10 @@ def main() -> int:
                 pin(os.getpid(), everything)
             print(f"(Orthanc holds {orthanc.count_instances()} instances)")
     print()
+    other = " | other relaypacsd / raw | its CPU per file" if args.compare else ""
     print("| CPUs | instances | one curl per file | raw batched STOW, 4 threads | relaypacsd inbox -> sent "
-          "| relaypacsd / raw (range) | relaypacsd / curl |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file{other} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compare else ""))
     for r in rows:
         n = r["n"]
         curl = f"{r['curl']:.1f} s ({n / r['curl']:.0f}/s)" if "curl" in r else "-"
@@ -229,7 +261,8 @@ def main() -> int:
         low, high = r["spread"]
         print(f"| {r['layout']} | {n} | {curl} | {r['raw']:.2f} s ({n / r['raw']:.0f}/s) | {r['relay']:.2f} s "
               f"({n / r['relay']:.0f}/s), first file in sent/ after {r['first']:.2f} s "
-              f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} |")
+              f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} | {r['cpu']:.2f} ms |"
+              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if args.compare else ""))
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmark import daemon_config  # noqa: E402  (this folder is on sys.path when a script here runs)
 from relaypacsd.localorthanc import LocalOrthanc  # noqa: E402
 
 
@@ -41,13 +42,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="relaypacs-idle-") as tmp:
         work = Path(tmp)
         with LocalOrthanc(work / "orthanc") as orthanc:
-            user, password = orthanc.auth
-            (work / "pw").write_text(password)
-            cfg = work / "relaypacs.toml"
-            cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\n'
-                           f'[[watch]]\npath = "{work / "spool"}"\n'
-                           f'[pacs.orthanc]\ntype = "orthanc"\nurl = "{orthanc.url}"\nusername = "{user}"\n'
-                           f'password_file = "{work / "pw"}"\n')
+            cfg = daemon_config(orthanc, work, log_level="INFO")  # INFO: the "relaypacsd ready" line
             log = open(work / "daemon.log", "wb")
             proc = subprocess.Popen([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "run"],
                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pydicom.valuerep
+from pydicom._uid_dict import UID_dictionary
 from pydicom.errors import InvalidDicomError as _PydicomInvalid
 
 from relaypacsd.errors import InvalidDicomError
@@ -117,12 +118,7 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False) -> D
                 raise TruncatedDicom(f"{message} (the data set ends before it: the file may be cut off)")
             raise InvalidDicomError(message)
         values[keyword] = value
-    bulk = _bulk_data_tags(values["SOPClassUID"], top_level)
-    if bulk and top_level.isdisjoint(bulk):
-        # A file cut off at an element boundary before its bulk data is structurally complete: catch it here.
-        what = "spectroscopy data" if bulk == _SPECTROSCOPY_DATA else "pixel data"
-        raise TruncatedDicom(f"an instance of a class that carries {what} without it: the file is incomplete "
-                             "(cut off before the image); send it again")
+    _check_bulk_data(values["SOPClassUID"], top_level)
     media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip("\0 ")
     mismatch = media_sop if media_sop and media_sop != values["SOPInstanceUID"] else ""
     if mismatch and strict_meta_uid:
@@ -148,36 +144,52 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-_PIXEL_DATA = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # Pixel Data, Float and Double Float Pixel Data
-_SPECTROSCOPY_DATA = frozenset((0x56000020,))
-# Storage classes whose instances carry pixel data although their names do not say "Image Storage".
-_PIXEL_CLASSES = frozenset((
-    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
-    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
-    "1.2.840.10008.5.1.4.1.1.66.8",  # Height Map Segmentation
-    "1.2.840.10008.5.1.4.1.1.30",    # Parametric Map
-    "1.2.840.10008.5.1.4.1.1.6.2",   # Enhanced US Volume
-    "1.2.840.10008.5.1.4.1.1.81.1",  # Ophthalmic Thickness Map
-    "1.2.840.10008.5.1.4.1.1.82.1",  # Corneal Topography Map
-))
-_SPECTROSCOPY_CLASSES = frozenset((
-    "1.2.840.10008.5.1.4.1.1.4.2",   # MR Spectroscopy: SpectroscopyData (5600,0020) is Type 1
-))
+_PIXELS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009,  # Pixel Data, Float and Double Float Pixel Data
+                     0x00287FE0))  # Pixel Data Provider URL: JPIP pixel data lives on a server (PS3.3 C.7.6.3)
+# Type 1 elements of the Image Pixel module: where all are present, pixel data must follow. Rows alone is no
+# sign of an image: MR Spectroscopy has Rows and Columns too.
+_IMAGE_PIXEL_MODULE = frozenset((0x00280010, 0x00280100, 0x00280004))  # Rows, Bits Allocated, Photometric Interp.
+_RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"  # pixel data only for grid-based doses (PS3.3 A.18.3): by the module
+# Standard classes with pixel data: the image storage classes, and those whose name does not say "Image"
+_PIXEL_CLASSES = frozenset(
+    [uid for uid, entry in UID_dictionary.items() if entry[1] == "SOP Class" and "Image Storage" in entry[0]]
+    + ["1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+       "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
+       "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+       "1.2.840.10008.5.1.4.1.1.77.1.5.8",  # Ophthalmic OCT B-scan Volume Analysis
+       "1.2.840.10008.5.1.4.1.1.81.1",  # Ophthalmic Thickness Map
+       "1.2.840.10008.5.1.4.1.1.82.1"])  # Corneal Topography Map
+_IMAGE = ("an image", "pixel data", _PIXELS)
+_ENCAPSULATED = ("an encapsulated document", "EncapsulatedDocument (0042,0011)", frozenset((0x00420011,)))
+# Classes whose bulk data is a Type 1 element other than pixel data: (what the file is, what it lacks, its tags)
+_OTHER_BULK = {
+    "1.2.840.10008.5.1.4.1.1.4.2": ("an MR spectroscopy", "SpectroscopyData (5600,0020)", frozenset((0x56000020,))),
+    "1.2.840.10008.5.1.4.1.1.104.1": _ENCAPSULATED,  # PDF
+    "1.2.840.10008.5.1.4.1.1.104.2": _ENCAPSULATED,  # CDA
+    "1.2.840.10008.5.1.4.1.1.104.3": _ENCAPSULATED,  # STL
+    "1.2.840.10008.5.1.4.1.1.104.4": _ENCAPSULATED,  # OBJ
+    "1.2.840.10008.5.1.4.1.1.104.5": _ENCAPSULATED,  # MTL
+}
 
 
-def _bulk_data_tags(sop_class: str, top_level: set[int]) -> frozenset[int]:
-    """The bulk data elements an instance of `sop_class` must have (one of them); empty if none is required.
-
-    Decided by the SOP class (PS3.3): an RT Dose, an SR or a spectroscopy object may have Rows and Columns
-    without pixel data. Only a class unknown to pydicom (private) falls back to "Rows means an image"."""
-    if sop_class in _SPECTROSCOPY_CLASSES:
-        return _SPECTROSCOPY_DATA
+def _bulk_data_of(sop_class: str, top_level: set[int]) -> tuple[str, str, frozenset[int]] | None:
+    """(what the file is, its bulk data, the tags that may hold it) when the SOP class carries bulk data."""
+    if sop_class in _OTHER_BULK:
+        return _OTHER_BULK[sop_class]
     if sop_class in _PIXEL_CLASSES:
-        return _PIXEL_DATA
-    uid = pydicom.uid.UID(sop_class)
-    if uid in pydicom.uid.UID_dictionary:
-        return _PIXEL_DATA if "Image Storage" in uid.name else frozenset()
-    return _PIXEL_DATA if 0x00280010 in top_level else frozenset()
+        return _IMAGE
+    if (sop_class == _RT_DOSE or sop_class not in UID_dictionary) and _IMAGE_PIXEL_MODULE <= top_level:
+        return _IMAGE  # RT Dose, and classes pydicom does not know (private, newer): by the module
+    return None  # SR, RT Plan, presentation states, raw data ...: nothing to look for
+
+
+def _check_bulk_data(sop_class: str, top_level: set[int]) -> None:
+    """Raise TruncatedDicom when the bulk data the SOP class carries is missing: a file cut off at an element
+    boundary before it is structurally complete, so only this catches it."""
+    bulk = _bulk_data_of(sop_class, top_level)
+    if bulk is not None and top_level.isdisjoint(bulk[2]):
+        raise TruncatedDicom(f"{bulk[0]} without {bulk[1]}: the file is incomplete (cut off before it); "
+                             "send it again")
 
 
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2), as pydicom knows them

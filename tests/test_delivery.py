@@ -587,9 +587,8 @@ def _conflicts(journal):
     return dict(journal._exec("SELECT dest, conflicts FROM destinations"))
 
 
-def test_a_duplicate_answer_for_other_content_is_a_uid_conflict_too(tmp_path):
-    """A PACS answering 'already stored' (0x0111 and kin) for the corrected file has the earlier one."""
-    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.DELIVERED if call == 1 else Outcome.DUPLICATE)
+def sent_then_corrected(tmp_path, pacs):
+    """One file delivered to `pacs`, then a corrected copy (same SOPInstanceUID, other bytes) settled."""
     engine, spool, sops = setup(tmp_path, [pacs], n=1)
     engine.start()
     try:
@@ -598,6 +597,13 @@ def test_a_duplicate_answer_for_other_content_is_a_uid_conflict_too(tmp_path):
         settle(engine, spool, 1, 1)
     finally:
         engine.stop()
+    return engine, spool, sops
+
+
+def test_a_duplicate_answer_for_other_content_is_a_uid_conflict_too(tmp_path):
+    """A PACS answering 'already stored' (0x0111 and kin) for the corrected file has the earlier one."""
+    pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.DELIVERED if call == 1 else Outcome.DUPLICATE)
+    engine, spool, sops = sent_then_corrected(tmp_path, pacs)
     side = json.loads(sidecar_path(next(spool.files("failed"))).read_text())
     assert side["uid_conflict"]["orthanc"]["pacs_answer"]["answer"] == "duplicate"
 
@@ -687,14 +693,7 @@ def test_the_operators_retry_of_a_uid_conflict_lets_it_through(tmp_path):
 def test_a_retry_of_another_failure_keeps_the_memory_of_the_uid(tmp_path):
     """Only a UID conflict's retry forgets the earlier version; a file refused for another reason does not."""
     pacs = ScriptedPacs("orthanc", lambda uid, n, call: Outcome.DELIVERED if call == 1 else Outcome.PERMANENT)
-    engine, spool, sops = setup(tmp_path, [pacs], n=1)
-    engine.start()
-    try:
-        settle(engine, spool, 1, 0)
-        corrected_copy(next(spool.files("sent")), spool.inbox / "b.dcm")
-        settle(engine, spool, 1, 1)
-    finally:
-        engine.stop()
+    engine, spool, sops = sent_then_corrected(tmp_path, pacs)
     assert engine.journal.reset_failed(str(next(spool.files("failed")))) == ["orthanc"]
     assert engine.journal.known_instances("orthanc", [sops[0]])
 

@@ -169,7 +169,7 @@ def test_mr_spectroscopy_carries_spectroscopy_data_not_pixel_data(tmp_path):
     """Rows and Columns do not make an image: MR Spectroscopy has SpectroscopyData (5600,0020) instead."""
     info = inspect(_spectroscopy(tmp_path / "mrs.dcm"))
     assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.2"
-    with pytest.raises(TruncatedDicom, match="spectroscopy data"):
+    with pytest.raises(TruncatedDicom, match="SpectroscopyData"):
         inspect(_spectroscopy(tmp_path / "cut.dcm", with_data=False))
 
 
@@ -186,12 +186,61 @@ def test_an_image_class_without_pixel_data_still_counts_as_truncated(tmp_path):
         inspect(tmp_path / "private.dcm")
 
 
-def test_an_rt_dose_without_pixel_data_is_valid(tmp_path):
-    """RT Dose pixel data is conditional (a DVH-only dose object): not an image class by name, no demand."""
-    ds = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
-    del ds.PixelData
-    ds.save_as(tmp_path / "dvh.dcm", enforce_file_format=True)
-    assert inspect(tmp_path / "dvh.dcm").sop_instance_uid == ds.SOPInstanceUID
+def _without(tmp_path, template, drop, sop_class=None, name="x.dcm"):
+    ds = fresh(template)
+    for tag in [t for t in ds.keys() if t in drop or t.group in drop]:
+        del ds[tag]
+    if sop_class:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.save_as(tmp_path / name, enforce_file_format=True)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("drop", [{0x7FE00010}, {0x0028, 0x7FE0}])
+def test_an_image_class_without_pixel_data_is_refused_even_without_rows(tmp_path, drop):
+    """The SOP class decides: a CT cut off before its image module is as incomplete as one cut before its pixels."""
+    with pytest.raises(TruncatedDicom, match="an image without pixel data"):
+        inspect(_without(tmp_path, CT_SMALL, drop))
+
+
+def test_rt_dose_needs_pixel_data_only_with_a_dose_grid(tmp_path):
+    """RT Dose is an image when it holds a dose grid (its Image Pixel module); a DVH-only dose has none."""
+    rtdose = Path(get_testdata_file("rtdose.dcm"))
+    assert inspect(rtdose).sop_class_uid == "1.2.840.10008.5.1.4.1.1.481.2"
+    with pytest.raises(TruncatedDicom, match="an image without pixel data"):
+        inspect(_without(tmp_path, rtdose, {0x7FE00010}))
+    inspect(_without(tmp_path, rtdose, {0x0028, 0x7FE0}, name="dvh.dcm"))
+
+
+def test_a_private_class_is_an_image_by_its_image_pixel_module_not_by_rows(tmp_path):
+    private = "1.2.826.0.1.3680043.9.9999.1"  # a class pydicom does not know
+    with pytest.raises(TruncatedDicom, match="an image without pixel data"):
+        inspect(_without(tmp_path, CT_SMALL, {0x7FE00010}, private))
+    kept = {0x00280010, 0x00280011}  # Rows and Columns alone, as in a vendor's spectroscopy
+    ds = pydicom.dcmread(_without(tmp_path, CT_SMALL, {0x7FE0}, private, name="rows.dcm"))
+    for tag in [t for t in ds.keys() if t.group == 0x0028 and t not in kept]:
+        del ds[tag]
+    ds.save_as(tmp_path / "rows.dcm", enforce_file_format=True)
+    inspect(tmp_path / "rows.dcm")
+
+
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.481.5",
+                                       "1.2.840.10008.5.1.4.1.1.66"])  # Basic Text SR, RT Plan, Raw Data
+def test_classes_without_bulk_data_pass_even_with_rows(tmp_path, sop_class):
+    """Rows left from an image module (a converter's leftover) does not make a report or a plan an image."""
+    inspect(_without(tmp_path, CT_SMALL, {0x7FE0}, sop_class))
+
+
+def test_an_encapsulated_pdf_needs_its_document(tmp_path):
+    pdf = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds = pydicom.dcmread(_without(tmp_path, CT_SMALL, {0x0028, 0x7FE0}, pdf))
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.save_as(tmp_path / "cut.pdf.dcm", enforce_file_format=True)
+    with pytest.raises(TruncatedDicom, match="encapsulated document without EncapsulatedDocument"):
+        inspect(tmp_path / "cut.pdf.dcm")
+    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    ds.save_as(tmp_path / "doc.pdf.dcm", enforce_file_format=True)
+    inspect(tmp_path / "doc.pdf.dcm")
 
 
 def test_a_meta_header_naming_another_instance_is_forwarded_by_the_data_sets_uid():
