@@ -432,14 +432,15 @@ class Daemon:
             named = rel.with_name(unclashed(rel.name))  # under that name or any ~N of it (a killed `retry`)
             # A failed file of this instance that has no rows of its own yet (rows there of another instance
             # are a deleted file's, whose name was reused).
-            same = [f for f in namesakes.of(spool.failed / named) if (read_sidecar(f) or {}).get("sop_instance_uid") == sop]
+            same = [f for f in _namesakes(namesakes, spool, spool.failed / named)
+                    if (read_sidecar(f) or {}).get("sop_instance_uid") == sop]
             failed = [f for f in same if self.journal.sop_of(str(f)) != sop]
             if failed:
                 self.journal.rename(key, str(failed[0]))
                 logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
             elif same:  # a copy a killed `retry` left ahead of the file, which still holds its own rows
                 self.journal.forget(key)
-            elif any(dicomfile.sop_instance_uid(f) == sop for f in namesakes.of(spool.sent / named)):
+            elif any(dicomfile.sop_instance_uid(f) == sop for f in _namesakes(namesakes, spool, spool.sent / named)):
                 self.journal.forget(key)
                 logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
 
@@ -653,3 +654,10 @@ class Daemon:
             os.replace(tmp, self.state_dir / HEARTBEAT_FILE)
         except OSError as exc:
             logger.warning("cannot write heartbeat in {}: {}", self.state_dir, exc)
+
+
+def _namesakes(namesakes: Namesakes, spool: Spool, path: Path) -> list[Path]:
+    """`namesakes.of(path)`, and of where a move there went when a file held one of its folders' names
+    (failed/CT1 a file: failed/CT1~1/IM0001.dcm)."""
+    free = spool._free_folders(path)
+    return namesakes.of(path) + (namesakes.of(free) if free != path else [])

@@ -476,4 +476,14 @@ class Namesakes:
             for name in names:  # under its own name too: a modality may name a file scan~5.dcm itself
                 for key in {name, unclashed(name)}:
                     index.setdefault(key, []).append(path.parent / name)
-        return sorted(index.get(path.name, []))
+        found = set(index.get(path.name, []))
+        if clashed(path, 1).name != f"{path.stem}~1{path.suffix}":
+            # Long enough for its ~N names (and its name in failed/) to be cut: those unclashed is blind to.
+            found.update(p for paths in index.values() for p in paths if _cut_from(p.name, path.name))
+        return sorted(found)
+
+
+def _cut_from(name: str, full: str) -> bool:
+    """True when `name` is `full` cut by `fit_name` (failed/, or a clash's ~N name)."""
+    stem = Path(unclashed(name)).stem
+    return fit_name(Path(full).stem, name[len(stem):]) == name

@@ -17,7 +17,7 @@ from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Journal, Update
-from relaypacsd.spool import Spool, read_sidecar, sidecar_path, write_sidecar
+from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
 from tests.test_delivery import ScriptedPacs, count, gated, wait_until
 
@@ -519,3 +519,50 @@ def test_an_idle_daemon_does_not_wake_its_threads(tmp_path):
     finally:
         daemon.shutdown(timeout=5)
     assert not any(t.is_alive() for t in daemon._threads)  # the stop woke them too
+
+
+def _killed_run_failed(daemon, spool, rel, failed_at):
+    """What a run killed between a file's move to failed/ and its journal update leaves: the file and its
+    sidecar at `failed_at`, its rows (one PACS confirmed it) still under sending/`rel`."""
+    sop = write_instance(failed_at)
+    write_sidecar(failed_at, {"reason": "refused", "sop_instance_uid": sop})
+    key = str(spool.sending / rel)
+    daemon.journal.ensure(key, ["orthanc", "other"], sop=sop)
+    daemon.journal.apply([Update(key, "other", "delivered", "delivered")])
+    return key
+
+
+def test_start_follows_rows_to_a_failed_file_whose_name_was_cut(tmp_path):
+    """A name over NAME_MAX less the sidecar suffix is cut on its way to failed/ (its ~N clash names too):
+    the settling at start-up must still find it, or a retry sends it again to the PACS that confirmed it."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    name = "a" * 246 + ".dcm"  # fits in sending/, its sidecar would not in failed/
+    cut = spool.failed / fit_name("a" * 246, ".dcm")
+    key = _killed_run_failed(daemon, spool, name, cut)
+    other = "b" * 246 + ".dcm"  # and one that clashed there too: b...~1.dcm, cut further
+    write_instance(spool.failed / fit_name("b" * 246, ".dcm"))
+    clash = clashed(spool.failed / fit_name("b" * 246, ".dcm"), 1)
+    key2 = _killed_run_failed(daemon, spool, other, clash)
+    daemon._settle_journal(spool)
+    try:
+        assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(cut))["other"].state == "delivered"
+        assert daemon.journal.rows(key2) == {} and daemon.journal.rows(str(clash))["other"].state == "delivered"
+    finally:
+        daemon.journal.close()
+
+
+def test_start_follows_rows_to_a_failed_file_whose_folder_got_a_free_name(tmp_path):
+    """failed/CT1 is a file, so a killed run moved sending/CT1/IM0001.dcm to failed/CT1~1/IM0001.dcm."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.failed / "CT1").write_bytes(b"an old failure")
+    moved = spool.failed / "CT1~1" / "IM0001.dcm"
+    key = _killed_run_failed(daemon, spool, "CT1/IM0001.dcm", moved)
+    daemon._settle_journal(spool)
+    try:
+        assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(moved))["other"].state == "delivered"
+    finally:
+        daemon.journal.close()
