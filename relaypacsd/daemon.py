@@ -120,9 +120,11 @@ class Daemon:
             logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
         for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
             self._settle_journal(spool)
-            # Empty study folders an earlier run left (each also costs an inotify watch).
+            # Empty study folders an earlier run (or generation) left (each also costs an inotify watch): those
+            # quiet go in _recover below, the others at a later sweep (`_prune` keeps them queued).
             for folder in ("inbox", "sending"):
-                spool.prune_tree(folder, self._folder_quiet(spool))
+                for empty in spool.empty_folders(folder):
+                    self._may_be_empty(spool, empty)
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.

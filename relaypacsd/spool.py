@@ -334,13 +334,10 @@ class Spool:
             pass
         return removed
 
-    def prune_tree(self, folder: str, min_age: float) -> int:
-        """Remove every empty folder below one of the four folders (at start-up: those earlier runs left)."""
-        removed = 0
-        for dirpath, dirnames, filenames in os.walk(self.root / folder, topdown=False):
-            if not dirnames and not filenames and Path(dirpath) != self.root / folder:
-                removed += self.prune(Path(dirpath), min_age)
-        return removed
+    def empty_folders(self, folder: str) -> list[Path]:
+        """Every empty folder below one of the four folders (at start-up: those earlier runs left), deepest first."""
+        return [Path(dirpath) for dirpath, dirnames, filenames in os.walk(self.root / folder, topdown=False)
+                if not dirnames and not filenames and Path(dirpath) != self.root / folder]
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:

@@ -369,3 +369,28 @@ def test_a_validation_refusal_says_validation_not_pacs_forward(tmp_path):
     assert len(refusals) == 2 and not [line for line in lines if "PACS forward" in line], lines
     assert refusals[0].startswith("validation refused bad.dcm: ") and "(moved to failed/bad.dcm)" in refusals[0]
     assert refusals[1].startswith("validation refused archive bad.zip: ") and "(moved to failed/bad.zip)" in refusals[1]
+
+
+def test_folders_emptied_just_before_a_start_or_reload_still_go_once_quiet(tmp_path, monkeypatch):
+    """Start-up removes the empty folders that are quiet already; one emptied just before (a restart, a reload
+    right after a study was claimed) must go at a later sweep, not stay until the next restart."""
+    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.5)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.inbox / "young").mkdir()  # emptied by the previous run a moment ago
+    daemon.start()
+    try:
+        write_instance(spool.inbox / "study" / "img.dcm")
+        assert wait_until(lambda: count(spool, "sent") == 1)
+        daemon._stop_pieces(timeout=5)  # what reload() does, at once after the claim
+        daemon._build(daemon.config)
+        daemon.start()
+        assert (spool.inbox / "young").is_dir() and (spool.inbox / "study").is_dir()  # not quiet yet: kept
+        time.sleep(0.7)
+        daemon._recover()  # a sweep
+        assert not (spool.inbox / "young").exists() and not any(spool.inbox.iterdir())
+        assert not any(spool.sending.iterdir())
+    finally:
+        daemon.shutdown(timeout=5)
