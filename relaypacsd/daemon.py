@@ -338,6 +338,8 @@ class Daemon:
         assert arrived is not None
         while not stop.is_set():
             arrived.clear()  # before the look: an event during it makes the next look come at once
+            if stop.is_set():  # set since the loop's check: the wake that came with it was just cleared
+                return
             try:
                 ready = watcher.tick()
                 # Claim in small groups: one fsync per directory and group, before anything is sent,

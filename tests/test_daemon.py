@@ -566,3 +566,30 @@ def test_start_follows_rows_to_a_failed_file_whose_folder_got_a_free_name(tmp_pa
         assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(moved))["other"].state == "delivered"
     finally:
         daemon.journal.close()
+
+
+def test_a_stop_that_comes_as_an_idle_scanner_starts_its_look_ends_it_at_once(tmp_path):
+    """_stop_pieces sets the stop, then wakes the scanner (`arrived`); landing between the scanner's look at
+    the stop and its clear of `arrived`, the wake was lost and the idle scanner slept until the next rescan
+    (an hour here): the stop waited for it, and the old generation's scanner outlived a reload."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool, watcher = daemon.spools[0], daemon.watchers[0]
+    spool.prepare()
+    stop = threading.Event()
+
+    class Racing(threading.Event):
+        def clear(self):
+            if not stop.is_set():  # the scanner has just seen no stop: _stop_pieces runs now
+                stop.set()
+                self.set()
+            super().clear()
+
+    watcher.arrived = Racing()
+    scanner = threading.Thread(target=daemon._scanner, args=(spool, watcher, stop), daemon=True)
+    scanner.start()
+    scanner.join(3)
+    try:
+        assert not scanner.is_alive()
+    finally:
+        watcher.arrived.set()
+        daemon.journal.close()
