@@ -472,6 +472,8 @@ class Daemon:
                 logger.warning("{} in sending/ has a name that is not valid UTF-8: renamed {}",
                                printable(rel), spool.relative(renamed))
                 self._queue_intake(spool, renamed)
+                if renamed.parent != path.parent:
+                    self._may_be_empty(spool, path.parent)
             return
         if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
             try:

@@ -394,3 +394,25 @@ def test_folders_emptied_just_before_a_start_or_reload_still_go_once_quiet(tmp_p
         assert not any(spool.sending.iterdir())
     finally:
         daemon.shutdown(timeout=5)
+
+
+def test_the_folder_a_non_utf8_name_leaves_in_sending_goes_once_quiet(tmp_path, monkeypatch):
+    """A file an older run left in sending/CT\\xe9/ is renamed to sending/CTé/ at validation: the folder it
+    leaves is emptied like one a claim or a delivery empties, and must go too."""
+    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.1)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    old = Path(os.fsdecode(os.fsencode(spool.sending) + b"/CT\xe9/old.dcm"))
+    write_instance(old)
+    daemon.start()
+    try:
+        assert wait_until(lambda: count(spool, "sent") == 1)
+        time.sleep(0.2)
+        for _ in range(2):  # sweeps
+            daemon._recover()
+            time.sleep(0.15)
+        assert not any(spool.sending.iterdir())
+    finally:
+        daemon.shutdown(timeout=5)
