@@ -83,6 +83,11 @@ def _link_noreplace(src: Path, dst: Path) -> None:
         os.unlink(src)
     except FileNotFoundError:  # a retried NFS UNLINK that had already succeeded
         pass
+    except OSError:
+        # link(2) needs no write access to src's folder, unlink(2) does: undo the link, or the file would
+        # stand in two folders (sent from one, claimed again from the other, for ever).
+        os.unlink(dst)
+        raise
 
 
 def _same_file(a: Path, b: Path) -> bool:

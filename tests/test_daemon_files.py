@@ -218,6 +218,32 @@ def test_whole_daemon_on_the_fallback_rename_delivers_and_never_overwrites(tmp_p
     assert pacs.received(sop) == 1
 
 
+def test_a_fallback_move_whose_old_name_cannot_go_leaves_the_file_in_one_folder(tmp_path, monkeypatch):
+    """link(2) needs no write access to the folder the file leaves, unlink(2) does (a modality's folder the
+    service user may read only): the link made sending/img.dcm, the unlink failed, and the file stood in both
+    folders: sent from sending/ by the sweep, linked again at the next rescan, and sent again, for ever."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    path = spool.inbox / "S1" / "img.dcm"
+    write_instance(path)
+    real_unlink = os.unlink
+
+    def refused(p, *args, **kwargs):
+        if str(p).startswith(str(spool.inbox)):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_unlink(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    try:
+        assert daemon._claim(spool, path) is None  # logged, and left in inbox/ for the next rescan
+        assert path.exists() and count(spool, "sending") == 0 and os.stat(path).st_nlink == 1
+    finally:
+        daemon.journal.close()
+
+
 # -- item 3: a file changed or deleted in sending/ after validation -----------------------------------------
 
 
