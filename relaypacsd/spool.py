@@ -211,6 +211,20 @@ class Spool:
                         pass
         return removed
 
+    def finish_interrupted_claims(self) -> list[Path]:
+        """At start-up: a claim by the link fallback (`_link_noreplace`) killed between its link and its unlink
+        left one file under two names, inbox/ and sending/; its inbox/ name goes now, or it is sent twice."""
+        removed = []
+        for path in self.files("sending"):
+            twin = self.inbox / self.relative(path)
+            try:
+                if os.lstat(path).st_nlink > 1 and _same_file(path, twin):
+                    os.unlink(twin)
+                    removed.append(twin)
+            except OSError:  # gone meanwhile, or a folder we may not write: the claim sorts it out later
+                continue
+        return removed
+
     def files(self, folder: str) -> Iterator[Path]:
         """Regular files below a folder (recursively), sidecars and temp files excluded."""
         base = self.root / folder

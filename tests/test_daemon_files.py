@@ -442,3 +442,23 @@ def test_the_folder_a_non_utf8_name_leaves_in_sending_goes_once_quiet(tmp_path, 
         assert not any(spool.sending.iterdir())
     finally:
         daemon.shutdown(timeout=5)
+
+
+def test_a_claim_killed_between_its_link_and_its_unlink_is_finished_at_start_not_sent_twice(tmp_path, monkeypatch):
+    """The link fallback (NFS) moves by link(2) then unlink(2): killed in between, one file has two names,
+    inbox/ and sending/. Start-up sent the one in sending/, then claimed the other and sent it again."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    sop = write_instance(spool.sending / "S1" / "img.dcm")
+    (spool.inbox / "S1").mkdir()
+    os.link(spool.sending / "S1" / "img.dcm", spool.inbox / "S1" / "img.dcm")  # what the killed claim left
+    daemon.start()
+    try:
+        assert wait_until(lambda: count(spool, "sent") == 1)
+        time.sleep(1.0)  # settle 0.1 s: a claim of the inbox/ name would have been sent by now
+        assert count(spool, "sent") == 1 and pacs.received(sop) == 1 and count(spool, "inbox") == 0
+    finally:
+        daemon.shutdown(timeout=5)
