@@ -112,8 +112,8 @@ class Daemon:
             for path in spool.clean_after_crash():
                 logger.info("removed {} left in failed/ by an interrupted run", path.name)
             for path in spool.finish_interrupted_claims():
-                logger.info("{} was claimed by an interrupted run: its second name in inbox/ went (one file, in sending/)",
-                            spool.relative(path))
+                logger.info("{} was claimed by an interrupted run: its second name in inbox/ went (one file, "
+                            "in sending/)", spool.relative(path))
             if spool.root not in self._unpacks_resumed:
                 self._resume_unpacks(spool)
         if not self.config.delivery.enabled:
