@@ -273,6 +273,12 @@ class Spool:
         wanted = dest
         if before is not None:  # the sidecar is written into the destination folder first
             wanted = self._make_parent(wanted)
+            if _same_file(src, wanted):  # a link-fallback move killed after its link: finish it, one failure
+                before(wanted)
+                os.unlink(src)
+                if sync:
+                    fsync_dir(wanted.parent)
+                return wanted
         for attempt in range(1000):
             # Without a sidecar, try the name itself first: renameat2 refuses a taken name, and the free
             # name is the common case. After a clash, or with a sidecar to place, probe for a free name.

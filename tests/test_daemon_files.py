@@ -462,3 +462,20 @@ def test_a_claim_killed_between_its_link_and_its_unlink_is_finished_at_start_not
         assert count(spool, "sent") == 1 and pacs.received(sop) == 1 and count(spool, "inbox") == 0
     finally:
         daemon.shutdown(timeout=5)
+
+
+def test_a_move_to_failed_killed_between_its_link_and_its_unlink_leaves_one_failure(tmp_path, monkeypatch):
+    """Killed after the link fallback made failed/bad.dcm (its sidecar beside it) but before sending/bad.dcm
+    went: the next run failed it again beside itself, bad~1.dcm, one file shown as two failures."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.sending / "bad.dcm").write_bytes(b"not dicom at all" * 20)
+    write_sidecar(spool.failed / "bad.dcm", {"reason": "not DICOM", "stage": "validation"})
+    os.link(spool.sending / "bad.dcm", spool.failed / "bad.dcm")  # what the killed run left
+    assert _run(daemon, lambda: count(spool, "sending") == 0)
+    assert [p.name for p in spool.files("failed")] == ["bad.dcm"] and read_sidecar(spool.failed / "bad.dcm")
+    assert os.stat(spool.failed / "bad.dcm").st_nlink == 1
+    assert sorted(p.name for p in spool.failed.iterdir()) == ["bad.dcm", "bad.dcm" + SIDECAR_SUFFIX]
