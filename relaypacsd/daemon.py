@@ -90,7 +90,9 @@ class Daemon:
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
         # Folders a claim or a move out of sending/ may have emptied: removed at the next sweep (`_prune`).
-        self._emptied: set[tuple[Spool, Path]] = set()
+        # -> since when (monotonic): their mtime alone would make one emptied just now look old after the
+        # clock steps forward.
+        self._emptied: dict[tuple[Spool, Path], float] = {}
         self._emptied_lock = threading.Lock()
         self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
         self._missing_failed: set[str] = set()  # rows under failed/ whose file was missing at the last look
@@ -127,7 +129,7 @@ class Daemon:
             # quiet go in _recover below, the others at a later sweep (`_prune` keeps them queued).
             for folder in ("inbox", "sending"):
                 for empty in spool.empty_folders(folder):
-                    self._may_be_empty(spool, empty)
+                    self._may_be_empty(spool, empty, since=float("-inf"))  # their mtime says since when
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -379,16 +381,21 @@ class Daemon:
                 self._may_be_empty(spool, path.parent)
         return moved
 
-    def _may_be_empty(self, spool: Spool, folder: Path) -> None:
+    def _may_be_empty(self, spool: Spool, folder: Path, since: float | None = None) -> None:
+        since = time.monotonic() if since is None else since
         with self._emptied_lock:
-            self._emptied.add((spool, folder))
+            self._emptied[(spool, folder)] = max(since, self._emptied.get((spool, folder), since))
 
     def _prune(self) -> None:
         """Remove the study folders that claims and moves emptied, once untouched for FOLDER_QUIET: a writer
         that has just made a folder, or paused between its files, is about to put a file there."""
         with self._emptied_lock:
-            candidates, self._emptied = self._emptied, set()
-        for spool, folder in candidates:
+            candidates, self._emptied = self._emptied, {}
+        now = time.monotonic()
+        for (spool, folder), since in candidates.items():
+            if now - since < self._folder_quiet(spool):
+                self._may_be_empty(spool, folder, since)  # emptied by this run too recently, whatever its mtime
+                continue
             removed = spool.prune(folder, self._folder_quiet(spool))
             left = folder.parents[removed - 1] if removed else folder  # where it stopped
             try:

@@ -593,3 +593,22 @@ def test_a_stop_that_comes_as_an_idle_scanner_starts_its_look_ends_it_at_once(tm
     finally:
         watcher.arrived.set()
         daemon.journal.close()
+
+
+def test_a_folder_emptied_just_before_the_clock_steps_forward_is_kept(tmp_path, monkeypatch):
+    """Emptied folders go once untouched for 60 s, judged by their mtime (wall time): stepped forward an hour,
+    a folder a claim emptied a second ago looked an hour old, and the sweep the step runs at once removed it
+    under a writer pausing between the files of its study."""
+    clock = _SteppableClock(monkeypatch)
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    study = spool.inbox / "study"
+    study.mkdir()  # a claim has just emptied it; the writer's next file comes in a moment
+    daemon._may_be_empty(spool, study)
+    clock.offset += 3600.0  # NTP steps the clock forward an hour
+    try:
+        daemon._prune()
+        assert study.is_dir()
+    finally:
+        daemon.journal.close()
