@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from relaypacsd.errors import InvalidDicomError, RelayPacsError
-from relaypacsd.spool import Spool, fsync_dir, rename_noreplace, sync_dirs
+from relaypacsd.spool import Spool, _same_file, fsync_dir, rename_noreplace, sync_dirs
 
 ZIP_MAGIC = b"PK\x03\x04"
 TEMP_PREFIX = ".relaypacs-unzip-"
@@ -197,6 +197,10 @@ def _write_manifest(tmp: Path, zip_rel: Path) -> None:
 def _finish_unpack(spool: Spool, tmp: Path) -> list[Path]:
     """Move a committed unpack's members to sending/<folder>/ (one rename each), then its zip to sent/."""
     zip_rel = Path(json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))["zip"])
+    if _same_file(spool.sending / zip_rel, tmp / SOURCE):
+        # A commit by the link fallback (NFS) killed before its unlink: the zip must leave sending/ now, or
+        # recovery unpacks it again and every member is sent twice.
+        os.unlink(spool.sending / zip_rel)
     folder = zip_rel.with_suffix("") if zip_rel.suffix.lower() == ".zip" else zip_rel.with_name(zip_rel.name + ".unzipped")
     n = 0
     while os.path.lexists(spool.sending / folder) and not (spool.sending / folder).is_dir():

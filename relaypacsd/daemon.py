@@ -90,7 +90,9 @@ class Daemon:
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
         # Folders a claim or a move out of sending/ may have emptied: removed at the next sweep (`_prune`).
-        self._emptied: set[tuple[Spool, Path]] = set()
+        # -> since when (monotonic): their mtime alone would make one emptied just now look old after the
+        # clock steps forward.
+        self._emptied: dict[tuple[Spool, Path], float] = {}
         self._emptied_lock = threading.Lock()
         self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
         self._missing_failed: set[str] = set()  # rows under failed/ whose file was missing at the last look
@@ -111,6 +113,9 @@ class Daemon:
             spool.prepare()
             for path in spool.clean_after_crash():
                 logger.info("removed {} left in failed/ by an interrupted run", path.name)
+            for path in spool.finish_interrupted_claims():
+                logger.info("{} was claimed by an interrupted run: its second name in inbox/ went (one file, "
+                            "in sending/)", spool.relative(path))
             if spool.root not in self._unpacks_resumed:
                 self._resume_unpacks(spool)
         if not self.config.delivery.enabled:
@@ -120,9 +125,11 @@ class Daemon:
             logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
         for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
             self._settle_journal(spool)
-            # Empty study folders an earlier run left (each also costs an inotify watch).
+            # Empty study folders an earlier run (or generation) left (each also costs an inotify watch): those
+            # quiet go in _recover below, the others at a later sweep (`_prune` keeps them queued).
             for folder in ("inbox", "sending"):
-                spool.prune_tree(folder, self._folder_quiet(spool))
+                for empty in spool.empty_folders(folder):
+                    self._may_be_empty(spool, empty, since=float("-inf"))  # their mtime says since when
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -336,6 +343,8 @@ class Daemon:
         assert arrived is not None
         while not stop.is_set():
             arrived.clear()  # before the look: an event during it makes the next look come at once
+            if stop.is_set():  # set since the loop's check: the wake that came with it was just cleared
+                return
             try:
                 ready = watcher.tick()
                 # Claim in small groups: one fsync per directory and group, before anything is sent,
@@ -372,16 +381,21 @@ class Daemon:
                 self._may_be_empty(spool, path.parent)
         return moved
 
-    def _may_be_empty(self, spool: Spool, folder: Path) -> None:
+    def _may_be_empty(self, spool: Spool, folder: Path, since: float | None = None) -> None:
+        since = time.monotonic() if since is None else since
         with self._emptied_lock:
-            self._emptied.add((spool, folder))
+            self._emptied[(spool, folder)] = max(since, self._emptied.get((spool, folder), since))
 
     def _prune(self) -> None:
         """Remove the study folders that claims and moves emptied, once untouched for FOLDER_QUIET: a writer
         that has just made a folder, or paused between its files, is about to put a file there."""
         with self._emptied_lock:
-            candidates, self._emptied = self._emptied, set()
-        for spool, folder in candidates:
+            candidates, self._emptied = self._emptied, {}
+        now = time.monotonic()
+        for (spool, folder), since in candidates.items():
+            if now - since < self._folder_quiet(spool):
+                self._may_be_empty(spool, folder, since)  # emptied by this run too recently, whatever its mtime
+                continue
             removed = spool.prune(folder, self._folder_quiet(spool))
             left = folder.parents[removed - 1] if removed else folder  # where it stopped
             try:
@@ -432,14 +446,15 @@ class Daemon:
             named = rel.with_name(unclashed(rel.name))  # under that name or any ~N of it (a killed `retry`)
             # A failed file of this instance that has no rows of its own yet (rows there of another instance
             # are a deleted file's, whose name was reused).
-            same = [f for f in namesakes.of(spool.failed / named) if (read_sidecar(f) or {}).get("sop_instance_uid") == sop]
+            same = [f for f in _namesakes(namesakes, spool, spool.failed / named)
+                    if (read_sidecar(f) or {}).get("sop_instance_uid") == sop]
             failed = [f for f in same if self.journal.sop_of(str(f)) != sop]
             if failed:
                 self.journal.rename(key, str(failed[0]))
                 logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
             elif same:  # a copy a killed `retry` left ahead of the file, which still holds its own rows
                 self.journal.forget(key)
-            elif any(dicomfile.sop_instance_uid(f) == sop for f in namesakes.of(spool.sent / named)):
+            elif any(dicomfile.sop_instance_uid(f) == sop for f in _namesakes(namesakes, spool, spool.sent / named)):
                 self.journal.forget(key)
                 logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
 
@@ -467,6 +482,8 @@ class Daemon:
                 logger.warning("{} in sending/ has a name that is not valid UTF-8: renamed {}",
                                printable(rel), spool.relative(renamed))
                 self._queue_intake(spool, renamed)
+                if renamed.parent != path.parent:
+                    self._may_be_empty(spool, path.parent)
             return
         if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
             try:
@@ -653,3 +670,10 @@ class Daemon:
             os.replace(tmp, self.state_dir / HEARTBEAT_FILE)
         except OSError as exc:
             logger.warning("cannot write heartbeat in {}: {}", self.state_dir, exc)
+
+
+def _namesakes(namesakes: Namesakes, spool: Spool, path: Path) -> list[Path]:
+    """`namesakes.of(path)`, and of where a move there went when a file held one of its folders' names
+    (failed/CT1 a file: failed/CT1~1/IM0001.dcm)."""
+    free = spool._free_folders(path)
+    return namesakes.of(path) + (namesakes.of(free) if free != path else [])

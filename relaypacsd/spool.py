@@ -83,6 +83,11 @@ def _link_noreplace(src: Path, dst: Path) -> None:
         os.unlink(src)
     except FileNotFoundError:  # a retried NFS UNLINK that had already succeeded
         pass
+    except OSError:
+        # link(2) needs no write access to src's folder, unlink(2) does: undo the link, or the file would
+        # stand in two folders (sent from one, claimed again from the other, for ever).
+        os.unlink(dst)
+        raise
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -206,6 +211,20 @@ class Spool:
                         pass
         return removed
 
+    def finish_interrupted_claims(self) -> list[Path]:
+        """At start-up: a claim by the link fallback (`_link_noreplace`) killed between its link and its unlink
+        left one file under two names, inbox/ and sending/; its inbox/ name goes now, or it is sent twice."""
+        removed = []
+        for path in self.files("sending"):
+            twin = self.inbox / self.relative(path)
+            try:
+                if os.lstat(path).st_nlink > 1 and _same_file(path, twin):
+                    os.unlink(twin)
+                    removed.append(twin)
+            except OSError:  # gone meanwhile, or a folder we may not write: the claim sorts it out later
+                continue
+        return removed
+
     def files(self, folder: str) -> Iterator[Path]:
         """Regular files below a folder (recursively), sidecars and temp files excluded."""
         base = self.root / folder
@@ -254,6 +273,12 @@ class Spool:
         wanted = dest
         if before is not None:  # the sidecar is written into the destination folder first
             wanted = self._make_parent(wanted)
+            if _same_file(src, wanted):  # a link-fallback move killed after its link: finish it, one failure
+                before(wanted)
+                os.unlink(src)
+                if sync:
+                    fsync_dir(wanted.parent)
+                return wanted
         for attempt in range(1000):
             # Without a sidecar, try the name itself first: renameat2 refuses a taken name, and the free
             # name is the common case. After a clash, or with a sidecar to place, probe for a free name.
@@ -334,13 +359,10 @@ class Spool:
             pass
         return removed
 
-    def prune_tree(self, folder: str, min_age: float) -> int:
-        """Remove every empty folder below one of the four folders (at start-up: those earlier runs left)."""
-        removed = 0
-        for dirpath, dirnames, filenames in os.walk(self.root / folder, topdown=False):
-            if not dirnames and not filenames and Path(dirpath) != self.root / folder:
-                removed += self.prune(Path(dirpath), min_age)
-        return removed
+    def empty_folders(self, folder: str) -> list[Path]:
+        """Every empty folder below one of the four folders (at start-up: those earlier runs left), deepest first."""
+        return [Path(dirpath) for dirpath, dirnames, filenames in os.walk(self.root / folder, topdown=False)
+                if not dirnames and not filenames and Path(dirpath) != self.root / folder]
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:
@@ -476,4 +498,14 @@ class Namesakes:
             for name in names:  # under its own name too: a modality may name a file scan~5.dcm itself
                 for key in {name, unclashed(name)}:
                     index.setdefault(key, []).append(path.parent / name)
-        return sorted(index.get(path.name, []))
+        found = set(index.get(path.name, []))
+        if clashed(path, 1).name != f"{path.stem}~1{path.suffix}":
+            # Long enough for its ~N names (and its name in failed/) to be cut: those unclashed is blind to.
+            found.update(p for paths in index.values() for p in paths if _cut_from(p.name, path.name))
+        return sorted(found)
+
+
+def _cut_from(name: str, full: str) -> bool:
+    """True when `name` is `full` cut by `fit_name` (failed/, or a clash's ~N name)."""
+    stem = Path(unclashed(name)).stem
+    return fit_name(Path(full).stem, name[len(stem):]) == name

@@ -315,6 +315,8 @@ class InboxWatcher:
     def _unreadable(self, exc: OSError) -> None:
         """A folder the walk cannot list: its files would wait unseen, so say so (once per folder)."""
         folder = exc.filename or str(self.inbox)
+        if isinstance(exc, FileNotFoundError) and folder != str(self.inbox):
+            return  # a folder gone since its event (made, then renamed at once): nothing waits in it
         if folder not in self._warned:
             self._warned.add(folder)
             logger.error("watch {}: cannot list {} ({}): files in it are not forwarded; give the service user "

@@ -165,6 +165,32 @@ def test_killed_at_any_rename_of_an_unpack_each_member_reaches_sending_once(tmp_
     assert not list(spool.root.glob(".relaypacs-unzip-*"))
 
 
+def test_a_commit_by_the_link_fallback_killed_before_its_unlink_unpacks_once(tmp_path, monkeypatch):
+    """On NFS the commit rename is link(2) then unlink(2): killed in between, the zip is both in the temp folder
+    (committed) and in sending/. Start-up finished the unpack, then recovery unpacked the zip again: every
+    member twice."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    members = {}
+    for name in ("a.dcm", "s1/b.dcm"):
+        write_instance(tmp_path / "m" / name)
+        members[f"study/{name}"] = (tmp_path / "m" / name).read_bytes()
+    z = _zip(spool.sending / "study.zip", {k.removeprefix("study/"): v for k, v in members.items()})
+    tmp = spool.root / f"{archive.TEMP_PREFIX}killed"  # what the killed unpack left
+    (tmp / "members").mkdir(parents=True)
+    unpack(z, tmp / "members")
+    archive._write_manifest(tmp, spool.relative(z))
+    os.link(z, tmp / archive.SOURCE)
+    resume_unpacks(spool)  # what start-up does
+    if z.exists():  # what recovery of sending/ does
+        unpack_to_sending(spool, z)
+    got = {str(spool.relative(p)): p.read_bytes() for p in spool.files("sending")}
+    assert got == members  # each exactly once
+    assert [p.name for p in spool.files("sent")] == ["study.zip"] and not z.exists()
+    assert not list(spool.root.glob(".relaypacs-unzip-*"))
+
+
 def test_two_unpacks_of_one_zip_commit_once(tmp_path, monkeypatch):
     """A reload whose wait for a long unpack ran out starts a second unpack of the same zip."""
     spool = Spool(tmp_path / "root")

@@ -17,7 +17,7 @@ from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Journal, Update
-from relaypacsd.spool import Spool, read_sidecar, sidecar_path, write_sidecar
+from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
 from tests.test_delivery import ScriptedPacs, count, gated, wait_until
 
@@ -519,3 +519,96 @@ def test_an_idle_daemon_does_not_wake_its_threads(tmp_path):
     finally:
         daemon.shutdown(timeout=5)
     assert not any(t.is_alive() for t in daemon._threads)  # the stop woke them too
+
+
+def _killed_run_failed(daemon, spool, rel, failed_at):
+    """What a run killed between a file's move to failed/ and its journal update leaves: the file and its
+    sidecar at `failed_at`, its rows (one PACS confirmed it) still under sending/`rel`."""
+    sop = write_instance(failed_at)
+    write_sidecar(failed_at, {"reason": "refused", "sop_instance_uid": sop})
+    key = str(spool.sending / rel)
+    daemon.journal.ensure(key, ["orthanc", "other"], sop=sop)
+    daemon.journal.apply([Update(key, "other", "delivered", "delivered")])
+    return key
+
+
+def test_start_follows_rows_to_a_failed_file_whose_name_was_cut(tmp_path):
+    """A name over NAME_MAX less the sidecar suffix is cut on its way to failed/ (its ~N clash names too):
+    the settling at start-up must still find it, or a retry sends it again to the PACS that confirmed it."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    name = "a" * 246 + ".dcm"  # fits in sending/, its sidecar would not in failed/
+    cut = spool.failed / fit_name("a" * 246, ".dcm")
+    key = _killed_run_failed(daemon, spool, name, cut)
+    other = "b" * 246 + ".dcm"  # and one that clashed there too: b...~1.dcm, cut further
+    write_instance(spool.failed / fit_name("b" * 246, ".dcm"))
+    clash = clashed(spool.failed / fit_name("b" * 246, ".dcm"), 1)
+    key2 = _killed_run_failed(daemon, spool, other, clash)
+    daemon._settle_journal(spool)
+    try:
+        assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(cut))["other"].state == "delivered"
+        assert daemon.journal.rows(key2) == {} and daemon.journal.rows(str(clash))["other"].state == "delivered"
+    finally:
+        daemon.journal.close()
+
+
+def test_start_follows_rows_to_a_failed_file_whose_folder_got_a_free_name(tmp_path):
+    """failed/CT1 is a file, so a killed run moved sending/CT1/IM0001.dcm to failed/CT1~1/IM0001.dcm."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.failed / "CT1").write_bytes(b"an old failure")
+    moved = spool.failed / "CT1~1" / "IM0001.dcm"
+    key = _killed_run_failed(daemon, spool, "CT1/IM0001.dcm", moved)
+    daemon._settle_journal(spool)
+    try:
+        assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(moved))["other"].state == "delivered"
+    finally:
+        daemon.journal.close()
+
+
+def test_a_stop_that_comes_as_an_idle_scanner_starts_its_look_ends_it_at_once(tmp_path):
+    """_stop_pieces sets the stop, then wakes the scanner (`arrived`); landing between the scanner's look at
+    the stop and its clear of `arrived`, the wake was lost and the idle scanner slept until the next rescan
+    (an hour here): the stop waited for it, and the old generation's scanner outlived a reload."""
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool, watcher = daemon.spools[0], daemon.watchers[0]
+    spool.prepare()
+    stop = threading.Event()
+
+    class Racing(threading.Event):
+        def clear(self):
+            if not stop.is_set():  # the scanner has just seen no stop: _stop_pieces runs now
+                stop.set()
+                self.set()
+            super().clear()
+
+    watcher.arrived = Racing()
+    scanner = threading.Thread(target=daemon._scanner, args=(spool, watcher, stop), daemon=True)
+    scanner.start()
+    scanner.join(3)
+    try:
+        assert not scanner.is_alive()
+    finally:
+        watcher.arrived.set()
+        daemon.journal.close()
+
+
+def test_a_folder_emptied_just_before_the_clock_steps_forward_is_kept(tmp_path, monkeypatch):
+    """Emptied folders go once untouched for 60 s, judged by their mtime (wall time): stepped forward an hour,
+    a folder a claim emptied a second ago looked an hour old, and the sweep the step runs at once removed it
+    under a writer pausing between the files of its study."""
+    clock = _SteppableClock(monkeypatch)
+    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    study = spool.inbox / "study"
+    study.mkdir()  # a claim has just emptied it; the writer's next file comes in a moment
+    daemon._may_be_empty(spool, study)
+    clock.offset += 3600.0  # NTP steps the clock forward an hour
+    try:
+        daemon._prune()
+        assert study.is_dir()
+    finally:
+        daemon.journal.close()

@@ -218,6 +218,32 @@ def test_whole_daemon_on_the_fallback_rename_delivers_and_never_overwrites(tmp_p
     assert pacs.received(sop) == 1
 
 
+def test_a_fallback_move_whose_old_name_cannot_go_leaves_the_file_in_one_folder(tmp_path, monkeypatch):
+    """link(2) needs no write access to the folder the file leaves, unlink(2) does (a modality's folder the
+    service user may read only): the link made sending/img.dcm, the unlink failed, and the file stood in both
+    folders: sent from sending/ by the sweep, linked again at the next rescan, and sent again, for ever."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    path = spool.inbox / "S1" / "img.dcm"
+    write_instance(path)
+    real_unlink = os.unlink
+
+    def refused(p, *args, **kwargs):
+        if str(p).startswith(str(spool.inbox)):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_unlink(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    try:
+        assert daemon._claim(spool, path) is None  # logged, and left in inbox/ for the next rescan
+        assert path.exists() and count(spool, "sending") == 0 and os.stat(path).st_nlink == 1
+    finally:
+        daemon.journal.close()
+
+
 # -- item 3: a file changed or deleted in sending/ after validation -----------------------------------------
 
 
@@ -369,3 +395,87 @@ def test_a_validation_refusal_says_validation_not_pacs_forward(tmp_path):
     assert len(refusals) == 2 and not [line for line in lines if "PACS forward" in line], lines
     assert refusals[0].startswith("validation refused bad.dcm: ") and "(moved to failed/bad.dcm)" in refusals[0]
     assert refusals[1].startswith("validation refused archive bad.zip: ") and "(moved to failed/bad.zip)" in refusals[1]
+
+
+def test_folders_emptied_just_before_a_start_or_reload_still_go_once_quiet(tmp_path, monkeypatch):
+    """Start-up removes the empty folders that are quiet already; one emptied just before (a restart, a reload
+    right after a study was claimed) must go at a later sweep, not stay until the next restart."""
+    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.5)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.inbox / "young").mkdir()  # emptied by the previous run a moment ago
+    daemon.start()
+    try:
+        write_instance(spool.inbox / "study" / "img.dcm")
+        assert wait_until(lambda: count(spool, "sent") == 1)
+        daemon._stop_pieces(timeout=5)  # what reload() does, at once after the claim
+        daemon._build(daemon.config)
+        daemon.start()
+        assert (spool.inbox / "young").is_dir() and (spool.inbox / "study").is_dir()  # not quiet yet: kept
+        time.sleep(0.7)
+        daemon._recover()  # a sweep
+        assert not (spool.inbox / "young").exists() and not any(spool.inbox.iterdir())
+        assert not any(spool.sending.iterdir())
+    finally:
+        daemon.shutdown(timeout=5)
+
+
+def test_the_folder_a_non_utf8_name_leaves_in_sending_goes_once_quiet(tmp_path, monkeypatch):
+    """A file an older run left in sending/CT\\xe9/ is renamed to sending/CTé/ at validation: the folder it
+    leaves is emptied like one a claim or a delivery empties, and must go too."""
+    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.1)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    old = Path(os.fsdecode(os.fsencode(spool.sending) + b"/CT\xe9/old.dcm"))
+    write_instance(old)
+    daemon.start()
+    try:
+        assert wait_until(lambda: count(spool, "sent") == 1)
+        time.sleep(0.2)
+        for _ in range(2):  # sweeps
+            daemon._recover()
+            time.sleep(0.15)
+        assert not any(spool.sending.iterdir())
+    finally:
+        daemon.shutdown(timeout=5)
+
+
+def test_a_claim_killed_between_its_link_and_its_unlink_is_finished_at_start_not_sent_twice(tmp_path, monkeypatch):
+    """The link fallback (NFS) moves by link(2) then unlink(2): killed in between, one file has two names,
+    inbox/ and sending/. Start-up sent the one in sending/, then claimed the other and sent it again."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    sop = write_instance(spool.sending / "S1" / "img.dcm")
+    (spool.inbox / "S1").mkdir()
+    os.link(spool.sending / "S1" / "img.dcm", spool.inbox / "S1" / "img.dcm")  # what the killed claim left
+    daemon.start()
+    try:
+        assert wait_until(lambda: count(spool, "sent") == 1)
+        time.sleep(1.0)  # settle 0.1 s: a claim of the inbox/ name would have been sent by now
+        assert count(spool, "sent") == 1 and pacs.received(sop) == 1 and count(spool, "inbox") == 0
+    finally:
+        daemon.shutdown(timeout=5)
+
+
+def test_a_move_to_failed_killed_between_its_link_and_its_unlink_leaves_one_failure(tmp_path, monkeypatch):
+    """Killed after the link fallback made failed/bad.dcm (its sidecar beside it) but before sending/bad.dcm
+    went: the next run failed it again beside itself, bad~1.dcm, one file shown as two failures."""
+    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.sending / "bad.dcm").write_bytes(b"not dicom at all" * 20)
+    write_sidecar(spool.failed / "bad.dcm", {"reason": "not DICOM", "stage": "validation"})
+    os.link(spool.sending / "bad.dcm", spool.failed / "bad.dcm")  # what the killed run left
+    assert _run(daemon, lambda: count(spool, "sending") == 0)
+    assert [p.name for p in spool.files("failed")] == ["bad.dcm"] and read_sidecar(spool.failed / "bad.dcm")
+    assert os.stat(spool.failed / "bad.dcm").st_nlink == 1
+    assert sorted(p.name for p in spool.failed.iterdir()) == ["bad.dcm", "bad.dcm" + SIDECAR_SUFFIX]

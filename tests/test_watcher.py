@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from loguru import logger
-from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
+from watchdog.events import DirCreatedEvent, FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent
 
 from relaypacsd.config import WatchConfig
 from relaypacsd.watcher import InboxWatcher, _Handler, choose_observer, filesystem_type, is_ignored
@@ -331,3 +331,19 @@ def test_an_idle_scanner_sleeps_until_the_rescan_and_a_first_write_wakes_it(tmp_
             assert not arrived.is_set()  # not idle: a write does not wake it (it ticks anyway)
     finally:
         w.stop()
+
+
+def test_a_folder_gone_before_its_event_is_handled_is_not_reported_unreadable(tmp_path):
+    """Windows' "New folder" is created, then renamed at once: the walk of the created one found it gone and
+    logged an ERROR telling the technician to fix permissions."""
+    w = make(tmp_path)
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{message}", level="WARNING")
+    try:
+        (w.inbox / "New folder").mkdir()
+        _Handler(w._events).dispatch(DirCreatedEvent(str(w.inbox / "New folder")))
+        (w.inbox / "New folder").rename(w.inbox / "CT1")
+        w.tick(now=1.0)
+    finally:
+        logger.remove(sink)
+    assert lines == []
