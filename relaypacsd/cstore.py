@@ -24,8 +24,8 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relaypacsd.config import PacsConfig
-from relaypacsd.dicomweb import PartChanged, StowPart
-from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
+from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, PartChanged
+from relaypacsd.models import Part
 from relaypacsd.outcomes import (NOT_AUTHORIZED, NOT_AUTHORIZED_FIX, InstanceResult, Outcome, classify_reason,
                                  describe_reason)
 
@@ -132,7 +132,7 @@ class CStoreSender:
 
     # -- Sender protocol ---------------------------------------------------------------------------
 
-    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
+    def send(self, parts: list[Part]) -> tuple[list[InstanceResult], int | None]:
         """C-STORE every part over one association; one result per part, in order."""
         if not parts:
             raise ValueError("send() needs at least one part")
@@ -168,7 +168,7 @@ class CStoreSender:
                 assoc.release()
         return results, None
 
-    def _store_one(self, assoc: Any, part: StowPart, msg_id: int) -> InstanceResult:
+    def _store_one(self, assoc: Any, part: Part, msg_id: int) -> InstanceResult:
         try:
             ds = pydicom.dcmread(part.path)
         except OSError as exc:

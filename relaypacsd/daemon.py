@@ -20,10 +20,11 @@ from loguru import logger
 
 from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
-from relaypacsd.delivery import Engine, Item, Sender
+from relaypacsd.delivery import Engine, Item
 from relaypacsd.destinations import build_sender
 from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
+from relaypacsd.models import Sender
 from relaypacsd.notify import Notifier
 from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
                               valid_path)

@@ -10,15 +10,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 from loguru import logger
 
 from relaypacsd.config import Config, PacsConfig
 from relaypacsd.dicomfile import DicomInfo
-from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
 from relaypacsd.journal import DeliveryRow, Journal, KnownInstance, Update, _iso
+from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 from relaypacsd.spool import Spool, now_iso, sync_dirs
 
@@ -26,19 +26,6 @@ from relaypacsd.spool import Spool, now_iso, sync_dirs
 LIMITED_MAX_DELIVERIES = 3
 DELIVERED = (Outcome.DELIVERED, Outcome.DUPLICATE)
 BATCH_LINGER = 0.05  # seconds a worker waits for a short batch to fill
-
-
-class Sender(Protocol):
-    """What the pipeline needs from a destination, whatever the protocol (STOW-RS, C-STORE)."""
-
-    name: str
-    target: str  # the URL or host:port shown in logs
-
-    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
-        """Store the parts; return one result per part and the HTTP status (None for DIMSE)."""
-
-    def probe(self) -> None:
-        """Raise PacsError unless the destination answers and accepts our credentials."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +56,8 @@ class Item:
     conflicts: dict[str, dict[str, object]] = field(default_factory=dict)  # per destination, for the sidecar
 
     @property
-    def part(self) -> StowPart:
-        return StowPart(path=self.path, sop_uid=self.info.sop_instance_uid, size=self.info.size)
+    def part(self) -> Part:
+        return Part(path=self.path, sop_uid=self.info.sop_instance_uid, size=self.info.size)
 
 
 class Destination:
@@ -357,13 +344,13 @@ class Engine:
         by_part = {item.part: item for item in batch}
         went_down: list[tuple[str, float]] = []
 
-        def on_attempt(parts: list[StowPart], results: list[InstanceResult], status: int | None, ms: float,
+        def on_attempt(parts: list[Part], results: list[InstanceResult], status: int | None, ms: float,
                        attempt: int, down: str | None) -> None:
             if down is not None:
                 went_down.append((down, time.monotonic() - ms / 1000))
             self._log_batch(dest, [by_part[p] for p in parts], results, status, ms, attempt)
 
-        def on_results(parts: list[StowPart], results: list[InstanceResult]) -> None:
+        def on_results(parts: list[Part], results: list[InstanceResult]) -> None:
             pairs = [(by_part[p], r) for p, r in zip(parts, results)]
             for item, result in pairs:
                 if isinstance(result, Changed):
@@ -710,11 +697,11 @@ class _UidChecked:
     """A destination's sender whose answers are checked for UID conflicts before anything logs or records them:
     a PACS's "stored" for other content under a known UID is never reported as delivered."""
 
-    def __init__(self, engine: Engine, dest: Destination, by_part: dict[StowPart, Item]):
+    def __init__(self, engine: Engine, dest: Destination, by_part: dict[Part, Item]):
         self.engine, self.dest, self.by_part = engine, dest, by_part
         self.name, self.target = dest.sender.name, dest.sender.target
 
-    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
+    def send(self, parts: list[Part]) -> tuple[list[InstanceResult], int | None]:
         results, status = self.dest.sender.send(parts)
         return self.engine.check_uids(self.dest, [self.by_part[p] for p in parts], results), status
 
@@ -761,7 +748,7 @@ def _detail(result: InstanceResult) -> str:
 # -- one-shot delivery (relaypacsd send) ---------------------------------------------------------------
 
 
-def send_safely(sender: Sender, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None, str | None]:
+def send_safely(sender: Sender, parts: list[Part]) -> tuple[list[InstanceResult], int | None, str | None]:
     """One request: results per part, HTTP status, and the reason the destination is down (or None)."""
     uids = [p.sop_uid for p in parts]
     try:
@@ -779,7 +766,7 @@ def send_safely(sender: Sender, parts: list[StowPart]) -> tuple[list[InstanceRes
     return results, status, (problem.reason if problem else None)
 
 
-def _file_trouble(parts: list[StowPart], exc: Exception) -> list[InstanceResult]:
+def _file_trouble(parts: list[Part], exc: Exception) -> list[InstanceResult]:
     """A file of the request could not be read: those changed or gone since validation are Changed (one stat
     each, only on this error path); the others were not sent and wait as transient."""
     out: list[InstanceResult | None] = []
@@ -803,21 +790,21 @@ def _file_trouble(parts: list[StowPart], exc: Exception) -> list[InstanceResult]
     return [r or InstanceResult(p.sop_uid, Outcome.TRANSIENT, None, None, why) for p, r in zip(parts, out)]
 
 
-AttemptHook = Callable[[list[StowPart], list[InstanceResult], "int | None", float, int, "str | None"], None]
+AttemptHook = Callable[[list[Part], list[InstanceResult], "int | None", float, int, "str | None"], None]
 
 
-def deliver_parts(sender: Sender, parts: list[StowPart], attempts: int, delay: float,
+def deliver_parts(sender: Sender, parts: list[Part], attempts: int, delay: float,
                   sleep: Callable[[float], object] = time.sleep,
-                  on_results: Callable[[list[StowPart], list[InstanceResult]], None] | None = None,
+                  on_results: Callable[[list[Part], list[InstanceResult]], None] | None = None,
                   *, on_attempt: AttemptHook | None = None, may_retry: Callable[[], bool] = lambda: True,
-                  ) -> dict[StowPart, InstanceResult]:
+                  ) -> dict[Part, InstanceResult]:
     """Deliver one batch: quick retries for transient/limited outcomes (delay doubling), whole-batch failures
     split in halves down to one file; a destination problem stops the retries. The daemon and `send` share it.
 
     `sleep` returning True means "stop now": what still waits is settled as transient. `on_attempt` sees every
     request (parts, results, HTTP status, ms, attempt, down-reason); `on_results` every settled group.
     """
-    final: dict[StowPart, InstanceResult] = {}
+    final: dict[Part, InstanceResult] = {}
     todo, attempt = list(parts), 0
     while todo:
         attempt += 1
@@ -825,9 +812,9 @@ def deliver_parts(sender: Sender, parts: list[StowPart], attempts: int, delay: f
         results, status, down = send_safely(sender, todo)
         if on_attempt:
             on_attempt(todo, results, status, _ms(started), attempt, down)
-        retry: list[StowPart] = []
-        split: list[StowPart] = []
-        settled: list[tuple[StowPart, InstanceResult]] = []
+        retry: list[Part] = []
+        split: list[Part] = []
+        settled: list[tuple[Part, InstanceResult]] = []
         go_on = may_retry()  # stopping, or the PACS is down: no further request for this batch
         for part, result in zip(todo, results):
             if result.outcome is Outcome.SPLIT and go_on:

@@ -7,10 +7,10 @@ import threading
 from loguru import logger
 
 from relaypacsd.config import PacsConfig
-from relaypacsd.delivery import Sender
-from relaypacsd.dicomweb import DicomWebClient, StowPart
+from relaypacsd.dicomweb import DicomWebClient
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.http import log_security_warnings, make_auth, make_session, tls_settings
+from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult
 
 
@@ -39,7 +39,7 @@ class DicomWebSender:
             client = self._local.client = DicomWebClient(self.pacs, session=session)
         return client
 
-    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
+    def send(self, parts: list[Part]) -> tuple[list[InstanceResult], int | None]:
         """STOW-RS the parts; one result per part, from the PACS's answer instance by instance."""
         response = self.client.store(parts)
         return response.results, response.http_status
@@ -79,7 +79,7 @@ class FallbackSender:
         self.target = f"{self.stow.target} (fallback {self.cstore.target})"
         self.last_path = ""
 
-    def send(self, parts: list[StowPart]) -> tuple[list[InstanceResult], int | None]:
+    def send(self, parts: list[Part]) -> tuple[list[InstanceResult], int | None]:
         """STOW-RS the batch; on an unusable endpoint, C-STORE the same batch."""
         try:
             results, status = self.stow.send(parts)

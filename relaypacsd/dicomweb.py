@@ -23,8 +23,9 @@ import urllib3
 
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomfile import is_uid
-from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
+from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, PartChanged
 from relaypacsd.http import env_prefix, log_security_warnings, make_session
+from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, reconcile
 
 CHUNK_SIZE = 256 * 1024
@@ -38,24 +39,6 @@ STOW_ANSWER_BASE = 1024 * 1024
 STOW_ANSWER_PER_INSTANCE = 4096
 # Answers to the probe's GET from a server that may let us store though not query (see DicomWebClient.probe).
 _STORE_ONLY = (403, 405)
-
-
-class PartChanged(RelayPacsError):
-    """A file changed size between batching and sending (still being written?): resend it later."""
-
-    def __init__(self, path: Path, expected: int, actual: int):
-        super().__init__(f"{path}: size changed from {expected} to {actual} bytes while sending: "
-                         "is another program still writing it?")
-        self.path = path
-
-
-@dataclass(frozen=True)
-class StowPart:
-    """One file to send: its path, SOPInstanceUID and the size it had when it was batched."""
-
-    path: Path
-    sop_uid: str
-    size: int
 
 
 @dataclass
@@ -72,7 +55,7 @@ class StowBody:
     """A multipart/related body read from disk chunk by chunk; re-iterable (a 401 re-send restarts it)
     and sized, so requests sends Content-Length instead of chunked transfer encoding."""
 
-    def __init__(self, parts: list[StowPart], boundary: str, chunk_size: int = CHUNK_SIZE):
+    def __init__(self, parts: list[Part], boundary: str, chunk_size: int = CHUNK_SIZE):
         self.parts = parts
         self.boundary = boundary
         self.chunk_size = chunk_size
@@ -137,7 +120,7 @@ class DicomWebClient:
 
     # -- STOW-RS ---------------------------------------------------------------------------------
 
-    def store(self, parts: list[StowPart], study_uid: str | None = None) -> StowResponse:
+    def store(self, parts: list[Part], study_uid: str | None = None) -> StowResponse:
         """POST the parts to {base}/studies (or /studies/{study_uid}, then all must belong to it) in one
         request and reconcile the answer per instance."""
         if not parts:

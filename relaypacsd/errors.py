@@ -1,5 +1,9 @@
 """The exceptions of relaypacsd: each message says what a technician can do about it."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class RelayPacsError(Exception):
     """Base of every error relaypacsd raises on purpose."""
@@ -42,3 +46,12 @@ class DestinationProblem(PacsError):
 
     def __init__(self, message: str, *, status: int | None = None):
         super().__init__(message, transient=True, status=status)
+
+
+class PartChanged(RelayPacsError):
+    """A file changed size between batching and sending (still being written?): resend it later."""
+
+    def __init__(self, path: Path, expected: int, actual: int):
+        super().__init__(f"{path}: size changed from {expected} to {actual} bytes while sending: "
+                         "is another program still writing it?")
+        self.path = path

@@ -18,9 +18,9 @@ import relaypacsd.delivery
 from relaypacsd.config import build_config
 from relaypacsd.delivery import Engine, backoff, deliver_parts
 from relaypacsd.dicomfile import inspect
-from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 from relaypacsd.journal import Journal
+from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.spool import Spool, sidecar_path
 from tests.dicomfactory import write_study
@@ -489,7 +489,7 @@ def test_stop_waits_for_the_request_in_flight_unless_told_to_give_up(tmp_path):
 def test_no_split_and_no_retry_once_stopping():
     """Stopping (or a PACS found down) ends a batch after its request in flight: nothing new is sent."""
     pacs = ScriptedPacs("a", lambda uid, n, call: Outcome.SPLIT)
-    parts = [StowPart(path=Path(f"/x/{i}.dcm"), sop_uid=f"1.2.{i}", size=10) for i in range(8)]
+    parts = [Part(path=Path(f"/x/{i}.dcm"), sop_uid=f"1.2.{i}", size=10) for i in range(8)]
     results = deliver_parts(pacs, parts, 3, 0.0, may_retry=lambda: False)
     assert len(pacs.calls) == 1
     assert {r.outcome for r in results.values()} == {Outcome.TRANSIENT}
@@ -782,7 +782,7 @@ def test_a_forward_step_of_the_clock_does_not_expire_a_waiting_file(tmp_path, mo
 def test_a_confirmation_that_comes_back_after_the_file_changed_is_still_remembered_for_its_uid(tmp_path):
     """PACS x confirms the validated bytes while PACS y finds the file rewritten (dropped, validated again): x
     keeps the first version, so the new version's "stored" at x is a UID conflict, never delivered."""
-    from relaypacsd.dicomweb import PartChanged
+    from relaypacsd.errors import PartChanged
 
     x, y = ScriptedPacs("x"), ScriptedPacs("y")
     engine, spool, sops = setup(tmp_path, [x, y], n=1)
@@ -853,7 +853,7 @@ def test_an_answer_for_the_old_version_never_lands_on_the_rows_of_the_new_one(tm
     """x's answer for the validated bytes is being recorded while y drops the rewritten file and the new version
     is submitted under the same name: x's 'delivered' must not become the new version's (after a restart it
     would go to sent/ without x ever confirming it)."""
-    from relaypacsd.dicomweb import PartChanged
+    from relaypacsd.errors import PartChanged
 
     x, y = ScriptedPacs("x"), ScriptedPacs("y")
     engine, spool, sops = setup(tmp_path, [x, y], n=1)

@@ -16,9 +16,11 @@ import requests
 
 from relaypacsd.config import PacsConfig, Secret
 from relaypacsd.destinations import stow_unusable
-from relaypacsd.dicomweb import CHUNK_SIZE, DicomWebClient, PartChanged, StowBody, StowPart, _MultipartWriter
+from relaypacsd.dicomweb import CHUNK_SIZE, DicomWebClient, StowBody, _MultipartWriter
+from relaypacsd.errors import PartChanged
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.http import make_session
+from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from tests.dicomfactory import write_instance, write_study
 from tests.test_http import PASSWORD, Answer, CannedServer, OAuthServer, Received, canned  # noqa: F401
@@ -32,10 +34,10 @@ def cfg(url: str, **kwargs: Any) -> PacsConfig:
     return PacsConfig(name=kwargs.pop("name", "main-pacs"), type=kwargs.pop("type", "dicomweb"), url=url, **kwargs)
 
 
-def part(tmp_path: Path, name: str, data: bytes, uid: str) -> StowPart:
+def part(tmp_path: Path, name: str, data: bytes, uid: str) -> Part:
     p = tmp_path / name
     p.write_bytes(data)
-    return StowPart(p, uid, len(data))
+    return Part(p, uid, len(data))
 
 
 def referenced(*uids: str) -> dict:
@@ -48,14 +50,14 @@ def failed(uid: str, reason: int) -> dict:
 
 
 @pytest.fixture
-def two_parts(tmp_path: Path) -> list[StowPart]:
+def two_parts(tmp_path: Path) -> list[Part]:
     return [part(tmp_path, "a.dcm", b"DICM-A" * 100, UID_A), part(tmp_path, "b.dcm", os.urandom(5000), UID_B)]
 
 
 # -- STOW-RS framing --------------------------------------------------------------------------
 
 
-def test_store_exact_multipart_framing(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_store_exact_multipart_framing(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(200, referenced(UID_A, UID_B))
     resp = DicomWebClient(cfg(canned.url)).store(two_parts)
     assert [r.outcome for r in resp.results] == [Outcome.DELIVERED, Outcome.DELIVERED]
@@ -76,7 +78,7 @@ def test_store_exact_multipart_framing(canned: CannedServer, two_parts: list[Sto
     assert "Transfer-Encoding" not in rec.headers and not rec.chunked
 
 
-def test_store_url_uses_stow_base(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_store_url_uses_stow_base(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(200, referenced(UID_A))
     DicomWebClient(cfg(canned.url, type="orthanc")).store(two_parts[:1])
     DicomWebClient(cfg(canned.url, type="dcm4chee", ae_title="ARCH")).store(two_parts[:1])
@@ -134,12 +136,12 @@ def test_file_size_changed_raises(canned: CannedServer, tmp_path: Path) -> None:
         DicomWebClient(cfg(canned.url)).store([p])
     assert canned.received == []
     # Also when it changes while the request is already streaming.
-    body = StowBody([StowPart(p.path, UID_A, 100)], "B")
+    body = StowBody([Part(p.path, UID_A, 100)], "B")
     with pytest.raises(PartChanged):
         list(body)
 
 
-def test_timeouts_always_passed(canned: CannedServer, two_parts: list[StowPart], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timeouts_always_passed(canned: CannedServer, two_parts: list[Part], monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Any] = []
     real = requests.Session.request
 
@@ -159,21 +161,21 @@ def test_timeouts_always_passed(canned: CannedServer, two_parts: list[StowPart],
 # -- STOW-RS answers --------------------------------------------------------------------------
 
 
-def test_503_is_transient(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_503_is_transient(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(503, b"Busy", headers={"Retry-After": "10"})
     resp = DicomWebClient(cfg(canned.url)).store(two_parts)
     assert resp.http_status == 503 and resp.body is None
     assert [r.outcome for r in resp.results] == [Outcome.TRANSIENT] * 2
 
 
-def test_413_splits_a_batch_and_keeps_a_single_waiting(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_413_splits_a_batch_and_keeps_a_single_waiting(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(413, b"<html>Request Entity Too Large</html>")
     client = DicomWebClient(cfg(canned.url))
     assert [r.outcome for r in client.store(two_parts).results] == [Outcome.SPLIT] * 2
     assert [r.outcome for r in client.store(two_parts[:1]).results] == [Outcome.TRANSIENT]
 
 
-def test_202_with_failed_sop_sequence(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_202_with_failed_sop_sequence(canned: CannedServer, two_parts: list[Part]) -> None:
     body = {**referenced(UID_A), **failed(UID_B, 0xC122)}
     canned.responder = lambda rec: Answer(202, body)
     resp = DicomWebClient(cfg(canned.url)).store(two_parts)
@@ -183,7 +185,7 @@ def test_202_with_failed_sop_sequence(canned: CannedServer, two_parts: list[Stow
     assert resp.body == body
 
 
-def test_202_without_body_and_200_with_junk(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_202_without_body_and_200_with_junk(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(202, b"")
     client = DicomWebClient(cfg(canned.url))
     assert [r.outcome for r in client.store(two_parts[:1]).results] == [Outcome.LIMITED]
@@ -193,7 +195,7 @@ def test_202_without_body_and_200_with_junk(canned: CannedServer, two_parts: lis
         client.store(two_parts)
 
 
-def test_json_without_content_type_is_parsed(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_json_without_content_type_is_parsed(canned: CannedServer, two_parts: list[Part]) -> None:
     import json
 
     canned.responder = lambda rec: Answer(400, json.dumps(referenced(UID_A)).encode())
@@ -201,7 +203,7 @@ def test_json_without_content_type_is_parsed(canned: CannedServer, two_parts: li
     assert [r.outcome for r in resp.results] == [Outcome.DELIVERED, Outcome.SPLIT]
 
 
-def test_slow_read_is_unreachable(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_slow_read_is_unreachable(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(200, referenced(UID_A), delay=1.0)
     with pytest.raises(PacsUnreachable) as info:
         DicomWebClient(cfg(canned.url, read_timeout=0.3)).store(two_parts[:1])
@@ -210,7 +212,7 @@ def test_slow_read_is_unreachable(canned: CannedServer, two_parts: list[StowPart
     assert info.value.transient and info.value.sent  # it took the request: it may have stored the files
 
 
-def test_401_names_pacs_url_and_variables_not_password(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_401_names_pacs_url_and_variables_not_password(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(401, headers={"WWW-Authenticate": 'Basic realm="Orthanc Secure Area"'})
     with pytest.raises(DestinationProblem) as info:
         DicomWebClient(cfg(canned.url)).store(two_parts)
@@ -221,7 +223,7 @@ def test_401_names_pacs_url_and_variables_not_password(canned: CannedServer, two
     assert info.value.status == 401
 
 
-def test_403_mentions_permissions(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_403_mentions_permissions(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(403)
     with pytest.raises(DestinationProblem, match="permission") as info:
         DicomWebClient(cfg(canned.url)).store(two_parts)
@@ -229,7 +231,7 @@ def test_403_mentions_permissions(canned: CannedServer, two_parts: list[StowPart
 
 
 @pytest.mark.parametrize("status", [404, 405, 415])
-def test_endpoint_missing_is_destination_problem(canned: CannedServer, two_parts: list[StowPart], status: int) -> None:
+def test_endpoint_missing_is_destination_problem(canned: CannedServer, two_parts: list[Part], status: int) -> None:
     canned.responder = lambda rec: Answer(status)
     with pytest.raises(DestinationProblem) as info:
         DicomWebClient(cfg(canned.url, type="orthanc")).store(two_parts)
@@ -237,7 +239,7 @@ def test_endpoint_missing_is_destination_problem(canned: CannedServer, two_parts
     assert "DICOMweb" in msg and "plugin" in msg and "dicomweb_root" in msg and canned.url + "/dicom-web" in msg
 
 
-def test_connection_refused_is_unreachable(two_parts: list[StowPart]) -> None:
+def test_connection_refused_is_unreachable(two_parts: list[Part]) -> None:
     with pytest.raises(PacsUnreachable) as info:
         DicomWebClient(cfg("http://127.0.0.1:1", name="orthanc", type="orthanc",
                            connect_timeout=1)).store(two_parts)
@@ -274,7 +276,7 @@ def cut_answer() -> Iterator[str]:
         thread.join(5)
 
 
-def test_an_answer_cut_off_after_the_upload_counts_as_sent(cut_answer: str, two_parts: list[StowPart]) -> None:
+def test_an_answer_cut_off_after_the_upload_counts_as_sent(cut_answer: str, two_parts: list[Part]) -> None:
     """The PACS may have stored the files: retry them over STOW later, never resend them another way now."""
     with pytest.raises(PacsUnreachable) as info:
         DicomWebClient(cfg(cut_answer)).store(two_parts)
@@ -283,7 +285,7 @@ def test_an_answer_cut_off_after_the_upload_counts_as_sent(cut_answer: str, two_
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_a_redirect_is_a_destination_problem_never_a_get(canned: CannedServer, two_parts: list[StowPart],
+def test_a_redirect_is_a_destination_problem_never_a_get(canned: CannedServer, two_parts: list[Part],
                                                          status: int) -> None:
     """requests turns a redirected POST into a GET; its empty query answer would blame the files."""
     canned.responder = lambda rec: Answer(status, headers={"Location": "https://pacs.example/dicom-web/studies"})
@@ -294,13 +296,13 @@ def test_a_redirect_is_a_destination_problem_never_a_get(canned: CannedServer, t
 
 
 def test_a_2xx_answer_that_is_not_dicom_json_is_a_destination_problem(canned: CannedServer,
-                                                                      two_parts: list[StowPart]) -> None:
+                                                                      two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(200, b"<NativeDicomModel/>", headers={"Content-Type": "application/dicom+xml"})
     with pytest.raises(DestinationProblem, match="not DICOM JSON.*application/dicom\\+xml"):
         DicomWebClient(cfg(canned.url)).store(two_parts)
 
 
-def test_oauth2_expired_token_during_stow_resends_whole_body(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_oauth2_expired_token_during_stow_resends_whole_body(canned: CannedServer, two_parts: list[Part]) -> None:
     oauth = OAuthServer(canned)
     base_respond = oauth.respond
 
@@ -474,7 +476,7 @@ def test_retrieve_study_404(canned: CannedServer, tmp_path: Path) -> None:
     assert info.value.transient is False and info.value.status == 404
 
 
-def test_session_is_injectable(canned: CannedServer, two_parts: list[StowPart]) -> None:
+def test_session_is_injectable(canned: CannedServer, two_parts: list[Part]) -> None:
     canned.responder = lambda rec: Answer(200, referenced(UID_A))
     session = make_session(cfg(canned.url))
     client = DicomWebClient(cfg(canned.url), session=session)

@@ -14,8 +14,8 @@ from relaypacsd.config import Config
 from relaypacsd.delivery import DELIVERED, deliver_parts
 from relaypacsd.destinations import build_sender
 from relaypacsd.dicomfile import DicomInfo
-from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import InvalidDicomError
+from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
 
 
@@ -64,21 +64,21 @@ def cmd_send(args: argparse.Namespace) -> int:
         seen.add(info.sop_instance_uid)
         valid.append((path, info))
     d = config.delivery
-    report: dict[str, dict[StowPart, InstanceResult]] = {}
+    report: dict[str, dict[Part, InstanceResult]] = {}
     started = time.monotonic()
     for pacs in pacs_list:
         sender = build_sender(pacs)
         progress = Progress(f"send {pacs.name}", len(valid))
         done = 0
-        results: dict[StowPart, InstanceResult] = {}
+        results: dict[Part, InstanceResult] = {}
 
-        def on_results(parts: list[StowPart], res: list[InstanceResult], progress: Progress = progress) -> None:
+        def on_results(parts: list[Part], res: list[InstanceResult], progress: Progress = progress) -> None:
             nonlocal done
             done += len(parts)
             progress.update(done)
 
         for batch in batches(valid, d.batch_max_instances, d.batch_max_bytes):
-            parts = [StowPart(p, i.sop_instance_uid, i.size) for p, i in batch]
+            parts = [Part(p, i.sop_instance_uid, i.size) for p, i in batch]
             results.update(deliver_parts(sender, parts, d.retry_attempts, d.retry_delay, on_results=on_results))
         progress.done()
         report[pacs.name] = results

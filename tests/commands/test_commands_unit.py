@@ -19,9 +19,9 @@ from relaypacsd.commands.common import UsageError, check_uid, human_age
 from relaypacsd.commands.send import batches
 from relaypacsd.delivery import deliver_parts
 from relaypacsd.destinations import FallbackSender, stow_unusable
-from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.journal import Journal
+from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.spool import Spool, write_sidecar
 from tests.commands.helpers import clean_env, write_config
@@ -191,7 +191,7 @@ class FakeSender:
 
 
 def _parts(n):
-    return [StowPart(Path(f"/x/{i}"), f"1.{i}", 1) for i in range(n)]
+    return [Part(Path(f"/x/{i}"), f"1.{i}", 1) for i in range(n)]
 
 
 def test_deliver_parts_retries_and_splits():
@@ -414,7 +414,7 @@ def test_when_stow_and_cstore_are_both_unreachable_the_error_says_both(tmp_path)
 
     sop = write_instance(write_instance_path)
     with pytest.raises(PacsUnreachable) as err:
-        sender.send([StowPart(write_instance_path, sop, write_instance_path.stat().st_size)])
+        sender.send([Part(write_instance_path, sop, write_instance_path.stat().st_size)])
     assert "DICOM port unreachable" in str(err.value) and "STOW-RS also failed" in str(err.value)
     with pytest.raises(PacsUnreachable, match="and STOW-RS"):
         sender.probe()

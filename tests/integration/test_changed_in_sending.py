@@ -59,11 +59,11 @@ def test_cstore_sends_nothing_of_a_file_rewritten_since_validation(clean_orthanc
     """C-STORE reads the file itself: a rewritten one would go out unvalidated, under the old one's name."""
     from relaypacsd.cstore import CStoreSender
     from relaypacsd.delivery import Changed, deliver_parts
-    from relaypacsd.dicomweb import StowPart
+    from relaypacsd.models import Part
     from tests.integration.test_cstore import _pacs
 
     keep, changed, gone = (tmp_path / n for n in ("keep.dcm", "changed.dcm", "gone.dcm"))
-    parts = [StowPart(p, write_instance(p), p.stat().st_size) for p in (keep, changed, gone)]
+    parts = [Part(p, write_instance(p), p.stat().st_size) for p in (keep, changed, gone)]
     write_instance(changed, MR_SMALL)
     gone.unlink()
     final = deliver_parts(CStoreSender(_pacs(clean_orthanc)), parts, attempts=3, delay=0, sleep=lambda s: None)
@@ -77,10 +77,10 @@ def test_a_file_deleted_during_a_stow_request_is_the_files_problem_not_the_pacs(
                                                                                  monkeypatch):
     """Gone between the check before the request and the reading of its part: the PACS stays up."""
     from relaypacsd.delivery import Changed, send_safely
-    from relaypacsd.dicomweb import StowPart
+    from relaypacsd.models import Part
 
     keep, gone = tmp_path / "keep.dcm", tmp_path / "gone.dcm"
-    parts = [StowPart(p, write_instance(p), p.stat().st_size) for p in (keep, gone)]
+    parts = [Part(p, write_instance(p), p.stat().st_size) for p in (keep, gone)]
     sender = build_sender(pacs_for(clean_orthanc))
     real_stat = Path.stat
 

@@ -14,18 +14,18 @@ import pytest
 from relaypacsd.config import PacsConfig
 from relaypacsd.cstore import CStoreSender, classify_status
 from relaypacsd.destinations import FallbackSender, build_sender
-from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 from relaypacsd.localorthanc import _listening_sockets, free_port, loopback_shim
+from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from tests.dicomfactory import MR_SMALL, write_study
 
 
-def _parts(folder: Path, n: int, template: Path | None = None) -> tuple[str, list[StowPart]]:
+def _parts(folder: Path, n: int, template: Path | None = None) -> tuple[str, list[Part]]:
     kwargs = {"template": template} if template else {}
     study, sops = write_study(folder, n, **kwargs)
     files = sorted(folder.glob("*.dcm"))
-    return study, [StowPart(f, s, f.stat().st_size) for f, s in zip(files, sops)]
+    return study, [Part(f, s, f.stat().st_size) for f, s in zip(files, sops)]
 
 
 def _pacs(orthanc, **kw) -> PacsConfig:

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from relaypacsd.config import PacsConfig, Secret
-from relaypacsd.dicomweb import DicomWebClient, StowPart
+from relaypacsd.dicomweb import DicomWebClient
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.localorthanc import LocalOrthanc, free_port
+from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from tests.dicomfactory import MR_SMALL, MR_TRUNCATED, write_instance, write_study
 
@@ -38,13 +39,13 @@ def pacs_for(orthanc: LocalOrthanc, **kwargs: object) -> PacsConfig:
                       **kwargs)  # type: ignore[arg-type]
 
 
-def stow_part(path: Path, uid: str) -> StowPart:
-    return StowPart(path, uid, path.stat().st_size)
+def stow_part(path: Path, uid: str) -> Part:
+    return Part(path, uid, path.stat().st_size)
 
 
-def junk(path: Path, size: int = 4096) -> StowPart:
+def junk(path: Path, size: int = 4096) -> Part:
     path.write_bytes(os.urandom(size))
-    return StowPart(path, "9.9.9." + str(int.from_bytes(os.urandom(4), "big")), size)
+    return Part(path, "9.9.9." + str(int.from_bytes(os.urandom(4), "big")), size)
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_garbage_alone_is_permanent(client: DicomWebClient, clean_orthanc: Local
 def test_truncated_file_alone_is_permanent(client: DicomWebClient, tmp_path: Path) -> None:
     path = tmp_path / "trunc.dcm"
     shutil.copy(MR_TRUNCATED, path)
-    [r] = client.store([StowPart(path, "1.2.3.4", path.stat().st_size)]).results
+    [r] = client.store([Part(path, "1.2.3.4", path.stat().st_size)]).results
     assert r.outcome is Outcome.PERMANENT
 
 
