@@ -21,11 +21,11 @@ from loguru import logger
 from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Item
-from relaypacsd.destinations import build_sender
 from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
 from relaypacsd.journal import Journal
 from relaypacsd.models import Sender
 from relaypacsd.notify import Notifier
+from relaypacsd.senders import build_sender
 from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
                               valid_path)
 from relaypacsd.watcher import InboxWatcher

@@ -15,13 +15,13 @@ import pytest
 import requests
 
 from relaypacsd.config import PacsConfig, Secret
-from relaypacsd.destinations import stow_unusable
 from relaypacsd.dicomweb import CHUNK_SIZE, DicomWebClient, StowBody, _MultipartWriter
 from relaypacsd.errors import PartChanged
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.http import make_session
 from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
+from relaypacsd.senders import stow_unusable
 from tests.dicomfactory import write_instance, write_study
 from tests.test_http import PASSWORD, Answer, CannedServer, OAuthServer, Received, canned  # noqa: F401
 
@@ -622,7 +622,7 @@ def test_an_oversized_stow_answer_is_the_pacss_fault_and_never_read_whole(tmp_pa
     """Item 18: the STOW answer was read whole, without a cap. Past the cap (1 MiB + 4 KiB per instance) it is
     a transient PacsError: the files wait (never failed, never delivered), and the rest is never read."""
     from relaypacsd.delivery import deliver_parts
-    from relaypacsd.destinations import DicomWebSender
+    from relaypacsd.senders import DicomWebSender
 
     srv = socket.create_server(("127.0.0.1", 0))
     sent = [0]

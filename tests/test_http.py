@@ -194,7 +194,7 @@ def test_no_credentials_no_header(canned: CannedServer) -> None:
 
 def _sender_with_threads(cfg: PacsConfig, threads: int = 3) -> None:
     """What the daemon does: one sender, a client (session) per worker thread."""
-    from relaypacsd.destinations import DicomWebSender
+    from relaypacsd.senders import DicomWebSender
 
     sender = DicomWebSender(cfg)
     workers = [threading.Thread(target=lambda: sender.client) for _ in range(threads)]
@@ -430,7 +430,7 @@ def test_oauth2_bad_client_secret_is_destination_problem(canned: CannedServer) -
 
 
 def test_sender_gives_each_thread_its_own_session_and_one_shared_auth(canned: CannedServer) -> None:
-    from relaypacsd.destinations import DicomWebSender
+    from relaypacsd.senders import DicomWebSender
 
     sender = DicomWebSender(oauth_pacs(canned))
     seen = []

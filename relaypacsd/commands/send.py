@@ -12,11 +12,11 @@ from relaypacsd import dicomfile
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, Progress, UsageError, expand_paths, load, print_json, table, targets
 from relaypacsd.config import Config
 from relaypacsd.delivery import DELIVERED, deliver_parts
-from relaypacsd.destinations import build_sender
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import InvalidDicomError
 from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.senders import build_sender
 
 
 def batches(items: list[tuple[Path, DicomInfo]], max_n: int, max_bytes: int) -> list[list[tuple[Path, DicomInfo]]]:

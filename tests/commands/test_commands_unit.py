@@ -18,11 +18,11 @@ from relaypacsd import cli
 from relaypacsd.commands.common import UsageError, check_uid, human_age
 from relaypacsd.commands.send import batches
 from relaypacsd.delivery import deliver_parts
-from relaypacsd.destinations import FallbackSender, stow_unusable
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
 from relaypacsd.journal import Journal
 from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.senders import FallbackSender, stow_unusable
 from relaypacsd.spool import Spool, write_sidecar
 from tests.commands.helpers import clean_env, write_config
 
@@ -404,7 +404,7 @@ def test_a_client_secret_over_plain_http_is_warned_about():
 def test_when_stow_and_cstore_are_both_unreachable_the_error_says_both(tmp_path):
     """Rebuilding the C-STORE error with the STOW one used to raise TypeError (a worker's "unexpected error")."""
     from relaypacsd.config import PacsConfig
-    from relaypacsd.destinations import FallbackSender
+    from relaypacsd.senders import FallbackSender
 
     pacs = PacsConfig(name="orthanc", type="orthanc", url="http://127.0.0.1:1", ae_title="ORTHANC",
                       dicom_host="127.0.0.1", dicom_port=1, fallback="cstore", connect_timeout=1.0)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from relaypacsd.config import build_config
 from relaypacsd.daemon import Daemon
-from relaypacsd.destinations import build_sender
 from relaypacsd.errors import PacsUnreachable
+from relaypacsd.senders import build_sender
 from tests.dicomfactory import MR_SMALL, write_instance
 from tests.integration.test_dicomweb_orthanc import pacs_for
 from tests.test_delivery import count, wait_until

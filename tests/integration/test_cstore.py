@@ -13,11 +13,11 @@ import pytest
 
 from relaypacsd.config import PacsConfig
 from relaypacsd.cstore import CStoreSender, classify_status
-from relaypacsd.destinations import FallbackSender, build_sender
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 from relaypacsd.localorthanc import _listening_sockets, free_port, loopback_shim
 from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
+from relaypacsd.senders import FallbackSender, build_sender
 from tests.dicomfactory import MR_SMALL, write_study
 
 
