@@ -168,7 +168,7 @@ def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPar
     p = sub.add_parser("retry", help="move failed files back to sending/ so the daemon sends them again")
     p.add_argument("files", nargs="*", metavar="FILE", help="files in a failed/ folder")
     p.add_argument("--all", action="store_true", help="every file in every failed/ folder")
-    p.set_defaults(func=_lazy("status", "cmd_retry"))
+    p.set_defaults(func=_lazy("retry", "cmd_retry"))
 
     p = sub.add_parser("send", help="one-shot upload of files or folders (recursive); files are not moved")
     p.add_argument("paths", nargs="+", metavar="PATH")

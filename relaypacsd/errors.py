@@ -55,3 +55,7 @@ class PartChanged(RelayPacsError):
         super().__init__(f"{path}: size changed from {expected} to {actual} bytes while sending: "
                          "is another program still writing it?")
         self.path = path
+
+
+class RequeueError(RelayPacsError):
+    """A failed file could not be moved back to sending/ (an operator's retry); it stays in failed/."""

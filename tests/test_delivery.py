@@ -670,7 +670,7 @@ def test_two_versions_in_flight_at_once_go_one_after_the_other_and_the_second_co
 
 
 def test_the_operators_retry_of_a_uid_conflict_lets_it_through(tmp_path):
-    from relaypacsd.commands.status import _requeue_with_rows
+    from relaypacsd.requeue import requeue
 
     pacs = ScriptedPacs("orthanc")
     engine, spool, sops = setup(tmp_path, [pacs], n=1)
@@ -679,8 +679,9 @@ def test_the_operators_retry_of_a_uid_conflict_lets_it_through(tmp_path):
         settle(engine, spool, 1, 0)
         corrected_copy(next(spool.files("sent")), spool.inbox / "b.dcm")
         settle(engine, spool, 1, 1)
-        new, reset = _requeue_with_rows(spool, engine.journal, next(spool.files("failed")))
-        assert reset == ["orthanc"]
+        done = requeue(spool, engine.journal, next(spool.files("failed")))
+        new = done.new_path
+        assert done.reset_dests == ["orthanc"]
         engine.submit(new, spool, inspect(new))
         assert wait_until(lambda: count(spool, "sent") == 2 and count(spool, "failed") == 0)
     finally:

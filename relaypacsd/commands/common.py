@@ -56,6 +56,12 @@ def targets(config: Config, name: str | None) -> list[PacsConfig]:
     return active
 
 
+def short(text: str, n: int = 100) -> str:
+    """`text` on one line, cut to `n` characters with '...' when longer."""
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A plain-text table, columns left-aligned, two spaces apart."""
     rows = [["" if v is None else str(v) for v in r] for r in rows]

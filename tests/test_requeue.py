@@ -1,0 +1,72 @@
+"""The operator's retry as a library call: what `retry` and later the dashboard use; it never prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relaypacsd.errors import RequeueError
+from relaypacsd.journal import Journal
+from relaypacsd.requeue import requeue
+from relaypacsd.spool import Spool, sidecar_path, write_sidecar
+
+
+def _failed(tmp_path: Path) -> tuple[Spool, Journal, Path]:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    bad = spool.failed / "sub" / "bad.dcm"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"y")
+    write_sidecar(bad, {"reason": "PACS refused it"})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.ensure(str(bad), ["orthanc", "other"], first_seen=1.0)
+    journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
+    journal.update(str(bad), "other", state="delivered", event="delivered")
+    return spool, journal, bad
+
+
+def test_requeue_returns_where_the_file_went_and_which_pacs_get_it_again(tmp_path, capsys):
+    spool, journal, bad = _failed(tmp_path)
+    try:
+        done = requeue(spool, journal, bad)
+        rows = journal.rows(str(done.new_path))
+    finally:
+        journal.close()
+    assert done.new_path == spool.sending / "sub" / "bad.dcm" and done.new_path.is_file()
+    assert done.reset_dests == ["orthanc"] and done.warnings == []
+    assert {d: r.state for d, r in rows.items()} == {"orthanc": "pending", "other": "delivered"}
+    assert not sidecar_path(bad).exists() and capsys.readouterr().out == ""
+
+
+def test_a_sidecar_left_behind_is_a_warning_in_the_result_not_output(tmp_path, capsys, monkeypatch):
+    spool, journal, bad = _failed(tmp_path)
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name.endswith(".error.json"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    try:
+        done = requeue(spool, journal, bad)
+    finally:
+        journal.close()
+    assert done.new_path.is_file() and len(done.warnings) == 1
+    assert "could not remove" in done.warnings[0] and str(sidecar_path(bad)) in done.warnings[0]
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("with_journal", [True, False])
+def test_a_file_that_cannot_be_moved_raises_our_error_naming_it(tmp_path, with_journal):
+    spool, journal, bad = _failed(tmp_path)
+    bad.unlink()  # gone between the listing and the move
+    try:
+        with pytest.raises(RequeueError, match="cannot move it back to sending/") as caught:
+            requeue(spool, journal if with_journal else None, bad)
+        if with_journal:
+            assert {d: r.state for d, r in journal.rows(str(bad)).items()} == {"orthanc": "pending", "other": "delivered"}
+    finally:
+        journal.close()
+    assert str(bad) in str(caught.value)
