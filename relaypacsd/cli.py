@@ -12,10 +12,9 @@ from typing import Callable, Sequence
 
 from relaypacsd import __version__
 from relaypacsd.config import Config, find_config_path, load_config, to_toml
-from relaypacsd.errors import ConfigError, RelayPacsError
-from relaypacsd.heartbeat import process_gone
+from relaypacsd.errors import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, ConfigError, RelayPacsError
+from relaypacsd.heartbeat import heartbeat_path, process_gone, read_heartbeat
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -71,11 +70,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 only if the running daemon's heartbeat is fresh and its threads are alive."""
     config = _load(args)
-    path = Path(config.daemon.state_dir) / "heartbeat.json"
-    try:
-        beat = json.loads(path.read_text())
-    except (OSError, ValueError):
-        print(f"unhealthy: no heartbeat at {path}: is relaypacsd running with state_dir {config.daemon.state_dir}?")
+    beat = read_heartbeat(config.daemon.state_dir)
+    if beat is None:
+        print(f"unhealthy: no heartbeat at {heartbeat_path(config.daemon.state_dir)}: is relaypacsd running with state_dir {config.daemon.state_dir}?")
         return EXIT_FAIL
     if beat.get("stopped"):
         print(f"unhealthy: relaypacsd (pid {beat.get('pid')}) stopped at {time.ctime(float(beat.get('time', 0)))}")

@@ -22,6 +22,7 @@ from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Item
 from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
+from relaypacsd.heartbeat import HEARTBEAT_FILE
 from relaypacsd.journal import Journal
 from relaypacsd.models import Sender
 from relaypacsd.notify import Notifier
@@ -38,7 +39,6 @@ VALIDATORS = 2  # validation threads per generation
 CLOCK_STEP = 5.0  # seconds by which wall and monotonic time may disagree over one main-loop tick (NTP slews far less)
 GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
 CLAIM_GROUP = 32  # files claimed per directory fsync
-HEARTBEAT_FILE = "heartbeat.json"
 VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
 UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
@@ -174,10 +174,8 @@ class Daemon:
         tick = min(1.0, self.notifier.watchdog_interval or 1.0)
         clock = (time.time(), time.monotonic())
         while not self._stop_requested.is_set():
-            if self.notifier.watchdog_interval and time.monotonic() >= self._next_watchdog and self.alive():
-                # Only a daemon whose threads all run resets systemd's watchdog; else systemd restarts it.
-                self.notifier.watchdog()
-                self._next_watchdog = time.monotonic() + self.notifier.watchdog_interval
+            # Only a daemon whose threads all run resets systemd's watchdog; else systemd restarts it.
+            self._feed_watchdog(self.alive)
             self._wake.wait(tick)
             self._wake.clear()
             clock = self._follow_clock(clock)
@@ -259,13 +257,18 @@ class Daemon:
         """How long one request may take by its PACS's timeouts (a slow upload, then a slow answer)."""
         return max([30.0] + [2 * (p.connect_timeout + p.read_timeout) + 10 for p in self.config.active()])
 
+    def _feed_watchdog(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """Send systemd's WATCHDOG=1 when one is due and `alive()` (asked only then: it checks every thread)."""
+        now = time.monotonic()
+        if self.notifier.watchdog_interval and now >= self._next_watchdog and alive():
+            self.notifier.watchdog()
+            self._next_watchdog = now + self.notifier.watchdog_interval
+
     def _waiting_for_requests(self) -> bool:
         """While a reload waits for requests in flight and unpacks: keep systemd's watchdog fed; SIGTERM ends
         the wait."""
+        self._feed_watchdog()  # the threads are stopping on purpose: alive() would say no
         now = time.monotonic()
-        if self.notifier.watchdog_interval and now >= self._next_watchdog:
-            self.notifier.watchdog()
-            self._next_watchdog = now + self.notifier.watchdog_interval
         if now >= self._next_beat:  # and `relaypacsd health` (Docker's HEALTHCHECK) too: the heartbeat stays fresh
             self._write_heartbeat()
             self._next_beat = now + self.config.daemon.heartbeat_interval

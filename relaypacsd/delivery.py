@@ -24,7 +24,6 @@ from relaypacsd.spool import Spool, now_iso, sync_dirs
 
 # How many deliveries an instance with an unclear rejection (0x0110, "200 but not confirmed") gets.
 LIMITED_MAX_DELIVERIES = 3
-DELIVERED = (Outcome.DELIVERED, Outcome.DUPLICATE)
 BATCH_LINGER = 0.05  # seconds a worker waits for a short batch to fill
 
 
@@ -376,7 +375,7 @@ class Engine:
             files = ",".join(str(i.spool.relative(i.path)) for i, _ in pairs)
             uids = ",".join(i.info.sop_instance_uid for i, _ in pairs)
             reason = pairs[0][1].reason
-            if outcome in DELIVERED:
+            if outcome.delivered:
                 logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}", dest.name,
                             outcome.value, len(pairs), ms, http, files, uids)
             else:
@@ -403,7 +402,7 @@ class Engine:
             # Yet the PACS has those old bytes under the UID now: remembered, so the new version conflicts there.
             self.journal.remember([Update(str(item.path), dest.name, "delivered", r.outcome.value,
                                           sop=item.info.sop_instance_uid, digest=item.info.digest)
-                                   for item, r in dropped if r.outcome in DELIVERED])
+                                   for item, r in dropped if r.outcome.delivered])
             if not pairs:
                 return
             rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
@@ -416,7 +415,7 @@ class Engine:
                 attempts = (row.attempts if row else 0) + 1
                 detail = _detail(result)
                 expired = time.monotonic() - item.born > cfg.max_age_hours * 3600
-                if result.outcome in DELIVERED:
+                if result.outcome.delivered:
                     updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
                                           code=result.reason_code, sop=item.info.sop_instance_uid,
                                           digest=item.info.digest))
@@ -461,7 +460,7 @@ class Engine:
 
         No other request to this PACS holds these UIDs (Destination.in_request): this look, made before the
         answer is logged or recorded, and the commit that follows see every earlier confirmation of them."""
-        uids = [i.info.sop_instance_uid for i, r in zip(items, results) if r.outcome in DELIVERED and i.info.digest]
+        uids = [i.info.sop_instance_uid for i, r in zip(items, results) if r.outcome.delivered and i.info.digest]
         if not uids:
             return results
         known = self.journal.known_instances(dest.name, uids)
@@ -471,7 +470,7 @@ class Engine:
                    known: dict[str, KnownInstance]) -> InstanceResult:
         """A confirmation (stored or duplicate) of a UID that this PACS confirmed before for other content is a
         UID conflict: a PACS such as Orthanc answers success and keeps the first version silently."""
-        if result.outcome not in DELIVERED or not item.info.digest:
+        if not result.outcome.delivered or not item.info.digest:
             return result
         uid = item.info.sop_instance_uid
         earlier = known.get(uid)

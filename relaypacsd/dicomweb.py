@@ -21,6 +21,7 @@ import pydicom
 import requests
 import urllib3
 
+from relaypacsd import dicomjson
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomfile import is_uid
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, PartChanged
@@ -246,7 +247,7 @@ class DicomWebClient:
             if exc.status == 404:
                 return False
             raise
-        return any(_first(d, "00080018") == sop_uid for d in found)
+        return any(dicomjson.first(d, "00080018") == sop_uid for d in found)
 
     # -- WADO-RS ---------------------------------------------------------------------------------
 
@@ -493,12 +494,6 @@ def _json_or_none(content: bytes) -> Any:
         return json.loads(content)
     except ValueError:
         return None
-
-
-def _first(dataset: dict, tag: str) -> Any:
-    element = dataset.get(tag)
-    values = element.get("Value") if isinstance(element, dict) else None
-    return values[0] if isinstance(values, list) and values else None
 
 
 def _why(exc: BaseException, pacs: PacsConfig) -> str:

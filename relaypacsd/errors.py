@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The command line's exit codes (docs/commands.md), for every command: 2 is always a configuration error.
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
 
 class RelayPacsError(Exception):
     """Base of every error relaypacsd raises on purpose."""

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
+
+# The liveness file in state_dir: the daemon writes it, `status` and `health` read it.
+HEARTBEAT_FILE = "heartbeat.json"
+
+
+def heartbeat_path(state_dir: str | Path) -> Path:
+    """Where the daemon with this state_dir writes its heartbeat."""
+    return Path(state_dir) / HEARTBEAT_FILE
+
+
+def read_heartbeat(state_dir: str | Path) -> dict | None:
+    """The last heartbeat the daemon wrote, or None when there is none or it cannot be read."""
+    try:
+        beat = json.loads(heartbeat_path(state_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return beat if isinstance(beat, dict) else None
 
 
 def process_gone(beat: dict) -> bool:

@@ -95,7 +95,7 @@ class Metrics:
             self.retries.labels(name).inc()
         for result in results:
             self.instances.labels(name, result.outcome.value).inc()
-            if result.outcome in (Outcome.DELIVERED, Outcome.DUPLICATE):
+            if result.outcome.delivered:
                 self.delivered.labels(name).inc()
             elif result.outcome is not Outcome.SPLIT:
                 self.failed.labels(name).inc()

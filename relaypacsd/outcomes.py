@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from relaypacsd import dicomjson
+
 # DICOM JSON tags (PS3.18 Annex F) of the Store Instances Response Module.
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -205,29 +207,19 @@ def _items_by_uid(body: Mapping[str, Any] | None, tag: str) -> dict[str, Mapping
     """Items of a response sequence keyed by their ReferencedSOPInstanceUID; tolerant of junk."""
     if not isinstance(body, Mapping):
         return {}
-    element = body.get(tag)
-    values = element.get("Value") if isinstance(element, Mapping) else None
     out: dict[str, Mapping[str, Any]] = {}
-    for item in values if isinstance(values, list) else []:
+    for item in dicomjson.values(body, tag):
         if not isinstance(item, Mapping):
             continue
-        uid = _first_value(item, REFERENCED_SOP_INSTANCE_UID)
+        uid = dicomjson.first(item, REFERENCED_SOP_INSTANCE_UID)
         if isinstance(uid, str) and uid.strip("\0 "):
             out[uid.strip("\0 ")] = item  # UI values may be NUL-padded (PS3.5 6.2), as ours were stripped
     return out
 
 
-def _first_value(item: Mapping[str, Any], tag: str) -> Any:
-    element = item.get(tag)
-    if not isinstance(element, Mapping):
-        return None
-    values = element.get("Value")
-    return values[0] if isinstance(values, list) and values else None
-
-
 def _int_value(item: Mapping[str, Any], tag: str) -> int | None:
     """A US value: DICOM JSON gives it as a decimal number; tolerate a decimal or 0x-hex string."""
-    value = _first_value(item, tag)
+    value = dicomjson.first(item, tag)
     if isinstance(value, bool):
         return None
     if isinstance(value, int):

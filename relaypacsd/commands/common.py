@@ -10,9 +10,8 @@ from typing import Any, Iterable, Sequence
 
 from relaypacsd.config import Config, PacsConfig, find_config_path, load_config
 from relaypacsd.dicomfile import is_uid
-from relaypacsd.errors import RelayPacsError
+from relaypacsd.errors import EXIT_FAIL, EXIT_OK, RelayPacsError  # noqa: F401 (the commands import them from here)
 
-EXIT_OK, EXIT_FAIL = 0, 1
 
 
 class UsageError(RelayPacsError):

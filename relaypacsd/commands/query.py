@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relaypacsd import dicomfile
+from relaypacsd import dicomfile, dicomjson
 from relaypacsd.commands.common import (EXIT_FAIL, EXIT_OK, Progress, UsageError, check_uid, expand_paths, load,
                                         pick_pacs, print_json, table)
 from relaypacsd.config import PacsConfig
@@ -27,15 +27,9 @@ TAGS = {
 }
 
 
-def _values(ds: dict, tag: str) -> list[Any]:
-    el = ds.get(tag)
-    vals = el.get("Value") if isinstance(el, dict) else None
-    return vals if isinstance(vals, list) else []
-
-
 def _text(ds: dict, tag: str) -> str:
     out = []
-    for v in _values(ds, tag):
+    for v in dicomjson.values(ds, tag):
         if isinstance(v, dict):  # PN
             v = v.get("Alphabetic", "")
         out.append(str(v))

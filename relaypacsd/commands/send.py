@@ -11,7 +11,7 @@ from pathlib import Path
 from relaypacsd import dicomfile
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, Progress, UsageError, expand_paths, load, print_json, table, targets
 from relaypacsd.config import Config
-from relaypacsd.delivery import DELIVERED, deliver_parts
+from relaypacsd.delivery import deliver_parts
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import InvalidDicomError
 from relaypacsd.models import Part
@@ -88,7 +88,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     problems = []
     for name, results in report.items():
         counts = Counter(r.outcome for r in results.values())
-        not_ok = [(part, r) for part, r in results.items() if r.outcome not in DELIVERED]
+        not_ok = [(part, r) for part, r in results.items() if not r.outcome.delivered]
         failed = failed or bool(not_ok)
         summary.append({"pacs": name, "sent": counts[Outcome.DELIVERED], "duplicates": counts[Outcome.DUPLICATE],
                         "rejected": sum(1 for _, r in not_ok if r.outcome is Outcome.PERMANENT),

@@ -11,7 +11,7 @@ from typing import Any
 
 from relaypacsd.commands.common import EXIT_OK, human_age, load, print_json, table
 from relaypacsd.commands.common import short as _short
-from relaypacsd.heartbeat import process_gone
+from relaypacsd.heartbeat import process_gone, read_heartbeat
 from relaypacsd.journal import health_of
 from relaypacsd.spool import Spool
 
@@ -60,13 +60,15 @@ def _read_conflicts(db: sqlite3.Connection, dests: dict[str, dict[str, Any]]) ->
 
 
 def _daemon_state(state_dir: Path) -> dict[str, Any]:
+    beat = read_heartbeat(state_dir)
     try:
-        beat = json.loads((state_dir / "heartbeat.json").read_text())
+        if beat is None:
+            raise ValueError("no heartbeat")
         age = time.time() - float(beat.get("time", 0))
         running = age < 60 and not beat.get("stopped") and not process_gone(beat)  # as `health` judges it
         return {"running": running, "heartbeat_age_seconds": round(age), "pid": beat.get("pid"),
                 "in_flight": beat.get("in_flight")}
-    except (OSError, ValueError):
+    except ValueError:
         return {"running": False, "heartbeat_age_seconds": None, "pid": None, "in_flight": None}
 
 
