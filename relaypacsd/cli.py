@@ -16,7 +16,6 @@ from relaypacsd.errors import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, ConfigError, Rela
 from relaypacsd.heartbeat import heartbeat_path, process_gone, read_heartbeat
 
 
-
 def _load(args: argparse.Namespace) -> Config:
     return load_config(find_config_path(args.config))
 

@@ -1,4 +1,4 @@
-"""Suite-wide fixtures: no test may leave a thread running behind it."""
+"""Suite-wide fixtures: no test may leave a thread running behind it; the canned HTTP server."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
+from tests.canned_http import CannedServer
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +23,13 @@ def no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"threads left running: {sorted(t.name for t in leaked)}"
+
+
+@pytest.fixture
+def canned() -> Iterator[CannedServer]:
+    """A local HTTP server with canned answers, for the tests of http.py and dicomweb.py."""
+    server = CannedServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -19,24 +19,14 @@ from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Journal, Update
 from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
-from tests.test_delivery import ScriptedPacs, count, gated, wait_until
-
-
-def make(tmp_path, pacs):
-    config = build_config({"daemon": {"state_dir": str(tmp_path / "state")},
-                           # the rescan is an hour away: what a test sees comes from inotify and the sweep
-                           "watch": [{"path": str(tmp_path / "root"), "settle_seconds": 0.1,
-                                      "rescan_interval": 3600}],
-                           "delivery": {"retry_delay": 0.01},
-                           "pacs": {pacs.name: {"url": pacs.target}}}, {})
-    return Daemon(config, senders={pacs.name: pacs})
+from tests.helpers import ScriptedPacs, count, gated, make_daemon, wait_until
 
 
 def test_start_forgets_rows_of_files_a_killed_run_moved_but_did_not_record(tmp_path):
     """Killed between moving a file to sent/ and forgetting it, a run leaves "delivered" rows behind:
     the next file of that name, even the same instance sent again, must really be sent."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     sop = write_instance(tmp_path / "img.dcm")
@@ -60,7 +50,7 @@ def test_start_forgets_rows_of_files_a_killed_run_moved_but_did_not_record(tmp_p
 def test_start_keeps_the_rows_of_files_merely_out_of_sight(tmp_path):
     """A share not mounted yet hides sending/ and failed/: forgetting their rows would send the files
     again, once back, to the PACS that confirmed them."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     hidden = [spool.sending / "half-sent.dcm", spool.failed / "rejected.dcm"]
@@ -83,7 +73,7 @@ def test_start_keeps_the_rows_of_files_merely_out_of_sight(tmp_path):
 
 def test_start_settles_rows_by_instance_not_by_name(tmp_path):
     """Modalities reuse names: an older IMG.dcm in sent/ or failed/ is not the file the killed run moved."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     older = write_instance(spool.sent / "IMG.dcm")  # delivered long ago, another instance
@@ -119,7 +109,7 @@ def test_start_settles_rows_by_instance_not_by_name(tmp_path):
 def test_a_file_of_the_same_name_claimed_while_the_last_one_was_moved_out_is_taken_at_once(tmp_path):
     """Validation skips a path the engine still tracks; the engine's hand-back must pick it up."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     write_instance(spool.sending / "img.dcm")
@@ -138,7 +128,7 @@ def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_p
     """A new engine must never run beside an old request: it would send the same file again."""
     pacs = ScriptedPacs("orthanc")
     gate = gated(pacs)
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     pings: list[float] = []
     monkeypatch.setattr(daemon.notifier, "watchdog_interval", 0.05)
@@ -167,7 +157,7 @@ def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_p
 
 def test_a_truncated_file_with_a_future_mtime_still_fails_in_the_end(tmp_path):
     """A share whose clock runs ahead gives files a future mtime: the growing grace must still run out."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     write_instance(tmp_path / "full.dcm")
@@ -184,7 +174,7 @@ def test_a_truncated_file_with_a_future_mtime_still_fails_in_the_end(tmp_path):
 
 
 def test_a_file_that_cannot_be_claimed_does_not_hold_up_the_others(tmp_path, monkeypatch):
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     real_claim = Spool.claim
 
@@ -208,7 +198,7 @@ def test_shutdown_lets_the_request_in_flight_finish(tmp_path):
     """SIGTERM: nothing new is claimed, but a batch already sent gets its answer recorded and its move."""
     pacs = ScriptedPacs("orthanc")
     gate = gated(pacs)
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     daemon.start()
     try:
@@ -287,7 +277,7 @@ def test_a_probe_hanging_on_a_pacs_holds_up_neither_start_nor_stop(tmp_path):
         raise PacsUnreachable("PACS 'orthanc' unreachable: connection reset")
 
     pacs.probe = hanging_probe
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     try:
         started = time.monotonic()
         daemon.start()
@@ -304,7 +294,7 @@ def test_a_probe_hanging_on_a_pacs_holds_up_neither_start_nor_stop(tmp_path):
 
 def test_a_reload_is_not_held_up_by_a_scanner_stuck_on_a_hung_share(tmp_path, monkeypatch):
     """Only a validation (an unpack) gets the long wait; the other threads of the old generation get 5 s."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     hung = threading.Event()
     monkeypatch.setattr(daemon.watchers[0], "tick", lambda *a, **k: hung.wait(60) and [])
     monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
@@ -322,7 +312,7 @@ def test_a_reload_is_not_held_up_by_a_scanner_stuck_on_a_hung_share(tmp_path, mo
 def test_a_scanner_that_outlives_a_reload_claims_nothing_after_it(tmp_path, monkeypatch):
     """Back from a tick that hung past the reload's wait, the old scanner must end, not claim with the
     old settings beside the new generation."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     hung, entered = threading.Event(), threading.Event()
     late = spool.inbox / "late.dcm"
@@ -356,7 +346,7 @@ def test_a_zero_tail_waits_the_grace_then_fails_with_the_fix_never_goes_as_it_is
     past the grace looks the same as padding, so such a file is never forwarded as it is: failed/, with
     the exact command that strips padding."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     write_instance(tmp_path / "full.dcm")
@@ -377,7 +367,7 @@ def test_a_truncated_file_from_a_share_whose_clock_is_behind_gets_the_grace_then
     """A share's clock an hour behind ours gives a file being written an mtime an hour old: it must still get
     the truncation grace, counted from our first look, and go once complete. One that never grows fails."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     daemon.engine.start()
@@ -493,7 +483,7 @@ def test_an_idle_daemon_does_not_wake_its_threads(tmp_path):
     twice a second (the scanner five times) and were most of an idle daemon's CPU. Counts, not CPU %, so a
     loaded machine cannot make it pass or fail."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     calls = {"worker": 0, "validator": 0, "scanner": 0}
 
     def counted(kind, wait):
@@ -535,7 +525,7 @@ def _killed_run_failed(daemon, spool, rel, failed_at):
 def test_start_follows_rows_to_a_failed_file_whose_name_was_cut(tmp_path):
     """A name over NAME_MAX less the sidecar suffix is cut on its way to failed/ (its ~N clash names too):
     the settling at start-up must still find it, or a retry sends it again to the PACS that confirmed it."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     name = "a" * 246 + ".dcm"  # fits in sending/, its sidecar would not in failed/
@@ -555,7 +545,7 @@ def test_start_follows_rows_to_a_failed_file_whose_name_was_cut(tmp_path):
 
 def test_start_follows_rows_to_a_failed_file_whose_folder_got_a_free_name(tmp_path):
     """failed/CT1 is a file, so a killed run moved sending/CT1/IM0001.dcm to failed/CT1~1/IM0001.dcm."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     (spool.failed / "CT1").write_bytes(b"an old failure")
@@ -572,7 +562,7 @@ def test_a_stop_that_comes_as_an_idle_scanner_starts_its_look_ends_it_at_once(tm
     """_stop_pieces sets the stop, then wakes the scanner (`arrived`); landing between the scanner's look at
     the stop and its clear of `arrived`, the wake was lost and the idle scanner slept until the next rescan
     (an hour here): the stop waited for it, and the old generation's scanner outlived a reload."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool, watcher = daemon.spools[0], daemon.watchers[0]
     spool.prepare()
     stop = threading.Event()
@@ -600,7 +590,7 @@ def test_a_folder_emptied_just_before_the_clock_steps_forward_is_kept(tmp_path, 
     a folder a claim emptied a second ago looked an hour old, and the sweep the step runs at once removed it
     under a writer pausing between the files of its study."""
     clock = _SteppableClock(monkeypatch)
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     study = spool.inbox / "study"

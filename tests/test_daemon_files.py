@@ -20,8 +20,7 @@ from relaypacsd.errors import PacsUnreachable
 from relaypacsd.journal import Journal
 from relaypacsd.spool import SIDECAR_SUFFIX, read_sidecar, rename_noreplace, write_sidecar
 from tests.dicomfactory import MR_SMALL, write_instance
-from tests.test_daemon import make
-from tests.test_delivery import ScriptedPacs, count, wait_until
+from tests.helpers import ScriptedPacs, count, make_daemon, wait_until
 
 NAME_MAX = 255
 
@@ -61,7 +60,7 @@ def test_a_name_that_is_not_utf8_is_claimed_under_its_cp1252_name_and_delivered(
     """Latin-1 bytes from an SMB client, in the folder and the file name: SQLite refused the path, and the
     file was retried in sending/ every sweep, for ever."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     raw = Path(os.fsdecode(os.fsencode(spool.inbox) + b"/CT\xe9/IM\xe90001.dcm"))  # "CTé/IMé0001.dcm" in cp1252
@@ -86,7 +85,7 @@ def test_a_folder_name_that_a_file_holds_in_sent_or_failed_gives_a_free_folder(t
     """sent/CT1 is a file, then inbox/CT1/IM0001 arrives: the move to sent/CT1/IM0001 failed with ENOTDIR
     every sweep."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     (spool.sent / "CT1").write_bytes(b"an old file")
@@ -104,7 +103,7 @@ def test_a_255_byte_name_that_clashes_gets_a_shortened_free_name(tmp_path):
     """A name of NAME_MAX bytes whose ~1 name is too long (ENAMETOOLONG): now cut, suffix and ~N kept; a
     failed one gets a name whose sidecar fits."""
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     name = "é" * 125 + "x.dcm"  # 250 + 5 bytes in UTF-8
@@ -131,7 +130,7 @@ def _zip(path: Path, entries: list[tuple[str, bytes]]) -> Path:
 def test_a_zip_with_a_file_and_a_folder_of_one_name_fails_once(tmp_path, monkeypatch):
     """S1 and S1/IM2 in one zip: FileExistsError escaped the BadArchive handling and the zip was unpacked
     again at every sweep. Now failed/ with a reason, in either order, unpacked once."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     write_instance(tmp_path / "a.dcm")
@@ -208,7 +207,7 @@ def test_the_fallback_survives_an_nfs_retried_link_and_filesystems_without_hard_
 def test_whole_daemon_on_the_fallback_rename_delivers_and_never_overwrites(tmp_path, monkeypatch):
     monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     (spool.sent / "img.dcm").write_bytes(b"the old one")
@@ -224,7 +223,7 @@ def test_a_fallback_move_whose_old_name_cannot_go_leaves_the_file_in_one_folder(
     folders: sent from sending/ by the sweep, linked again at the next rescan, and sent again, for ever."""
     monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     path = spool.inbox / "S1" / "img.dcm"
@@ -251,7 +250,7 @@ def _held(tmp_path):
     """A daemon whose PACS is down at start, so validated files wait in sending/ unsent."""
     pacs = ReadingPacs("orthanc")
     pacs.probe_error = PacsUnreachable("PACS 'orthanc' unreachable: test")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     return pacs, daemon, daemon.spools[0], daemon.engine.destinations["orthanc"]
 
 
@@ -324,7 +323,7 @@ def test_a_file_deleted_from_sending_after_validation_is_forgotten_not_retried(t
 def test_emptied_study_folders_are_removed_once_quiet_never_the_four_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.1)  # 60 s in service; the settle time here
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     (spool.inbox / "old-empty" / "series").mkdir(parents=True)  # left by an earlier run
@@ -353,7 +352,7 @@ def test_emptied_study_folders_are_removed_once_quiet_never_the_four_folders(tmp
 
 
 def test_rows_of_files_deleted_from_failed_go_after_two_looks(tmp_path):
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     kept = spool.failed / "kept.dcm"
@@ -377,7 +376,7 @@ def test_rows_of_files_deleted_from_failed_go_after_two_looks(tmp_path):
 
 def test_a_validation_refusal_says_validation_not_pacs_forward(tmp_path):
     """No PACS saw the file: "PACS forward rejected" sent technicians to the PACS's logs."""
-    daemon = make(tmp_path, ScriptedPacs("orthanc"))
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     spool = daemon.spools[0]
     spool.prepare()
     (spool.sending / "bad.dcm").write_bytes(b"not dicom" * 30)
@@ -402,7 +401,7 @@ def test_folders_emptied_just_before_a_start_or_reload_still_go_once_quiet(tmp_p
     right after a study was claimed) must go at a later sweep, not stay until the next restart."""
     monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.5)
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     (spool.inbox / "young").mkdir()  # emptied by the previous run a moment ago
@@ -427,7 +426,7 @@ def test_the_folder_a_non_utf8_name_leaves_in_sending_goes_once_quiet(tmp_path, 
     leaves is emptied like one a claim or a delivery empties, and must go too."""
     monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.1)
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     old = Path(os.fsdecode(os.fsencode(spool.sending) + b"/CT\xe9/old.dcm"))
@@ -449,7 +448,7 @@ def test_a_claim_killed_between_its_link_and_its_unlink_is_finished_at_start_not
     inbox/ and sending/. Start-up sent the one in sending/, then claimed the other and sent it again."""
     monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     sop = write_instance(spool.sending / "S1" / "img.dcm")
@@ -469,7 +468,7 @@ def test_a_move_to_failed_killed_between_its_link_and_its_unlink_leaves_one_fail
     went: the next run failed it again beside itself, bad~1.dcm, one file shown as two failures."""
     monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
-    daemon = make(tmp_path, pacs)
+    daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
     spool.prepare()
     (spool.sending / "bad.dcm").write_bytes(b"not dicom at all" * 20)

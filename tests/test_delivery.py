@@ -21,42 +21,10 @@ from relaypacsd.dicomfile import inspect
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 from relaypacsd.journal import Journal
 from relaypacsd.models import Part
-from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.outcomes import Outcome
 from relaypacsd.spool import Spool, sidecar_path
 from tests.dicomfactory import write_study
-
-
-class ScriptedPacs:
-    """A Sender whose answer per instance comes from `rule(uid, batch_size, call_number)`."""
-
-    def __init__(self, name, rule=None):
-        self.name, self.target = name, f"http://{name}.test/dicom-web"
-        self.rule = rule or (lambda uid, n, call: Outcome.DELIVERED)
-        self.calls: list[list[str]] = []
-        self.raise_next: list[Exception] = []
-        self.probe_error: Exception | None = None
-        self.lock = threading.Lock()
-
-    def send(self, parts):
-        with self.lock:
-            uids = [p.sop_uid for p in parts]
-            self.calls.append(uids)
-            call = len(self.calls)
-            if self.raise_next:
-                raise self.raise_next.pop(0)
-        results = []
-        for uid in uids:
-            outcome = self.rule(uid, len(uids), call)
-            code = 0xA900 if outcome is Outcome.PERMANENT else None
-            results.append(InstanceResult(uid, outcome, 200, code, f"scripted {outcome.value}"))
-        return results, 200
-
-    def probe(self):
-        if self.probe_error:
-            raise self.probe_error
-
-    def received(self, uid):
-        return sum(call.count(uid) for call in self.calls)
+from tests.helpers import ScriptedPacs, count, gated, wait_until
 
 
 def setup(tmp_path, senders, n=4, **delivery):
@@ -75,26 +43,6 @@ def submit_all(engine, spool):
     for f in list(spool.files("inbox")):
         claimed = spool.claim(f)
         engine.submit(claimed, spool, inspect(claimed))
-
-
-def wait_until(pred, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
-def count(spool, folder):
-    return len(list(spool.files(folder)))
-
-
-def gated(pacs):
-    """Hold every request to `pacs` until the returned event is set (a slow PACS, an answer in flight)."""
-    gate, send = threading.Event(), pacs.send
-    pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
-    return gate
 
 
 def break_moves(monkeypatch, folder, times, error):

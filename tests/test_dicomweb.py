@@ -23,7 +23,7 @@ from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from relaypacsd.senders import stow_unusable
 from tests.dicomfactory import write_instance, write_study
-from tests.test_http import PASSWORD, Answer, CannedServer, OAuthServer, Received, canned  # noqa: F401
+from tests.canned_http import PASSWORD, Answer, CannedServer, OAuthServer, Received
 
 UID_A, UID_B = "1.2.826.0.1.1", "1.2.826.0.1.2"
 
@@ -666,4 +666,3 @@ def test_an_oversized_stow_answer_is_the_pacss_fault_and_never_read_whole(tmp_pa
         srv.close()
         thread.join(10)
     assert sent[0] < total / 2  # the client stopped reading: the answer was never held whole
-

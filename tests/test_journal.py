@@ -7,19 +7,7 @@ import pytest
 
 import relaypacsd.journal
 from relaypacsd.journal import Journal, Update
-
-# The schema of journals written before the instances table and the token/conflicts columns existed.
-OLD_SCHEMA = """
-CREATE TABLE deliveries (path TEXT NOT NULL, dest TEXT NOT NULL, sop TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0, first_seen REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT '', last_code INTEGER, updated REAL NOT NULL, PRIMARY KEY (path, dest));
-CREATE TABLE history (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, dest TEXT NOT NULL, time REAL NOT NULL,
-    event TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
-CREATE INDEX history_path ON history(path);
-CREATE TABLE destinations (dest TEXT PRIMARY KEY, healthy INTEGER NOT NULL, last_error TEXT NOT NULL DEFAULT '',
-    last_change REAL NOT NULL, last_success REAL, delivered INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0);
-"""
+from tests.helpers import OLD_SCHEMA
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from relaypacsd.dicomfile import is_uid
 from relaypacsd.errors import EXIT_FAIL, EXIT_OK, RelayPacsError  # noqa: F401 (the commands import them from here)
 
 
-
 class UsageError(RelayPacsError):
     """Bad input on the command line (unknown PACS, malformed UID or date, missing path)."""
 

@@ -682,7 +682,7 @@ def test_status_counts_uid_conflicts_per_pacs(tmp_path, capsys):
 def test_status_reads_a_journal_no_daemon_has_upgraded_yet(tmp_path, capsys):
     import sqlite3
 
-    from tests.test_journal import OLD_SCHEMA
+    from tests.helpers import OLD_SCHEMA
 
     conf = write_config(tmp_path, url="http://127.0.0.1:9")
     Spool(tmp_path / "spool").prepare()

@@ -11,8 +11,8 @@ from relaypacsd.daemon import Daemon
 from relaypacsd.errors import PacsUnreachable
 from relaypacsd.senders import build_sender
 from tests.dicomfactory import MR_SMALL, write_instance
-from tests.integration.test_dicomweb_orthanc import pacs_for
-from tests.test_delivery import count, wait_until
+from tests.helpers import count, wait_until
+from tests.integration.pacs_helpers import cstore_pacs, pacs_for
 
 
 def _held_daemon(tmp_path, orthanc):
@@ -60,13 +60,12 @@ def test_cstore_sends_nothing_of_a_file_rewritten_since_validation(clean_orthanc
     from relaypacsd.cstore import CStoreSender
     from relaypacsd.delivery import Changed, deliver_parts
     from relaypacsd.models import Part
-    from tests.integration.test_cstore import _pacs
 
     keep, changed, gone = (tmp_path / n for n in ("keep.dcm", "changed.dcm", "gone.dcm"))
     parts = [Part(p, write_instance(p), p.stat().st_size) for p in (keep, changed, gone)]
     write_instance(changed, MR_SMALL)
     gone.unlink()
-    final = deliver_parts(CStoreSender(_pacs(clean_orthanc)), parts, attempts=3, delay=0, sleep=lambda s: None)
+    final = deliver_parts(CStoreSender(cstore_pacs(clean_orthanc)), parts, attempts=3, delay=0, sleep=lambda s: None)
     assert final[parts[0]].outcome.delivered
     assert isinstance(final[parts[1]], Changed) and not final[parts[1]].gone
     assert isinstance(final[parts[2]], Changed) and final[parts[2]].gone

@@ -19,6 +19,7 @@ from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from relaypacsd.senders import FallbackSender, build_sender
 from tests.dicomfactory import MR_SMALL, write_study
+from tests.integration.pacs_helpers import cstore_pacs
 
 
 def _parts(folder: Path, n: int, template: Path | None = None) -> tuple[str, list[Part]]:
@@ -28,19 +29,9 @@ def _parts(folder: Path, n: int, template: Path | None = None) -> tuple[str, lis
     return study, [Part(f, s, f.stat().st_size) for f, s in zip(files, sops)]
 
 
-def _pacs(orthanc, **kw) -> PacsConfig:
-    base = dict(name="orthanc", type="orthanc", url=orthanc.url, username=orthanc.username or "",
-                ae_title=orthanc.aet, dicom_host="127.0.0.1", dicom_port=orthanc.dicom_port,
-                connect_timeout=3.0, read_timeout=30.0)  # heavy load may slow an answer
-    from relaypacsd.config import Secret
-    base["password"] = Secret(orthanc.password or "")
-    base.update(kw)
-    return PacsConfig(**base)
-
-
 def test_cstore_to_orthanc_stores_every_instance(clean_orthanc, tmp_path):
     _, parts = _parts(tmp_path / "a", 5)
-    sender = CStoreSender(_pacs(clean_orthanc))
+    sender = CStoreSender(cstore_pacs(clean_orthanc))
     results, status = sender.send(parts)
     assert status is None
     assert [r.outcome for r in results] == [Outcome.DELIVERED] * 5
@@ -53,16 +44,16 @@ def test_cstore_to_orthanc_stores_every_instance(clean_orthanc, tmp_path):
 def test_cstore_mixed_sop_classes_one_association(clean_orthanc, tmp_path):
     _, ct = _parts(tmp_path / "ct", 2)
     _, mr = _parts(tmp_path / "mr", 2, MR_SMALL)
-    results, _ = CStoreSender(_pacs(clean_orthanc)).send(ct + mr)
+    results, _ = CStoreSender(cstore_pacs(clean_orthanc)).send(ct + mr)
     assert all(r.outcome is Outcome.DELIVERED for r in results)
     assert {p.sop_uid for p in ct + mr} <= clean_orthanc.list_instance_uids()
 
 
 def test_cecho_probe_and_unreachable_port(clean_orthanc):
-    sender = CStoreSender(_pacs(clean_orthanc))
+    sender = CStoreSender(cstore_pacs(clean_orthanc))
     sender.probe()
     assert sender.echo() < 5000
-    dead = CStoreSender(_pacs(clean_orthanc, dicom_port=free_port(), connect_timeout=1.0))
+    dead = CStoreSender(cstore_pacs(clean_orthanc, dicom_port=free_port(), connect_timeout=1.0))
     with pytest.raises(PacsUnreachable) as err:
         dead.probe()
     msg = str(err.value)
@@ -71,7 +62,7 @@ def test_cecho_probe_and_unreachable_port(clean_orthanc):
 
 def test_wrong_called_ae_is_a_destination_problem(orthanc_factory, tmp_path):
     strict = orthanc_factory(extra={"DicomCheckCalledAet": True})
-    sender = CStoreSender(_pacs(strict, ae_title="NOT_ORTHANC"))
+    sender = CStoreSender(cstore_pacs(strict, ae_title="NOT_ORTHANC"))
     with pytest.raises(DestinationProblem) as err:
         sender.probe()
     assert "NOT_ORTHANC" in str(err.value) and "ae_title" in str(err.value)
@@ -83,7 +74,7 @@ def test_nodelay_is_set_and_faster(clean_orthanc, tmp_path):
     for rnd in range(3):  # best of three: a busy machine only adds time, and to both alike
         for nodelay in (False, True):
             _, parts = _parts(tmp_path / f"r{rnd}-n{nodelay}", 12)
-            sender = CStoreSender(_pacs(clean_orthanc), nodelay=nodelay)
+            sender = CStoreSender(cstore_pacs(clean_orthanc), nodelay=nodelay)
             sender.send(parts[:2])
             t = time.monotonic()
             results, _ = sender.send(parts[2:])
@@ -141,7 +132,7 @@ def test_cstore_to_dcmtk_storescp(storescp, tmp_path):
 
 def test_fallback_stow_port_closed_delivers_via_cstore(clean_orthanc, tmp_path):
     _, parts = _parts(tmp_path / "f", 4)
-    pacs = _pacs(clean_orthanc, url=f"http://127.0.0.1:{free_port()}", fallback="cstore", connect_timeout=1.0)
+    pacs = cstore_pacs(clean_orthanc, url=f"http://127.0.0.1:{free_port()}", fallback="cstore", connect_timeout=1.0)
     sender = build_sender(pacs)
     assert isinstance(sender, FallbackSender)
     sender.probe()  # STOW down, C-ECHO fine: healthy
@@ -153,11 +144,11 @@ def test_fallback_stow_port_closed_delivers_via_cstore(clean_orthanc, tmp_path):
 
 def test_fallback_not_used_when_stow_works_or_refuses_credentials(clean_orthanc, tmp_path):
     _, parts = _parts(tmp_path / "g", 2)
-    sender = build_sender(_pacs(clean_orthanc, fallback="cstore"))
+    sender = build_sender(cstore_pacs(clean_orthanc, fallback="cstore"))
     results, status = sender.send(parts)
     assert status == 200 and sender.last_path == "STOW-RS"
     from relaypacsd.config import Secret
-    bad = build_sender(_pacs(clean_orthanc, fallback="cstore", password=Secret("wrong")))
+    bad = build_sender(cstore_pacs(clean_orthanc, fallback="cstore", password=Secret("wrong")))
     with pytest.raises(DestinationProblem) as err:
         bad.send(parts)
     assert err.value.status == 401

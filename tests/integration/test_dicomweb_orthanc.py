@@ -26,17 +26,7 @@ from relaypacsd.localorthanc import LocalOrthanc, free_port
 from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from tests.dicomfactory import MR_SMALL, MR_TRUNCATED, write_instance, write_study
-
-
-def pacs_for(orthanc: LocalOrthanc, **kwargs: object) -> PacsConfig:
-    user, password = orthanc.auth or ("", "")
-    kwargs.setdefault("username", user)
-    kwargs.setdefault("password", Secret(password))
-    kwargs.setdefault("url", orthanc.url)
-    kwargs.setdefault("connect_timeout", 3.0)
-    kwargs.setdefault("read_timeout", 30.0)
-    return PacsConfig(name=str(kwargs.pop("name", "orthanc")), type=str(kwargs.pop("type", "orthanc")),
-                      **kwargs)  # type: ignore[arg-type]
+from tests.integration.pacs_helpers import STORE_ONLY_FILTER, pacs_for
 
 
 def stow_part(path: Path, uid: str) -> Part:
@@ -346,17 +336,6 @@ def test_the_running_orthancs_config_is_owner_only(orthanc: LocalOrthanc) -> Non
     """The config Orthanc runs with holds its HTTP password in clear (item 15): 0600, not the umask's 0644."""
     assert orthanc.password in orthanc.config_path.read_text()
     assert orthanc.config_path.stat().st_mode & 0o777 == 0o600
-
-
-STORE_ONLY_FILTER = """
--- Orthanc calls this for every HTTP request: the account 'storeonly' may POST (STOW-RS) but nothing else.
-function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
-  if username == 'storeonly' and method ~= 'POST' then
-    return false
-  end
-  return true
-end
-"""
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def test_status_tells_the_truth_from_the_first_delivery(tmp_path: Path, clean_or
 
 def test_a_store_only_account_gets_its_files_and_is_shown_up(tmp_path: Path, orthanc_factory) -> None:
     """Item 11 through the real daemon: an account that may store but not query (QIDO 403) was DOWN for ever."""
-    from tests.integration.test_dicomweb_orthanc import STORE_ONLY_FILTER
+    from tests.integration.pacs_helpers import STORE_ONLY_FILTER
 
     lua = tmp_path / "store-only.lua"
     lua.write_text(STORE_ONLY_FILTER)
