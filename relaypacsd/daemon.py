@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -231,9 +232,12 @@ class Daemon:
             logger.error("reload of {} refused, still running the previous configuration: {}", source, exc)
             self.notifier.ready(self.status_line())
             return False
-        for key in ("log_level", "log_format", "log_file", "metrics_port", "metrics_address"):
+        for key in ("log_level", "log_format", "log_file", "metrics_port", "metrics_address", "state_dir"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 logger.warning("reload: daemon.{} changed; it takes effect at the next restart", key)
+        # The journal stays where it is: a new one elsewhere would forget which PACS confirmed what (and an
+        # unusable folder would end the daemon after its pieces had stopped, not refuse the reload).
+        new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, state_dir=self.config.daemon.state_dir))
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
