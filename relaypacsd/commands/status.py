@@ -8,7 +8,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age, load, print_json, table
 from relaypacsd.heartbeat import process_gone
@@ -58,7 +58,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     pacs = []
     for p in config.active():
-        d = dests.get(p.name, {})
+        d: Mapping[str, Any] = dests.get(p.name) or {}  # no row yet: never heard of
         healthy = d.get("healthy")
         health = "unknown" if healthy is None else ("up" if healthy else "DOWN")
         # The daemon resets health to unknown at start, so while it runs a row is this run's finding; once
