@@ -82,7 +82,7 @@ class TestRows:
             ("a", "transient"), ("b", "failed"), ("a", "delivered")]
 
     def test_rows_at_and_rows_of_read_many_files_at_once(self, journal):
-        paths = [f"/s/sending/{i}.dcm" for i in range(1200)]  # beyond any per-query parameter limit
+        paths = [f"/s/sending/{i}.dcm" for i in range(1200)]  # a backend may split them into several queries
         for p in paths:
             journal.ensure(p, ["a", "b"])
         journal.apply([Update(p, "b", "delivered", "delivered") for p in paths[::2]])
