@@ -8,7 +8,6 @@ import os
 import queue
 import signal
 import socket
-import sqlite3
 import threading
 import time
 from datetime import datetime, timezone
@@ -23,8 +22,8 @@ from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Item, Sender
 from relaypacsd.destinations import build_sender
-from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
-from relaypacsd.journal import Journal
+from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError, RelayPacsError
+from relaypacsd.journal import open_journal
 from relaypacsd.notify import Notifier
 from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
                               valid_path)
@@ -80,8 +79,8 @@ class Daemon:
         self._growing: dict[Path, float] = {}  # truncated files that may still grow -> unchanged since (monotonic)
         self._grown: dict[Path, tuple[int, int]] = {}  # their (size, mtime) when last looked at
         try:
-            self.journal = Journal(self.state_dir / "journal.sqlite3")
-        except (OSError, sqlite3.Error) as exc:
+            self.journal = open_journal(self.state_dir)
+        except JournalError as exc:
             raise ConfigError(f"daemon.state_dir = {str(self.state_dir)!r}: cannot keep the journal there ({exc}): "
                               "make the folder writable by the service user") from None
         if senders is None:

@@ -42,3 +42,7 @@ class DestinationProblem(PacsError):
 
     def __init__(self, message: str, *, status: int | None = None):
         super().__init__(message, transient=True, status=status)
+
+
+class JournalError(RelayPacsError):
+    """The journal (the delivery memory in the state directory) cannot be opened or read."""

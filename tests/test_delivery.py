@@ -20,7 +20,7 @@ from relaypacsd.delivery import Engine, backoff, deliver_parts
 from relaypacsd.dicomfile import inspect
 from relaypacsd.dicomweb import StowPart
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
-from relaypacsd.journal import Journal
+from relaypacsd.journal import open_journal
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.spool import Spool, sidecar_path
 from tests.dicomfactory import write_study
@@ -66,7 +66,7 @@ def setup(tmp_path, senders, n=4, **delivery):
     spool = Spool(tmp_path / "root")
     spool.prepare()
     study, sops = write_study(spool.inbox, n)
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     engine = Engine(config, journal, {s.name: s for s in senders})
     return engine, spool, sops
 
