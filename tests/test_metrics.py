@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relaypacsd.metrics import Metrics
 from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.snapshot import take
 from relaypacsd.spool import Spool
 
 
@@ -21,14 +22,16 @@ def _samples(metrics: Metrics) -> dict:
 
 
 def _fake_daemon(tmp_path):
+    """A daemon's pieces, and the snapshot callable the daemon gives Metrics (taken at each scrape)."""
     spool = Spool(tmp_path / "root")
     spool.prepare()
-    dest = SimpleNamespace(name="pacs1", healthy=False, queued=lambda: 3)
+    dest = SimpleNamespace(name="pacs1", healthy=False, down_reason="refused", queued=lambda: 3,
+                           sender=SimpleNamespace(target="http://127.0.0.1:1/dicom-web"))
     engine = SimpleNamespace(destinations={"pacs1": dest}, in_flight=lambda: 2)
     ready = threading.Event()
     ready.set()
-    return SimpleNamespace(spools=[spool], engine=engine, counters={"sent": 4, "failed": 1}, ready=ready,
-                           alive=lambda: True), spool, dest
+    return (lambda: take([spool], engine, {"sent": 4, "failed": 1}, ready.is_set(), lambda: True, time.monotonic(),
+                         folders=True)), spool, dest
 
 
 def test_spool_gauges_and_health(tmp_path, monkeypatch):
