@@ -21,7 +21,7 @@ def _samples(metrics: Metrics) -> dict:
             for fam in text_string_to_metric_families(metrics.render().decode()) for s in fam.samples}
 
 
-def _fake_daemon(tmp_path):
+def _fake_snapshot(tmp_path):
     """A daemon's pieces, and the snapshot callable the daemon gives Metrics (taken at each scrape)."""
     spool = Spool(tmp_path / "root")
     spool.prepare()
@@ -35,7 +35,7 @@ def _fake_daemon(tmp_path):
 
 
 def test_spool_gauges_and_health(tmp_path, monkeypatch):
-    daemon, spool, dest = _fake_daemon(tmp_path)
+    snapshot, spool, dest = _fake_snapshot(tmp_path)
     old = spool.sending / "a" / "old.dcm"
     old.parent.mkdir()
     old.write_bytes(b"x")
@@ -46,7 +46,7 @@ def test_spool_gauges_and_health(tmp_path, monkeypatch):
     (spool.inbox / "new.dcm").write_bytes(b"x")
     (spool.failed / "bad.dcm").write_bytes(b"x")
     (spool.failed / "bad.dcm.error.json").write_text("{}")
-    m = Metrics(daemon)
+    m = Metrics(snapshot)
     s = _samples(m)
     root = str(spool.root)
     assert s[("relaypacsd_files", (("folder", "sending"), ("root", root)))] == 1
@@ -61,8 +61,8 @@ def test_spool_gauges_and_health(tmp_path, monkeypatch):
 
 
 def test_batch_observer_counts_outcomes_retries_and_latency(tmp_path):
-    daemon, _, dest = _fake_daemon(tmp_path)
-    m = Metrics(daemon)
+    snapshot, _, dest = _fake_snapshot(tmp_path)
+    m = Metrics(snapshot)
     ok = InstanceResult(sop_uid="1.2", outcome=Outcome.DELIVERED, reason="", http_status=200, reason_code=None)
     dup = InstanceResult(sop_uid="1.3", outcome=Outcome.DUPLICATE, reason="", http_status=200, reason_code=None)
     bad = InstanceResult(sop_uid="1.4", outcome=Outcome.TRANSIENT, reason="503", http_status=503, reason_code=None)
@@ -78,7 +78,7 @@ def test_batch_observer_counts_outcomes_retries_and_latency(tmp_path):
 
 
 def test_private_registry_two_daemons_do_not_clash(tmp_path):
-    a, _, _ = _fake_daemon(tmp_path / "a")
-    b, _, _ = _fake_daemon(tmp_path / "b")
+    a, _, _ = _fake_snapshot(tmp_path / "a")
+    b, _, _ = _fake_snapshot(tmp_path / "b")
     Metrics(a), Metrics(b)  # the same metric names twice: fine in private registries
     assert REGISTRY.get_sample_value("relaypacsd_delivered_total", {"pacs": "pacs1"}) is None
