@@ -25,6 +25,7 @@ from relaypacsd.destinations import build_sender
 from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError, RelayPacsError
 from relaypacsd.journal import open_journal
 from relaypacsd.notify import Notifier
+from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
 from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
                               valid_path)
 from relaypacsd.watcher import InboxWatcher
@@ -52,6 +53,7 @@ class Daemon:
 
     def __init__(self, config: Config, senders: dict[str, Sender] | None = None):
         self.counters = {"sent": 0, "failed": 0}
+        self.started = time.monotonic()  # the snapshot's uptime
         self.ready = threading.Event()
         self.on_ready: Callable[[], None] | None = None
         self.notifier = Notifier()
@@ -314,7 +316,7 @@ class Daemon:
             return
         from relaypacsd.metrics import Metrics
 
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(lambda: self.snapshot(folders=True))  # a scrape walks each spool once
         self.engine.on_batch = self.metrics.observe_batch
         d = self.config.daemon
         try:
@@ -323,11 +325,14 @@ class Daemon:
             raise ConfigError(f"daemon.metrics_port = {d.metrics_port} on {d.metrics_address}: cannot listen there "
                               f"({exc.strerror}): another process uses it? pick another port, or 0 to turn metrics off") from None
 
+    def snapshot(self, folders: bool = False) -> Snapshot:
+        """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""
+        return take(self.spools, self.engine, self.counters, self.ready.is_set(), self.alive, self.started,
+                    folders=folders)
+
     def status_line(self) -> str:
         """One line for `systemctl status`: queue figures and PACS health."""
-        pacs = ", ".join(f"{d.name} {'up' if d.healthy else 'DOWN'}" for d in self.engine.destinations.values())
-        return (f"{len(self.spools)} watch root(s); {self.engine.in_flight()} file(s) in flight; "
-                f"{self.counters['sent']} sent, {self.counters['failed']} failed; PACS: {pacs or 'none'}")
+        return systemd_status(self.snapshot())
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -664,9 +669,7 @@ class Daemon:
 
     def _write_heartbeat(self, stopped: bool = False) -> None:
         """Write the liveness file that `relaypacsd health` reads."""
-        body = {"time": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
-                "alive": (self.alive() if self.ready.is_set() else True) and not stopped, "stopped": stopped,
-                "in_flight": self.engine.in_flight(), "sent": self.counters["sent"], "failed": self.counters["failed"]}
+        body = heartbeat_body(self.snapshot(), os.getpid(), socket.gethostname(), stopped=stopped)
         tmp = self.state_dir / f".{HEARTBEAT_FILE}.tmp"
         try:
             tmp.write_text(json.dumps(body))

@@ -14,13 +14,9 @@ from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, human_age
 from relaypacsd.heartbeat import process_gone
 from relaypacsd.errors import JournalError
 from relaypacsd.journal import DestinationStats, Journal, open_journal
+from relaypacsd.snapshot import folders_of
 from relaypacsd.spool import Spool, clashed, read_sidecar, sidecar_path
 from relaypacsd.timefmt import iso_time
-
-
-def _folder_stats(spool: Spool) -> dict[str, Any]:
-    counts, oldest = spool.stats()
-    return {"root": str(spool.root), **counts, "oldest_waiting_seconds": None if oldest is None else round(oldest)}
 
 
 def _read_journal(state_dir: Path) -> tuple[dict[str, DestinationStats], dict[str, dict[str, int]]]:
@@ -52,7 +48,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Folder counts, oldest waiting file, each PACS's health, last error and last success."""
     config = load(args)
     state_dir = Path(config.daemon.state_dir)
-    roots = [_folder_stats(Spool(Path(w.path))) for w in config.watch]
+    roots = [folders_of(Spool(Path(w.path))).to_dict() for w in config.watch]  # as the daemon counts
     dests, counts = _read_journal(state_dir)
     daemon = _daemon_state(state_dir)
     now = time.time()
