@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
 import signal
 import socket
-import sqlite3
 import threading
 import time
 from datetime import datetime, timezone
@@ -21,12 +21,13 @@ from loguru import logger
 from relaypacsd import archive, dicomfile
 from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Item
-from relaypacsd.errors import ConfigError, InvalidDicomError, RelayPacsError
+from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError, RelayPacsError
 from relaypacsd.heartbeat import HEARTBEAT_FILE
-from relaypacsd.journal import Journal
+from relaypacsd.journal import open_journal
 from relaypacsd.models import Sender
 from relaypacsd.notify import Notifier
 from relaypacsd.senders import build_sender
+from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
 from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
                               valid_path)
 from relaypacsd.watcher import InboxWatcher
@@ -53,6 +54,7 @@ class Daemon:
 
     def __init__(self, config: Config, senders: dict[str, Sender] | None = None):
         self.counters = {"sent": 0, "failed": 0}
+        self.started = time.monotonic()  # the snapshot's uptime
         self.ready = threading.Event()
         self.on_ready: Callable[[], None] | None = None
         self.notifier = Notifier()
@@ -80,8 +82,8 @@ class Daemon:
         self._growing: dict[Path, float] = {}  # truncated files that may still grow -> unchanged since (monotonic)
         self._grown: dict[Path, tuple[int, int]] = {}  # their (size, mtime) when last looked at
         try:
-            self.journal = Journal(self.state_dir / "journal.sqlite3")
-        except (OSError, sqlite3.Error) as exc:
+            self.journal = open_journal(self.state_dir)
+        except JournalError as exc:
             raise ConfigError(f"daemon.state_dir = {str(self.state_dir)!r}: cannot keep the journal there ({exc}): "
                               "make the folder writable by the service user") from None
         if senders is None:
@@ -230,9 +232,12 @@ class Daemon:
             logger.error("reload of {} refused, still running the previous configuration: {}", source, exc)
             self.notifier.ready(self.status_line())
             return False
-        for key in ("log_level", "log_format", "log_file", "metrics_port", "metrics_address"):
+        for key in ("log_level", "log_format", "log_file", "metrics_port", "metrics_address", "state_dir"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 logger.warning("reload: daemon.{} changed; it takes effect at the next restart", key)
+        # The journal stays where it is: a new one elsewhere would forget which PACS confirmed what (and an
+        # unusable folder would end the daemon after its pieces had stopped, not refuse the reload).
+        new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, state_dir=self.config.daemon.state_dir))
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
@@ -315,7 +320,7 @@ class Daemon:
             return
         from relaypacsd.metrics import Metrics
 
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(lambda: self.snapshot(folders=True))  # a scrape walks each spool once
         self.engine.on_batch = self.metrics.observe_batch
         d = self.config.daemon
         try:
@@ -324,11 +329,14 @@ class Daemon:
             raise ConfigError(f"daemon.metrics_port = {d.metrics_port} on {d.metrics_address}: cannot listen there "
                               f"({exc.strerror}): another process uses it? pick another port, or 0 to turn metrics off") from None
 
+    def snapshot(self, folders: bool = False) -> Snapshot:
+        """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""
+        return take(self.spools, self.engine, self.counters, self.ready.is_set(), self.alive, self.started,
+                    folders=folders)
+
     def status_line(self) -> str:
         """One line for `systemctl status`: queue figures and PACS health."""
-        pacs = ", ".join(f"{d.name} {'up' if d.healthy else 'DOWN'}" for d in self.engine.destinations.values())
-        return (f"{len(self.spools)} watch root(s); {self.engine.in_flight()} file(s) in flight; "
-                f"{self.counters['sent']} sent, {self.counters['failed']} failed; PACS: {pacs or 'none'}")
+        return systemd_status(self.snapshot())
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -665,9 +673,7 @@ class Daemon:
 
     def _write_heartbeat(self, stopped: bool = False) -> None:
         """Write the liveness file that `relaypacsd health` reads."""
-        body = {"time": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
-                "alive": (self.alive() if self.ready.is_set() else True) and not stopped, "stopped": stopped,
-                "in_flight": self.engine.in_flight(), "sent": self.counters["sent"], "failed": self.counters["failed"]}
+        body = heartbeat_body(self.snapshot(), os.getpid(), socket.gethostname(), stopped=stopped)
         tmp = self.state_dir / f".{HEARTBEAT_FILE}.tmp"
         try:
             tmp.write_text(json.dumps(body))

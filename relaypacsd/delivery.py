@@ -17,10 +17,11 @@ from loguru import logger
 from relaypacsd.config import Config, PacsConfig
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
-from relaypacsd.journal import DeliveryRow, Journal, KnownInstance, Update, _iso
+from relaypacsd.journal import DeliveryRow, Journal, KnownInstance, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 from relaypacsd.spool import Spool, now_iso, sync_dirs
+from relaypacsd.timefmt import iso_time
 
 # How many deliveries an instance with an unclear rejection (0x0110, "200 but not confirmed") gets.
 LIMITED_MAX_DELIVERIES = 3
@@ -482,13 +483,13 @@ class Engine:
         http = f"HTTP {result.http_status}" if result.http_status is not None else "C-STORE"
         with item.lock:
             item.conflicts[dest.name] = {
-                "earlier_file": earlier_file, "earlier_delivered": _iso(earlier.time),
+                "earlier_file": earlier_file, "earlier_delivered": iso_time(earlier.time),
                 "pacs_answer": {"http_status": result.http_status, "answer": answer, "reason": result.reason},
                 "note": "the PACS may have kept the earlier version: what it holds under this UID may not be this file"}
         return InstanceResult(uid, Outcome.UID_CONFLICT, result.http_status, result.reason_code,
                               f"the PACS answered {http}, {answer} ({result.reason}), but it confirmed this "
                               f"SOPInstanceUID before for other content: {earlier_file}, delivered "
-                              f"{_iso(earlier.time)}; the PACS may have kept that earlier version")
+                              f"{iso_time(earlier.time)}; the PACS may have kept that earlier version")
 
     def _drop_changed(self, item: Item, result: Changed) -> None:
         """Take a file that changed or vanished since its validation out of every queue and the journal, and

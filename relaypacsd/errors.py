@@ -62,3 +62,7 @@ class PartChanged(RelayPacsError):
 
 class RequeueError(RelayPacsError):
     """A failed file could not be moved back to sending/ (an operator's retry); it stays in failed/."""
+
+
+class JournalError(RelayPacsError):
+    """The journal (the delivery memory in the state directory) cannot be opened or read."""

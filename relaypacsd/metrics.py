@@ -1,46 +1,42 @@
 """Prometheus metrics of one daemon, in a private registry (no global state), served over HTTP when asked.
 
-Gauges that describe the spool (files per folder, oldest waiting file, PACS health) are computed at scrape
-time from the daemon's current pieces, so they stay right across a SIGHUP reload. Counters of deliveries
-come from the engine's batch observer (`Engine.on_batch`) and the daemon's per-run counters.
+Gauges that describe the spool (files per folder, oldest waiting file, PACS health) come from a snapshot
+taken at scrape time (`relaypacsd.snapshot`), so they stay right across a SIGHUP reload. Counters of
+deliveries come from the engine's batch observer (`Engine.on_batch`) and the snapshot's per-run counters.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from relaypacsd.outcomes import Outcome
-
-if TYPE_CHECKING:
-    from relaypacsd.daemon import Daemon
+from relaypacsd.snapshot import Snapshot
 
 PREFIX = "relaypacsd"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class _SpoolCollector(Collector):
-    """Reads the daemon's spools and destinations at each scrape."""
+    """Turns one snapshot, with its folder walk, into gauges at each scrape."""
 
-    def __init__(self, daemon: "Daemon"):
-        self.daemon = daemon
+    def __init__(self, take: Callable[[], Snapshot]):
+        self.take = take
 
     def collect(self) -> Iterator[Any]:
-        d = self.daemon
+        snap = self.take()
         files = GaugeMetricFamily(f"{PREFIX}_files", "Files per folder of each watch root", labels=["root", "folder"])
         oldest = GaugeMetricFamily(f"{PREFIX}_oldest_waiting_seconds",
                                    "Age of the oldest file in inbox/ or sending/ of each watch root (0 if none)",
                                    labels=["root"])
-        for spool in list(d.spools):
-            root = str(spool.root)
-            counts, age = spool.stats()
-            for folder, count in counts.items():
-                files.add_metric([root, folder], count)
-            oldest.add_metric([root], age or 0.0)
+        for root in snap.folders:
+            for folder, count in root.counts().items():
+                files.add_metric([root.root, folder], count)
+            oldest.add_metric([root.root], root.oldest_waiting_seconds or 0.0)
         yield files
         yield oldest
 
@@ -48,31 +44,32 @@ class _SpoolCollector(Collector):
                                labels=["pacs"])
         queued = GaugeMetricFamily(f"{PREFIX}_destination_queued", "Files queued, waiting or in flight per PACS",
                                    labels=["pacs"])
-        for name, dest in list(d.engine.destinations.items()):
-            up.add_metric([name], 1.0 if dest.healthy else 0.0)
-            queued.add_metric([name], dest.queued())
+        for dest in snap.destinations:
+            up.add_metric([dest.name], 1.0 if dest.healthy else 0.0)
+            queued.add_metric([dest.name], dest.queued)
         yield up
         yield queued
 
         in_flight = GaugeMetricFamily(f"{PREFIX}_in_flight", "Files known to the delivery engine, not yet settled")
-        in_flight.add_metric([], d.engine.in_flight())
+        in_flight.add_metric([], snap.in_flight)
         yield in_flight
         alive = GaugeMetricFamily(f"{PREFIX}_alive", "1 while every watcher, worker and job thread runs")
-        alive.add_metric([], 1.0 if d.ready.is_set() and d.alive() else 0.0)
+        alive.add_metric([], 1.0 if snap.alive else 0.0)
         yield alive
         settled = CounterMetricFamily(f"{PREFIX}_files_settled", "Files moved to sent/ or failed/ since start",
                                       labels=["folder"])
-        for folder in ("sent", "failed"):
-            settled.add_metric([folder], d.counters.get(folder, 0))
+        settled.add_metric(["sent"], snap.sent)
+        settled.add_metric(["failed"], snap.failed)
         yield settled
 
 
 class Metrics:
     """The metrics of one daemon: a private registry, the engine observer, and an optional HTTP server."""
 
-    def __init__(self, daemon: "Daemon"):
+    def __init__(self, take: Callable[[], Snapshot]):
+        """`take` returns the daemon's snapshot with its folders walked: called once per scrape."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_SpoolCollector(daemon))
+        self.registry.register(_SpoolCollector(take))
         self.instances = Counter(f"{PREFIX}_instances", "Instance outcomes per PACS and send attempt",
                                  ["pacs", "outcome"], registry=self.registry)
         self.delivered = Counter(f"{PREFIX}_delivered", "Instances the PACS confirmed (stored or already there)",

@@ -11,11 +11,11 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from relaypacsd.errors import SpoolError
+from relaypacsd.timefmt import iso_time
 
 FOLDERS = ("inbox", "sending", "sent", "failed")
 SIDECAR_SUFFIX = ".error.json"
@@ -404,7 +404,7 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
 
 def now_iso() -> str:
     """The current UTC time, ISO 8601, for sidecars and journals."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return iso_time(time.time())
 
 
 def age_seconds(path: Path, now: float | None = None) -> float | None:

@@ -16,7 +16,7 @@ from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
 from relaypacsd.dicomfile import inspect
-from relaypacsd.journal import Journal, Update
+from relaypacsd.journal import Update, open_journal
 from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
 from tests.helpers import ScriptedPacs, count, gated, make_daemon, wait_until
@@ -63,7 +63,7 @@ def test_start_keeps_the_rows_of_files_merely_out_of_sight(tmp_path):
     daemon.journal.ensure(str(moved), ["orthanc"], sop="1.2.4")
     daemon.start()
     daemon.shutdown(timeout=5)
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     try:
         assert all(journal.rows(str(key))["other"].state == "delivered" for key in hidden)
         assert journal.rows(str(moved)) == {} and journal.rows(str(spool.failed / "moved.dcm"))
@@ -95,7 +95,7 @@ def test_start_settles_rows_by_instance_not_by_name(tmp_path):
         daemon.journal.apply([Update(key, "other", "delivered", "delivered")])
     daemon.start()
     daemon.shutdown(timeout=5)
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     try:
         assert journal.rows(str(spool.failed / "IMG.dcm"))["other"].state == "delivered"  # not forgotten
         assert journal.rows(str(spool.failed / "CT~1.dcm"))["other"].state == "delivered"

@@ -17,7 +17,7 @@ from relaypacsd import archive
 from relaypacsd import spool as spool_mod
 from relaypacsd.dicomweb import StowBody
 from relaypacsd.errors import PacsUnreachable
-from relaypacsd.journal import Journal
+from relaypacsd.journal import open_journal
 from relaypacsd.spool import SIDECAR_SUFFIX, read_sidecar, rename_noreplace, write_sidecar
 from tests.dicomfactory import MR_SMALL, write_instance
 from tests.helpers import ScriptedPacs, count, make_daemon, wait_until
@@ -38,7 +38,7 @@ class ReadingPacs(ScriptedPacs):
 
 
 def _rows(tmp_path) -> int:
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     try:
         return sum(sum(v.values()) for v in journal.counts().values())
     finally:

@@ -19,7 +19,7 @@ from relaypacsd.config import build_config
 from relaypacsd.delivery import Engine, backoff, deliver_parts
 from relaypacsd.dicomfile import inspect
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
-from relaypacsd.journal import Journal
+from relaypacsd.journal import open_journal
 from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from relaypacsd.spool import Spool, sidecar_path
@@ -34,7 +34,7 @@ def setup(tmp_path, senders, n=4, **delivery):
     spool = Spool(tmp_path / "root")
     spool.prepare()
     study, sops = write_study(spool.inbox, n)
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     engine = Engine(config, journal, {s.name: s for s in senders})
     return engine, spool, sops
 

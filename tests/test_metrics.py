@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relaypacsd.metrics import Metrics
 from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.snapshot import take
 from relaypacsd.spool import Spool
 
 
@@ -20,19 +21,21 @@ def _samples(metrics: Metrics) -> dict:
             for fam in text_string_to_metric_families(metrics.render().decode()) for s in fam.samples}
 
 
-def _fake_daemon(tmp_path):
+def _fake_snapshot(tmp_path):
+    """A daemon's pieces, and the snapshot callable the daemon gives Metrics (taken at each scrape)."""
     spool = Spool(tmp_path / "root")
     spool.prepare()
-    dest = SimpleNamespace(name="pacs1", healthy=False, queued=lambda: 3)
+    dest = SimpleNamespace(name="pacs1", healthy=False, down_reason="refused", queued=lambda: 3,
+                           sender=SimpleNamespace(target="http://127.0.0.1:1/dicom-web"))
     engine = SimpleNamespace(destinations={"pacs1": dest}, in_flight=lambda: 2)
     ready = threading.Event()
     ready.set()
-    return SimpleNamespace(spools=[spool], engine=engine, counters={"sent": 4, "failed": 1}, ready=ready,
-                           alive=lambda: True), spool, dest
+    return (lambda: take([spool], engine, {"sent": 4, "failed": 1}, ready.is_set(), lambda: True, time.monotonic(),
+                         folders=True)), spool, dest
 
 
 def test_spool_gauges_and_health(tmp_path, monkeypatch):
-    daemon, spool, dest = _fake_daemon(tmp_path)
+    snapshot, spool, dest = _fake_snapshot(tmp_path)
     old = spool.sending / "a" / "old.dcm"
     old.parent.mkdir()
     old.write_bytes(b"x")
@@ -43,7 +46,7 @@ def test_spool_gauges_and_health(tmp_path, monkeypatch):
     (spool.inbox / "new.dcm").write_bytes(b"x")
     (spool.failed / "bad.dcm").write_bytes(b"x")
     (spool.failed / "bad.dcm.error.json").write_text("{}")
-    m = Metrics(daemon)
+    m = Metrics(snapshot)
     s = _samples(m)
     root = str(spool.root)
     assert s[("relaypacsd_files", (("folder", "sending"), ("root", root)))] == 1
@@ -58,8 +61,8 @@ def test_spool_gauges_and_health(tmp_path, monkeypatch):
 
 
 def test_batch_observer_counts_outcomes_retries_and_latency(tmp_path):
-    daemon, _, dest = _fake_daemon(tmp_path)
-    m = Metrics(daemon)
+    snapshot, _, dest = _fake_snapshot(tmp_path)
+    m = Metrics(snapshot)
     ok = InstanceResult(sop_uid="1.2", outcome=Outcome.DELIVERED, reason="", http_status=200, reason_code=None)
     dup = InstanceResult(sop_uid="1.3", outcome=Outcome.DUPLICATE, reason="", http_status=200, reason_code=None)
     bad = InstanceResult(sop_uid="1.4", outcome=Outcome.TRANSIENT, reason="503", http_status=503, reason_code=None)
@@ -75,7 +78,7 @@ def test_batch_observer_counts_outcomes_retries_and_latency(tmp_path):
 
 
 def test_private_registry_two_daemons_do_not_clash(tmp_path):
-    a, _, _ = _fake_daemon(tmp_path / "a")
-    b, _, _ = _fake_daemon(tmp_path / "b")
+    a, _, _ = _fake_snapshot(tmp_path / "a")
+    b, _, _ = _fake_snapshot(tmp_path / "b")
     Metrics(a), Metrics(b)  # the same metric names twice: fine in private registries
     assert REGISTRY.get_sample_value("relaypacsd_delivered_total", {"pacs": "pacs1"}) is None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relaypacsd.errors import RequeueError
-from relaypacsd.journal import Journal
+from relaypacsd.journal import Journal, open_journal
 from relaypacsd.requeue import requeue
 from relaypacsd.spool import Spool, sidecar_path, write_sidecar
 
@@ -19,7 +19,7 @@ def _failed(tmp_path: Path) -> tuple[Spool, Journal, Path]:
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"y")
     write_sidecar(bad, {"reason": "PACS refused it"})
-    journal = Journal(tmp_path / "journal.sqlite3")
+    journal = open_journal(tmp_path)
     journal.ensure(str(bad), ["orthanc", "other"], first_seen=1.0)
     journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
     journal.update(str(bad), "other", state="delivered", event="delivered")

@@ -3,60 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from relaypacsd.commands.common import EXIT_OK, human_age, load, print_json, table
 from relaypacsd.commands.common import short as _short
+from relaypacsd.errors import JournalError
 from relaypacsd.heartbeat import process_gone, read_heartbeat
-from relaypacsd.journal import health_of
+from relaypacsd.journal import DestinationStats, open_journal
+from relaypacsd.snapshot import folders_of
 from relaypacsd.spool import Spool
-
-JOURNAL_FILE = "journal.sqlite3"
-
-
-def _folder_stats(spool: Spool) -> dict[str, Any]:
-    counts, oldest = spool.stats()
-    return {"root": str(spool.root), **counts, "oldest_waiting_seconds": None if oldest is None else round(oldest)}
+from relaypacsd.timefmt import iso_time
 
 
-def _read_journal(state_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]]]:
-    """Destinations table and per-state counts, read-only (WAL lets us read while the daemon writes)."""
-    path = state_dir / JOURNAL_FILE
-    if not path.exists():
+def _read_journal(state_dir: Path) -> tuple[dict[str, DestinationStats], dict[str, dict[str, int]]]:
+    """Destinations with their counters and per-state counts, read-only (safe while the daemon writes)."""
+    try:
+        journal = open_journal(state_dir, readonly=True)
+    except JournalError:
         return {}, {}
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return {}, {}
-    try:
-        dests = {}
-        for r in db.execute("SELECT dest, healthy, last_error, last_change, last_success, delivered, failed FROM destinations"):
-            dests[r[0]] = {"healthy": health_of(r[1]), "last_error": r[2], "last_change": r[3], "last_success": r[4],
-                           "delivered": r[5], "failed": r[6]}
-        counts: dict[str, dict[str, int]] = {}
-        for dest, state, n in db.execute("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
-            counts.setdefault(dest, {})[state] = n
-        _read_conflicts(db, dests)
-        return dests, counts
-    except sqlite3.Error:
+        return journal.destinations(), journal.counts()
+    except JournalError:
         return {}, {}
     finally:
-        db.close()
-
-
-def _read_conflicts(db: sqlite3.Connection, dests: dict[str, dict[str, Any]]) -> None:
-    """Add each destination's UID-conflict count; a journal no daemon has upgraded yet has none."""
-    try:
-        found = db.execute("SELECT dest, conflicts FROM destinations").fetchall()
-    except sqlite3.OperationalError:  # no such column: read-only here, so no upgrade
-        return
-    for dest, n in found:
-        if dest in dests:
-            dests[dest]["conflicts"] = n
+        journal.close()
 
 
 def _daemon_state(state_dir: Path) -> dict[str, Any]:
@@ -72,33 +44,25 @@ def _daemon_state(state_dir: Path) -> dict[str, Any]:
         return {"running": False, "heartbeat_age_seconds": None, "pid": None, "in_flight": None}
 
 
-def _iso(t: float | None) -> str | None:
-    if not t:
-        return None
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Folder counts, oldest waiting file, each PACS's health, last error and last success."""
     config = load(args)
     state_dir = Path(config.daemon.state_dir)
-    roots = [_folder_stats(Spool(Path(w.path))) for w in config.watch]
+    roots = [folders_of(Spool(Path(w.path))).to_dict() for w in config.watch]  # as the daemon counts
     dests, counts = _read_journal(state_dir)
     daemon = _daemon_state(state_dir)
     now = time.time()
     pacs = []
     for p in config.active():
-        d = dests.get(p.name, {})
+        d: Mapping[str, Any] = dests.get(p.name) or {}  # no row yet: never heard of
         healthy = d.get("healthy")
         health = "unknown" if healthy is None else ("up" if healthy else "DOWN")
         # The daemon resets health to unknown at start, so while it runs a row is this run's finding; once
         # it stopped, what it last found is shown as such, never as current.
         pacs.append({"name": p.name, "target": p.stow_base, "health": health,
                      "health_current": bool(daemon["running"]) and healthy is not None,
-                     "health_since": _iso(d.get("last_change")),
-                     "last_error": d.get("last_error") or "", "last_success": _iso(d.get("last_success")),
+                     "health_since": iso_time(d.get("last_change")),
+                     "last_error": d.get("last_error") or "", "last_success": iso_time(d.get("last_success")),
                      "last_success_age_seconds": round(now - d["last_success"]) if d.get("last_success") else None,
                      "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
                      "uid_conflicts": d.get("conflicts", 0),

@@ -19,7 +19,7 @@ from relaypacsd.commands.common import UsageError, check_uid, human_age
 from relaypacsd.commands.send import batches
 from relaypacsd.delivery import deliver_parts
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable
-from relaypacsd.journal import Journal
+from relaypacsd.journal import open_journal
 from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.senders import FallbackSender, stow_unusable
@@ -72,7 +72,7 @@ def test_status_and_retry(tmp_path, capsys):
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"y")
     write_sidecar(bad, {"reason": "PACS refused it"})
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     journal.ensure(str(bad), ["orthanc", "other"], first_seen=1.0)
     journal.set_health("orthanc", False, "PACS 'orthanc' unreachable")
     journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
@@ -92,7 +92,7 @@ def test_status_and_retry(tmp_path, capsys):
     assert "queued sub/bad.dcm" in capsys.readouterr().out
     new = spool.sending / "sub" / "bad.dcm"
     assert new.exists() and not bad.exists() and not Path(str(bad) + ".error.json").exists()
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     rows = journal.rows(str(new))
     assert rows["orthanc"].state == "pending" and rows["orthanc"].attempts == 0
     assert rows["other"].state == "delivered"  # a PACS that confirmed it never gets it again
@@ -107,7 +107,7 @@ def test_status_health_unknown_until_this_run_knows_and_counters_from_the_first_
     never), and an earlier run's DOWN stayed on show; a delivery is evidence of health."""
     conf = write_config(tmp_path, url="http://127.0.0.1:9")
     path = str(tmp_path / "spool" / "sending" / "a.dcm")
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     journal.set_health("orthanc", False, "PACS 'orthanc' unreachable")  # an earlier run's outage
 
     def status() -> dict:
@@ -138,7 +138,7 @@ def test_status_health_unknown_until_this_run_knows_and_counters_from_the_first_
 
 def test_status_says_a_stopped_daemons_finding_is_not_current(tmp_path, capsys):
     conf = write_config(tmp_path, url="http://127.0.0.1:9")
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     journal.set_health("orthanc", False, "PACS 'orthanc' unreachable")
     journal.close()
     assert cli.main(["-c", str(conf), "status"]) == 0
@@ -249,7 +249,7 @@ def test_retry_moves_the_journal_rows_ahead_of_the_file(tmp_path, capsys, monkey
     bad = spool.failed / "bad.dcm"
     bad.write_bytes(b"y")
     write_sidecar(bad, {"reason": "refused by orthanc"})
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     journal.ensure(str(bad), ["orthanc", "other"])
     journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
     journal.update(str(bad), "other", state="delivered", event="delivered")
@@ -259,14 +259,14 @@ def test_retry_moves_the_journal_rows_ahead_of_the_file(tmp_path, capsys, monkey
 
     def move_and_validate_at_once(self, src, dest):
         real_move(self, src, dest)
-        daemon_journal = Journal(tmp_path / "state" / "journal.sqlite3")  # the daemon's own connection
+        daemon_journal = open_journal(tmp_path / "state")  # the daemon's own connection
         seen_by_daemon.update({d: r.state for d, r in daemon_journal.ensure(str(dest), ["orthanc", "other"]).items()})
         daemon_journal.close()
 
     monkeypatch.setattr(Spool, "move_to", move_and_validate_at_once)
     assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
     assert seen_by_daemon == {"orthanc": "pending", "other": "delivered"}
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     assert {d: r.state for d, r in journal.rows(str(spool.sending / "bad.dcm")).items()} == seen_by_daemon
     assert journal.rows(str(bad)) == {}
     journal.close()
@@ -462,7 +462,7 @@ def _failed_file_confirmed_by_other(tmp_path, name="bad.dcm"):
     bad = spool.failed / name
     sop = write_instance(bad)
     write_sidecar(bad, {"reason": "refused by orthanc", "sop_instance_uid": sop})
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     journal.ensure(str(bad), ["orthanc", "other"], sop=sop)
     journal.update(str(bad), "orthanc", state="failed", event="failed", detail="permanent: nope")
     journal.update(str(bad), "other", state="delivered", event="delivered")
@@ -471,7 +471,7 @@ def _failed_file_confirmed_by_other(tmp_path, name="bad.dcm"):
 
 
 def _states(tmp_path, path):
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     try:
         return {d: r.state for d, r in journal.rows(str(path)).items()}
     finally:
@@ -499,7 +499,7 @@ def test_a_retry_killed_between_rows_and_file_leaves_the_file_its_rows(tmp_path,
     """Killed after the rows were copied ahead and before the file moved: the file in failed/ keeps its
     rows, whatever becomes of the copy (a running daemon claiming a new file of that name drops it), and
     the next retry carries them along (else the file would go again to 'other', which has it)."""
-    from relaypacsd.journal import Journal as J
+    from relaypacsd.journal import open_journal as J
 
     conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
     (spool.sending / "bad.dcm").write_bytes(b"another file waiting there")
@@ -507,7 +507,7 @@ def test_a_retry_killed_between_rows_and_file_leaves_the_file_its_rows(tmp_path,
     cli.main(["-c", str(conf), "retry", str(bad)])
     monkeypatch.undo()
     assert bad.exists() and _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}
-    journal = J(tmp_path / "state" / "journal.sqlite3")  # the daemon claims a new bad~1.dcm, another instance
+    journal = J(tmp_path / "state")  # the daemon claims a new bad~1.dcm, another instance
     journal.ensure(str(spool.sending / "bad~1.dcm"), ["orthanc", "other"], sop="1.2.3.another")
     journal.close()
     capsys.readouterr()
@@ -576,7 +576,7 @@ def _claimed_by_the_daemon_then_taken(tmp_path, monkeypatch, daemon_writes):
     def raced(self, src, dest):
         if dest.name == "bad.dcm":
             dest.write_bytes(b"the daemon's own file")
-            journal = Journal(tmp_path / "state" / "journal.sqlite3")
+            journal = open_journal(tmp_path / "state")
             try:
                 daemon_writes(journal, str(dest))
             finally:
@@ -639,7 +639,7 @@ def test_a_retry_racing_the_daemons_claim_never_makes_a_rejected_file_sent(tmp_p
 
     config = load_config(conf)
     config.pacs["other"] = dataclasses.replace(config.pacs["orthanc"], name="other")
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     engine = Engine(config, journal, {"orthanc": Refusing(), "other": Taking()})
     held = []
     engine._hand_over = held.extend  # the finishing thread has not moved it yet
@@ -667,7 +667,7 @@ def test_a_retry_racing_the_daemons_claim_never_makes_a_rejected_file_sent(tmp_p
 def test_status_counts_uid_conflicts_per_pacs(tmp_path, capsys):
     conf = write_config(tmp_path, url="http://127.0.0.1:9")
     Spool(tmp_path / "spool").prepare()
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     journal.set_health("orthanc", True)
     journal.ensure("/x/sending/b.dcm", ["orthanc"], sop="1.2.3")
     journal.update("/x/sending/b.dcm", "orthanc", state="failed", event="uid_conflict", detail="uid_conflict: x")

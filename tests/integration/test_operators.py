@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relaypacsd.journal import Journal
+from relaypacsd.journal import open_journal
 from tests.dicomfactory import write_instance, write_study
 from tests.integration.daemon_helpers import (count_in, daemon_env, daemon_log, start_daemon, stop_daemon, wait_for,
                                               wait_ready, write_config)
@@ -54,7 +54,7 @@ def test_status_tells_the_truth_from_the_first_delivery(tmp_path: Path, clean_or
     """Item 10: after files were delivered to a healthy Orthanc, status said `health unknown`, `last success
     never`, `delivered 0`; an earlier run's DOWN stayed on show while the PACS was up."""
     cfg = write_config(tmp_path, clean_orthanc)
-    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal = open_journal(tmp_path / "state")
     journal.set_health("orthanc", False, "PACS 'orthanc' unreachable at ...: connection refused")  # an earlier run
     journal.close()
     proc = start_daemon(cfg)

@@ -1,0 +1,301 @@
+"""The journal's contract: what the daemon and the commands rely on, run against every backend.
+
+A new backend (PostgreSQL, in the gateways issue) adds itself to BACKENDS and must pass this suite unchanged.
+Only the interface of relaypacsd.journal is used here, never a backend's own storage.
+"""
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from relaypacsd.journal import JOURNAL_FILE, Journal, Update
+from relaypacsd.journal_sqlite import SqliteJournal
+
+
+def _sqlite(state_dir: Path, **options: Any) -> Journal:
+    return SqliteJournal(state_dir / JOURNAL_FILE, **options)
+
+
+BACKENDS: dict[str, Callable[..., Journal]] = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def opener(request, tmp_path):
+    """Opens journals of one backend on one store (readonly=..., instance_days=...); closes them all after."""
+    opened: list[Journal] = []
+
+    def open_one(**options: Any) -> Journal:
+        journal = BACKENDS[request.param](tmp_path / "state", **options)
+        opened.append(journal)
+        return journal
+
+    yield open_one
+    for journal in reversed(opened):
+        journal.close()
+
+
+@pytest.fixture
+def journal(opener):
+    return opener()
+
+
+def delivered(path, sop, digest, dest="orthanc"):
+    return Update(path, dest, "delivered", "delivered", sop=sop, digest=digest)
+
+
+def states(rows):
+    return {dest: row.state for dest, row in rows.items()}
+
+
+class TestRows:
+    def test_ensure_creates_pending_rows_once_and_returns_them_all(self, journal):
+        rows = journal.ensure("/s/sending/a.dcm", ["a", "b"], first_seen=5.0, sop="1.2.3")
+        assert states(rows) == {"a": "pending", "b": "pending"}
+        assert (rows["a"].attempts, rows["a"].first_seen, rows["a"].last_code) == (0, 5.0, None)
+        journal.update("/s/sending/a.dcm", "a", state="delivered", event="delivered")
+        assert states(journal.ensure("/s/sending/a.dcm", ["a", "b", "c"], sop="1.2.3")) == {
+            "a": "delivered", "b": "pending", "c": "pending"}
+
+    def test_ensure_drops_rows_another_instance_left_under_the_same_name(self, journal):
+        """A modality reusing IMG0001.dcm: the old file's 'delivered' must never make the new one look sent."""
+        journal.ensure("/s/sending/IMG.dcm", ["a"], sop="1.2.3")
+        journal.update("/s/sending/IMG.dcm", "a", state="delivered", event="delivered")
+        rows = journal.ensure("/s/sending/IMG.dcm", ["a"], sop="4.5.6")
+        assert states(rows) == {"a": "pending"} and journal.sop_of("/s/sending/IMG.dcm") == "4.5.6"
+        assert journal.history("/s/sending/IMG.dcm") == []
+
+    def test_apply_records_each_state_with_a_history_line(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3")
+        journal.apply([Update("/s/sending/a.dcm", "a", "waiting", "transient", "503 busy", 2, 99.5, 503),
+                       Update("/s/sending/a.dcm", "b", "failed", "failed", "permanent: refused", 1, code=0xA900)])
+        rows = journal.rows("/s/sending/a.dcm")
+        assert (rows["a"].state, rows["a"].attempts, rows["a"].next_try, rows["a"].last_error, rows["a"].last_code) == (
+            "waiting", 2, 99.5, "503 busy", 503)
+        assert (rows["b"].state, rows["b"].last_code) == ("failed", 0xA900)
+        journal.apply([Update("/s/sending/a.dcm", "a", "delivered", "delivered", "stored", code=200)])
+        row = journal.rows("/s/sending/a.dcm")["a"]
+        assert (row.state, row.attempts, row.last_error) == ("delivered", 2, "")  # attempts kept; no error once sent
+        assert [(h["pacs"], h["event"]) for h in journal.history("/s/sending/a.dcm")] == [
+            ("a", "transient"), ("b", "failed"), ("a", "delivered")]
+
+    def test_rows_at_and_rows_of_read_many_files_at_once(self, journal):
+        paths = [f"/s/sending/{i}.dcm" for i in range(1200)]  # a backend may split them into several queries
+        for p in paths:
+            journal.ensure(p, ["a", "b"])
+        journal.apply([Update(p, "b", "delivered", "delivered") for p in paths[::2]])
+        at_b = journal.rows_at("b", paths + ["/s/sending/none.dcm"])
+        assert len(at_b) == 1200 and at_b[paths[0]].state == "delivered" and at_b[paths[1]].state == "pending"
+        of = journal.rows_of(paths + ["/s/sending/none.dcm"])
+        assert of["/s/sending/none.dcm"] == {} and states(of[paths[2]]) == {"a": "pending", "b": "delivered"}
+        assert len(of) == 1201
+
+    def test_history_is_oldest_first_with_utc_times(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a"])
+        for event in ("transient", "transient", "delivered"):
+            journal.update("/s/sending/a.dcm", "a", state="waiting", event=event, detail=event)
+        found = journal.history("/s/sending/a.dcm")
+        assert [h["event"] for h in found] == ["transient", "transient", "delivered"]
+        assert set(found[0]) == {"time", "pacs", "event", "detail"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", found[0]["time"])
+
+    def test_counts_are_rows_per_destination_and_state(self, journal):
+        for p in ("/s/sending/a.dcm", "/s/sending/b.dcm"):
+            journal.ensure(p, ["a", "b"])
+        journal.update("/s/sending/a.dcm", "a", state="waiting", event="transient")
+        assert journal.counts() == {"a": {"pending": 1, "waiting": 1}, "b": {"pending": 2}}
+
+
+class TestMoves:
+    def test_rename_follows_the_file_and_drops_what_was_at_the_new_name(self, journal):
+        journal.ensure("/s/failed/a.dcm", ["a"], sop="9.9")  # a file once there, now gone
+        journal.update("/s/failed/a.dcm", "a", state="failed", event="failed")
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3")
+        journal.update("/s/sending/a.dcm", "b", state="delivered", event="delivered")
+        journal.rename("/s/sending/a.dcm", "/s/failed/a.dcm")
+        assert journal.rows("/s/sending/a.dcm") == {} and journal.history("/s/sending/a.dcm") == []
+        assert states(journal.rows("/s/failed/a.dcm")) == {"a": "pending", "b": "delivered"}
+        assert journal.sop_of("/s/failed/a.dcm") == "1.2.3"
+        assert [h["event"] for h in journal.history("/s/failed/a.dcm")] == ["delivered"]
+
+    def test_a_copy_never_replaces_rows_of_a_file_at_the_new_name(self, journal):
+        """The retry's look ("no rows there") and its copy used to be two steps: rows the daemon wrote between
+        them were deleted by the copy."""
+        journal.ensure("/s/failed/a.dcm", ["orthanc"], sop="1.2.3")
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="4.5.6")  # the daemon's claim, just now
+        assert journal.copy("/s/failed/a.dcm", "/s/sending/a.dcm", "t1") is False
+        assert journal.sop_of("/s/sending/a.dcm") == "4.5.6"
+        assert journal.copy("/s/failed/a.dcm", "/s/sending/a~1.dcm", "t1") is True
+        assert journal.sop_of("/s/sending/a~1.dcm") == "1.2.3"
+
+    def test_uncopy_takes_back_only_the_rows_the_copy_wrote(self, journal):
+        journal.ensure("/s/failed/a.dcm", ["orthanc"], sop="1.2.3")
+        journal.update("/s/failed/a.dcm", "orthanc", state="failed", event="failed", detail="nope")
+        assert journal.copy("/s/failed/a.dcm", "/s/sending/a.dcm", "t1")
+        journal.uncopy("/s/sending/a.dcm", "t1")
+        assert journal.rows("/s/sending/a.dcm") == {} and journal.history("/s/sending/a.dcm") == []
+        assert journal.copy("/s/failed/a.dcm", "/s/sending/a.dcm", "t2")
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")  # the daemon adopted them: no longer the copy
+        journal.update("/s/sending/a.dcm", "orthanc", state="delivered", event="delivered")
+        journal.uncopy("/s/sending/a.dcm", "t2")
+        assert journal.rows("/s/sending/a.dcm")["orthanc"].state == "delivered"
+        assert journal.rows("/s/failed/a.dcm")["orthanc"].state == "failed"  # the original is never touched
+
+    def test_forget_drops_the_rows_and_history_of_several_files(self, journal):
+        for p in ("/s/sending/a.dcm", "/s/sending/b.dcm", "/s/sending/c.dcm"):
+            journal.ensure(p, ["a"])
+            journal.update(p, "a", state="delivered", event="delivered")
+        journal.forget("/s/sending/a.dcm", "/s/sending/b.dcm")
+        journal.forget()  # nothing to do
+        assert journal.rows_of(["/s/sending/a.dcm", "/s/sending/b.dcm"]) == {
+            "/s/sending/a.dcm": {}, "/s/sending/b.dcm": {}}
+        assert journal.history("/s/sending/a.dcm") == [] and journal.rows("/s/sending/c.dcm")
+
+    def test_paths_under_a_folder_and_the_sop_of_a_path(self, journal):
+        journal.ensure("/s/sending/x/a.dcm", ["a", "b"], sop="1.2.3")
+        journal.ensure("/s/sending/b.dcm", ["a"])
+        journal.ensure("/s/sending2/c.dcm", ["a"], sop="7.7")  # a sibling folder is not beneath sending/
+        assert sorted(journal.paths_under("/s/sending")) == ["/s/sending/b.dcm", "/s/sending/x/a.dcm"]
+        assert journal.paths_under("/s/sending/") == journal.paths_under("/s/sending")
+        assert journal.sop_of("/s/sending/x/a.dcm") == "1.2.3"
+        assert journal.sop_of("/s/sending/b.dcm") == "" and journal.sop_of("/s/none.dcm") == ""
+
+    def test_restore_writes_rows_back_without_counting_twice(self, journal):
+        journal.set_health("orthanc", True)
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")
+        update = Update("/s/sending/a.dcm", "orthanc", "failed", "failed", "permanent: refused", 2, code=0xA900)
+        journal.apply([update])
+        journal.forget("/s/sending/a.dcm")
+        journal.restore("/s/sending/a.dcm", "1.2.3", 5.0, [update])
+        row = journal.rows("/s/sending/a.dcm")["orthanc"]
+        assert (row.state, row.attempts, row.last_error, row.last_code, row.first_seen) == (
+            "failed", 2, "permanent: refused", 0xA900, 5.0)
+        assert journal.sop_of("/s/sending/a.dcm") == "1.2.3"
+        assert journal.destinations()["orthanc"]["failed"] == 1
+        assert "restored" in journal.history("/s/sending/a.dcm")[-1]["detail"]
+
+
+class TestRetry:
+    def test_reset_failed_puts_only_failed_rows_back_to_pending(self, journal):
+        key = "/s/failed/a.dcm"
+        journal.ensure(key, ["a", "b"], first_seen=5.0, sop="1.2.3")
+        journal.apply([Update(key, "a", "failed", "failed", "permanent: refused", 3, 50.0, 400),
+                       Update(key, "b", "delivered", "delivered")])
+        assert journal.reset_failed(key) == ["a"]
+        rows = journal.rows(key)
+        assert (rows["a"].state, rows["a"].attempts, rows["a"].next_try, rows["a"].last_error, rows["a"].last_code) == (
+            "pending", 0, 0.0, "", None)
+        assert rows["b"].state == "delivered"  # a PACS that confirmed the file never gets it again
+        assert rows["a"].first_seen > 5.0  # a fresh age: too-old limits count from the retry
+        last = journal.history(key)[-1]
+        assert (last["pacs"], last["event"], last["detail"]) == ("a", "retry", "operator retry")
+        assert journal.reset_failed(key) == []
+
+    def test_a_retry_forgets_the_earlier_version_only_where_the_file_had_a_uid_conflict(self, journal):
+        for dest in ("a", "b", "c"):
+            journal.apply([delivered("/s/sending/first.dcm", "1.2.3", "old", dest)])
+        key = "/s/failed/b.dcm"
+        journal.ensure(key, ["a", "b", "c"], sop="1.2.3")
+        journal.apply([Update(key, "a", "failed", "uid_conflict", "uid_conflict: earlier"),
+                       Update(key, "b", "failed", "failed", "permanent: refused"),
+                       Update(key, "c", "delivered", "delivered")])
+        assert journal.conflicted(key) == {"a"}
+        assert sorted(journal.reset_failed(key)) == ["a", "b"]
+        assert {d for d in ("a", "b", "c") if journal.known_instances(d, ["1.2.3"])} == {"b", "c"}
+        assert journal.conflicted(key) == set()  # the retry is now its last word
+
+
+class TestInstances:
+    def test_a_confirmed_instance_is_remembered_after_its_rows_are_forgotten(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")
+        journal.apply([delivered("/s/sending/a.dcm", "1.2.3", "aaa")])
+        journal.forget("/s/sending/a.dcm")  # the file reached sent/
+        known = journal.known_instances("orthanc", ["1.2.3", "9.9"])
+        assert set(known) == {"1.2.3"} and known["1.2.3"].digest == "aaa"
+        assert known["1.2.3"].path == "/s/sending/a.dcm" and known["1.2.3"].time > time.time() - 60
+        assert journal.known_instances("other", ["1.2.3"]) == {}  # per destination
+
+    def test_a_later_confirmation_replaces_the_remembered_one(self, journal):
+        journal.apply([delivered("/s/sending/a.dcm", "1.2.3", "aaa")])
+        journal.apply([delivered("/s/sending/b.dcm", "1.2.3", "bbb")])
+        known = journal.known_instances("orthanc", ["1.2.3"])["1.2.3"]
+        assert (known.digest, known.path) == ("bbb", "/s/sending/b.dcm")
+
+    def test_remember_keeps_what_a_pacs_confirmed_without_moving_any_row(self, journal):
+        """The file changed meanwhile: its rows are another version's now."""
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")
+        journal.remember([delivered("/s/sending/a.dcm", "1.2.3", "aaa")])
+        assert journal.known_instances("orthanc", ["1.2.3"])["1.2.3"].digest == "aaa"
+        assert states(journal.rows("/s/sending/a.dcm")) == {"orthanc": "pending"}
+        assert journal.history("/s/sending/a.dcm") == [] and journal.destinations() == {}
+
+    def test_instances_older_than_the_memory_are_pruned(self, opener, monkeypatch):
+        journal = opener(instance_days=1)
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda: 1_000_000.0)  # the journal keeps the daemon's clock
+            journal.apply([delivered(f"/s/{i}", f"1.{i}", "x") for i in range(3)])
+        journal.apply([delivered("/s/new", "2.0", "y")])
+        assert journal.prune_instances(limit=2) == 2
+        assert journal.prune_instances() == 1 and journal.prune_instances() == 0
+        assert set(journal.known_instances("orthanc", ["1.0", "1.1", "1.2", "2.0"])) == {"2.0"}
+
+    def test_known_instances_answers_for_many_uids_at_once(self, journal):
+        journal.apply([delivered(f"/s/{i}", f"1.{i}", "x") for i in range(1200)])
+        assert len(journal.known_instances("orthanc", [f"1.{i}" for i in range(1300)])) == 1200
+
+
+class TestDestinations:
+    def test_begin_run_makes_every_health_unknown_and_keeps_the_counters(self, journal):
+        journal.set_health("old", False, "unreachable")
+        journal.ensure("/s/sending/a.dcm", ["a"])
+        journal.update("/s/sending/a.dcm", "a", state="delivered", event="delivered")
+        journal.begin_run(["a", "b"])
+        found = journal.destinations()
+        assert {d: v["healthy"] for d, v in found.items()} == {"old": None, "a": None, "b": None}
+        assert found["a"]["delivered"] == 1 and found["b"]["delivered"] == 0
+        assert found["old"]["last_error"] == "unreachable"
+
+    def test_set_health_keeps_the_last_error_when_none_is_given(self, journal):
+        journal.set_health("a", False, "PACS 'a' unreachable")
+        before = journal.destinations()["a"]
+        assert (before["healthy"], before["last_error"]) == (False, "PACS 'a' unreachable")
+        journal.set_health("a", True)
+        after = journal.destinations()["a"]
+        assert (after["healthy"], after["last_error"]) == (True, "PACS 'a' unreachable")
+        assert after["last_change"] >= before["last_change"] > time.time() - 60 and after["last_success"] is None
+
+    def test_counters_start_with_the_first_delivery_and_never_lift_a_down(self, journal):
+        """A delivery is evidence of health for an unknown destination; a DOWN one stays down (the probe decides)."""
+        journal.ensure("/s/sending/a.dcm", ["a", "b"])
+        journal.apply([Update("/s/sending/a.dcm", "a", "delivered", "delivered")])
+        a = journal.destinations()["a"]
+        assert (a["healthy"], a["delivered"], a["failed"], a["conflicts"]) == (True, 1, 0, 0)
+        assert a["last_success"] is not None and a["last_success"] > time.time() - 60
+        journal.set_health("b", False, "down")
+        journal.apply([Update("/s/sending/a.dcm", "b", "delivered", "delivered")])
+        b = journal.destinations()["b"]
+        assert (b["healthy"], b["delivered"]) == (False, 1)
+
+    def test_a_failure_is_counted_and_says_nothing_about_health(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a"])
+        journal.apply([Update("/s/sending/a.dcm", "a", "failed", "failed", "permanent: refused")])
+        a = journal.destinations()["a"]
+        assert (a["healthy"], a["failed"], a["delivered"], a["last_success"]) == (None, 1, 0, None)
+
+    def test_a_uid_conflict_is_counted_from_the_first_one_on_like_deliveries_and_failures(self, journal):
+        """The counters' row is created by the first update that counts: the conflict must not come before it."""
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")
+        journal.apply([Update("/s/sending/a.dcm", "orthanc", "failed", "uid_conflict", "uid_conflict: earlier")])
+        assert {d: (v["failed"], v["conflicts"]) for d, v in journal.destinations().items()} == {"orthanc": (1, 1)}
+
+    def test_a_read_only_journal_sees_what_the_daemon_writes(self, opener):
+        """`status` reads while the daemon runs."""
+        daemon = opener()
+        daemon.ensure("/s/sending/a.dcm", ["a"])
+        daemon.set_health("a", True)
+        looking = opener(readonly=True)
+        assert looking.counts() == {"a": {"pending": 1}} and looking.destinations()["a"]["healthy"] is True
+        daemon.update("/s/sending/a.dcm", "a", state="delivered", event="delivered")
+        assert looking.counts() == {"a": {"delivered": 1}} and looking.destinations()["a"]["delivered"] == 1
