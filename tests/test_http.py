@@ -7,7 +7,6 @@ test_dicomweb.py): a real PACS will not give a 401 for an expired token on deman
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
