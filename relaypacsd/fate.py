@@ -4,24 +4,24 @@
 age, its attempts, a validation refusal) into the file's fate. It decides only: the engine and the daemon
 do the journal writes, the moves and the logs (the shape of huey's `Huey._execute`).
 
-| what happened                                            | fate                                    |
-|----------------------------------------------------------|-----------------------------------------|
-| delivered or duplicate at one PACS                       | DELIVERED there                         |
-| UID conflict (confirmed earlier for other content)       | FAILED there: uid_conflict              |
-| permanent                                                | FAILED there: permanent                 |
-| anything else, once older than max_age_hours             | FAILED there: too_old                   |
-| limited, at the LIMITED_MAX_DELIVERIES-th delivery       | FAILED there: limited                   |
-| transient, limited before that                           | WAIT, the attempt spent                 |
-| destination problem                                      | WAIT, no attempt spent                  |
-| every active PACS settled, none FAILED                   | the file goes to sent/                  |
-| some PACS FAILED it                                      | the file goes to failed/                |
-| an active PACS's verdict is lost (no row, no memory)     | the file stays in sending/              |
-| validation refusal (junk, no UIDs, no Part-10 header)    | failed/, stage "validation"             |
-| truncated, unchanged for less than the grace             | stays in sending/, looked at again      |
-| DICOMDIR                                                 | failed/, stage "dicomdir"               |
-| bad archive                                              | failed/, stage "archive"                |
-| in sent/ longer than sent_retention_days (if set)        | removed                                 |
-| an operator's `retry` (requeue.py)                       | back to sending/: FAILED rows -> pending |
+| what happened                                         | fate                                     |
+|-------------------------------------------------------|------------------------------------------|
+| delivered or duplicate at one PACS                    | DELIVERED there                          |
+| UID conflict (confirmed earlier for other content)    | FAILED there: uid_conflict               |
+| permanent                                             | FAILED there: permanent                  |
+| anything else, once older than max_age_hours          | FAILED there: too_old                    |
+| limited, at the LIMITED_MAX_DELIVERIES-th delivery    | FAILED there: limited                    |
+| transient, limited before that                        | WAIT, the attempt spent                  |
+| destination problem                                   | WAIT, no attempt spent                   |
+| every active PACS settled, none FAILED                | the file goes to sent/                   |
+| some PACS FAILED it                                   | the file goes to failed/                 |
+| an active PACS's verdict is lost (no row, no memory)  | the file stays in sending/               |
+| validation refusal (junk, no UIDs, no Part-10 header) | failed/, stage "validation"              |
+| truncated, unchanged for less than the grace          | stays in sending/, looked at again       |
+| DICOMDIR                                              | failed/, stage "dicomdir"                |
+| bad archive                                           | failed/, stage "archive"                 |
+| in sent/ longer than sent_retention_days (if set)     | removed                                  |
+| an operator's `retry` (requeue.py)                    | back to sending/: FAILED rows -> pending |
 """
 
 from __future__ import annotations
