@@ -18,7 +18,7 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_J
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from relaypacsd import archive, dicomfile
+from relaypacsd import archive, dicomfile, fate
 from relaypacsd.config import Config, load_config
 from relaypacsd.delivery import Engine, Item
 from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError, RelayPacsError
@@ -42,7 +42,6 @@ GATHER = 0.005  # after such an event, the rest of a burst arrives for this long
 CLAIM_GROUP = 32  # files claimed per directory fsync
 VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
 UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
-TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
 # An emptied study folder goes once untouched this long (or the settle time, if longer): a writer pausing
 # between the files of a study (a slow C-STORE link into inbox/) must not find its folder gone (ENOENT).
 FOLDER_QUIET = 60.0
@@ -512,8 +511,9 @@ class Daemon:
                 logger.error("unpack: {}", exc)
                 return
             except archive.BadArchive as exc:
-                new = spool.finish(path, "failed", {"reason": str(exc), "stage": "archive", "time": now_iso(),
-                                                    "next_step": "fix the archive, or unzip it into inbox/ yourself"})
+                stage, next_step = fate.refusal(exc)
+                new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
+                                                    "next_step": next_step})
                 self._may_be_empty(spool, path.parent)
                 logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
                                spool.relative(new))
@@ -523,8 +523,8 @@ class Daemon:
         except FileNotFoundError:
             return
         except InvalidDicomError as exc:
-            grace = max(TRUNCATION_GRACE, 5 * self._settle.get(spool.root, 2.0))
-            if isinstance(exc, dicomfile.TruncatedDicom) and self._quiet_for(path) < grace:
+            grace = fate.truncation_grace(self._settle.get(spool.root, 2.0))
+            if fate.may_still_grow(exc, self._quiet_for(path), grace):
                 # A writer on a share may pause longer than the settle time: leave it in sending/ and
                 # look again at the next sweep instead of failing a file that may still be growing.
                 if path not in self._growing:
@@ -533,12 +533,7 @@ class Daemon:
                                 "for {:.0f} s", spool.relative(path), grace)
                 return
             self._forget_growing(path)
-            stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
-            next_step = "fix or replace the file; `relaypacsd retry FILE` queues it again"
-            if isinstance(exc, dicomfile.ZeroTail) and exc.padding:
-                # Never forwarded as it is: a preallocating writer paused past the grace looks just the same.
-                next_step = (f"if the sender is done and the zeros are only padding, `truncate -s {exc.data_end} "
-                             "FILE` removes them; then `relaypacsd retry FILE`. Else send the file again")
+            stage, next_step = fate.refusal(exc)
             new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                 "next_step": next_step})
             self.counters["failed"] += 1
@@ -650,14 +645,14 @@ class Daemon:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        keep = self.config.delivery.sent_retention_days * 86400
+        days = self.config.delivery.sent_retention_days
         now = time.time()  # wall time: the file's arrival in sent/ may lie before this run
         removed = 0
         for spool in self.spools:
             for path in spool.files("sent"):
                 age = age_seconds(path, now)  # since it arrived in sent/, not its mtime (cp -p keeps that)
                 try:
-                    if age is not None and age > keep:
+                    if fate.retention_over(age, days):
                         path.unlink()
                         removed += 1
                 except OSError:

@@ -17,14 +17,13 @@ from loguru import logger
 from relaypacsd.config import Config, PacsConfig
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
+from relaypacsd.fate import FailReason, Verdict, file_fate, instance_fate, owed, too_old
 from relaypacsd.journal import DeliveryRow, Journal, KnownInstance, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 from relaypacsd.spool import Spool, now_iso, sync_dirs
 from relaypacsd.timefmt import iso_time
 
-# How many deliveries an instance with an unclear rejection (0x0110, "200 but not confirmed") gets.
-LIMITED_MAX_DELIVERIES = 3
 BATCH_LINGER = 0.05  # seconds a worker waits for a short batch to fill
 
 
@@ -211,7 +210,7 @@ class Destination:
 
 
 class Engine:
-    """Wires destinations, journal and spool moves; the one place that turns outcomes into folder moves."""
+    """Wires destinations, journal and spool moves: makes the journal writes and folder moves that fate.py decides."""
 
     def __init__(self, config: Config, journal: Journal, senders: dict[str, Sender],
                  sleep: Callable[[float], bool] | None = None):
@@ -294,9 +293,7 @@ class Engine:
         now_wall, now_mono = time.time(), time.monotonic()
         first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
         born = now_mono - max(0.0, now_wall - first_seen)
-        # A "failed" row is settled like a "delivered" one: such a file in sending/ only waits for its move
-        # (an earlier move failed); `relaypacsd retry` resets failed rows to pending before it gets here.
-        pending = {d for d, r in rows.items() if d in self.destinations and r.state not in ("delivered", "failed")}
+        pending = {d for d, r in rows.items() if d in self.destinations and owed(r.state)}
         item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen)
         with self._items_lock:
             if path in self._items:
@@ -413,30 +410,28 @@ class Engine:
             for item, result in pairs:
                 key = str(item.path)
                 row = rows.get(key)
-                attempts = (row.attempts if row else 0) + 1
                 detail = _detail(result)
-                expired = time.monotonic() - item.born > cfg.max_age_hours * 3600
-                if result.outcome.delivered:
+                fate = instance_fate(result.outcome, (row.attempts if row else 0) + 1,
+                                     time.monotonic() - item.born, cfg.max_age_hours * 3600)
+                attempts = fate.attempts
+                if fate.verdict is Verdict.DELIVERED:
                     updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
                                           code=result.reason_code, sop=item.info.sop_instance_uid,
                                           digest=item.info.digest))
-                elif result.outcome is Outcome.UID_CONFLICT:
+                elif fate.reason is FailReason.UID_CONFLICT:
                     updates.append(Update(key, dest.name, "failed", result.outcome.value, detail, attempts,
                                           code=result.reason_code))
                     logger.error("PACS forward {} UID conflict: {} uid={}: {}", dest.name, item.spool.relative(item.path),
                                  item.info.sop_instance_uid, result.reason)
-                elif result.outcome is Outcome.PERMANENT or expired or (
-                        result.outcome is Outcome.LIMITED and attempts >= LIMITED_MAX_DELIVERIES):
-                    if expired and result.outcome is not Outcome.PERMANENT:
+                elif fate.verdict is Verdict.FAILED:
+                    if fate.reason is FailReason.TOO_OLD:
                         detail = f"gave up after {cfg.max_age_hours:g} h of retries; last error: {detail}"
                     updates.append(Update(key, dest.name, "failed", "failed", detail, attempts, code=result.reason_code))
                     logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
                                  item.info.sop_instance_uid, detail)
                 else:
-                    # Transient, limited, destination problem: the file waits; a destination problem spends no attempt.
-                    spent = attempts if result.outcome is not Outcome.DESTINATION else attempts - 1
-                    delay = backoff(cfg.retry_delay, spent, cfg.retry_backoff_max)
-                    updates.append(Update(key, dest.name, "waiting", result.outcome.value, detail, spent,
+                    delay = backoff(cfg.retry_delay, attempts, cfg.retry_backoff_max)
+                    updates.append(Update(key, dest.name, "waiting", result.outcome.value, detail, attempts,
                                           next_try=time.time() + delay, code=result.reason_code))
                     parked.append((item, delay))
                     continue
@@ -562,9 +557,10 @@ class Engine:
         stuck: list[tuple[Item, OSError]] = []
         gone: list[Item] = []
         for item in items:
-            failed = self._verdict(item, rows)
-            if failed is None:
+            folder = self._verdict(item, rows)
+            if folder is None:
                 continue
+            failed = folder == "failed"
             try:
                 if failed:
                     moved.append(self._fail_file(item, rows[str(item.path)]))
@@ -575,7 +571,7 @@ class Engine:
             except OSError as exc:
                 stuck.append((item, exc))
             else:
-                finished.append((item, "failed" if failed else "sent"))
+                finished.append((item, folder))
         sync_dirs(moved)
         # Forgotten only after the move: a move that failed keeps the rows, so the sweep retries the move
         # and never the sending. Killed in between, the rows outlive the file; start-up settles them
@@ -595,9 +591,9 @@ class Engine:
             for item, folder in finished:
                 self.on_finished(item, folder)
 
-    def _verdict(self, item: Item, rows: dict[str, dict[str, DeliveryRow]]) -> bool | None:
-        """True when some destination failed the file (its rows or the engine's memory say so), False when all
-        confirmed it, None when a destination's verdict is lost (no row, no memory): it then stays in sending/.
+    def _verdict(self, item: Item, rows: dict[str, dict[str, DeliveryRow]]) -> str | None:
+        """The file's folder from its rows and the engine's memory (fate.file_fate): 'sent', 'failed', or None
+        when a destination's verdict is lost (no row, no memory): it then stays in sending/.
 
         Rows that vanished under a settled file are written back from memory (`rows` is updated), so its
         sidecar and a later retry still know which PACS have it."""
@@ -606,22 +602,25 @@ class Engine:
         with item.lock:
             memory = dict(item.settled)
         missing = [u for d, u in memory.items() if d not in have]
-        failed = any(r.state == "failed" for r in have.values()) or any(u.state == "failed" for u in memory.values())
-        lost = sorted(d for d in self.destinations if d not in have and d not in memory)
+        states = {d: r.state for d, r in have.items()}
+        for d, u in memory.items():  # a failure in either counts
+            if d not in states or u.state == "failed":
+                states[d] = u.state
+        folder = file_fate(states, self.destinations)
         if missing:
             logger.warning("PACS forward: the journal rows of {} for {} went missing after the PACS answered "
                            "(removed by a `relaypacsd retry` racing a claim of this name?); deciding from the "
                            "daemon's memory: {}", item.spool.relative(item.path), ", ".join(u.dest for u in missing),
-                           "failed" if failed else "delivered")
-            if failed or lost:  # staying in sending/ too: a PACS that confirmed it must not get it again
+                           "failed" if folder == "failed" else "delivered")
+            if folder != "sent":  # staying in sending/ too: a PACS that confirmed it must not get it again
                 self.journal.restore(key, item.info.sop_instance_uid, item.first_seen, missing)
                 rows[key] = self.journal.rows(key)
-        if lost and not failed:
+        if folder is None:
+            lost = sorted(d for d in self.destinations if d not in states)
             logger.warning("PACS forward: {} has no journal row for {} and was not settled there by this run: it "
                            "stays in sending/ and the next retry sweep sends it there again (never taken as sent "
                            "without a confirmation)", item.spool.relative(item.path), ", ".join(lost))
-            return None
-        return failed
+        return folder
 
     def _fail_file(self, item: Item, rows: dict[str, DeliveryRow]) -> Path:
         """Move a file that some PACS rejected to failed/, its sidecar holding every PACS's story."""
@@ -652,16 +651,17 @@ class Engine:
     def sweep(self) -> int:
         """Release every waiting item whose next try has come, at healthy destinations; fail what is too old."""
         released = 0
-        limit = time.monotonic() - self.config.delivery.max_age_hours * 3600
+        max_age, now = self.config.delivery.max_age_hours * 3600, time.monotonic()
         for dest in self.destinations.values():
             # A PACS that stays down gets no delivery attempt, so age is checked here too: for files parked
             # after a failure and for files that arrived while it was down (never taken from `ready`).
+            # _record_many then fails them as too old (instance_fate).
             with dest.cond:
-                expired = [item for item in dest.waiting if item.born < limit]
+                expired = [item for item in dest.waiting if too_old(now - item.born, max_age)]
                 for item in expired:
                     del dest.waiting[item]
                 if not dest.healthy:
-                    old_ready = [item for item in dest.ready if item.born < limit]
+                    old_ready = [item for item in dest.ready if too_old(now - item.born, max_age)]
                     for item in old_ready:
                         dest.ready.remove(item)
                     expired += old_ready

@@ -14,8 +14,9 @@ import pytest
 
 from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
-from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
+from relaypacsd.daemon import Daemon
 from relaypacsd.dicomfile import inspect
+from relaypacsd.fate import TRUNCATION_GRACE
 from relaypacsd.journal import Update, open_journal
 from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
