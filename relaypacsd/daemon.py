@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import queue
 import signal
 import socket
 import threading
@@ -19,29 +17,25 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from relaypacsd import archive, dicomfile
-from relaypacsd.config import Config, load_config
+from relaypacsd import reload as reloading
+from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
-from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError, RelayPacsError
+from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError
 from relaypacsd.heartbeat import HEARTBEAT_FILE
+from relaypacsd.intake import VALIDATOR, Intake
 from relaypacsd.journal import open_journal
 from relaypacsd.models import Sender
+from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
 from relaypacsd.senders import build_sender
 from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
-from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
-                              valid_path)
+from relaypacsd.spool import Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, unclashed, valid_path
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
-TICK = 0.2  # seconds between looks at the watchers' candidates when no event says a file is complete
-VALIDATORS = 2  # validation threads per generation
 CLOCK_STEP = 5.0  # seconds by which wall and monotonic time may disagree over one main-loop tick (NTP slews far less)
-GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
-CLAIM_GROUP = 32  # files claimed per directory fsync
-VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
-UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
 # An emptied study folder goes once untouched this long (or the settle time, if longer): a writer pausing
 # between the files of a study (a slow C-STORE link into inbox/) must not find its folder gone (ENOENT).
@@ -63,7 +57,7 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
-        self._next_watchdog = self._next_beat = 0.0
+        self._next_watchdog = 0.0
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
         self._unpacks_resumed: set[Path] = set()
@@ -101,9 +95,10 @@ class Daemon:
         self._missing_failed: set[str] = set()  # rows under failed/ whose file was missing at the last look
         if self.metrics is not None:
             self.engine.on_batch = self.metrics.observe_batch
-        self._intake: "queue.Queue[tuple[Spool, Path] | None]" = queue.Queue()  # None: a validator's stop
-        self._intake_paths: set[Path] = set()
-        self._intake_lock = threading.Lock()
+        self.intake = Intake(lambda spool, path: self._validate(spool, path))
+        self._intake = self.intake.queue  # tests look at (and count) the queue itself
+        self.scanners = [Scanner(s, w, self.stop_event, self._queue_intake, self._may_be_empty)
+                         for s, w in zip(self.spools, self.watchers)]
         self._threads: list[threading.Thread] = []
         self.scheduler = BackgroundScheduler(timezone="UTC")
 
@@ -136,17 +131,16 @@ class Daemon:
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
-        for name in range(VALIDATORS):
-            self._spawn(lambda stop=self.stop_event: self._validator(stop), f"{VALIDATOR}{name}")
+        for name in range(self.intake.validators):
+            self._spawn(lambda intake=self.intake, stop=self.stop_event: intake.run(stop), f"{VALIDATOR}{name}")
         self._drop_rows_of_deleted_failures()  # the first look (see there)
         recovered = self._recover()
         if recovered:
             logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
-        for watcher in self.watchers:
-            watcher.start()
-        # One scanner per watch root: a share that hangs (a hard NFS mount) must not stop the others.
-        for i, (spool, watcher) in enumerate(zip(self.spools, self.watchers)):
-            self._spawn(lambda s=spool, w=watcher, stop=self.stop_event: self._scanner(s, w, stop), f"scanner-{i}")
+        for scanner in self.scanners:
+            scanner.initialize()
+        for i, scanner in enumerate(self.scanners):
+            self._spawn(scanner.run, f"scanner-{i}")
         self._start_jobs()  # the health probe's first run is at once, in the scheduler: a PACS that hangs
                             # must not hold up start-up (nor a reload, which watchdog pings do not cover here)
         self.ready.set()
@@ -222,28 +216,18 @@ class Daemon:
         """
         self.notifier.reloading()
         source = self.config.source
-        try:
-            new = load_config(None if source in ("", "(no file)") else source)
-            if not new.watch:
-                raise RelayPacsError(f"{new.source}: no [[watch]] table")
-            for w in new.watch:
-                Spool(Path(w.path)).prepare()
-        except Exception as exc:  # any problem: one line, and the running configuration stays
-            logger.error("reload of {} refused, still running the previous configuration: {}", source, exc)
+        new = reloading.read_new_config(self.config)
+        if new is None:
             self.notifier.ready(self.status_line())
             return False
-        for key in ("log_level", "log_format", "log_file", "metrics_port", "metrics_address", "state_dir"):
-            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
-                logger.warning("reload: daemon.{} changed; it takes effect at the next restart", key)
-        # The journal stays where it is: a new one elsewhere would forget which PACS confirmed what (and an
-        # unusable folder would end the daemon after its pieces had stopped, not refuse the reload).
-        new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, state_dir=self.config.daemon.state_dir))
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
         # beside one would send the same files again, and the old answer could no longer be recorded.
-        self._stop_pieces(timeout=self._longest_request(), give_up=self._waiting_for_requests,
-                          threads_timeout=UNPACK_WAIT)
+        waiting = reloading.WaitingForRequests(self._feed_watchdog, self._write_heartbeat, self._stop_requested,
+                                               self.config.daemon.heartbeat_interval)
+        self._stop_pieces(timeout=reloading.longest_request(self.config), give_up=waiting,
+                          threads_timeout=reloading.UNPACK_WAIT)
         self._build(new)
         self.start()
         logger.info("reload of {} done", source)
@@ -258,26 +242,12 @@ class Daemon:
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
-    def _longest_request(self) -> float:
-        """How long one request may take by its PACS's timeouts (a slow upload, then a slow answer)."""
-        return max([30.0] + [2 * (p.connect_timeout + p.read_timeout) + 10 for p in self.config.active()])
-
     def _feed_watchdog(self, alive: Callable[[], bool] = lambda: True) -> None:
         """Send systemd's WATCHDOG=1 when one is due and `alive()` (asked only then: it checks every thread)."""
         now = time.monotonic()
         if self.notifier.watchdog_interval and now >= self._next_watchdog and alive():
             self.notifier.watchdog()
             self._next_watchdog = now + self.notifier.watchdog_interval
-
-    def _waiting_for_requests(self) -> bool:
-        """While a reload waits for requests in flight and unpacks: keep systemd's watchdog fed; SIGTERM ends
-        the wait."""
-        self._feed_watchdog()  # the threads are stopping on purpose: alive() would say no
-        now = time.monotonic()
-        if now >= self._next_beat:  # and `relaypacsd health` (Docker's HEALTHCHECK) too: the heartbeat stays fresh
-            self._write_heartbeat()
-            self._next_beat = now + self.config.daemon.heartbeat_interval
-        return self._stop_requested.is_set()
 
     def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
                      threads_timeout: float = 5.0) -> None:
@@ -286,12 +256,9 @@ class Daemon:
         unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
         give_up() ends both waits early."""
         self.stop_event.set()
-        for _ in range(VALIDATORS):  # they block on the queue: one stop each
-            self._intake.put(None)
-        for watcher in self.watchers:
-            if watcher.arrived is not None:  # its scanner may be waiting for the next rescan
-                watcher.arrived.set()
-            watcher.stop()
+        self.intake.shutdown()
+        for scanner in self.scanners:
+            scanner.shutdown()
         try:
             # Not waiting: a probe may hang on a PACS for its whole timeout (65 s by default); the engine
             # ignores what it finds once stopping.
@@ -299,11 +266,7 @@ class Daemon:
         except Exception:  # not started
             pass
         self.engine.stop(timeout=timeout, give_up=give_up)
-        started = time.monotonic()
-        for t in self._threads:
-            limit = threads_timeout if t.name.startswith(VALIDATOR) else min(threads_timeout, 5.0)
-            while t.is_alive() and time.monotonic() < started + limit and not give_up():
-                t.join(0.2)
+        reloading.wait_for_threads(self._threads, threads_timeout, give_up)
         self.journal.close()
 
     def _install_signals(self) -> None:
@@ -350,49 +313,6 @@ class Daemon:
 
     # -- finding and validating files ------------------------------------------------------------------
 
-    def _scanner(self, spool: Spool, watcher: InboxWatcher, stop: threading.Event) -> None:
-        arrived = watcher.arrived
-        assert arrived is not None
-        while not stop.is_set():
-            arrived.clear()  # before the look: an event during it makes the next look come at once
-            if stop.is_set():  # set since the loop's check: the wake that came with it was just cleared
-                return
-            try:
-                ready = watcher.tick()
-                # Claim in small groups: one fsync per directory and group, before anything is sent,
-                # and the first files reach validation without waiting for a large burst.
-                for i in range(0, len(ready), CLAIM_GROUP):
-                    # Stopped (also after a tick that hung past a reload): claim nothing more.
-                    claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]
-                                           if not stop.is_set()) if m]
-                    sync_dirs(claimed)
-                    for moved in claimed:
-                        self._queue_intake(spool, moved)
-                # Idle (nothing settling), sleep until the next rescan: any event wakes the scanner then.
-                wait = watcher.idle_wait(TICK)
-            except Exception:
-                logger.exception("watch {}: scan failed; retrying", spool.inbox)
-                wait = TICK
-            if arrived.wait(wait):
-                stop.wait(GATHER)
-
-    def _claim(self, spool: Spool, path: Path) -> Path | None:
-        """Claim one file; a file that cannot be moved is logged and left, never holding up the others."""
-        rel = spool.relative(path)
-        try:
-            moved = spool.claim(path, sync=False)
-        except (OSError, RelayPacsError) as exc:
-            logger.error("cannot claim {} (moving it to sending/ failed: {}); it stays in inbox/ and is tried at "
-                         "the next rescan: check that folder's permissions", printable(rel), printable(str(exc)))
-            return None
-        if moved is not None:
-            if valid_path(rel) is not rel:  # once: from here on the file has a valid UTF-8 name everywhere
-                logger.warning("{} has a name that is not valid UTF-8 (an SMB client's Latin-1?): claimed as {}",
-                               printable(rel), spool.relative(moved))
-            if path.parent != spool.inbox:
-                self._may_be_empty(spool, path.parent)
-        return moved
-
     def _may_be_empty(self, spool: Spool, folder: Path, since: float | None = None) -> None:
         since = time.monotonic() if since is None else since
         with self._emptied_lock:
@@ -420,26 +340,7 @@ class Daemon:
         return max(FOLDER_QUIET, self._settle.get(spool.root, 2.0))
 
     def _queue_intake(self, spool: Spool, path: Path) -> None:
-        with self._intake_lock:
-            if path in self._intake_paths:
-                return
-            self._intake_paths.add(path)
-        self._intake.put((spool, path))
-
-    def _validator(self, stop: threading.Event) -> None:
-        intake = self._intake  # this generation's
-        while not stop.is_set():
-            job = intake.get()  # blocks: _stop_pieces queues a None per validator
-            if job is None:
-                return
-            spool, path = job
-            try:
-                self._validate(spool, path)
-            except Exception:
-                logger.exception("validation of {} failed unexpectedly; it stays in sending/ for the next sweep", path)
-            finally:
-                with self._intake_lock:
-                    self._intake_paths.discard(path)
+        self.intake.put(spool, path)  # this generation's: a file an old one's validation queues goes to the new
 
     def _settle_journal(self, spool: Spool) -> None:
         """Rows left under sending/ by a run killed between a file's move and its journal update: follow the

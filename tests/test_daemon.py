@@ -15,6 +15,8 @@ import pytest
 from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
+from relaypacsd.reload import longest_request
+from relaypacsd.scanning import Scanner
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update, open_journal
 from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
@@ -133,8 +135,8 @@ def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_p
     pings: list[float] = []
     monkeypatch.setattr(daemon.notifier, "watchdog_interval", 0.05)
     monkeypatch.setattr(daemon.notifier, "watchdog", lambda: pings.append(time.monotonic()) or True)
-    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
-    assert daemon._longest_request() == 2 * (5 + 60) + 10  # by the PACS's timeouts, not a fixed 30 s
+    monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: daemon.config)
+    assert longest_request(daemon.config) == 2 * (5 + 60) + 10  # by the PACS's timeouts, not a fixed 30 s
     daemon.start()
     try:
         sop = write_instance(spool.inbox / "img.dcm")
@@ -297,7 +299,7 @@ def test_a_reload_is_not_held_up_by_a_scanner_stuck_on_a_hung_share(tmp_path, mo
     daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     hung = threading.Event()
     monkeypatch.setattr(daemon.watchers[0], "tick", lambda *a, **k: hung.wait(60) and [])
-    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
+    monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: daemon.config)
     daemon.start()
     try:
         reloading = threading.Thread(target=daemon.reload)
@@ -323,10 +325,10 @@ def test_a_scanner_that_outlives_a_reload_claims_nothing_after_it(tmp_path, monk
         return [late]  # what it found settled, by its old rules
 
     monkeypatch.setattr(daemon.watchers[0], "tick", hanging_tick)
-    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
+    monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: daemon.config)
     claims: list[threading.Thread] = []
-    real_claim = daemon._claim
-    monkeypatch.setattr(daemon, "_claim", lambda s, p: claims.append(threading.current_thread()) or real_claim(s, p))
+    real_claim = Scanner.claim
+    monkeypatch.setattr(Scanner, "claim", lambda s, p: claims.append(threading.current_thread()) or real_claim(s, p))
     daemon.start()
     try:
         assert entered.wait(5)
@@ -575,7 +577,8 @@ def test_a_stop_that_comes_as_an_idle_scanner_starts_its_look_ends_it_at_once(tm
             super().clear()
 
     watcher.arrived = Racing()
-    scanner = threading.Thread(target=daemon._scanner, args=(spool, watcher, stop), daemon=True)
+    scanner = threading.Thread(target=Scanner(spool, watcher, stop, daemon._queue_intake, daemon._may_be_empty).run,
+                               daemon=True)
     scanner.start()
     scanner.join(3)
     try:

@@ -237,7 +237,7 @@ def test_a_fallback_move_whose_old_name_cannot_go_leaves_the_file_in_one_folder(
 
     monkeypatch.setattr(os, "unlink", refused)
     try:
-        assert daemon._claim(spool, path) is None  # logged, and left in inbox/ for the next rescan
+        assert daemon.scanners[0].claim(path) is None  # logged, and left in inbox/ for the next rescan
         assert path.exists() and count(spool, "sending") == 0 and os.stat(path).st_nlink == 1
     finally:
         daemon.journal.close()
