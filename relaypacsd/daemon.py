@@ -16,11 +16,12 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_J
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from relaypacsd import archive, dicomfile
+from relaypacsd import archive, dicomfile, recovery
 from relaypacsd import reload as reloading
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
 from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError
+from relaypacsd.folders import EmptiedFolders
 from relaypacsd.heartbeat import HEARTBEAT_FILE
 from relaypacsd.intake import VALIDATOR, Intake
 from relaypacsd.journal import open_journal
@@ -29,7 +30,7 @@ from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
 from relaypacsd.senders import build_sender
 from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
-from relaypacsd.spool import Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, unclashed, valid_path
+from relaypacsd.spool import Spool, age_seconds, now_iso, printable, valid_path
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
 
 CLOCK_STEP = 5.0  # seconds by which wall and monotonic time may disagree over one main-loop tick (NTP slews far less)
 TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
-# An emptied study folder goes once untouched this long (or the settle time, if longer): a writer pausing
-# between the files of a study (a slow C-STORE link into inbox/) must not find its folder gone (ENOENT).
-FOLDER_QUIET = 60.0
-FAILED_ROWS_INTERVAL = 3600.0  # seconds between looks for journal rows of files deleted from failed/
 
 
 class Daemon:
@@ -86,13 +83,8 @@ class Daemon:
         self.engine = Engine(config, self.journal, senders)
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
-        # Folders a claim or a move out of sending/ may have emptied: removed at the next sweep (`_prune`).
-        # -> since when (monotonic): their mtime alone would make one emptied just now look old after the
-        # clock steps forward.
-        self._emptied: dict[tuple[Spool, Path], float] = {}
-        self._emptied_lock = threading.Lock()
-        self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
-        self._missing_failed: set[str] = set()  # rows under failed/ whose file was missing at the last look
+        self.folders = EmptiedFolders(self._settle)  # removed at the next sweep once quiet
+        self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         if self.metrics is not None:
             self.engine.on_batch = self.metrics.observe_batch
         self.intake = Intake(lambda spool, path: self._validate(spool, path))
@@ -108,23 +100,18 @@ class Daemon:
         """Prepare spools, recover sending/, start watchers, workers and jobs."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for spool in self.spools:
-            spool.prepare()
-            for path in spool.clean_after_crash():
-                logger.info("removed {} left in failed/ by an interrupted run", path.name)
-            for path in spool.finish_interrupted_claims():
-                logger.info("{} was claimed by an interrupted run: its second name in inbox/ went (one file, "
-                            "in sending/)", spool.relative(path))
-            if spool.root not in self._unpacks_resumed:
-                self._resume_unpacks(spool)
+            recovery.repair_spool(spool)
+            if spool.root not in self._unpacks_resumed and recovery.resume_unpacks(spool):
+                self._unpacks_resumed.add(spool.root)
         if not self.config.delivery.enabled:
             logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
                            "valid files wait in sending/")
         elif not self.engine.destinations:
             logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
         for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
-            self._settle_journal(spool)
+            recovery.settle_journal(self.journal, spool)
             # Empty study folders an earlier run (or generation) left (each also costs an inotify watch): those
-            # quiet go in _recover below, the others at a later sweep (`_prune` keeps them queued).
+            # quiet go in _recover below, the others at a later sweep (`prune` keeps them queued).
             for folder in ("inbox", "sending"):
                 for empty in spool.empty_folders(folder):
                     self._may_be_empty(spool, empty, since=float("-inf"))  # their mtime says since when
@@ -133,7 +120,7 @@ class Daemon:
         # go on beside the new generation with the old settings.
         for name in range(self.intake.validators):
             self._spawn(lambda intake=self.intake, stop=self.stop_event: intake.run(stop), f"{VALIDATOR}{name}")
-        self._drop_rows_of_deleted_failures()  # the first look (see there)
+        self.deleted_failures.look()  # the first look (see there)
         recovered = self._recover()
         if recovered:
             logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
@@ -314,75 +301,10 @@ class Daemon:
     # -- finding and validating files ------------------------------------------------------------------
 
     def _may_be_empty(self, spool: Spool, folder: Path, since: float | None = None) -> None:
-        since = time.monotonic() if since is None else since
-        with self._emptied_lock:
-            self._emptied[(spool, folder)] = max(since, self._emptied.get((spool, folder), since))
-
-    def _prune(self) -> None:
-        """Remove the study folders that claims and moves emptied, once untouched for FOLDER_QUIET: a writer
-        that has just made a folder, or paused between its files, is about to put a file there."""
-        with self._emptied_lock:
-            candidates, self._emptied = self._emptied, {}
-        now = time.monotonic()
-        for (spool, folder), since in candidates.items():
-            if now - since < self._folder_quiet(spool):
-                self._may_be_empty(spool, folder, since)  # emptied by this run too recently, whatever its mtime
-                continue
-            removed = spool.prune(folder, self._folder_quiet(spool))
-            left = folder.parents[removed - 1] if removed else folder  # where it stopped
-            try:
-                if spool.relative(left) != Path(".") and not os.listdir(left):
-                    self._may_be_empty(spool, left)  # empty but changed just now: look again at the next sweep
-            except OSError:  # gone, or not a folder: nothing to do
-                pass
-
-    def _folder_quiet(self, spool: Spool) -> float:
-        return max(FOLDER_QUIET, self._settle.get(spool.root, 2.0))
+        self.folders.mark(spool, folder, since)
 
     def _queue_intake(self, spool: Spool, path: Path) -> None:
         self.intake.put(spool, path)  # this generation's: a file an old one's validation queues goes to the new
-
-    def _settle_journal(self, spool: Spool) -> None:
-        """Rows left under sending/ by a run killed between a file's move and its journal update: follow the
-        file into failed/, or forget them once it is in sent/. Only on evidence, the same SOP Instance UID
-        under that name or one a clash gave it (a~1.dcm): names are reused, and a file merely out of sight
-        (a share not mounted yet) keeps its rows, or a PACS that has it would get it again."""
-        namesakes = Namesakes()
-        for key in self.journal.paths_under(str(spool.sending)):
-            path = Path(key)
-            if path.exists():
-                continue
-            sop = self.journal.sop_of(key)
-            if not sop:
-                continue
-            rel = spool.relative(path)
-            named = rel.with_name(unclashed(rel.name))  # under that name or any ~N of it (a killed `retry`)
-            # A failed file of this instance that has no rows of its own yet (rows there of another instance
-            # are a deleted file's, whose name was reused).
-            same = [f for f in _namesakes(namesakes, spool, spool.failed / named)
-                    if (read_sidecar(f) or {}).get("sop_instance_uid") == sop]
-            failed = [f for f in same if self.journal.sop_of(str(f)) != sop]
-            if failed:
-                self.journal.rename(key, str(failed[0]))
-                logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
-            elif same:  # a copy a killed `retry` left ahead of the file, which still holds its own rows
-                self.journal.forget(key)
-            elif any(dicomfile.sop_instance_uid(f) == sop for f in _namesakes(namesakes, spool, spool.sent / named)):
-                self.journal.forget(key)
-                logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
-
-    def _resume_unpacks(self, spool: Spool) -> None:
-        try:
-            moved = archive.resume_unpacks(spool)
-        except OSError as exc:
-            logger.error("finishing an interrupted zip unpack in {} failed ({}); its files stay in {}/{}* "
-                         "until the next start: check that folder's permissions and free space",
-                         spool.root, exc, spool.root, archive.TEMP_PREFIX)
-            return
-        self._unpacks_resumed.add(spool.root)
-        if moved:
-            logger.info("finished a zip unpack that a previous run left half done: {} file(s) into sending/",
-                        len(moved))
 
     def _validate(self, spool: Spool, path: Path) -> None:
         if self.engine.known(path):
@@ -479,10 +401,8 @@ class Daemon:
     def _recover(self) -> int:
         """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason.
         Also, at each sweep, the light housekeeping: emptied study folders, rows of deleted failures."""
-        self._prune()
-        if time.monotonic() >= self._next_failed_rows:
-            self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
-            self._drop_rows_of_deleted_failures()
+        self.folders.prune()
+        self.deleted_failures.look_if_due()
         count = 0
         for spool in self.spools:
             for path in spool.files("sending"):
@@ -490,18 +410,6 @@ class Daemon:
                     self._queue_intake(spool, path)
                     count += 1
         return count
-
-    def _drop_rows_of_deleted_failures(self) -> int:
-        """Forget the rows of files deleted from failed/: those missing at two looks an hour apart (start-up
-        makes the first). One look is no proof: a share not mounted yet hides failed/, and a file back in
-        sight without its rows would be sent again to the PACS that confirmed it. One stat per row."""
-        missing = {key for spool in self.spools for key in self.journal.paths_under(str(spool.failed))
-                   if not os.path.lexists(key)}
-        gone, self._missing_failed = missing & self._missing_failed, missing - self._missing_failed
-        if gone:
-            self.journal.forget(*gone)
-            logger.info("journal: forgot {} file(s) deleted from failed/", len(gone))
-        return len(gone)
 
     def _on_changed(self, item: Item, gone: bool) -> None:
         """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
@@ -582,9 +490,3 @@ class Daemon:
         except OSError as exc:
             logger.warning("cannot write heartbeat in {}: {}", self.state_dir, exc)
 
-
-def _namesakes(namesakes: Namesakes, spool: Spool, path: Path) -> list[Path]:
-    """`namesakes.of(path)`, and of where a move there went when a file held one of its folders' names
-    (failed/CT1 a file: failed/CT1~1/IM0001.dcm)."""
-    free = spool._free_folders(path)
-    return namesakes.of(path) + (namesakes.of(free) if free != path else [])

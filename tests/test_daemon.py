@@ -15,6 +15,7 @@ import pytest
 from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
+from relaypacsd.recovery import settle_journal
 from relaypacsd.reload import longest_request
 from relaypacsd.scanning import Scanner
 from relaypacsd.dicomfile import inspect
@@ -537,7 +538,7 @@ def test_start_follows_rows_to_a_failed_file_whose_name_was_cut(tmp_path):
     write_instance(spool.failed / fit_name("b" * 246, ".dcm"))
     clash = clashed(spool.failed / fit_name("b" * 246, ".dcm"), 1)
     key2 = _killed_run_failed(daemon, spool, other, clash)
-    daemon._settle_journal(spool)
+    settle_journal(daemon.journal, spool)
     try:
         assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(cut))["other"].state == "delivered"
         assert daemon.journal.rows(key2) == {} and daemon.journal.rows(str(clash))["other"].state == "delivered"
@@ -553,7 +554,7 @@ def test_start_follows_rows_to_a_failed_file_whose_folder_got_a_free_name(tmp_pa
     (spool.failed / "CT1").write_bytes(b"an old failure")
     moved = spool.failed / "CT1~1" / "IM0001.dcm"
     key = _killed_run_failed(daemon, spool, "CT1/IM0001.dcm", moved)
-    daemon._settle_journal(spool)
+    settle_journal(daemon.journal, spool)
     try:
         assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(moved))["other"].state == "delivered"
     finally:
@@ -601,7 +602,7 @@ def test_a_folder_emptied_just_before_the_clock_steps_forward_is_kept(tmp_path, 
     daemon._may_be_empty(spool, study)
     clock.offset += 3600.0  # NTP steps the clock forward an hour
     try:
-        daemon._prune()
+        daemon.folders.prune()
         assert study.is_dir()
     finally:
         daemon.journal.close()
