@@ -16,11 +16,11 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_J
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from relaypacsd import archive, dicomfile, recovery
+from relaypacsd import recovery
 from relaypacsd import reload as reloading
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
-from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError
+from relaypacsd.errors import ConfigError, JournalError
 from relaypacsd.folders import EmptiedFolders
 from relaypacsd.heartbeat import HEARTBEAT_FILE
 from relaypacsd.intake import VALIDATOR, Intake
@@ -30,14 +30,14 @@ from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
 from relaypacsd.senders import build_sender
 from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
-from relaypacsd.spool import Spool, age_seconds, now_iso, printable, valid_path
+from relaypacsd.spool import Spool, age_seconds
+from relaypacsd.validation import Validation
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
 CLOCK_STEP = 5.0  # seconds by which wall and monotonic time may disagree over one main-loop tick (NTP slews far less)
-TRUNCATION_GRACE = 10.0  # seconds (at least 5 settle times) a truncated file may still grow before it fails
 
 
 class Daemon:
@@ -70,8 +70,6 @@ class Daemon:
         # Each watcher sets its own event when a file may have completed: its scanner need not wait for TICK.
         self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
-        self._growing: dict[Path, float] = {}  # truncated files that may still grow -> unchanged since (monotonic)
-        self._grown: dict[Path, tuple[int, int]] = {}  # their (size, mtime) when last looked at
         try:
             self.journal = open_journal(self.state_dir)
         except JournalError as exc:
@@ -87,6 +85,9 @@ class Daemon:
         self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         if self.metrics is not None:
             self.engine.on_batch = self.metrics.observe_batch
+        self.validation = Validation(config, self.engine, self.counters, self._settle, self._queue_intake,
+                                     self._may_be_empty)
+        self._growing, self._grown = self.validation._growing, self.validation._grown  # tests look at them
         self.intake = Intake(lambda spool, path: self._validate(spool, path))
         self._intake = self.intake.queue  # tests look at (and count) the queue itself
         self.scanners = [Scanner(s, w, self.stop_event, self._queue_intake, self._may_be_empty)
@@ -307,96 +308,7 @@ class Daemon:
         self.intake.put(spool, path)  # this generation's: a file an old one's validation queues goes to the new
 
     def _validate(self, spool: Spool, path: Path) -> None:
-        if self.engine.known(path):
-            return
-        rel = spool.relative(path)
-        if valid_path(rel) is not rel:
-            # Left in sending/ by an older run (or put there by hand): SQLite, sidecars and logs need UTF-8.
-            renamed = spool.make_valid(path)
-            if renamed is not None:
-                logger.warning("{} in sending/ has a name that is not valid UTF-8: renamed {}",
-                               printable(rel), spool.relative(renamed))
-                self._queue_intake(spool, renamed)
-                if renamed.parent != path.parent:
-                    self._may_be_empty(spool, path.parent)
-            return
-        if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
-            try:
-                members = archive.unpack_to_sending(spool, path)
-                for member in members:
-                    self._queue_intake(spool, member)
-                if members:
-                    folder = Path(os.path.commonpath([str(m.parent) for m in members]))
-                    logger.info("unpacked {} into {}: {} file(s)", spool.relative(path),
-                                spool.relative(folder), len(members))
-                self._may_be_empty(spool, path.parent)
-                return
-            except archive.UnpackInterrupted as exc:
-                logger.error("unpack: {}", exc)
-                return
-            except archive.BadArchive as exc:
-                new = spool.finish(path, "failed", {"reason": str(exc), "stage": "archive", "time": now_iso(),
-                                                    "next_step": "fix the archive, or unzip it into inbox/ yourself"})
-                self._may_be_empty(spool, path.parent)
-                logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
-                               spool.relative(new))
-                return
-        try:
-            info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid)
-        except FileNotFoundError:
-            return
-        except InvalidDicomError as exc:
-            grace = max(TRUNCATION_GRACE, 5 * self._settle.get(spool.root, 2.0))
-            if isinstance(exc, dicomfile.TruncatedDicom) and self._quiet_for(path) < grace:
-                # A writer on a share may pause longer than the settle time: leave it in sending/ and
-                # look again at the next sweep instead of failing a file that may still be growing.
-                if path not in self._growing:
-                    self._growing[path] = time.monotonic()
-                    logger.info("{} looks incomplete: checking again at the next sweep; it fails once unchanged "
-                                "for {:.0f} s", spool.relative(path), grace)
-                return
-            self._forget_growing(path)
-            stage = "dicomdir" if isinstance(exc, dicomfile.DicomDirFound) else "validation"
-            next_step = "fix or replace the file; `relaypacsd retry FILE` queues it again"
-            if isinstance(exc, dicomfile.ZeroTail) and exc.padding:
-                # Never forwarded as it is: a preallocating writer paused past the grace looks just the same.
-                next_step = (f"if the sender is done and the zeros are only padding, `truncate -s {exc.data_end} "
-                             "FILE` removes them; then `relaypacsd retry FILE`. Else send the file again")
-            new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
-                                                "next_step": next_step})
-            self.counters["failed"] += 1
-            self._may_be_empty(spool, path.parent)
-            # No PACS saw it: say what refused it ("PACS forward" is for what a PACS did).
-            logger.warning("validation refused {}: {} (moved to failed/{})", spool.relative(path), exc,
-                           spool.relative(new))
-            return
-        self._forget_growing(path)
-        if info.meta_sop_instance_uid:
-            logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
-                           "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
-                           "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
-        self.engine.submit(path, spool, info)
-
-    def _quiet_for(self, path: Path) -> float:
-        """Seconds an incomplete file has stayed unchanged (size and mtime) since this daemon first saw it so.
-
-        Monotonic, never the mtime: a share's clock behind ours made a file being written look old (half of
-        it failed at once), one ahead made it look new forever. A change starts the count again."""
-        try:
-            st = path.stat()
-        except OSError:
-            return 0.0
-        key, now = (st.st_size, st.st_mtime_ns), time.monotonic()
-        if self._grown.get(path) != key or path not in self._growing:
-            self._grown[path] = key
-            if path in self._growing:
-                self._growing[path] = now
-            return 0.0
-        return now - self._growing[path]
-
-    def _forget_growing(self, path: Path) -> None:
-        self._growing.pop(path, None)
-        self._grown.pop(path, None)
+        self.validation.validate(spool, path)
 
     def _recover(self) -> int:
         """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason.
@@ -454,7 +366,7 @@ class Daemon:
 
     def _sweep_job(self) -> None:
         released = self.engine.sweep()
-        orphans = self._recover() - len(self._growing)
+        orphans = self._recover() - self.validation.waiting()
         if released or orphans > 0:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 

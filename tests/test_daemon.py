@@ -14,10 +14,11 @@ import pytest
 
 from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
-from relaypacsd.daemon import TRUNCATION_GRACE, Daemon
+from relaypacsd.daemon import Daemon
 from relaypacsd.recovery import settle_journal
 from relaypacsd.reload import longest_request
 from relaypacsd.scanning import Scanner
+from relaypacsd.validation import TRUNCATION_GRACE
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update, open_journal
 from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
