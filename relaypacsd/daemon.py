@@ -8,12 +8,9 @@ import signal
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
-from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from relaypacsd import recovery
@@ -24,6 +21,7 @@ from relaypacsd.errors import ConfigError, JournalError
 from relaypacsd.folders import EmptiedFolders
 from relaypacsd.heartbeat import HEARTBEAT_FILE
 from relaypacsd.intake import VALIDATOR, Intake
+from relaypacsd.jobs import Jobs
 from relaypacsd.journal import open_journal
 from relaypacsd.models import Sender
 from relaypacsd.scanning import Scanner
@@ -37,7 +35,6 @@ from relaypacsd.watcher import InboxWatcher
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
-CLOCK_STEP = 5.0  # seconds by which wall and monotonic time may disagree over one main-loop tick (NTP slews far less)
 
 
 class Daemon:
@@ -93,7 +90,7 @@ class Daemon:
         self.scanners = [Scanner(s, w, self.stop_event, self._queue_intake, self._may_be_empty)
                          for s, w in zip(self.spools, self.watchers)]
         self._threads: list[threading.Thread] = []
-        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.jobs = Jobs()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -129,8 +126,9 @@ class Daemon:
             scanner.initialize()
         for i, scanner in enumerate(self.scanners):
             self._spawn(scanner.run, f"scanner-{i}")
-        self._start_jobs()  # the health probe's first run is at once, in the scheduler: a PACS that hangs
-                            # must not hold up start-up (nor a reload, which watchdog pings do not cover here)
+        # The health probe's first run is at once, in the scheduler: a PACS that hangs must not hold up
+        # start-up (nor a reload, which watchdog pings do not cover here).
+        self.jobs.start(self.config, self._sweep_job, self.engine.probe, self._heartbeat_job, self._retention_job)
         self.ready.set()
         self._write_heartbeat()
         logger.info("relaypacsd ready: {} watch root(s), forwarding to {}", len(self.spools),
@@ -162,29 +160,11 @@ class Daemon:
             self._feed_watchdog(self.alive)
             self._wake.wait(tick)
             self._wake.clear()
-            clock = self._follow_clock(clock)
+            clock = self.jobs.follow_clock(clock)
             if self._reload_requested.is_set() and not self._stop_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
                 clock = (time.time(), time.monotonic())
-
-    def _follow_clock(self, last: tuple[float, float]) -> tuple[float, float]:
-        """Detect a step of the wall clock since `last` (wall, monotonic) and run every scheduled job now.
-
-        apscheduler 3 plans interval jobs by wall-clock datetimes: stepped back an hour, the sweep, the probe
-        and the heartbeat would wait that hour (a PACS marked DOWN would stay DOWN). Returns the new (wall,
-        monotonic)."""
-        wall, mono = time.time(), time.monotonic()
-        step = (wall - last[0]) - (mono - last[1])
-        if abs(step) > CLOCK_STEP and self.scheduler.running:
-            logger.warning("the system clock was stepped {} by {:.0f} s (NTP, a resumed VM?): scheduled jobs run "
-                           "now and follow the new time; ages of waiting files are not affected",
-                           "forward" if step > 0 else "back", abs(step))
-            now = datetime.now(timezone.utc)
-            for job in self.scheduler.get_jobs():
-                self.scheduler.modify_job(job.id, next_run_time=now)
-            self.scheduler.wakeup()
-        return wall, mono
 
     def request_stop(self) -> None:
         """Ask the daemon to stop (safe from a signal handler: only sets flags)."""
@@ -247,12 +227,7 @@ class Daemon:
         self.intake.shutdown()
         for scanner in self.scanners:
             scanner.shutdown()
-        try:
-            # Not waiting: a probe may hang on a PACS for its whole timeout (65 s by default); the engine
-            # ignores what it finds once stopping.
-            self.scheduler.shutdown(wait=False)
-        except Exception:  # not started
-            pass
+        self.jobs.shutdown()
         self.engine.stop(timeout=timeout, give_up=give_up)
         reloading.wait_for_threads(self._threads, threads_timeout, give_up)
         self.journal.close()
@@ -297,7 +272,7 @@ class Daemon:
     def alive(self) -> bool:
         """True while the watchers, the scanner, the validators, the workers and the scheduler run."""
         return (all(w.alive() for w in self.watchers) and all(t.is_alive() for t in self._threads)
-                and self.engine.alive() and self.scheduler.running)
+                and self.engine.alive() and self.jobs.running)
 
     # -- finding and validating files ------------------------------------------------------------------
 
@@ -341,28 +316,6 @@ class Daemon:
             self._queue_intake(item.spool, item.path)
 
     # -- scheduled jobs --------------------------------------------------------------------------------
-
-    def _start_jobs(self) -> None:
-        d = self.config.delivery
-        common = dict(coalesce=True, max_instances=1, replace_existing=True)
-        self.scheduler.add_job(self._sweep_job, "interval", seconds=d.retry_sweep_interval, id="retry-sweep",
-                               misfire_grace_time=max(1, int(d.retry_sweep_interval)), **common)
-        self.scheduler.add_job(self.engine.probe, "interval", seconds=d.health_interval, id="health-probe",
-                               jitter=min(5, d.health_interval / 10), misfire_grace_time=max(1, int(d.health_interval)),
-                               next_run_time=datetime.now(timezone.utc), **common)
-        self.scheduler.add_job(self._heartbeat_job, "interval", seconds=self.config.daemon.heartbeat_interval,
-                               id="heartbeat", misfire_grace_time=5, **common)
-        if d.sent_retention_days > 0:
-            self.scheduler.add_job(self._retention_job, "interval", hours=1, id="retention", misfire_grace_time=600,
-                                   **common)
-        self.scheduler.add_listener(self._job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
-        self.scheduler.start()
-
-    def _job_event(self, event: JobEvent) -> None:
-        if event.code == EVENT_JOB_ERROR:
-            logger.error("scheduled job {} failed: {}", event.job_id, getattr(event, "exception", ""))
-        else:
-            logger.warning("scheduled job {} skipped a run (still busy or late)", event.job_id)
 
     def _sweep_job(self) -> None:
         released = self.engine.sweep()

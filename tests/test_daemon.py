@@ -448,7 +448,7 @@ class _SteppableClock:
                 return datetime.datetime.fromtimestamp(time.time(), tz)
 
         for module in ("apscheduler.schedulers.base", "apscheduler.executors.base", "apscheduler.triggers.interval",
-                       "relaypacsd.daemon"):
+                       "relaypacsd.jobs"):
             monkeypatch.setattr(f"{module}.datetime", SteppedDatetime)
 
 
