@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
 
 
-
 class Daemon:
     """One running relaypacsd: the only long-lived mutable object in the process."""
 
