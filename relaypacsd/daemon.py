@@ -63,7 +63,7 @@ class Daemon:
         self.state_dir = Path(config.daemon.state_dir)
         self.stop_event = threading.Event()  # stops this generation's threads (a reload makes a new one)
         self.spools = [Spool(Path(w.path)) for w in config.watch]
-        # Each watcher sets its own event when a file may have completed: its scanner need not wait for TICK.
+        # Each watcher sets its own event when a file may have completed: its scanner need not wait for scanning.TICK.
         self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
         try:
