@@ -2,50 +2,38 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import queue
 import signal
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
-from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from relaypacsd import archive, dicomfile, fate
-from relaypacsd.config import Config, load_config
+from relaypacsd import fate, recovery
+from relaypacsd import reload as reloading
+from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
-from relaypacsd.errors import ConfigError, InvalidDicomError, JournalError, RelayPacsError
+from relaypacsd.errors import ConfigError, JournalError
+from relaypacsd.folders import EmptiedFolders
 from relaypacsd.heartbeat import HEARTBEAT_FILE
+from relaypacsd.intake import VALIDATOR, Intake
+from relaypacsd.jobs import Jobs
 from relaypacsd.journal import open_journal
 from relaypacsd.models import Sender
+from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
 from relaypacsd.senders import build_sender
 from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
-from relaypacsd.spool import (Namesakes, Spool, age_seconds, now_iso, printable, read_sidecar, sync_dirs, unclashed,
-                              valid_path)
+from relaypacsd.spool import Spool, age_seconds
+from relaypacsd.validation import Validation
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
-
-TICK = 0.2  # seconds between looks at the watchers' candidates when no event says a file is complete
-VALIDATORS = 2  # validation threads per generation
-CLOCK_STEP = 5.0  # seconds by which wall and monotonic time may disagree over one main-loop tick (NTP slews far less)
-GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
-CLAIM_GROUP = 32  # files claimed per directory fsync
-VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
-UNPACK_WAIT = 600.0  # seconds a reload waits for a zip being unpacked (a new unpack beside it is wasted work)
-# An emptied study folder goes once untouched this long (or the settle time, if longer): a writer pausing
-# between the files of a study (a slow C-STORE link into inbox/) must not find its folder gone (ENOENT).
-FOLDER_QUIET = 60.0
-FAILED_ROWS_INTERVAL = 3600.0  # seconds between looks for journal rows of files deleted from failed/
 
 
 class Daemon:
@@ -62,7 +50,7 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
-        self._next_watchdog = self._next_beat = 0.0
+        self._next_watchdog = 0.0
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
         self._unpacks_resumed: set[Path] = set()
@@ -75,11 +63,9 @@ class Daemon:
         self.state_dir = Path(config.daemon.state_dir)
         self.stop_event = threading.Event()  # stops this generation's threads (a reload makes a new one)
         self.spools = [Spool(Path(w.path)) for w in config.watch]
-        # Each watcher sets its own event when a file may have completed: its scanner need not wait for TICK.
+        # Each watcher sets its own event when a file may have completed: its scanner need not wait for scanning.TICK.
         self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
-        self._growing: dict[Path, float] = {}  # truncated files that may still grow -> unchanged since (monotonic)
-        self._grown: dict[Path, tuple[int, int]] = {}  # their (size, mtime) when last looked at
         try:
             self.journal = open_journal(self.state_dir)
         except JournalError as exc:
@@ -91,20 +77,19 @@ class Daemon:
         self.engine = Engine(config, self.journal, senders)
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
-        # Folders a claim or a move out of sending/ may have emptied: removed at the next sweep (`_prune`).
-        # -> since when (monotonic): their mtime alone would make one emptied just now look old after the
-        # clock steps forward.
-        self._emptied: dict[tuple[Spool, Path], float] = {}
-        self._emptied_lock = threading.Lock()
-        self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
-        self._missing_failed: set[str] = set()  # rows under failed/ whose file was missing at the last look
+        self.folders = EmptiedFolders(self._settle)  # removed at the next sweep once quiet
+        self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         if self.metrics is not None:
             self.engine.on_batch = self.metrics.observe_batch
-        self._intake: "queue.Queue[tuple[Spool, Path] | None]" = queue.Queue()  # None: a validator's stop
-        self._intake_paths: set[Path] = set()
-        self._intake_lock = threading.Lock()
+        self.validation = Validation(config, self.engine, self.counters, self._settle, self._queue_intake,
+                                     self._may_be_empty)
+        self._growing, self._grown = self.validation._growing, self.validation._grown  # tests look at them
+        self.intake = Intake(lambda spool, path: self._validate(spool, path))
+        self._intake = self.intake.queue  # tests look at (and count) the queue itself
+        self.scanners = [Scanner(s, w, self.stop_event, self._queue_intake, self._may_be_empty)
+                         for s, w in zip(self.spools, self.watchers)]
         self._threads: list[threading.Thread] = []
-        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.jobs = Jobs()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -112,42 +97,37 @@ class Daemon:
         """Prepare spools, recover sending/, start watchers, workers and jobs."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for spool in self.spools:
-            spool.prepare()
-            for path in spool.clean_after_crash():
-                logger.info("removed {} left in failed/ by an interrupted run", path.name)
-            for path in spool.finish_interrupted_claims():
-                logger.info("{} was claimed by an interrupted run: its second name in inbox/ went (one file, "
-                            "in sending/)", spool.relative(path))
-            if spool.root not in self._unpacks_resumed:
-                self._resume_unpacks(spool)
+            recovery.repair_spool(spool)
+            if spool.root not in self._unpacks_resumed and recovery.resume_unpacks(spool):
+                self._unpacks_resumed.add(spool.root)
         if not self.config.delivery.enabled:
             logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
                            "valid files wait in sending/")
         elif not self.engine.destinations:
             logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
         for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
-            self._settle_journal(spool)
+            recovery.settle_journal(self.journal, spool)
             # Empty study folders an earlier run (or generation) left (each also costs an inotify watch): those
-            # quiet go in _recover below, the others at a later sweep (`_prune` keeps them queued).
+            # quiet go in _recover below, the others at a later sweep (`prune` keeps them queued).
             for folder in ("inbox", "sending"):
                 for empty in spool.empty_folders(folder):
                     self._may_be_empty(spool, empty, since=float("-inf"))  # their mtime says since when
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
-        for name in range(VALIDATORS):
-            self._spawn(lambda stop=self.stop_event: self._validator(stop), f"{VALIDATOR}{name}")
-        self._drop_rows_of_deleted_failures()  # the first look (see there)
+        for name in range(self.intake.validators):
+            self._spawn(lambda intake=self.intake, stop=self.stop_event: intake.run(stop), f"{VALIDATOR}{name}")
+        self.deleted_failures.look()  # the first look (see there)
         recovered = self._recover()
         if recovered:
             logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
-        for watcher in self.watchers:
-            watcher.start()
-        # One scanner per watch root: a share that hangs (a hard NFS mount) must not stop the others.
-        for i, (spool, watcher) in enumerate(zip(self.spools, self.watchers)):
-            self._spawn(lambda s=spool, w=watcher, stop=self.stop_event: self._scanner(s, w, stop), f"scanner-{i}")
-        self._start_jobs()  # the health probe's first run is at once, in the scheduler: a PACS that hangs
-                            # must not hold up start-up (nor a reload, which watchdog pings do not cover here)
+        for scanner in self.scanners:
+            scanner.initialize()
+        for i, scanner in enumerate(self.scanners):
+            self._spawn(scanner.run, f"scanner-{i}")
+        # The health probe's first run is at once, in the scheduler: a PACS that hangs must not hold up
+        # start-up (nor a reload, which watchdog pings do not cover here).
+        self.jobs.start(self.config, self._sweep_job, self.engine.probe, self._heartbeat_job, self._retention_job)
         self.ready.set()
         self._write_heartbeat()
         logger.info("relaypacsd ready: {} watch root(s), forwarding to {}", len(self.spools),
@@ -179,29 +159,11 @@ class Daemon:
             self._feed_watchdog(self.alive)
             self._wake.wait(tick)
             self._wake.clear()
-            clock = self._follow_clock(clock)
+            clock = self.jobs.follow_clock(clock)
             if self._reload_requested.is_set() and not self._stop_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
                 clock = (time.time(), time.monotonic())
-
-    def _follow_clock(self, last: tuple[float, float]) -> tuple[float, float]:
-        """Detect a step of the wall clock since `last` (wall, monotonic) and run every scheduled job now.
-
-        apscheduler 3 plans interval jobs by wall-clock datetimes: stepped back an hour, the sweep, the probe
-        and the heartbeat would wait that hour (a PACS marked DOWN would stay DOWN). Returns the new (wall,
-        monotonic)."""
-        wall, mono = time.time(), time.monotonic()
-        step = (wall - last[0]) - (mono - last[1])
-        if abs(step) > CLOCK_STEP and self.scheduler.running:
-            logger.warning("the system clock was stepped {} by {:.0f} s (NTP, a resumed VM?): scheduled jobs run "
-                           "now and follow the new time; ages of waiting files are not affected",
-                           "forward" if step > 0 else "back", abs(step))
-            now = datetime.now(timezone.utc)
-            for job in self.scheduler.get_jobs():
-                self.scheduler.modify_job(job.id, next_run_time=now)
-            self.scheduler.wakeup()
-        return wall, mono
 
     def request_stop(self) -> None:
         """Ask the daemon to stop (safe from a signal handler: only sets flags)."""
@@ -221,28 +183,18 @@ class Daemon:
         """
         self.notifier.reloading()
         source = self.config.source
-        try:
-            new = load_config(None if source in ("", "(no file)") else source)
-            if not new.watch:
-                raise RelayPacsError(f"{new.source}: no [[watch]] table")
-            for w in new.watch:
-                Spool(Path(w.path)).prepare()
-        except Exception as exc:  # any problem: one line, and the running configuration stays
-            logger.error("reload of {} refused, still running the previous configuration: {}", source, exc)
+        new = reloading.read_new_config(self.config)
+        if new is None:
             self.notifier.ready(self.status_line())
             return False
-        for key in ("log_level", "log_format", "log_file", "metrics_port", "metrics_address", "state_dir"):
-            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
-                logger.warning("reload: daemon.{} changed; it takes effect at the next restart", key)
-        # The journal stays where it is: a new one elsewhere would forget which PACS confirmed what (and an
-        # unusable folder would end the daemon after its pieces had stopped, not refuse the reload).
-        new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, state_dir=self.config.daemon.state_dir))
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
         # beside one would send the same files again, and the old answer could no longer be recorded.
-        self._stop_pieces(timeout=self._longest_request(), give_up=self._waiting_for_requests,
-                          threads_timeout=UNPACK_WAIT)
+        waiting = reloading.WaitingForRequests(self._feed_watchdog, self._write_heartbeat, self._stop_requested,
+                                               self.config.daemon.heartbeat_interval)
+        self._stop_pieces(timeout=reloading.longest_request(self.config), give_up=waiting,
+                          threads_timeout=reloading.UNPACK_WAIT)
         self._build(new)
         self.start()
         logger.info("reload of {} done", source)
@@ -257,26 +209,12 @@ class Daemon:
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
-    def _longest_request(self) -> float:
-        """How long one request may take by its PACS's timeouts (a slow upload, then a slow answer)."""
-        return max([30.0] + [2 * (p.connect_timeout + p.read_timeout) + 10 for p in self.config.active()])
-
     def _feed_watchdog(self, alive: Callable[[], bool] = lambda: True) -> None:
         """Send systemd's WATCHDOG=1 when one is due and `alive()` (asked only then: it checks every thread)."""
         now = time.monotonic()
         if self.notifier.watchdog_interval and now >= self._next_watchdog and alive():
             self.notifier.watchdog()
             self._next_watchdog = now + self.notifier.watchdog_interval
-
-    def _waiting_for_requests(self) -> bool:
-        """While a reload waits for requests in flight and unpacks: keep systemd's watchdog fed; SIGTERM ends
-        the wait."""
-        self._feed_watchdog()  # the threads are stopping on purpose: alive() would say no
-        now = time.monotonic()
-        if now >= self._next_beat:  # and `relaypacsd health` (Docker's HEALTHCHECK) too: the heartbeat stays fresh
-            self._write_heartbeat()
-            self._next_beat = now + self.config.daemon.heartbeat_interval
-        return self._stop_requested.is_set()
 
     def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
                      threads_timeout: float = 5.0) -> None:
@@ -285,24 +223,12 @@ class Daemon:
         unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
         give_up() ends both waits early."""
         self.stop_event.set()
-        for _ in range(VALIDATORS):  # they block on the queue: one stop each
-            self._intake.put(None)
-        for watcher in self.watchers:
-            if watcher.arrived is not None:  # its scanner may be waiting for the next rescan
-                watcher.arrived.set()
-            watcher.stop()
-        try:
-            # Not waiting: a probe may hang on a PACS for its whole timeout (65 s by default); the engine
-            # ignores what it finds once stopping.
-            self.scheduler.shutdown(wait=False)
-        except Exception:  # not started
-            pass
+        self.intake.shutdown()
+        for scanner in self.scanners:
+            scanner.shutdown()
+        self.jobs.shutdown()
         self.engine.stop(timeout=timeout, give_up=give_up)
-        started = time.monotonic()
-        for t in self._threads:
-            limit = threads_timeout if t.name.startswith(VALIDATOR) else min(threads_timeout, 5.0)
-            while t.is_alive() and time.monotonic() < started + limit and not give_up():
-                t.join(0.2)
+        reloading.wait_for_threads(self._threads, threads_timeout, give_up)
         self.journal.close()
 
     def _install_signals(self) -> None:
@@ -345,238 +271,24 @@ class Daemon:
     def alive(self) -> bool:
         """True while the watchers, the scanner, the validators, the workers and the scheduler run."""
         return (all(w.alive() for w in self.watchers) and all(t.is_alive() for t in self._threads)
-                and self.engine.alive() and self.scheduler.running)
+                and self.engine.alive() and self.jobs.running)
 
     # -- finding and validating files ------------------------------------------------------------------
 
-    def _scanner(self, spool: Spool, watcher: InboxWatcher, stop: threading.Event) -> None:
-        arrived = watcher.arrived
-        assert arrived is not None
-        while not stop.is_set():
-            arrived.clear()  # before the look: an event during it makes the next look come at once
-            if stop.is_set():  # set since the loop's check: the wake that came with it was just cleared
-                return
-            try:
-                ready = watcher.tick()
-                # Claim in small groups: one fsync per directory and group, before anything is sent,
-                # and the first files reach validation without waiting for a large burst.
-                for i in range(0, len(ready), CLAIM_GROUP):
-                    # Stopped (also after a tick that hung past a reload): claim nothing more.
-                    claimed = [m for m in (self._claim(spool, p) for p in ready[i:i + CLAIM_GROUP]
-                                           if not stop.is_set()) if m]
-                    sync_dirs(claimed)
-                    for moved in claimed:
-                        self._queue_intake(spool, moved)
-                # Idle (nothing settling), sleep until the next rescan: any event wakes the scanner then.
-                wait = watcher.idle_wait(TICK)
-            except Exception:
-                logger.exception("watch {}: scan failed; retrying", spool.inbox)
-                wait = TICK
-            if arrived.wait(wait):
-                stop.wait(GATHER)
-
-    def _claim(self, spool: Spool, path: Path) -> Path | None:
-        """Claim one file; a file that cannot be moved is logged and left, never holding up the others."""
-        rel = spool.relative(path)
-        try:
-            moved = spool.claim(path, sync=False)
-        except (OSError, RelayPacsError) as exc:
-            logger.error("cannot claim {} (moving it to sending/ failed: {}); it stays in inbox/ and is tried at "
-                         "the next rescan: check that folder's permissions", printable(rel), printable(str(exc)))
-            return None
-        if moved is not None:
-            if valid_path(rel) is not rel:  # once: from here on the file has a valid UTF-8 name everywhere
-                logger.warning("{} has a name that is not valid UTF-8 (an SMB client's Latin-1?): claimed as {}",
-                               printable(rel), spool.relative(moved))
-            if path.parent != spool.inbox:
-                self._may_be_empty(spool, path.parent)
-        return moved
-
     def _may_be_empty(self, spool: Spool, folder: Path, since: float | None = None) -> None:
-        since = time.monotonic() if since is None else since
-        with self._emptied_lock:
-            self._emptied[(spool, folder)] = max(since, self._emptied.get((spool, folder), since))
-
-    def _prune(self) -> None:
-        """Remove the study folders that claims and moves emptied, once untouched for FOLDER_QUIET: a writer
-        that has just made a folder, or paused between its files, is about to put a file there."""
-        with self._emptied_lock:
-            candidates, self._emptied = self._emptied, {}
-        now = time.monotonic()
-        for (spool, folder), since in candidates.items():
-            if now - since < self._folder_quiet(spool):
-                self._may_be_empty(spool, folder, since)  # emptied by this run too recently, whatever its mtime
-                continue
-            removed = spool.prune(folder, self._folder_quiet(spool))
-            left = folder.parents[removed - 1] if removed else folder  # where it stopped
-            try:
-                if spool.relative(left) != Path(".") and not os.listdir(left):
-                    self._may_be_empty(spool, left)  # empty but changed just now: look again at the next sweep
-            except OSError:  # gone, or not a folder: nothing to do
-                pass
-
-    def _folder_quiet(self, spool: Spool) -> float:
-        return max(FOLDER_QUIET, self._settle.get(spool.root, 2.0))
+        self.folders.mark(spool, folder, since)
 
     def _queue_intake(self, spool: Spool, path: Path) -> None:
-        with self._intake_lock:
-            if path in self._intake_paths:
-                return
-            self._intake_paths.add(path)
-        self._intake.put((spool, path))
-
-    def _validator(self, stop: threading.Event) -> None:
-        intake = self._intake  # this generation's
-        while not stop.is_set():
-            job = intake.get()  # blocks: _stop_pieces queues a None per validator
-            if job is None:
-                return
-            spool, path = job
-            try:
-                self._validate(spool, path)
-            except Exception:
-                logger.exception("validation of {} failed unexpectedly; it stays in sending/ for the next sweep", path)
-            finally:
-                with self._intake_lock:
-                    self._intake_paths.discard(path)
-
-    def _settle_journal(self, spool: Spool) -> None:
-        """Rows left under sending/ by a run killed between a file's move and its journal update: follow the
-        file into failed/, or forget them once it is in sent/. Only on evidence, the same SOP Instance UID
-        under that name or one a clash gave it (a~1.dcm): names are reused, and a file merely out of sight
-        (a share not mounted yet) keeps its rows, or a PACS that has it would get it again."""
-        namesakes = Namesakes()
-        for key in self.journal.paths_under(str(spool.sending)):
-            path = Path(key)
-            if path.exists():
-                continue
-            sop = self.journal.sop_of(key)
-            if not sop:
-                continue
-            rel = spool.relative(path)
-            named = rel.with_name(unclashed(rel.name))  # under that name or any ~N of it (a killed `retry`)
-            # A failed file of this instance that has no rows of its own yet (rows there of another instance
-            # are a deleted file's, whose name was reused).
-            same = [f for f in _namesakes(namesakes, spool, spool.failed / named)
-                    if (read_sidecar(f) or {}).get("sop_instance_uid") == sop]
-            failed = [f for f in same if self.journal.sop_of(str(f)) != sop]
-            if failed:
-                self.journal.rename(key, str(failed[0]))
-                logger.info("journal: {} was moved to failed/ by a run that stopped before recording it", rel)
-            elif same:  # a copy a killed `retry` left ahead of the file, which still holds its own rows
-                self.journal.forget(key)
-            elif any(dicomfile.sop_instance_uid(f) == sop for f in _namesakes(namesakes, spool, spool.sent / named)):
-                self.journal.forget(key)
-                logger.info("journal: {} was moved to sent/ by a run that stopped before recording it", rel)
-
-    def _resume_unpacks(self, spool: Spool) -> None:
-        try:
-            moved = archive.resume_unpacks(spool)
-        except OSError as exc:
-            logger.error("finishing an interrupted zip unpack in {} failed ({}); its files stay in {}/{}* "
-                         "until the next start: check that folder's permissions and free space",
-                         spool.root, exc, spool.root, archive.TEMP_PREFIX)
-            return
-        self._unpacks_resumed.add(spool.root)
-        if moved:
-            logger.info("finished a zip unpack that a previous run left half done: {} file(s) into sending/",
-                        len(moved))
+        self.intake.put(spool, path)  # this generation's: a file an old one's validation queues goes to the new
 
     def _validate(self, spool: Spool, path: Path) -> None:
-        if self.engine.known(path):
-            return
-        rel = spool.relative(path)
-        if valid_path(rel) is not rel:
-            # Left in sending/ by an older run (or put there by hand): SQLite, sidecars and logs need UTF-8.
-            renamed = spool.make_valid(path)
-            if renamed is not None:
-                logger.warning("{} in sending/ has a name that is not valid UTF-8: renamed {}",
-                               printable(rel), spool.relative(renamed))
-                self._queue_intake(spool, renamed)
-                if renamed.parent != path.parent:
-                    self._may_be_empty(spool, path.parent)
-            return
-        if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
-            try:
-                members = archive.unpack_to_sending(spool, path)
-                for member in members:
-                    self._queue_intake(spool, member)
-                if members:
-                    folder = Path(os.path.commonpath([str(m.parent) for m in members]))
-                    logger.info("unpacked {} into {}: {} file(s)", spool.relative(path),
-                                spool.relative(folder), len(members))
-                self._may_be_empty(spool, path.parent)
-                return
-            except archive.UnpackInterrupted as exc:
-                logger.error("unpack: {}", exc)
-                return
-            except archive.BadArchive as exc:
-                stage, next_step = fate.refusal(exc)
-                new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
-                                                    "next_step": next_step})
-                self._may_be_empty(spool, path.parent)
-                logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
-                               spool.relative(new))
-                return
-        try:
-            info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid)
-        except FileNotFoundError:
-            return
-        except InvalidDicomError as exc:
-            grace = fate.truncation_grace(self._settle.get(spool.root, 2.0))
-            if fate.may_still_grow(exc, self._quiet_for(path), grace):
-                # A writer on a share may pause longer than the settle time: leave it in sending/ and
-                # look again at the next sweep instead of failing a file that may still be growing.
-                if path not in self._growing:
-                    self._growing[path] = time.monotonic()
-                    logger.info("{} looks incomplete: checking again at the next sweep; it fails once unchanged "
-                                "for {:.0f} s", spool.relative(path), grace)
-                return
-            self._forget_growing(path)
-            stage, next_step = fate.refusal(exc)
-            new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
-                                                "next_step": next_step})
-            self.counters["failed"] += 1
-            self._may_be_empty(spool, path.parent)
-            # No PACS saw it: say what refused it ("PACS forward" is for what a PACS did).
-            logger.warning("validation refused {}: {} (moved to failed/{})", spool.relative(path), exc,
-                           spool.relative(new))
-            return
-        self._forget_growing(path)
-        if info.meta_sop_instance_uid:
-            logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
-                           "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
-                           "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
-        self.engine.submit(path, spool, info)
-
-    def _quiet_for(self, path: Path) -> float:
-        """Seconds an incomplete file has stayed unchanged (size and mtime) since this daemon first saw it so.
-
-        Monotonic, never the mtime: a share's clock behind ours made a file being written look old (half of
-        it failed at once), one ahead made it look new forever. A change starts the count again."""
-        try:
-            st = path.stat()
-        except OSError:
-            return 0.0
-        key, now = (st.st_size, st.st_mtime_ns), time.monotonic()
-        if self._grown.get(path) != key or path not in self._growing:
-            self._grown[path] = key
-            if path in self._growing:
-                self._growing[path] = now
-            return 0.0
-        return now - self._growing[path]
-
-    def _forget_growing(self, path: Path) -> None:
-        self._growing.pop(path, None)
-        self._grown.pop(path, None)
+        self.validation.validate(spool, path)
 
     def _recover(self) -> int:
         """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason.
         Also, at each sweep, the light housekeeping: emptied study folders, rows of deleted failures."""
-        self._prune()
-        if time.monotonic() >= self._next_failed_rows:
-            self._next_failed_rows = time.monotonic() + FAILED_ROWS_INTERVAL
-            self._drop_rows_of_deleted_failures()
+        self.folders.prune()
+        self.deleted_failures.look_if_due()
         count = 0
         for spool in self.spools:
             for path in spool.files("sending"):
@@ -584,18 +296,6 @@ class Daemon:
                     self._queue_intake(spool, path)
                     count += 1
         return count
-
-    def _drop_rows_of_deleted_failures(self) -> int:
-        """Forget the rows of files deleted from failed/: those missing at two looks an hour apart (start-up
-        makes the first). One look is no proof: a share not mounted yet hides failed/, and a file back in
-        sight without its rows would be sent again to the PACS that confirmed it. One stat per row."""
-        missing = {key for spool in self.spools for key in self.journal.paths_under(str(spool.failed))
-                   if not os.path.lexists(key)}
-        gone, self._missing_failed = missing & self._missing_failed, missing - self._missing_failed
-        if gone:
-            self.journal.forget(*gone)
-            logger.info("journal: forgot {} file(s) deleted from failed/", len(gone))
-        return len(gone)
 
     def _on_changed(self, item: Item, gone: bool) -> None:
         """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
@@ -616,31 +316,9 @@ class Daemon:
 
     # -- scheduled jobs --------------------------------------------------------------------------------
 
-    def _start_jobs(self) -> None:
-        d = self.config.delivery
-        common = dict(coalesce=True, max_instances=1, replace_existing=True)
-        self.scheduler.add_job(self._sweep_job, "interval", seconds=d.retry_sweep_interval, id="retry-sweep",
-                               misfire_grace_time=max(1, int(d.retry_sweep_interval)), **common)
-        self.scheduler.add_job(self.engine.probe, "interval", seconds=d.health_interval, id="health-probe",
-                               jitter=min(5, d.health_interval / 10), misfire_grace_time=max(1, int(d.health_interval)),
-                               next_run_time=datetime.now(timezone.utc), **common)
-        self.scheduler.add_job(self._heartbeat_job, "interval", seconds=self.config.daemon.heartbeat_interval,
-                               id="heartbeat", misfire_grace_time=5, **common)
-        if d.sent_retention_days > 0:
-            self.scheduler.add_job(self._retention_job, "interval", hours=1, id="retention", misfire_grace_time=600,
-                                   **common)
-        self.scheduler.add_listener(self._job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
-        self.scheduler.start()
-
-    def _job_event(self, event: JobEvent) -> None:
-        if event.code == EVENT_JOB_ERROR:
-            logger.error("scheduled job {} failed: {}", event.job_id, getattr(event, "exception", ""))
-        else:
-            logger.warning("scheduled job {} skipped a run (still busy or late)", event.job_id)
-
     def _sweep_job(self) -> None:
         released = self.engine.sweep()
-        orphans = self._recover() - len(self._growing)
+        orphans = self._recover() - self.validation.waiting()
         if released or orphans > 0:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
@@ -676,9 +354,3 @@ class Daemon:
         except OSError as exc:
             logger.warning("cannot write heartbeat in {}: {}", self.state_dir, exc)
 
-
-def _namesakes(namesakes: Namesakes, spool: Spool, path: Path) -> list[Path]:
-    """`namesakes.of(path)`, and of where a move there went when a file held one of its folders' names
-    (failed/CT1 a file: failed/CT1~1/IM0001.dcm)."""
-    free = spool._free_folders(path)
-    return namesakes.of(path) + (namesakes.of(free) if free != path else [])

@@ -575,7 +575,7 @@ class Engine:
         sync_dirs(moved)
         # Forgotten only after the move: a move that failed keeps the rows, so the sweep retries the move
         # and never the sending. Killed in between, the rows outlive the file; start-up settles them
-        # (Daemon._settle_journal).
+        # (recovery.settle_journal).
         self.journal.forget(*(str(i.path) for i, folder in finished if folder == "sent"), *(str(i.path) for i in gone))
         with self._items_lock:
             for item in items:

@@ -15,8 +15,11 @@ import pytest
 from relaypacsd.config import build_config
 from relaypacsd.errors import ConfigError, PacsUnreachable
 from relaypacsd.daemon import Daemon
-from relaypacsd.dicomfile import inspect
+from relaypacsd.recovery import settle_journal
+from relaypacsd.reload import longest_request
+from relaypacsd.scanning import Scanner
 from relaypacsd.fate import TRUNCATION_GRACE
+from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update, open_journal
 from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
 from tests.dicomfactory import write_instance
@@ -134,8 +137,8 @@ def test_reload_waits_for_the_request_in_flight_and_keeps_the_watchdog_fed(tmp_p
     pings: list[float] = []
     monkeypatch.setattr(daemon.notifier, "watchdog_interval", 0.05)
     monkeypatch.setattr(daemon.notifier, "watchdog", lambda: pings.append(time.monotonic()) or True)
-    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
-    assert daemon._longest_request() == 2 * (5 + 60) + 10  # by the PACS's timeouts, not a fixed 30 s
+    monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: daemon.config)
+    assert longest_request(daemon.config) == 2 * (5 + 60) + 10  # by the PACS's timeouts, not a fixed 30 s
     daemon.start()
     try:
         sop = write_instance(spool.inbox / "img.dcm")
@@ -298,7 +301,7 @@ def test_a_reload_is_not_held_up_by_a_scanner_stuck_on_a_hung_share(tmp_path, mo
     daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
     hung = threading.Event()
     monkeypatch.setattr(daemon.watchers[0], "tick", lambda *a, **k: hung.wait(60) and [])
-    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
+    monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: daemon.config)
     daemon.start()
     try:
         reloading = threading.Thread(target=daemon.reload)
@@ -324,10 +327,10 @@ def test_a_scanner_that_outlives_a_reload_claims_nothing_after_it(tmp_path, monk
         return [late]  # what it found settled, by its old rules
 
     monkeypatch.setattr(daemon.watchers[0], "tick", hanging_tick)
-    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: daemon.config)
+    monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: daemon.config)
     claims: list[threading.Thread] = []
-    real_claim = daemon._claim
-    monkeypatch.setattr(daemon, "_claim", lambda s, p: claims.append(threading.current_thread()) or real_claim(s, p))
+    real_claim = Scanner.claim
+    monkeypatch.setattr(Scanner, "claim", lambda s, p: claims.append(threading.current_thread()) or real_claim(s, p))
     daemon.start()
     try:
         assert entered.wait(5)
@@ -445,7 +448,7 @@ class _SteppableClock:
                 return datetime.datetime.fromtimestamp(time.time(), tz)
 
         for module in ("apscheduler.schedulers.base", "apscheduler.executors.base", "apscheduler.triggers.interval",
-                       "relaypacsd.daemon"):
+                       "relaypacsd.jobs"):
             monkeypatch.setattr(f"{module}.datetime", SteppedDatetime)
 
 
@@ -536,7 +539,7 @@ def test_start_follows_rows_to_a_failed_file_whose_name_was_cut(tmp_path):
     write_instance(spool.failed / fit_name("b" * 246, ".dcm"))
     clash = clashed(spool.failed / fit_name("b" * 246, ".dcm"), 1)
     key2 = _killed_run_failed(daemon, spool, other, clash)
-    daemon._settle_journal(spool)
+    settle_journal(daemon.journal, spool)
     try:
         assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(cut))["other"].state == "delivered"
         assert daemon.journal.rows(key2) == {} and daemon.journal.rows(str(clash))["other"].state == "delivered"
@@ -552,7 +555,7 @@ def test_start_follows_rows_to_a_failed_file_whose_folder_got_a_free_name(tmp_pa
     (spool.failed / "CT1").write_bytes(b"an old failure")
     moved = spool.failed / "CT1~1" / "IM0001.dcm"
     key = _killed_run_failed(daemon, spool, "CT1/IM0001.dcm", moved)
-    daemon._settle_journal(spool)
+    settle_journal(daemon.journal, spool)
     try:
         assert daemon.journal.rows(key) == {} and daemon.journal.rows(str(moved))["other"].state == "delivered"
     finally:
@@ -576,7 +579,8 @@ def test_a_stop_that_comes_as_an_idle_scanner_starts_its_look_ends_it_at_once(tm
             super().clear()
 
     watcher.arrived = Racing()
-    scanner = threading.Thread(target=daemon._scanner, args=(spool, watcher, stop), daemon=True)
+    scanner = threading.Thread(target=Scanner(spool, watcher, stop, daemon._queue_intake, daemon._may_be_empty).run,
+                               daemon=True)
     scanner.start()
     scanner.join(3)
     try:
@@ -599,7 +603,7 @@ def test_a_folder_emptied_just_before_the_clock_steps_forward_is_kept(tmp_path, 
     daemon._may_be_empty(spool, study)
     clock.offset += 3600.0  # NTP steps the clock forward an hour
     try:
-        daemon._prune()
+        daemon.folders.prune()
         assert study.is_dir()
     finally:
         daemon.journal.close()

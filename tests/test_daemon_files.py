@@ -237,7 +237,7 @@ def test_a_fallback_move_whose_old_name_cannot_go_leaves_the_file_in_one_folder(
 
     monkeypatch.setattr(os, "unlink", refused)
     try:
-        assert daemon._claim(spool, path) is None  # logged, and left in inbox/ for the next rescan
+        assert daemon.scanners[0].claim(path) is None  # logged, and left in inbox/ for the next rescan
         assert path.exists() and count(spool, "sending") == 0 and os.stat(path).st_nlink == 1
     finally:
         daemon.journal.close()
@@ -321,7 +321,7 @@ def test_a_file_deleted_from_sending_after_validation_is_forgotten_not_retried(t
 
 
 def test_emptied_study_folders_are_removed_once_quiet_never_the_four_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.1)  # 60 s in service; the settle time here
+    monkeypatch.setattr("relaypacsd.folders.FOLDER_QUIET", 0.1)  # 60 s in service; the settle time here
     pacs = ScriptedPacs("orthanc")
     daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
@@ -364,7 +364,7 @@ def test_rows_of_files_deleted_from_failed_go_after_two_looks(tmp_path):
     daemon.start()
     try:
         assert daemon.journal.rows(str(deleted))  # one look is no proof (a share not mounted yet)
-        daemon._next_failed_rows = 0.0
+        daemon.deleted_failures.next_look = 0.0
         daemon._recover()  # the hourly look
         assert daemon.journal.rows(str(deleted)) == {} and daemon.journal.rows(str(kept))
     finally:
@@ -399,7 +399,7 @@ def test_a_validation_refusal_says_validation_not_pacs_forward(tmp_path):
 def test_folders_emptied_just_before_a_start_or_reload_still_go_once_quiet(tmp_path, monkeypatch):
     """Start-up removes the empty folders that are quiet already; one emptied just before (a restart, a reload
     right after a study was claimed) must go at a later sweep, not stay until the next restart."""
-    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.5)
+    monkeypatch.setattr("relaypacsd.folders.FOLDER_QUIET", 0.5)
     pacs = ScriptedPacs("orthanc")
     daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
@@ -424,7 +424,7 @@ def test_folders_emptied_just_before_a_start_or_reload_still_go_once_quiet(tmp_p
 def test_the_folder_a_non_utf8_name_leaves_in_sending_goes_once_quiet(tmp_path, monkeypatch):
     """A file an older run left in sending/CT\\xe9/ is renamed to sending/CTé/ at validation: the folder it
     leaves is emptied like one a claim or a delivery empties, and must go too."""
-    monkeypatch.setattr("relaypacsd.daemon.FOLDER_QUIET", 0.1)
+    monkeypatch.setattr("relaypacsd.folders.FOLDER_QUIET", 0.1)
     pacs = ScriptedPacs("orthanc")
     daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]

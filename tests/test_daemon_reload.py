@@ -14,7 +14,7 @@ def test_a_reload_to_another_or_unusable_state_dir_keeps_the_journal_where_it_is
     blocked.write_text("a file where the new state_dir should be")
     moved = dataclasses.replace(daemon.config, daemon=dataclasses.replace(daemon.config.daemon,
                                                                           state_dir=str(blocked / "state")))
-    monkeypatch.setattr("relaypacsd.daemon.load_config", lambda source: moved)
+    monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: moved)
     daemon.start()
     try:
         assert daemon.reload()

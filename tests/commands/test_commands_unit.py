@@ -555,6 +555,7 @@ def test_a_sidecar_that_cannot_be_removed_does_not_cost_the_file_its_rows(tmp_pa
 def test_start_up_drops_a_copy_a_killed_retry_left_ahead(tmp_path, monkeypatch):
     from relaypacsd.config import load_config
     from relaypacsd.daemon import Daemon
+    from relaypacsd.recovery import settle_journal
 
     conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
     monkeypatch.setattr(Spool, "move_to", lambda self, src, dest: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -562,7 +563,7 @@ def test_start_up_drops_a_copy_a_killed_retry_left_ahead(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert _states(tmp_path, spool.sending / "bad.dcm")  # the copy, with no file
     daemon = Daemon(load_config(conf), senders={})
-    daemon._settle_journal(spool)
+    settle_journal(daemon.journal, spool)
     daemon.journal.close()
     assert _states(tmp_path, spool.sending / "bad.dcm") == {}
     assert _states(tmp_path, bad) == {"orthanc": "pending", "other": "delivered"}

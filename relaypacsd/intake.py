@@ -1,0 +1,59 @@
+"""The intake: files waiting for validation, each queued once, and the validator threads that take them."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+from loguru import logger
+
+from relaypacsd.spool import Spool
+
+VALIDATORS = 2  # validation threads per generation
+VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
+
+
+class Intake:
+    """One generation's validation queue (huey's BaseProcess shape: loop / shutdown; `run` repeats loop)."""
+
+    def __init__(self, validate: Callable[[Spool, Path], None], validators: int = VALIDATORS):
+        self.queue: "queue.Queue[tuple[Spool, Path] | None]" = queue.Queue()  # None: a validator's stop
+        self.validators = validators
+        self._validate = validate
+        self._paths: set[Path] = set()  # queued or being validated: not queued again
+        self._lock = threading.Lock()
+
+    def put(self, spool: Spool, path: Path) -> None:
+        """Queue `path` for validation unless it is queued or being validated already."""
+        with self._lock:
+            if path in self._paths:
+                return
+            self._paths.add(path)
+        self.queue.put((spool, path))
+
+    def run(self, stop: threading.Event) -> None:
+        """A validator thread: validate queued files until `stop` (this generation's) or a stop in the queue."""
+        while not stop.is_set() and self.loop():
+            pass
+
+    def loop(self) -> bool:
+        """Validate the next queued file (blocks until there is one); False at a validator's stop."""
+        job = self.queue.get()  # blocks: shutdown() queues a None per validator
+        if job is None:
+            return False
+        spool, path = job
+        try:
+            self._validate(spool, path)
+        except Exception:
+            logger.exception("validation of {} failed unexpectedly; it stays in sending/ for the next sweep", path)
+        finally:
+            with self._lock:
+                self._paths.discard(path)
+        return True
+
+    def shutdown(self) -> None:
+        """Wake every validator blocked on the queue: one stop each."""
+        for _ in range(self.validators):
+            self.queue.put(None)

@@ -1,0 +1,87 @@
+"""The scanner of one watch root: claims what its watcher finds settled and queues it for validation."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+from loguru import logger
+
+from relaypacsd.errors import RelayPacsError
+from relaypacsd.spool import Spool, printable, sync_dirs, valid_path
+from relaypacsd.watcher import InboxWatcher
+
+TICK = 0.2  # seconds between looks at the watcher's candidates when no event says a file is complete
+GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
+CLAIM_GROUP = 32  # files claimed per directory fsync
+
+
+class Scanner:
+    """One watch root's scanner (huey's BaseProcess shape: initialize / loop / shutdown; `run` repeats loop).
+
+    One per root: a share that hangs (a hard NFS mount) must not stop the others."""
+
+    def __init__(self, spool: Spool, watcher: InboxWatcher, stop: threading.Event,
+                 queue: Callable[[Spool, Path], None], emptied: Callable[[Spool, Path], None]):
+        self.spool, self.watcher, self.stop = spool, watcher, stop
+        self._queue = queue  # hands a claimed file to validation
+        self._emptied = emptied  # a folder a claim may have emptied
+
+    def initialize(self) -> None:
+        """Start the watcher's events."""
+        self.watcher.start()
+
+    def run(self) -> None:
+        """Loop until this generation's stop: each look, then sleep until an event or the next rescan."""
+        arrived = self.watcher.arrived
+        assert arrived is not None
+        while not self.stop.is_set():
+            arrived.clear()  # before the look: an event during it makes the next look come at once
+            if self.stop.is_set():  # set since the loop's check: the wake that came with it was just cleared
+                return
+            if arrived.wait(self.loop()):
+                self.stop.wait(GATHER)
+
+    def loop(self) -> float:
+        """One look: claim what is settled and queue it; return the seconds to wait for the next look."""
+        spool, stop = self.spool, self.stop
+        try:
+            ready = self.watcher.tick()
+            # Claim in small groups: one fsync per directory and group, before anything is sent,
+            # and the first files reach validation without waiting for a large burst.
+            for i in range(0, len(ready), CLAIM_GROUP):
+                # Stopped (also after a tick that hung past a reload): claim nothing more.
+                claimed = [m for m in (self.claim(p) for p in ready[i:i + CLAIM_GROUP] if not stop.is_set()) if m]
+                sync_dirs(claimed)
+                for moved in claimed:
+                    self._queue(spool, moved)
+            # Idle (nothing settling), sleep until the next rescan: any event wakes the scanner then.
+            return self.watcher.idle_wait(TICK)
+        except Exception:
+            logger.exception("watch {}: scan failed; retrying", spool.inbox)
+            return TICK
+
+    def claim(self, path: Path) -> Path | None:
+        """Claim one file; a file that cannot be moved is logged and left, never holding up the others."""
+        spool = self.spool
+        rel = spool.relative(path)
+        try:
+            moved = spool.claim(path, sync=False)
+        except (OSError, RelayPacsError) as exc:
+            logger.error("cannot claim {} (moving it to sending/ failed: {}); it stays in inbox/ and is tried at "
+                         "the next rescan: check that folder's permissions", printable(rel), printable(str(exc)))
+            return None
+        if moved is not None:
+            if valid_path(rel) is not rel:  # once: from here on the file has a valid UTF-8 name everywhere
+                logger.warning("{} has a name that is not valid UTF-8 (an SMB client's Latin-1?): claimed as {}",
+                               printable(rel), spool.relative(moved))
+            if path.parent != spool.inbox:
+                self._emptied(spool, path.parent)
+        return moved
+
+    def shutdown(self) -> None:
+        """Wake the scanner (it may be waiting for the next rescan) and stop the watcher."""
+        if self.watcher.arrived is not None:
+            self.watcher.arrived.set()
+        self.watcher.stop()

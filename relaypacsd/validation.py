@@ -1,0 +1,124 @@
+"""The validation policy: what happens to a file claimed into sending/ before any PACS sees it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from loguru import logger
+
+from relaypacsd import archive, dicomfile, fate
+from relaypacsd.config import Config
+from relaypacsd.delivery import Engine
+from relaypacsd.errors import InvalidDicomError
+from relaypacsd.spool import Spool, now_iso, printable, valid_path
+
+
+
+class Validation:
+    """Validates one file at a time for the intake's threads; remembers the truncated files that may still grow.
+
+    Moved out of the Daemon unchanged: `validate` is the body of `Daemon._validate`."""
+
+    def __init__(self, config: Config, engine: Engine, counters: dict[str, int], settle: dict[Path, float],
+                 queue: Callable[[Spool, Path], None], emptied: Callable[[Spool, Path], None]):
+        self.config, self.engine, self.counters, self._settle = config, engine, counters, settle
+        self._queue_intake = queue  # a file to validate (again): a renamed one, a zip's members
+        self._may_be_empty = emptied  # a folder a move out of it may have emptied
+        self._growing: dict[Path, float] = {}  # truncated files that may still grow -> unchanged since (monotonic)
+        self._grown: dict[Path, tuple[int, int]] = {}  # their (size, mtime) when last looked at
+
+    def waiting(self) -> int:
+        """How many truncated files wait in sending/ for their grace."""
+        return len(self._growing)
+
+    def validate(self, spool: Spool, path: Path) -> None:
+        """Submit a valid file, refuse an invalid one to failed/, unpack a zip; a truncated one waits its grace."""
+        if self.engine.known(path):
+            return
+        rel = spool.relative(path)
+        if valid_path(rel) is not rel:
+            # Left in sending/ by an older run (or put there by hand): SQLite, sidecars and logs need UTF-8.
+            renamed = spool.make_valid(path)
+            if renamed is not None:
+                logger.warning("{} in sending/ has a name that is not valid UTF-8: renamed {}",
+                               printable(rel), spool.relative(renamed))
+                self._queue_intake(spool, renamed)
+                if renamed.parent != path.parent:
+                    self._may_be_empty(spool, path.parent)
+            return
+        if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
+            try:
+                members = archive.unpack_to_sending(spool, path)
+                for member in members:
+                    self._queue_intake(spool, member)
+                if members:
+                    folder = Path(os.path.commonpath([str(m.parent) for m in members]))
+                    logger.info("unpacked {} into {}: {} file(s)", spool.relative(path),
+                                spool.relative(folder), len(members))
+                self._may_be_empty(spool, path.parent)
+                return
+            except archive.UnpackInterrupted as exc:
+                logger.error("unpack: {}", exc)
+                return
+            except archive.BadArchive as exc:
+                stage, next_step = fate.refusal(exc)
+                new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
+                                                    "next_step": next_step})
+                self._may_be_empty(spool, path.parent)
+                logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
+                               spool.relative(new))
+                return
+        try:
+            info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid)
+        except FileNotFoundError:
+            return
+        except InvalidDicomError as exc:
+            grace = fate.truncation_grace(self._settle.get(spool.root, 2.0))
+            if fate.may_still_grow(exc, self._quiet_for(path), grace):
+                # A writer on a share may pause longer than the settle time: leave it in sending/ and
+                # look again at the next sweep instead of failing a file that may still be growing.
+                if path not in self._growing:
+                    self._growing[path] = time.monotonic()
+                    logger.info("{} looks incomplete: checking again at the next sweep; it fails once unchanged "
+                                "for {:.0f} s", spool.relative(path), grace)
+                return
+            self._forget_growing(path)
+            stage, next_step = fate.refusal(exc)
+            new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
+                                                "next_step": next_step})
+            self.counters["failed"] += 1
+            self._may_be_empty(spool, path.parent)
+            # No PACS saw it: say what refused it ("PACS forward" is for what a PACS did).
+            logger.warning("validation refused {}: {} (moved to failed/{})", spool.relative(path), exc,
+                           spool.relative(new))
+            return
+        self._forget_growing(path)
+        if info.meta_sop_instance_uid:
+            logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
+                           "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
+                           "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
+        self.engine.submit(path, spool, info)
+
+    def _quiet_for(self, path: Path) -> float:
+        """Seconds an incomplete file has stayed unchanged (size and mtime) since this daemon first saw it so.
+
+        Monotonic, never the mtime: a share's clock behind ours made a file being written look old (half of
+        it failed at once), one ahead made it look new forever. A change starts the count again."""
+        try:
+            st = path.stat()
+        except OSError:
+            return 0.0
+        key, now = (st.st_size, st.st_mtime_ns), time.monotonic()
+        if self._grown.get(path) != key or path not in self._growing:
+            self._grown[path] = key
+            if path in self._growing:
+                self._growing[path] = now
+            return 0.0
+        return now - self._growing[path]
+
+    def _forget_growing(self, path: Path) -> None:
+        self._growing.pop(path, None)
+        self._grown.pop(path, None)
