@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 from loguru import logger
 
-import relaypacsd.delivery
+import relaypacsd.queues
 from relaypacsd.config import build_config
 from relaypacsd.delivery import Engine, backoff, deliver_parts
 from relaypacsd.dicomfile import inspect
@@ -307,7 +307,7 @@ def test_files_arriving_while_the_pacs_is_down_also_expire(tmp_path):
 def test_an_idle_pacs_gets_the_first_files_at_once_a_busy_one_gets_fuller_batches(tmp_path, monkeypatch):
     """Nagle's rule: no request in flight, send what is there; requests in flight, linger to fill."""
     linger = 1.0  # stretched, so that a busy machine's scheduling delays are small beside it
-    monkeypatch.setattr(relaypacsd.delivery, "BATCH_LINGER", linger)
+    monkeypatch.setattr(relaypacsd.queues, "BATCH_LINGER", linger)
     engine, spool, _ = setup(tmp_path, [ScriptedPacs("a")], n=2)
     submit_all(engine, spool)
     dest, stop = engine.destinations["a"], threading.Event()
