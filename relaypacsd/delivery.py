@@ -11,17 +11,17 @@ from typing import Callable
 
 from loguru import logger
 
-from relaypacsd.batches import Changed, backoff, deliver_parts, describe, send_safely
+from relaypacsd.batches import Changed, backoff, deliver_parts, send_safely
 from relaypacsd.config import Config
 from relaypacsd.conflicts import CONFLICT_NEXT_STEP, UidChecked
 from relaypacsd.dicomfile import DicomInfo
-from relaypacsd.errors import PacsError
-from relaypacsd.fate import FailReason, Verdict, instance_fate, owed, too_old
+from relaypacsd.fate import instance_fate, owed
 from relaypacsd.finishing import Finisher
 from relaypacsd.journal import Journal, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.queues import Destination, Item
+from relaypacsd.records import log_attempt, update_for
 from relaypacsd.spool import Spool
 
 # Names callers and tests import from here, now living in the modules above.
@@ -66,8 +66,7 @@ class Engine:
         files stay in sending/ if abandoned. Returns True when every worker has ended."""
         self.stop_event.set()
         for dest in self.destinations.values():
-            with dest.cond:
-                dest.cond.notify_all()
+            dest.wake()
         started = time.monotonic()
         deadline = started + timeout
         said = False
@@ -193,20 +192,7 @@ class Engine:
 
     def _log_batch(self, dest: Destination, items: list[Item], results: list[InstanceResult],
                    status: int | None, ms: float, attempt: int) -> None:
-        by_outcome: dict[Outcome, list[tuple[Item, InstanceResult]]] = {}
-        for item, result in zip(items, results):
-            by_outcome.setdefault(result.outcome, []).append((item, result))
-        http = f"HTTP {status}" if status is not None else "no answer"
-        for outcome, pairs in by_outcome.items():
-            files = ",".join(str(i.spool.relative(i.path)) for i, _ in pairs)
-            uids = ",".join(i.info.sop_instance_uid for i, _ in pairs)
-            reason = pairs[0][1].reason
-            if outcome.delivered:
-                logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}", dest.name,
-                            outcome.value, len(pairs), ms, http, files, uids)
-            else:
-                logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} uids={}",
-                               dest.name, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids)
+        log_attempt(dest.name, items, results, status, ms, attempt)
         if self.on_batch is not None:
             try:
                 self.on_batch(dest, items, results, status, ms, attempt)
@@ -236,34 +222,15 @@ class Engine:
             settled: list[tuple[Item, Update]] = []
             parked: list[tuple[Item, float]] = []
             for item, result in pairs:
-                key = str(item.path)
-                row = rows.get(key)
-                detail = describe(result)
+                row = rows.get(str(item.path))
                 fate = instance_fate(result.outcome, (row.attempts if row else 0) + 1,
                                      time.monotonic() - item.born, cfg.max_age_hours * 3600)
-                attempts = fate.attempts
-                if fate.verdict is Verdict.DELIVERED:
-                    updates.append(Update(key, dest.name, "delivered", result.outcome.value, detail, attempts,
-                                          code=result.reason_code, sop=item.info.sop_instance_uid,
-                                          digest=item.info.digest))
-                elif fate.reason is FailReason.UID_CONFLICT:
-                    updates.append(Update(key, dest.name, "failed", result.outcome.value, detail, attempts,
-                                          code=result.reason_code))
-                    logger.error("PACS forward {} UID conflict: {} uid={}: {}", dest.name, item.spool.relative(item.path),
-                                 item.info.sop_instance_uid, result.reason)
-                elif fate.verdict is Verdict.FAILED:
-                    if fate.reason is FailReason.TOO_OLD:
-                        detail = f"gave up after {cfg.max_age_hours:g} h of retries; last error: {detail}"
-                    updates.append(Update(key, dest.name, "failed", "failed", detail, attempts, code=result.reason_code))
-                    logger.error("PACS forward {} failed: {} uid={}: {}", dest.name, item.spool.relative(item.path),
-                                 item.info.sop_instance_uid, detail)
+                update, delay = update_for(dest.name, item, result, fate, cfg)
+                updates.append(update)
+                if delay is None:
+                    settled.append((item, update))
                 else:
-                    delay = backoff(cfg.retry_delay, attempts, cfg.retry_backoff_max)
-                    updates.append(Update(key, dest.name, "waiting", result.outcome.value, detail, attempts,
-                                          next_try=time.time() + delay, code=result.reason_code))
                     parked.append((item, delay))
-                    continue
-                settled.append((item, updates[-1]))
             self.journal.apply(updates)
         for item, delay in parked:
             if not item.done:  # dropped meanwhile (changed in sending/): it must not come back
@@ -287,12 +254,7 @@ class Engine:
                 return
             item.done = True
         for dest in self.destinations.values():
-            with dest.cond:
-                dest.waiting.pop(item, None)
-                try:
-                    dest.ready.remove(item)
-                except ValueError:
-                    pass
+            dest.drop(item)
         # Rows of PACS that confirmed the old version go too: what sits in sending/ now is another file, which
         # no PACS has confirmed; marking it delivered would move an unsent file to sent/.
         with self._recording, self._items_lock:
@@ -313,18 +275,9 @@ class Engine:
         released = 0
         max_age, now = self.config.delivery.max_age_hours * 3600, time.monotonic()
         for dest in self.destinations.values():
-            # A PACS that stays down gets no delivery attempt, so age is checked here too: for files parked
-            # after a failure and for files that arrived while it was down (never taken from `ready`).
-            # _record_many then fails them as too old (instance_fate).
-            with dest.cond:
-                expired = [item for item in dest.waiting if too_old(now - item.born, max_age)]
-                for item in expired:
-                    del dest.waiting[item]
-                if not dest.healthy:
-                    old_ready = [item for item in dest.ready if too_old(now - item.born, max_age)]
-                    for item in old_ready:
-                        dest.ready.remove(item)
-                    expired += old_ready
+            # Parked files and, while the PACS is down, those that arrived meanwhile: _record_many then fails
+            # them as too old (instance_fate).
+            expired = dest.take_expired(now, max_age)
             if expired:
                 why = f"PACS down: {dest.down_reason}" if not dest.healthy else "not delivered in time"
                 self._record_many(dest, [(item, InstanceResult(item.info.sop_instance_uid, Outcome.TRANSIENT,
@@ -336,14 +289,7 @@ class Engine:
     def probe(self) -> None:
         """Probe every destination once and update its health (not once stopping: the journal may be closed)."""
         for dest in self.destinations.values():
-            try:
-                dest.sender.probe()
-            except PacsError as exc:
-                healthy, reason = False, str(exc)
-            except Exception as exc:  # a probe must never kill the scheduler job
-                healthy, reason = False, f"{type(exc).__name__}: {exc}"
-            else:
-                healthy, reason = True, ""
+            healthy, reason = dest.check()
             if self.stop_event.is_set():
                 return
             dest.set_health(healthy, reason)

@@ -13,6 +13,8 @@ from loguru import logger
 
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomfile import DicomInfo
+from relaypacsd.errors import PacsError
+from relaypacsd.fate import too_old
 from relaypacsd.journal import Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.spool import Spool
@@ -191,6 +193,44 @@ class Destination:
         else:
             logger.error("PACS {} at {} is DOWN, deliveries paused, files wait in sending/: {}",
                          self.name, self.sender.target, reason)
+
+    def take_expired(self, now: float, max_age: float) -> list[Item]:
+        """Take out the items too old to wait longer (fate.too_old): the parked ones and, while the PACS is
+        down, the ready ones (a PACS that stays down gets no delivery attempt, so their age counts here)."""
+        with self.cond:
+            expired = [item for item in self.waiting if too_old(now - item.born, max_age)]
+            for item in expired:
+                del self.waiting[item]
+            if not self.healthy:
+                old_ready = [item for item in self.ready if too_old(now - item.born, max_age)]
+                for item in old_ready:
+                    self.ready.remove(item)
+                expired += old_ready
+        return expired
+
+    def drop(self, item: Item) -> None:
+        """Take an item out of this queue, ready or waiting (a request holding it keeps its UID until done_with)."""
+        with self.cond:
+            self.waiting.pop(item, None)
+            try:
+                self.ready.remove(item)
+            except ValueError:
+                pass
+
+    def wake(self) -> None:
+        """Wake every worker (stopping)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    def check(self) -> tuple[bool, str]:
+        """Probe the PACS once: (healthy, the reason when not)."""
+        try:
+            self.sender.probe()
+        except PacsError as exc:
+            return False, str(exc)
+        except Exception as exc:  # a probe must never kill the scheduler job
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, ""
 
     def queued(self) -> int:
         with self.cond:
