@@ -89,3 +89,17 @@ CREATE TABLE destinations (dest TEXT PRIMARY KEY, healthy INTEGER NOT NULL, last
     last_change REAL NOT NULL, last_success REAL, delivered INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0);
 """
+
+
+def refuse_sidecar_removal(monkeypatch) -> None:
+    """Make every `.error.json` impossible to delete (EPERM), as on a folder the service user may not write."""
+    from pathlib import Path
+
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name.endswith(".error.json"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)

@@ -10,6 +10,7 @@ from relaypacsd.errors import RequeueError
 from relaypacsd.journal import Journal, open_journal
 from relaypacsd.requeue import requeue
 from relaypacsd.spool import Spool, sidecar_path, write_sidecar
+from tests.helpers import refuse_sidecar_removal
 
 
 def _failed(tmp_path: Path) -> tuple[Spool, Journal, Path]:
@@ -41,14 +42,7 @@ def test_requeue_returns_where_the_file_went_and_which_pacs_get_it_again(tmp_pat
 
 def test_a_sidecar_left_behind_is_a_warning_in_the_result_not_output(tmp_path, capsys, monkeypatch):
     spool, journal, bad = _failed(tmp_path)
-    real_unlink = Path.unlink
-
-    def unlink(self, missing_ok=False):
-        if self.name.endswith(".error.json"):
-            raise PermissionError(1, "Operation not permitted", str(self))
-        return real_unlink(self, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", unlink)
+    refuse_sidecar_removal(monkeypatch)
     try:
         done = requeue(spool, journal, bad)
     finally:

@@ -25,6 +25,7 @@ from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.senders import FallbackSender, stow_unusable
 from relaypacsd.spool import Spool, write_sidecar
 from tests.commands.helpers import clean_env, write_config
+from tests.helpers import refuse_sidecar_removal
 
 COMMANDS = ["status", "retry", "send", "query", "retrieve", "verify", "check", "init"]
 
@@ -539,14 +540,7 @@ def test_a_name_taken_between_the_look_and_the_move_gets_its_own_copy_first(tmp_
 
 def test_a_sidecar_that_cannot_be_removed_does_not_cost_the_file_its_rows(tmp_path, capsys, monkeypatch):
     conf, spool, bad, _ = _failed_file_confirmed_by_other(tmp_path)
-    real_unlink = Path.unlink
-
-    def unlink(self, missing_ok=False):
-        if self.name.endswith(".error.json"):
-            raise PermissionError(1, "Operation not permitted", str(self))
-        return real_unlink(self, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", unlink)
+    refuse_sidecar_removal(monkeypatch)
     assert cli.main(["-c", str(conf), "retry", str(bad)]) == 0
     assert "could not remove" in capsys.readouterr().out
     assert _states(tmp_path, spool.sending / "bad.dcm") == {"orthanc": "pending", "other": "delivered"}
