@@ -1,6 +1,6 @@
 """The journal's contract: what the daemon and the commands rely on, run against every backend.
 
-A new backend (PostgreSQL, in the gateways issue) adds itself to BACKENDS and must pass this suite unchanged.
+A new backend (the shared database of the gateways issue, #14) adds itself to BACKENDS and must pass this suite unchanged.
 Only the interface of relaypacsd.journal is used here, never a backend's own storage.
 """
 
