@@ -254,6 +254,17 @@ def _held(tmp_path):
     return pacs, daemon, daemon.spools[0], daemon.engine.destinations["orthanc"]
 
 
+def _validated_while_down(daemon, dest, name):
+    """Drop `name` into the inbox of a started `_held` daemon; return its SOP UID and its sending/ path once
+    validated (tracked by the engine, unsent: the PACS is down)."""
+    spool = daemon.spools[0]
+    assert wait_until(lambda: not dest.healthy)
+    sop = write_instance(spool.inbox / name)
+    path = spool.sending / name
+    assert wait_until(lambda: daemon.engine.known(path))
+    return sop, path
+
+
 def _bring_back(daemon, pacs):
     pacs.probe_error = None
     daemon.engine.probe()
@@ -263,10 +274,7 @@ def test_a_file_rewritten_in_sending_after_validation_is_validated_again_and_del
     pacs, daemon, spool, dest = _held(tmp_path)
     daemon.start()
     try:
-        assert wait_until(lambda: not dest.healthy)
-        old_sop = write_instance(spool.inbox / "img.dcm")
-        path = spool.sending / "img.dcm"
-        assert wait_until(lambda: daemon.engine.known(path))
+        old_sop, path = _validated_while_down(daemon, dest, "img.dcm")
         new_sop = write_instance(path, MR_SMALL)  # another size: rewritten by someone after validation
         _bring_back(daemon, pacs)
         assert wait_until(lambda: count(spool, "sent") == 1)
@@ -281,10 +289,7 @@ def test_a_file_rewritten_invalid_in_sending_fails_with_a_reason(tmp_path):
     pacs, daemon, spool, dest = _held(tmp_path)
     daemon.start()
     try:
-        assert wait_until(lambda: not dest.healthy)
-        write_instance(spool.inbox / "img.dcm")
-        path = spool.sending / "img.dcm"
-        assert wait_until(lambda: daemon.engine.known(path))
+        _sop, path = _validated_while_down(daemon, dest, "img.dcm")
         path.write_bytes(b"garbage now" * 10)
         _bring_back(daemon, pacs)
         assert wait_until(lambda: count(spool, "failed") == 1)
@@ -297,11 +302,8 @@ def test_a_file_deleted_from_sending_after_validation_is_forgotten_not_retried(t
     pacs, daemon, spool, dest = _held(tmp_path)
     daemon.start()
     try:
-        assert wait_until(lambda: not dest.healthy)
-        write_instance(spool.inbox / "gone.dcm")
-        keep = write_instance(spool.inbox / "keep.dcm")
-        path = spool.sending / "gone.dcm"
-        assert wait_until(lambda: daemon.engine.known(path) and daemon.engine.known(spool.sending / "keep.dcm"))
+        _sop, path = _validated_while_down(daemon, dest, "gone.dcm")
+        keep, _kept = _validated_while_down(daemon, dest, "keep.dcm")
         path.unlink()
         _bring_back(daemon, pacs)
         assert wait_until(lambda: count(spool, "sent") == 1)
