@@ -23,15 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmark import daemon_config  # noqa: E402  (this folder is on sys.path when a script here runs)
+from benchmark import cpu_seconds, daemon_config  # noqa: E402  (this folder is on sys.path when a script here runs)
 from relaypacsd.localorthanc import LocalOrthanc  # noqa: E402
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process, in clock ticks (all its threads)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": fields 3.. of proc(5)
-    return int(fields[11]) + int(fields[12])  # utime (14), stime (15)
 
 
 def main() -> int:
@@ -53,14 +46,15 @@ def main() -> int:
                         raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
                     time.sleep(0.1)
                 time.sleep(2.0)  # start-up work (imports, the first probe) is not idle time
-                before, started = cpu_ticks(proc.pid), time.monotonic()
+                before, started = cpu_seconds(proc.pid), time.monotonic()
                 time.sleep(args.seconds)
-                ticks, elapsed = cpu_ticks(proc.pid) - before, time.monotonic() - started
+                used, elapsed = cpu_seconds(proc.pid) - before, time.monotonic() - started
             finally:
                 proc.terminate()
                 proc.wait(30)
                 log.close()
-    share = 100.0 * ticks / hz / elapsed
+    ticks = round(used * hz)
+    share = 100.0 * used / elapsed
     print(f"idle relaypacsd: {ticks} ticks (1/{hz} s) in {elapsed:.0f} s = {share:.2f} % of one core")
     return 0
 
