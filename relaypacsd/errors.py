@@ -66,3 +66,11 @@ class RequeueError(RelayPacsError):
 
 class JournalError(RelayPacsError):
     """The journal (the delivery memory in the state directory) cannot be opened or read."""
+
+
+class LeaseLost(JournalError):
+    """This node was presumed dead and another node took its files over: it must let go of them."""
+
+
+class NodeConflict(RelayPacsError):
+    """Another gateway serves this spool or uses this node's name; the message says which and what to do."""

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd import sqlite_destinations, sqlite_instances
+from relaypacsd import nodes_book, sqlite_destinations, sqlite_instances
 from relaypacsd.journal import CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, KnownInstance, Update
+from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.sqlite_db import Database, Statement
 from relaypacsd.sqlite_destinations import DestinationBook
 from relaypacsd.sqlite_instances import InstanceMemory
@@ -51,18 +52,20 @@ ADDED_COLUMNS = [
 ]
 
 
-class SqliteJournal:
+class SqliteJournal(NodeMethods):
     """Thread-safe access to the journal database in the state directory: the delivery rows and their
-    history here; the lasting instance memory and the destinations' health and counters in parts of their own."""
+    history here; the lasting instance memory, the destinations' health and counters, and the nodes and
+    file ownership (one node here: relaypacsd.nodes_spool refuses a second) in parts of their own."""
 
     def __init__(self, path: Path, instance_days: float = INSTANCE_MEMORY_DAYS, *, readonly: bool = False):
         self.path = path
         self.instance_days = instance_days
-        self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA, ADDED_COLUMNS,
-                               readonly=readonly)
+        self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA
+                               + nodes_book.SQLITE.schema(), ADDED_COLUMNS, readonly=readonly)
         self._lock = self._store.lock
         self._instances = InstanceMemory(self._store, instance_days)
         self._destinations = DestinationBook(self._store)
+        self._nodes = NodeBook(self._store, nodes_book.SQLITE, time.time)
 
     @property
     def _db(self) -> Any:
@@ -101,7 +104,7 @@ class SqliteJournal:
                    "VALUES (?, ?, ?, 'pending', ?, ?)", (path, d, sop, seen, now)) for d in dests]
         # Rows a retry copied here are now this file's: the retry must no longer take them back (uncopy).
         stmts.append(("UPDATE deliveries SET token = '' WHERE path = ? AND token != ''", (path,)))
-        self._tx(stmts)
+        self._tx(stmts + self._nodes.own_statements(path))
         return self.rows(path)
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
@@ -131,7 +134,7 @@ class SqliteJournal:
             stmts += self._instances.statements(u, now)
         stmts += self._destinations.count_statements(delivered, failed, now)
         if stmts:
-            self._tx(stmts)
+            self._store.transaction(stmts, self._nodes.guard())  # a node taken over writes nothing: LeaseLost
 
     def remember(self, updates: list[Update]) -> None:
         """Only the lasting memory's part of 'delivered' updates: what a PACS confirmed of a file dropped
@@ -181,7 +184,7 @@ class SqliteJournal:
         """Follow a file that moved (sending/ -> failed/ and back); rows of a file once at `new` go."""
         self._tx([("DELETE FROM deliveries WHERE path = ?", (new,)), ("DELETE FROM history WHERE path = ?", (new,)),
                   ("UPDATE deliveries SET path = ? WHERE path = ?", (new, old)),
-                  ("UPDATE history SET path = ? WHERE path = ?", (new, old))])
+                  ("UPDATE history SET path = ? WHERE path = ?", (new, old))] + self._nodes.release_statements([old, new]))
 
     def copy(self, old: str, new: str, token: str) -> bool:
         """Give `new` the rows and history of `old` as well (a file about to move there), marked with `token`;
@@ -218,7 +221,7 @@ class SqliteJournal:
         for path in paths:
             stmts += [("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))]
         if stmts:
-            self._tx(stmts)
+            self._tx(stmts + self._nodes.release_statements(paths))
 
     def sop_of(self, path: str) -> str:
         """The SOP Instance UID the rows of `path` are about ('' when unknown)."""

@@ -1,6 +1,7 @@
 """The journal's contract: what the daemon and the commands rely on, run against every backend.
 
-A new backend (the shared database of the gateways issue, #14) adds itself to BACKENDS and must pass this suite unchanged.
+A new backend adds itself to BACKENDS and must pass this suite unchanged: SQLite in the state directory, and
+PostgreSQL (the shared database of the gateways issue, #14) on a real private server (tests/localpostgres.py).
 Only the interface of relaypacsd.journal is used here, never a backend's own storage.
 """
 
@@ -15,20 +16,28 @@ from relaypacsd.journal import JOURNAL_FILE, Journal, Update
 from relaypacsd.journal_sqlite import SqliteJournal
 
 
-def _sqlite(state_dir: Path, **options: Any) -> Journal:
-    return SqliteJournal(state_dir / JOURNAL_FILE, **options)
+def _sqlite(request: Any, tmp_path: Path) -> Callable[..., Journal]:
+    return lambda **options: SqliteJournal(tmp_path / "state" / JOURNAL_FILE, **options)
 
 
-BACKENDS: dict[str, Callable[..., Journal]] = {"sqlite": _sqlite}
+def _postgres(request: Any, tmp_path: Path) -> Callable[..., Journal]:
+    from relaypacsd.journal_pg import PgJournal
+
+    server = request.getfixturevalue("clean_postgres")  # a real server; FAILS under CI=true when missing
+    return lambda **options: PgJournal(server.url, **options)
+
+
+BACKENDS: dict[str, Callable[[Any, Path], Callable[..., Journal]]] = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def opener(request, tmp_path):
     """Opens journals of one backend on one store (readonly=..., instance_days=...); closes them all after."""
     opened: list[Journal] = []
+    backend = BACKENDS[request.param](request, tmp_path)
 
     def open_one(**options: Any) -> Journal:
-        journal = BACKENDS[request.param](tmp_path / "state", **options)
+        journal = backend(**options)
         opened.append(journal)
         return journal
 
