@@ -509,6 +509,24 @@ def resolve_secret(p: PacsConfig, name: str) -> Secret:
     return Secret(secret)
 
 
+def journal_password(journal: JournalConfig) -> Secret:
+    """The PostgreSQL journal's password from journal.password_file (empty: libpq's own ways, e.g. ~/.pgpass)."""
+    if not journal.password_file:
+        return Secret("")
+    try:
+        secret = Path(journal.password_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"journal.password_file = {journal.password_file!r}: cannot read it ({exc.strerror}): fix the "
+                          "path or its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"journal.password_file = {journal.password_file!r}: not text: write the password into it "
+                          "as plain text") from None
+    if not secret:
+        raise ConfigError(f"journal.password_file = {journal.password_file!r}: the file is empty: write the database "
+                          "password into it")
+    return Secret(secret)
+
+
 def pacs_env_prefix(name: str) -> str:
     """'ORTHANC_' for a PACS named orthanc: the prefix of its environment variables."""
     return name.upper().replace("-", "_") + "_"

@@ -21,8 +21,10 @@ from relaypacsd.folders import EmptiedFolders
 from relaypacsd.heartbeat import write_heartbeat
 from relaypacsd.intake import VALIDATOR, Intake
 from relaypacsd.jobs import Jobs
-from relaypacsd.journal import open_journal
+from relaypacsd.journal import journal_for
 from relaypacsd.models import Sender
+from relaypacsd.nodes import journal_shown, what_to_check
+from relaypacsd.nodes_gateway import Gateway
 from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
 from relaypacsd.senders import build_sender
@@ -48,6 +50,7 @@ class Daemon:
         self._senders = senders  # tests inject senders; a reload keeps them
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
+        self._let_go_requested = threading.Event()
         self._wake = threading.Event()
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
@@ -65,8 +68,11 @@ class Daemon:
         self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
         try:
-            self.journal = open_journal(self.state_dir)
+            self.journal = journal_for(config)
         except JournalError as exc:
+            if config.journal.url:
+                raise ConfigError(f"journal.url = {journal_shown(config)}: cannot use the journal ({exc}): "
+                                  f"{what_to_check(config)}") from None
             raise ConfigError(f"daemon.state_dir = {str(self.state_dir)!r}: cannot keep the journal there ({exc}): "
                               "make the folder writable by the service user") from None
         if senders is None:
@@ -75,6 +81,7 @@ class Daemon:
         self.engine = Engine(config, self.journal, senders)
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
+        self.gateway = Gateway(config, self.journal, self.spools, self.engine, self._request_let_go)
         self.folders = EmptiedFolders(self._settle)  # removed at the next sweep once quiet
         self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         if self.metrics is not None:
@@ -83,8 +90,9 @@ class Daemon:
                                      self._may_be_empty)
         self._growing, self._grown = self.validation._growing, self.validation._grown  # tests look at them
         self.intake = Intake(lambda spool, path: self._validate(spool, path))
+        self.intake.on_journal_error = self.gateway.node.journal_failed
         self._intake = self.intake.queue  # tests look at (and count) the queue itself
-        self.scanners = [Scanner(s, w, self.stop_event, self._queue_intake, self._may_be_empty)
+        self.scanners = [Scanner(s, w, self.stop_event, self._queue_intake, self._may_be_empty, self.gateway.node)
                          for s, w in zip(self.spools, self.watchers)]
         self._threads: list[threading.Thread] = []
         self.jobs = Jobs()
@@ -94,7 +102,8 @@ class Daemon:
     def start(self) -> None:
         """Prepare spools, recover sending/, start watchers, workers and jobs."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty)
+        self.gateway.start()  # joins; refuses a spool another node serves with another journal
+        self._settle_spools()
         recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
@@ -148,6 +157,10 @@ class Daemon:
                 self._reload_requested.clear()
                 self.reload()
                 clock = (time.time(), time.monotonic())
+            if self._let_go_requested.is_set() and not self._stop_requested.is_set():
+                self._let_go_requested.clear()
+                self._restart(self.config)  # joins again, holding none of the files it lost
+                clock = (time.time(), time.monotonic())
 
     def request_stop(self) -> None:
         """Ask the daemon to stop (safe from a signal handler: only sets flags)."""
@@ -172,6 +185,12 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return False
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
+        self._restart(new)
+        logger.info("reload of {} done", source)
+        return True
+
+    def _restart(self, config: Config) -> None:
+        """Stop this generation's pieces and start new ones with `config` (a reload; letting go of a lost lease)."""
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
         # beside one would send the same files again, and the old answer could no longer be recorded.
@@ -179,17 +198,26 @@ class Daemon:
                                                self.config.daemon.heartbeat_interval)
         self._stop_pieces(timeout=reloading.longest_request(self.config), give_up=waiting,
                           threads_timeout=reloading.UNPACK_WAIT)
-        self._build(new)
+        self._build(config)
         self.start()
-        logger.info("reload of {} done", source)
-        return True
+
+    def _request_let_go(self) -> None:
+        """This node lost its lease (relaypacsd.nodes): the main loop restarts the pieces with nothing held."""
+        self._let_go_requested.set()
+        self._wake.set()
+
+    def _settle_spools(self) -> None:
+        """Start-up repair of the spools and the journal (with several gateways, only this node's part)."""
+        recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty,
+                                self.gateway.node.others if self.gateway.node.shared else (lambda keys: set()),
+                                self.gateway.quiet_for)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop claiming, let batches in flight finish, stop jobs; unfinished files stay in sending/."""
         logger.info("relaypacsd stopping: no new files are claimed; batches in flight finish")
         self.notifier.stopping()
         self._stop_requested.set()
-        self._stop_pieces(timeout)
+        self._stop_pieces(timeout, leave=True)
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
@@ -198,7 +226,7 @@ class Daemon:
         self.notifier.feed_watchdog(alive)
 
     def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
-                     threads_timeout: float = 5.0) -> None:
+                     threads_timeout: float = 5.0, leave: bool = False) -> None:
         """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/.
         `timeout` bounds the wait for requests in flight, `threads_timeout` the wait for a validation (or
         unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
@@ -210,6 +238,8 @@ class Daemon:
         self.jobs.shutdown()
         self.engine.stop(timeout=timeout, give_up=give_up)
         reloading.wait_for_threads(self._threads, threads_timeout, give_up)
+        if leave:  # a stop, not a reload: other nodes may take this one's files at once
+            self.gateway.stop()
         self.journal.close()
 
     def _install_signals(self) -> None:
@@ -266,7 +296,7 @@ class Daemon:
         Also, at each sweep, the light housekeeping: emptied study folders, rows of deleted failures."""
         self.folders.prune()
         self.deleted_failures.look_if_due()
-        return recovery.queue_untracked(self.spools, self.engine.known, self._queue_intake)
+        return recovery.queue_untracked(self.spools, self.engine.known, self._queue_intake, self.gateway.node.mine)
 
     def _on_changed(self, item: Item, gone: bool) -> None:
         """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
@@ -288,8 +318,15 @@ class Daemon:
     # -- scheduled jobs --------------------------------------------------------------------------------
 
     def _sweep_job(self) -> None:
-        released = self.engine.sweep()
-        orphans = self._recover() - self.validation.waiting()
+        if not self.gateway.node.usable():
+            return  # the journal away, or the lease not fresh: nothing is taken up, nothing expires
+        try:
+            self.gateway.take_over(lambda: self._settle_spools())
+            released = self.engine.sweep()
+            orphans = self._recover() - self.validation.waiting()
+        except JournalError as exc:
+            self.gateway.node.journal_failed(exc)
+            return
         if released or orphans > 0:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
@@ -297,6 +334,7 @@ class Daemon:
         retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
 
     def _heartbeat_job(self) -> None:
+        self.gateway.beat()
         self._write_heartbeat()
         if self.notifier.enabled:
             self.notifier.status(self.status_line())

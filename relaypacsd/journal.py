@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    from relaypacsd.config import Config, Secret
 
 JOURNAL_FILE = "journal.sqlite3"  # in the state directory
 INSTANCE_MEMORY_DAYS = 365.0
@@ -218,8 +221,30 @@ class Journal(Protocol):
         them, a look `grace` seconds later (0: at once) makes them ours. Returns those now ours."""
 
 
-def open_journal(state_dir: Path, *, readonly: bool = False, instance_days: float = INSTANCE_MEMORY_DAYS) -> Journal:
-    """The journal in `state_dir`; `readonly` for a command that only looks (no upgrade, no writes)."""
+def open_journal(state_dir: Path, *, readonly: bool = False, instance_days: float = INSTANCE_MEMORY_DAYS,
+                 url: str = "", password: "Secret | None" = None, application: str = "relaypacsd") -> Journal:
+    """The journal: SQLite in `state_dir` unless `url` names a PostgreSQL database (several gateways);
+    `readonly` for a command that only looks (no upgrade, no writes)."""
+    if url:
+        from relaypacsd.config import Secret
+        from relaypacsd.journal_pg import PgJournal
+
+        return PgJournal(url, password or Secret(""), instance_days, readonly=readonly, application=application)
     from relaypacsd.journal_sqlite import SqliteJournal  # the backend builds on this module's types
 
     return SqliteJournal(state_dir / JOURNAL_FILE, readonly=readonly, instance_days=instance_days)
+
+
+def journal_for(config: "Config", *, readonly: bool = False) -> Journal:
+    """The journal `config` names: SQLite in state_dir (one gateway: rows keyed by this host's paths), or the
+    shared PostgreSQL journal of [journal] url, whose rows are keyed by watch-root names (relaypacsd.journal_keys),
+    since the gateways sharing it may mount the spool at different paths."""
+    from relaypacsd.config import journal_password
+
+    inner = open_journal(Path(config.daemon.state_dir), readonly=readonly, url=config.journal.url,
+                         password=journal_password(config.journal), application=f"relaypacsd {config.node}")
+    if not config.journal.url:
+        return inner
+    from relaypacsd.journal_keys import KeyedJournal, RootKeys
+
+    return KeyedJournal(inner, RootKeys((w.path, w.name) for w in config.watch))  # type: ignore[return-value]

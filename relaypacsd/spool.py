@@ -194,15 +194,19 @@ class Spool:
             pass
         return moved
 
-    def clean_after_crash(self) -> list[Path]:
+    def clean_after_crash(self, quiet_for: float = 0.0) -> list[Path]:
         """Remove what a crash can leave behind in failed/: half-written sidecar temp files, and sidecars
-        whose file never arrived (the sidecar goes first; the file is still in sending/ and is retried)."""
+        whose file never arrived (the sidecar goes first; the file is still in sending/ and is retried).
+        With several gateways on the spool, one younger than `quiet_for` s may be another node's move, under way."""
         removed = []
+        limit = time.time() - quiet_for
         for dirpath, _dirnames, filenames in os.walk(self.failed):
             for name in filenames:
                 path = Path(dirpath) / name
                 stale_temp = name.startswith(".relaypacs-") and name.endswith(".tmp")
                 orphan = name.endswith(SIDECAR_SUFFIX) and not path.with_name(name[:-len(SIDECAR_SUFFIX)]).exists()
+                if (stale_temp or orphan) and quiet_for and _mtime(path) > limit:
+                    continue
                 if stale_temp or orphan:
                     try:
                         path.unlink()
@@ -363,6 +367,13 @@ class Spool:
         """Every empty folder below one of the four folders (at start-up: those earlier runs left), deepest first."""
         return [Path(dirpath) for dirpath, dirnames, filenames in os.walk(self.root / folder, topdown=False)
                 if not dirnames and not filenames and Path(dirpath) != self.root / folder]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:

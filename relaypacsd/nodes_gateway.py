@@ -1,0 +1,93 @@
+"""The daemon's part as one node of several: its Node wired into the engine, the finisher and the intake, its
+files in the spool's node folder, and the jobs' share (heartbeat, takeover). The daemon holds one per generation."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from loguru import logger
+
+from relaypacsd import nodes_spool
+from relaypacsd.config import Config
+from relaypacsd.delivery import Engine
+from relaypacsd.errors import JournalError
+from relaypacsd.journal import Journal
+from relaypacsd.nodes import Node, journal_shown
+from relaypacsd.spool import Spool
+
+
+class Gateway:
+    """This node in one generation of the daemon's pieces."""
+
+    def __init__(self, config: Config, journal: Journal, spools: list[Spool], engine: Engine,
+                 on_lost: Callable[[], None]):
+        self.config, self.journal, self.spools, self.engine = config, journal, spools, engine
+        self.node = Node(config, journal)
+        self.node.on_change = lambda usable: engine.wake_all() if usable else None
+        self.node.on_lost = on_lost
+        engine.may_send = self.node.usable
+        engine.on_journal_error = self.node.journal_failed
+        engine.finisher.on_journal_error = self.node.journal_failed
+        engine.finisher.may_move = lambda: self.node.wait_usable(engine.stop_event)
+        self.started = time.time()
+        self._marker_trouble = False
+
+    @property
+    def quiet_for(self) -> float:
+        """How long a leftover in the spool stays untouched before start-up repair may take it as a crash's."""
+        return max(60.0, self.config.daemon.lease_seconds) if self.node.shared else 0.0
+
+    def start(self) -> None:
+        """Join (a new incarnation), then say in every watch root that this node serves it, refusing a spool that
+        another node serves with another journal (NodeConflict)."""
+        self.node.join()
+        marker = self._marker()
+        for spool, watch in zip(self.spools, self.config.watch):
+            spool.prepare()
+            nodes_spool.write_marker(spool.root, marker(watch.name))
+            try:
+                nodes_spool.check_spool(spool.root, marker(watch.name), self.config.daemon.lease_seconds)
+            except Exception:
+                nodes_spool.remove_marker(spool.root, self.node.name)
+                raise
+        logger.info("node {} (host {}, epoch {}) with journal {}; lease {:g} s", self.node.name, self.node.host,
+                    self.node.epoch, journal_shown(self.config), self.config.daemon.lease_seconds)
+
+    def _marker(self) -> Callable[[str], nodes_spool.Marker]:
+        identity, shown = self.journal.identity, journal_shown(self.config)
+        return lambda name: nodes_spool.Marker(node=self.node.name, host=self.node.host, pid=self.node.pid,
+                                               journal=shown, journal_id=identity, shared=self.node.shared,
+                                               started=self.started, root_name=name)
+
+    def beat(self) -> None:
+        """The heartbeat job's part: renew the lease with this node's view of each PACS; refresh the node files."""
+        health = {name: {"healthy": bool(d.healthy), "reason": d.down_reason}
+                  for name, d in list(self.engine.destinations.items())}
+        self.node.beat(health)
+        if not self.node.epoch:
+            return
+        try:
+            marker = self._marker()
+        except JournalError:
+            return
+        for spool, watch in zip(self.spools, self.config.watch):
+            try:
+                nodes_spool.write_marker(spool.root, marker(watch.name))
+                self._marker_trouble = False
+            except OSError as exc:
+                if not self._marker_trouble:
+                    logger.warning("cannot write this node's file in {}: {}", spool.root / nodes_spool.MARKERS, exc)
+                self._marker_trouble = True
+
+    def take_over(self, settle: Callable[[], None]) -> None:
+        """The sweep's part: take over silent nodes; rows their death left behind are settled now."""
+        if any(self.node.take_over().values()):
+            settle()
+
+    def stop(self) -> None:
+        """A clean stop: goodbye in the journal, and the node files go."""
+        self.node.leave()
+        for spool in self.spools:
+            nodes_spool.remove_marker(spool.root, self.node.name)
+
