@@ -68,6 +68,10 @@ class JournalError(RelayPacsError):
     """The journal (the delivery memory in the state directory) cannot be opened or read."""
 
 
+class JournalBusy(JournalError):
+    """A row the journal needs is locked by another node's transaction (a node paused mid-transaction): later."""
+
+
 class LeaseLost(JournalError):
     """This node was presumed dead and another node took its files over: it must let go of them."""
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 from loguru import logger
 
 from relaypacsd.config import Config
-from relaypacsd.errors import JournalError, LeaseLost, NodeConflict
+from relaypacsd.errors import JournalBusy, JournalError, LeaseLost, NodeConflict
 from relaypacsd.journal import Journal, NodeState
 
 JOIN_TRIES = 5
@@ -196,7 +196,10 @@ class Node:
         back: every node's heartbeat then looks old, and the live ones must be given the time to beat."""
         if self._connected_since is None or (self.shared and self._clock() - self._connected_since < self.lease):
             return {}
-        taken = self.journal.take_over(self.name, self.epoch, self.lease)
+        try:
+            taken = self.journal.take_over(self.name, self.epoch, self.lease)
+        except JournalBusy:
+            return {}  # a silent node's transaction still holds its row: PostgreSQL ends it soon, the next sweep takes it
         for other, files in taken.items():
             if files:
                 logger.warning("node {} was silent for more than {:g} s (or stopped): took over its {} file(s) in "

@@ -60,6 +60,9 @@ class Dialect:
     param: str  # "?" (SQLite) or "%s" (psycopg)
     real: str   # "REAL" or "DOUBLE PRECISION"
     now: str    # an SQL expression: seconds since the epoch by the database's clock
+    # A takeover waits this briefly for a row another node's transaction holds (JournalBusy: the next sweep
+    # tries again); SQLite has one writer and needs none.
+    short_lock: tuple[Statement, ...] = ()
 
     def sql(self, text: str) -> str:
         """`text` written with ? and {now}, in this dialect."""
@@ -70,7 +73,8 @@ class Dialect:
 
 
 SQLITE = Dialect("?", "REAL", "((julianday('now') - 2440587.5) * 86400.0)")
-POSTGRES = Dialect("%s", "DOUBLE PRECISION", "(extract(epoch from clock_timestamp())::float8)")
+POSTGRES = Dialect("%s", "DOUBLE PRECISION", "(extract(epoch from clock_timestamp())::float8)",
+                   (("SET LOCAL lock_timeout = '1s'", ()),))
 
 
 class NodeBook:
@@ -128,7 +132,7 @@ class NodeBook:
         # One transaction per silent node: the fence row is locked first, so two live nodes never both take one.
         for (other,) in self._q("SELECT name FROM nodes WHERE name != ? AND taken_by = '' AND "
                                 "(stopped = 1 OR heartbeat < {now} - ?)", (name, lease)):
-            found = self._tx([
+            found = self._tx([*self.d.short_lock,
                 ("UPDATE nodes SET epoch = epoch + 1, taken_by = ? WHERE name = ? AND taken_by = '' AND "
                  "(stopped = 1 OR heartbeat < {now} - ?) RETURNING name", (name, other, lease)),
                 ("DELETE FROM owners WHERE node = ? AND kind = 'reserved' AND EXISTS "

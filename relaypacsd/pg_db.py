@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from relaypacsd.config import MASK, Secret
-from relaypacsd.errors import JournalError, LeaseLost
+from relaypacsd.errors import JournalBusy, JournalError, LeaseLost
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -21,6 +21,9 @@ CONNECT_TIMEOUT = 5  # seconds; also the longest a call waits for a server that 
 # data, and idle connections are probed: a thread never hangs on a dead socket holding the journal's lock.
 TCP_USER_TIMEOUT_MS = 15000
 STATEMENT_TIMEOUT_MS = 30000
+# Our transactions are sent whole and never wait on anything: one idle this long belongs to a node that was
+# paused (SIGSTOP, a frozen VM) in the middle of it. PostgreSQL ends it, so its locks hold no other node up.
+IDLE_IN_TRANSACTION_MS = 2000
 SCHEMA_LOCK = 0x72656c6179  # pg_advisory_xact_lock key: nodes starting together create the schema once
 
 
@@ -61,7 +64,7 @@ class PgDatabase:
         if self._closed:
             raise JournalError(f"{self.shown}: the journal is closed")
         self._drop()
-        options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+        options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"
         if self.readonly:
             options += " -c default_transaction_read_only=on"
         try:
@@ -89,11 +92,14 @@ class PgDatabase:
 
     def _run(self, conn: Any, work: Any) -> Any:
         import psycopg
+        import psycopg.errors
 
         try:
             return work()
         except LeaseLost:
             raise
+        except psycopg.errors.LockNotAvailable as exc:
+            raise JournalBusy(f"{self.shown}: {self._reason(exc)}") from None
         except psycopg.Error as exc:
             if conn.broken or conn.closed or isinstance(exc, psycopg.OperationalError):
                 self._drop()  # the next call connects again

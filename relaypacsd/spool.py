@@ -283,6 +283,7 @@ class Spool:
                 if sync:
                     fsync_dir(wanted.parent)
                 return wanted
+        parents = 0
         for attempt in range(1000):
             # Without a sidecar, try the name itself first: renameat2 refuses a taken name, and the free
             # name is the common case. After a clash, or with a sidecar to place, probe for a free name.
@@ -296,8 +297,12 @@ class Spool:
                     sidecar_path(dest).unlink(missing_ok=True)
                 if isinstance(exc, FileExistsError):
                     continue  # taken, or another process took it between our check and the rename
-                if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and not os.path.isdir(dest.parent):
-                    wanted = self._make_parent(wanted)  # the first file of a subfolder
+                if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and (
+                        not os.path.isdir(dest.parent) or parents < 5):
+                    # The first file of a subfolder; or another gateway on the share made that folder just after
+                    # our move missed it, or removed it as emptied just before: make it (again) and move.
+                    parents += 1
+                    wanted = self._make_parent(wanted)
                     continue
                 if exc.errno == errno.ENAMETOOLONG and fit_name(wanted.stem, wanted.suffix) != wanted.name:
                     wanted = wanted.with_name(fit_name(wanted.stem, wanted.suffix))  # the suffix stays
@@ -307,7 +312,8 @@ class Spool:
                     # the folder gets a free name instead, sent/CT1~1/IM0001.
                     wanted = self._free_folders(wanted)
                     continue
-                if isinstance(exc, FileNotFoundError) and missing_ok and not os.path.lexists(src):
+                if isinstance(exc, FileNotFoundError) and missing_ok and (not os.path.lexists(src) or parents >= 5):
+                    # Gone (another gateway took it: a share's cache may still show it for a moment): not ours.
                     return None
                 if exc.errno == errno.EXDEV:
                     raise SpoolError(f"{src} -> {dest}: crosses filesystems; keep the watch root on one "

@@ -35,3 +35,74 @@ def test_a_pacs_outage_with_two_gateways_sends_each_file_once(tmp_path, share, c
     assert sorted(received) == sorted(sops) and set(received.values()) == {1}, received.most_common(3)
     assert_each_file_once(share, 200)
     assert all(log_lines(p, "delivered") for p in procs), "both nodes took part"
+
+
+def _delivered_uids(proc) -> list[list[str]]:
+    """The UIDs of each 'delivered' log line of a node, in order."""
+    return [line.rsplit("uids=", 1)[1].split(",") for line in log_lines(proc, " delivered: ") if "uids=" in line]
+
+
+def _holds(postgres, node: str) -> int:
+    """How many files in sending/ `node` owns, by the journal."""
+    out = postgres.psql(f"SELECT COUNT(*) FROM owners WHERE node = '{node}' AND kind = 'owned'").strip()
+    return int(out or 0)
+
+
+def _in_flight_bound(procs_killed: int = 1) -> int:
+    return procs_killed * 2 * 10  # workers_per_pacs x batch_max_instances of the nodes' config
+
+
+def test_a_node_killed_mid_delivery_is_taken_over_and_no_confirmed_file_is_sent_again(
+        tmp_path, share, counting_orthanc, clean_postgres):
+    configs = _nodes(tmp_path, share, counting_orthanc, clean_postgres, names=("gw-a", "gw-b", "gw-c"))
+    procs = start_nodes(configs)
+    killed = procs[0]
+    try:
+        sops = drop(share, 200)
+        wait_for(lambda: _delivered_uids(killed) and _holds(clean_postgres, "gw-a") >= 5, timeout=60, interval=0.02)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        died = time.monotonic()
+        all_sent(share, 200, procs[1:])
+        took = [line for p in procs[1:] for line in log_lines(p, "took over its")]
+    finally:
+        for proc in procs:
+            stop_daemon(proc)
+    assert took and "gw-a" in took[0], "a live node took the dead one's files"
+    assert time.monotonic() - died < 90
+    received = counting_orthanc.received()
+    assert sorted(received) == sorted(sops)
+    duplicates = {uid for uid, n in received.items() if n > 1}
+    assert sum(received.values()) - 200 <= _in_flight_bound()
+    # What the killed node had confirmed before its last requests was never sent again.
+    confirmed = [uid for batch in _delivered_uids(killed)[:-2] for uid in batch]
+    assert not duplicates & set(confirmed), duplicates & set(confirmed)
+    assert_each_file_once(share, 200)
+
+
+def test_a_node_paused_past_its_lease_lets_go_when_it_comes_back(tmp_path, share, counting_orthanc, clean_postgres):
+    """SIGSTOP past the lease: the other node takes over; SIGCONT: the paused one learns it lost its lease, lets go
+    and joins again. Never a file in two folders, none lost, at worst the requests it had in flight sent twice."""
+    procs = start_nodes(_nodes(tmp_path, share, counting_orthanc, clean_postgres))
+    paused, other = procs
+    try:
+        sops = drop(share, 200)
+        wait_for(lambda: _delivered_uids(paused) and _holds(clean_postgres, "gw-a") >= 5, timeout=60, interval=0.02)
+        paused.send_signal(signal.SIGSTOP)
+        wait_for(lambda: log_lines(other, "took over its"), timeout=LEASE + 15, interval=0.2,
+                 message=lambda: daemon_log(other)[-3000:])
+        time.sleep(1)
+        paused.send_signal(signal.SIGCONT)
+        wait_for(lambda: log_lines(paused, "lost its lease"), timeout=20, message=lambda: daemon_log(paused)[-3000:])
+        later = drop(share, 20, prefix="later")  # the node that came back works again
+        all_sent(share, 220, procs)
+        wait_for(lambda: len(log_lines(paused, "relaypacsd ready")) >= 2, timeout=30)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+            stop_daemon(proc)
+    received = counting_orthanc.received()
+    assert sorted(received) == sorted(sops + later)
+    assert sum(received.values()) - 220 <= _in_flight_bound()
+    assert_each_file_once(share, 220)
+    assert len(log_lines(paused, "lost its lease")) == 1
