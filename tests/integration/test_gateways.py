@@ -106,3 +106,70 @@ def test_a_node_paused_past_its_lease_lets_go_when_it_comes_back(tmp_path, share
     assert sum(received.values()) - 220 <= _in_flight_bound()
     assert_each_file_once(share, 220)
     assert len(log_lines(paused, "lost its lease")) == 1
+
+
+def test_postgresql_away_mid_run_pauses_claims_and_loses_nothing(tmp_path, share, counting_orthanc):
+    """pg_ctl stop -m immediate mid-run: one log line per node naming the URL (password masked) and what to
+    check; new files wait in inbox/; PostgreSQL started again, work resumes, every file delivered once or, for
+    what was in flight, twice at worst."""
+    from tests.integration.daemon_helpers import log_files, assert_no_secrets
+    from tests.localpostgres import LocalPostgres
+
+    pg = LocalPostgres(password="pg-s3cret-pw")
+    pg.init()
+    try:
+        secret = tmp_path / "pgpass"
+        secret.write_text("pg-s3cret-pw\n")
+        journal = {"url": pg.url, "password_file": str(secret)}
+        configs = [node_config(tmp_path, name, share.view(name), counting_orthanc, journal) for name in ("gw-a", "gw-b")]
+        procs = start_nodes(configs)
+        try:
+            sops = drop(share, 200)
+            wait_for(lambda: sum(len(_delivered_uids(p)) for p in procs) >= 4, timeout=60, interval=0.05)
+            pg.stop("immediate")
+            wait_for(lambda: all(log_lines(p, "cannot be reached") for p in procs), timeout=20,
+                     message=lambda: "\n".join(daemon_log(p)[-2000:] for p in procs))
+            waiting = drop(share, 20, prefix="while-away")
+            time.sleep(3)
+            inbox = [p for p in (share.spool / "inbox").rglob("*.dcm") if "while-away" in p.name]
+            assert len(inbox) == 20, "nothing is claimed while the journal is away"
+            pg.start()
+            all_sent(share, 220, procs)
+        finally:
+            for proc in procs:
+                stop_daemon(proc)
+    finally:
+        pg.destroy()
+    for proc in procs:
+        away = log_lines(proc, "cannot be reached")
+        assert len(away) == 1, away
+        assert "postgresql://relaypacs@127.0.0.1" in away[0] and "pg_hba.conf" in away[0] and "inbox/" in away[0]
+        assert len(log_lines(proc, "reachable again")) == 1
+        assert "Traceback" not in daemon_log(proc)
+    received = counting_orthanc.received()
+    assert sorted(received) == sorted(sops + waiting)
+    assert sum(received.values()) - 220 <= _in_flight_bound(2)
+    assert_each_file_once(share, 220)
+    assert_no_secrets(log_files(tmp_path), ["pg-s3cret-pw"])
+
+
+def test_a_second_gateway_with_its_own_sqlite_journal_refuses_the_spool(tmp_path, share, counting_orthanc,
+                                                                         clean_postgres):
+    """One gateway per spool on SQLite: a second one (its own SQLite, or a PostgreSQL) refuses to start with one
+    line naming the node that serves the spool and how to run several."""
+    from tests.integration.daemon_helpers import start_daemon
+
+    first = node_config(tmp_path, "gw-a", share.view("gw-a"), counting_orthanc, {})
+    running = start_nodes([first])
+    try:
+        for name, journal in (("gw-b", {}), ("gw-c", {"url": clean_postgres.url})):
+            second = start_daemon(node_config(tmp_path, name, share.view(name), counting_orthanc, journal))
+            assert second.wait(30) != 0
+            lines = [line for line in daemon_log(second).splitlines() if line.strip()]
+            refusal = [line for line in lines if "is served by node gw-a" in line]
+            assert len(refusal) == 1 and "PostgreSQL" in refusal[0] and "Traceback" not in daemon_log(second), lines
+        sops = drop(share, 5)
+        all_sent(share, 5, running)  # the first one serves on
+    finally:
+        stop_daemon(running[0])
+    assert sorted(counting_orthanc.received()) == sorted(sops)
