@@ -264,7 +264,7 @@ class Daemon:
     def snapshot(self, folders: bool = False) -> Snapshot:
         """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""
         return take(self.spools, self.engine, self.counters, self.ready.is_set(), self.alive, self.started,
-                    folders=folders)
+                    folders=folders, nodes=self.gateway.nodes)
 
     def status_line(self) -> str:
         """One line for `systemctl status`: queue figures and PACS health."""

@@ -163,14 +163,16 @@ class Node:
 
     def usable(self) -> bool:
         """True while the journal answers and the lease is fresh: claims, sends and moves may go on."""
-        usable = (self._away_since is None and not self.lost.is_set()
-                  and self._clock() - self._last_beat < self.lease / 2)
+        usable = self._fresh()
         if not usable:
             self._usable = False  # seen stale by a worker: the next good beat wakes everyone (_update)
         return usable
 
+    def _fresh(self) -> bool:
+        return self._away_since is None and not self.lost.is_set() and self._clock() - self._last_beat < self.lease / 2
+
     def _update(self) -> None:
-        usable = self.usable()
+        usable = self._fresh()
         with self._change:
             changed, self._usable = usable != self._usable, usable
             self._change.notify_all()
@@ -262,3 +264,25 @@ def _reason(exc: Exception) -> str:
     text = str(exc)
     head, sep, rest = text.partition(": ")
     return rest if sep and ("://" in head or head.startswith("/")) else text
+
+
+def describe_nodes(states: list[NodeState], lease: float) -> list[dict[str, Any]]:
+    """Every node as `status`, the metrics and the dashboard show it: name, host, last heartbeat, state, files
+    it holds, and each PACS's health as that node sees it."""
+    from relaypacsd.timefmt import iso_time
+
+    out = []
+    for n in states:
+        if n.taken_by:
+            state = f"taken over by {n.taken_by}"
+        elif n.stopped:
+            state = "stopped"
+        elif n.silent >= lease:
+            state = "silent"  # past its lease: the next sweep of a live node takes its files over
+        else:
+            state = "alive"
+        out.append({"name": n.name, "host": n.host, "pid": n.pid, "state": state, "files": n.files,
+                    "heartbeat": iso_time(n.heartbeat), "heartbeat_age_seconds": round(n.silent, 1),
+                    "pacs": {d: {"healthy": bool(h.get("healthy")), "reason": str(h.get("reason", ""))}
+                             for d, h in sorted(n.health.items()) if isinstance(h, dict)}})
+    return out

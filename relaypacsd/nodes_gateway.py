@@ -13,7 +13,7 @@ from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
 from relaypacsd.errors import JournalError
 from relaypacsd.journal import Journal
-from relaypacsd.nodes import Node, journal_shown
+from relaypacsd.nodes import Node, describe_nodes, journal_shown
 from relaypacsd.spool import Spool
 
 
@@ -84,6 +84,13 @@ class Gateway:
         """The sweep's part: take over silent nodes; rows their death left behind are settled now."""
         if any(self.node.take_over().values()):
             settle()
+
+    def nodes(self) -> tuple[dict, ...]:
+        """Every node of the spool with its files and its view of each PACS (a scrape's look at the journal)."""
+        try:
+            return tuple(describe_nodes(self.journal.nodes(), self.config.daemon.lease_seconds))
+        except JournalError:
+            return ()
 
     def stop(self) -> None:
         """A clean stop: goodbye in the journal, and the node files go."""

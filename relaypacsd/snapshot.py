@@ -66,6 +66,7 @@ class Snapshot:
     roots: tuple[str, ...]
     destinations: tuple[DestinationState, ...]
     folders: tuple[Folders, ...] = ()
+    nodes: tuple[dict[str, Any], ...] = ()  # every gateway of the spool (nodes.describe_nodes), with the folders
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (the dashboard's and the heartbeat's source)."""
@@ -73,6 +74,7 @@ class Snapshot:
         doc["roots"] = list(self.roots)
         doc["destinations"] = [asdict(d) for d in self.destinations]
         doc["folders"] = [f.to_dict() for f in self.folders]
+        doc["nodes"] = list(self.nodes)
         return doc
 
 
@@ -83,7 +85,8 @@ def folders_of(spool: Spool) -> Folders:
 
 
 def take(spools: Iterable[Spool], engine: "Engine", counters: Mapping[str, int], ready: bool,
-         alive: Callable[[], bool], started: float, folders: bool = False) -> Snapshot:
+         alive: Callable[[], bool], started: float, folders: bool = False,
+         nodes: Callable[[], tuple[dict[str, Any], ...]] = lambda: ()) -> Snapshot:
     """The state of one daemon from its pieces; `started` is its start in monotonic time.
 
     `alive` is only asked once ready: while a reload rebuilds the pieces, their threads are not a verdict."""
@@ -95,7 +98,8 @@ def take(spools: Iterable[Spool], engine: "Engine", counters: Mapping[str, int],
                     ready=ready, alive=ready and alive(), in_flight=engine.in_flight(),
                     sent=counters.get("sent", 0), failed=counters.get("failed", 0),
                     roots=tuple(str(s.root) for s in spools), destinations=dests,
-                    folders=tuple(folders_of(s) for s in spools) if folders else ())
+                    folders=tuple(folders_of(s) for s in spools) if folders else (),
+                    nodes=nodes() if folders else ())
 
 
 def systemd_status(snap: Snapshot) -> str:

@@ -37,6 +37,20 @@ def test_a_pacs_outage_with_two_gateways_sends_each_file_once(tmp_path, share, c
     assert all(log_lines(p, "delivered") for p in procs), "both nodes took part"
 
 
+def _status(config) -> dict:
+    """`relaypacsd status --json` of one node's config, as an operator runs it."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.integration.daemon_helpers import daemon_env
+
+    done = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(config), "status", "--json"],
+                          capture_output=True, text=True, timeout=60, env=daemon_env())
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def _delivered_uids(proc) -> list[list[str]]:
     """The UIDs of each 'delivered' log line of a node, in order."""
     return [line.rsplit("uids=", 1)[1].split(",") for line in log_lines(proc, " delivered: ") if "uids=" in line]
@@ -65,10 +79,15 @@ def test_a_node_killed_mid_delivery_is_taken_over_and_no_confirmed_file_is_sent_
         died = time.monotonic()
         all_sent(share, 200, procs[1:])
         took = [line for p in procs[1:] for line in log_lines(p, "took over its")]
+        status = _status(configs[1])
     finally:
         for proc in procs:
             stop_daemon(proc)
     assert took and "gw-a" in took[0], "a live node took the dead one's files"
+    nodes = {n["name"]: n for n in status["nodes"]}
+    assert nodes["gw-a"]["state"].startswith("taken over by gw-") and nodes["gw-a"]["files"] == 0
+    assert nodes["gw-b"]["state"] == nodes["gw-c"]["state"] == "alive"
+    assert nodes["gw-b"]["pacs"]["orthanc"]["healthy"] is True
     assert time.monotonic() - died < 90
     received = counting_orthanc.received()
     assert sorted(received) == sorted(sops)
