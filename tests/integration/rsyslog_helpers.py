@@ -1,0 +1,204 @@
+"""A real rsyslogd as the audit repository of the tests: private config and directory, loopback only, TCP, UDP
+and TLS inputs, every message written raw, one per line, to a file the tests read back."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relaypacsd.localorthanc import free_port
+
+RSYSLOGD = "rsyslogd"
+INSTALL_HINT = "apt-get install -y rsyslog rsyslog-gnutls"
+# RFC 5424 HEADER as audit_syslog writes it, then STRUCTURED-DATA "-", then the MSG.
+FRAME = re.compile(rb"<(?P<pri>\d+)>1 (?P<time>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) (?P<msgid>\S+) - "
+                   rb"(?P<msg>.*)", re.S)
+_LOOPBACK_HEX = "0100007F"  # 127.0.0.1 in /proc/net/{tcp,udp}
+
+
+class RsyslogNotInstalled(RuntimeError):
+    """rsyslogd (or openssl, for the TLS certificates) is missing."""
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(table: str, port: int) -> bool:
+    """True when /proc/net/`table` shows 127.0.0.1:port bound (TCP: listening)."""
+    try:
+        lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        f = line.split()
+        addr, hexport = f[1].split(":")
+        if addr == _LOOPBACK_HEX and int(hexport, 16) == port and (table != "tcp" or f[3] == "0A"):
+            return True
+    return False
+
+
+class LocalRsyslog:
+    """rsyslogd in the foreground with its config, work dir and output file under `workdir`.
+
+    The ports are chosen at the first start and kept: stop() then start() is the repository going away and
+    coming back at the same address."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.output = workdir / "audit.log"
+        self.ca = workdir / "ca.pem"
+        self.tcp_port = self.udp_port = self.tls_port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def tcp_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.tcp_port}"
+
+    @property
+    def udp_url(self) -> str:
+        return f"udp://127.0.0.1:{self.udp_port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"tls://127.0.0.1:{self.tls_port}"
+
+    def url(self, scheme: str) -> str:
+        """The URL of one input: tcp, udp or tls."""
+        return {"tcp": self.tcp_url, "udp": self.udp_url, "tls": self.tls_url}[scheme]
+
+    def start(self, timeout: float = 15.0) -> "LocalRsyslog":
+        """Start rsyslogd and wait until its three inputs listen on 127.0.0.1."""
+        if shutil.which(RSYSLOGD) is None:
+            raise RsyslogNotInstalled(f"{RSYSLOGD} not found; install it with: {INSTALL_HINT}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.ca.exists():
+            self._make_certificates()
+        fixed = bool(self.tcp_port)
+        for _ in range(1 if fixed else 5):
+            if not fixed:
+                self.tcp_port, self.udp_port, self.tls_port = free_port(), _free_udp_port(), free_port()
+                while self.tls_port == self.tcp_port:
+                    self.tls_port = free_port()
+            if self._launch(timeout):
+                return self
+            self.stop()
+        raise RuntimeError(f"rsyslogd did not listen on 127.0.0.1 ports {self.tcp_port}/{self.udp_port}/"
+                           f"{self.tls_port}:\n{self.log_tail()}")
+
+    def _launch(self, timeout: float) -> bool:
+        conf = self.workdir / "rsyslog.conf"
+        w = self.workdir
+        conf.write_text(f"""
+global(workDirectory="{w}" maxMessageSize="64k"
+       defaultNetstreamDriverCAFile="{w}/ca.pem" defaultNetstreamDriverCertFile="{w}/server.pem"
+       defaultNetstreamDriverKeyFile="{w}/server.key")
+module(load="imtcp")
+module(load="imudp")
+input(type="imtcp" port="{self.tcp_port}" address="127.0.0.1")
+input(type="imtcp" port="{self.tls_port}" address="127.0.0.1" streamDriver.name="gtls" streamDriver.mode="1"
+      streamDriver.authMode="anon")
+input(type="imudp" port="{self.udp_port}" address="127.0.0.1")
+template(name="raw" type="string" string="%rawmsg%\\n")
+action(type="omfile" file="{self.output}" template="raw")
+""")
+        with open(self.workdir / "rsyslogd.out", "ab") as out:
+            self._proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(self.workdir / "rsyslogd.pid")],
+                                          stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.workdir,
+                                          start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            if (_listening("tcp", self.tcp_port) and _listening("tcp", self.tls_port)
+                    and _listening("udp", self.udp_port)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop rsyslogd (SIGTERM; SIGKILL after `timeout`); its file stays."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        (self.workdir / "rsyslogd.pid").unlink(missing_ok=True)
+
+    def lines(self) -> list[bytes]:
+        """Every message rsyslog wrote so far, raw."""
+        try:
+            return [line for line in self.output.read_bytes().split(b"\n") if line]
+        except FileNotFoundError:
+            return []
+
+    def frames(self) -> list[re.Match[bytes]]:
+        """The messages written so far, parsed as RFC 5424 (AssertionError for one that is not)."""
+        found = []
+        for line in self.lines():
+            m = FRAME.fullmatch(line)
+            assert m, f"not an RFC 5424 frame: {line[:200]!r}"
+            found.append(m)
+        return found
+
+    def log_tail(self) -> str:
+        try:
+            return (self.workdir / "rsyslogd.out").read_text(errors="replace")[-3000:]
+        except FileNotFoundError:
+            return ""
+
+    def _make_certificates(self) -> None:
+        """A private CA and a server certificate for 127.0.0.1 (the TLS input), made with openssl."""
+        if shutil.which("openssl") is None:
+            raise RsyslogNotInstalled("openssl not found (TLS test certificates); install it with: apt-get install -y openssl")
+        w = self.workdir
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=w, check=True, capture_output=True)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=relaypacsd test audit CA")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
+            "/CN=127.0.0.1")
+        (w / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "server.pem", "-days", "2", "-extfile", "san.cnf")
+        os.chmod(w / "server.key", 0o600)
+
+
+def _not_installed(error: Exception) -> None:
+    # A skipped audit suite must never look green in CI.
+    message = f"real rsyslog unavailable: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def rsyslog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRsyslog]:
+    """A private rsyslogd for one test, started; stopped at teardown."""
+    server = LocalRsyslog(tmp_path_factory.mktemp("rsyslog"))
+    try:
+        server.start()
+    except RsyslogNotInstalled as e:
+        _not_installed(e)
+    try:
+        yield server
+    finally:
+        server.stop()
