@@ -128,6 +128,15 @@ class SyslogSender:
             logger.warning("audit: {} audit message(s) not sent at stop: {} did not take them in time", left, self.url)
         self._close()
 
+    def probe(self) -> str:
+        """Connect once (TCP, with the TLS handshake for tls://) and close; what was reached, or OSError.
+        For `relaypacsd check`; UDP has no connection to test."""
+        sock = self._connect()
+        try:
+            return (sock.version() or "TLS") if isinstance(sock, ssl.SSLSocket) else "connected"
+        finally:
+            sock.close()
+
     # -- the sender thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:

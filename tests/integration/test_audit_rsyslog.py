@@ -237,3 +237,28 @@ def test_a_reload_that_moves_the_audit_trail_tells_both_repositories(tmp_path: P
         assert outcomes == ["0", "4"]  # the reload, then the refused one
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("scheme", ["tls", "tcp"])
+def test_check_connects_to_the_audit_repository_and_says_what_to_fix(tmp_path: Path, rsyslog: LocalRsyslog,
+                                                                     scheme: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.integration.daemon_helpers import daemon_env
+
+    def check_line(audit_table: dict) -> tuple[int, str]:
+        cfg = write_config(tmp_path, None, audit=audit_table, pacs_tables={})
+        res = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "check"], capture_output=True,
+                             text=True, env=daemon_env(), timeout=60)
+        return res.returncode, next(line for line in res.stdout.splitlines() if "audit repository" in line)
+
+    ca = {"ca_bundle": str(rsyslog.ca)} if scheme == "tls" else {}
+    code, line = check_line({"syslog": rsyslog.url(scheme), **ca})
+    assert code == 0 and line.startswith("ok   audit repository"), line
+    if scheme == "tls":
+        code, line = check_line({"syslog": rsyslog.tls_url})  # the system's CAs do not know the test CA
+        assert code == 1 and line.startswith("FAIL") and "ca_bundle" in line, line
+    rsyslog.stop()
+    code, line = check_line({"syslog": rsyslog.url(scheme), **ca})
+    assert code == 1 and "unreachable" in line and "[audit] syslog" in line, line
