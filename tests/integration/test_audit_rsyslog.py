@@ -16,7 +16,7 @@ from tests.dicomfactory import write_study
 from tests.integration.daemon_helpers import (count_in, daemon_log, start_daemon, stop_daemon, wait_for, wait_ready,
                                               write_config)
 from tests.integration.pipeline_helpers import captured_log
-from tests.integration.rsyslog_helpers import LocalRsyslog, rsyslog  # noqa: F401 - the fixture
+from tests.integration.rsyslog_helpers import LocalRsyslog
 
 GW = audit.Identity("RELAYPACS_GW", "gw1.example.org", ("RELAYPACS_GW",))
 
