@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -279,6 +280,17 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# What XML 1.0 cannot hold (control characters, lone surrogates from undecodable bytes): a DICOM value may.
+_NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def _bytes(root: ET.Element) -> bytes:
-    """The message as UTF-8 XML with its declaration, on one line (ElementTree's own puts a line break after it)."""
+    """The message as UTF-8 XML with its declaration, on one line (ElementTree's own puts a line break after it).
+    Characters XML cannot hold become U+FFFD, so a damaged Patient ID never makes the whole message invalid."""
+    for el in root.iter():
+        for key, value in el.attrib.items():
+            if _NOT_XML.search(value):
+                el.set(key, _NOT_XML.sub("\ufffd", value))
+        if el.text and _NOT_XML.search(el.text):
+            el.text = _NOT_XML.sub("\ufffd", el.text)
     return b'<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="unicode").encode("utf-8")

@@ -198,3 +198,12 @@ def test_the_schema_check_catches_elements_out_of_order():
     root.insert(0, source)
     with pytest.raises(AssertionError):
         check(b'<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root))
+
+
+def test_characters_xml_cannot_hold_never_break_the_message():
+    """A Patient ID read from a damaged file may hold control characters or undecodable bytes."""
+    [transfer] = audit.transfers(audit.Peer("http://pacs/dicom-web"), "",
+                                 [_settled(_item(patient="P\x01\x1b1\udcff", accession="A\x00"))])
+    root = check(audit.instances_transferred(GW, transfer, WHEN))
+    assert _objects(root)[("2", "RFC-3881")].get("ParticipantObjectID") == "P\ufffd\ufffd1\ufffd"
+    assert root.find(".//Accession").get("Number") == "A\ufffd"
