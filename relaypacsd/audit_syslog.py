@@ -27,6 +27,7 @@ MSGID = "DICOM+RFC3881"  # PS3.15 A.6
 BOM = b"\xef\xbb\xbf"  # RFC 5424 6.4: a MSG in UTF-8 starts with it
 UDP_MAX = 65507  # the largest IPv4 UDP payload: a bigger message cannot be sent as one datagram
 BACKOFF_START, BACKOFF_MAX = 0.5, 10.0  # seconds between attempts while the repository is away
+ACCEPT_WAIT = 0.5  # seconds a new TLS connection waits for a refusal of our certificate (see _accepted)
 
 # A queued message: its bytes, or a function that makes them (rendered in the sender thread, not the caller's).
 Message = Union[bytes, Callable[[], bytes]]
@@ -218,10 +219,24 @@ class SyslogSender:
         if self._tls is not None:
             try:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+                self._accepted(sock)
             except BaseException:
                 sock.close()
                 raise
         return sock
+
+    def _accepted(self, sock: ssl.SSLSocket) -> None:
+        """Wait a moment for the repository's verdict on our certificate: in TLS 1.3 a refusal comes after our
+        side of the handshake has finished, and a message written before it would be lost without a trace."""
+        sock.settimeout(ACCEPT_WAIT)
+        try:
+            if sock.recv(1) == b"":
+                raise ConnectionResetError("the repository closed the connection after the TLS handshake: does it "
+                                           "want our certificate? set [audit] client_cert and client_key")
+        except (TimeoutError, ssl.SSLWantReadError):
+            pass  # nothing came: it took us
+        finally:
+            sock.settimeout(self._timeout)
 
     def _peer_closed(self, sock: socket.socket) -> bool:
         """True when the repository has closed the connection (it never sends anything else)."""

@@ -1,5 +1,5 @@
-"""A real rsyslogd as the audit repository of the tests: private config and directory, loopback only, TCP, UDP
-and TLS inputs, every message written raw, one per line, to a file the tests read back."""
+"""A real rsyslogd as the audit repository of the tests: private config and directory, loopback only, TCP, UDP,
+TLS and mutual-TLS inputs, every message written raw, one per line, to a file the tests read back."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class LocalRsyslog:
         self.workdir = workdir
         self.output = workdir / "audit.log"
         self.ca = workdir / "ca.pem"
-        self.tcp_port = self.udp_port = self.tls_port = 0
+        self.tcp_port = self.udp_port = self.tls_port = self.mtls_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,6 +71,16 @@ class LocalRsyslog:
     @property
     def tls_url(self) -> str:
         return f"tls://127.0.0.1:{self.tls_port}"
+
+    @property
+    def mtls_url(self) -> str:
+        """The TLS input that wants a client certificate signed by `ca` (mutual TLS, as ATNA repositories do)."""
+        return f"tls://127.0.0.1:{self.mtls_port}"
+
+    @property
+    def client_cert(self) -> Path:
+        """A client certificate (and its key, in the same PEM) that the mutual-TLS input accepts."""
+        return self.workdir / "client.pem"
 
     def url(self, scheme: str) -> str:
         """The URL of one input: tcp, udp or tls."""
@@ -87,14 +97,17 @@ class LocalRsyslog:
         fixed = bool(self.tcp_port)
         for _ in range(1 if fixed else 5):
             if not fixed:
-                self.tcp_port, self.udp_port, self.tls_port = free_port(), _free_udp_port(), free_port()
+                self.tcp_port, self.udp_port = free_port(), _free_udp_port()
+                self.tls_port = self.mtls_port = self.tcp_port
                 while self.tls_port == self.tcp_port:
                     self.tls_port = free_port()
+                while self.mtls_port in (self.tcp_port, self.tls_port):
+                    self.mtls_port = free_port()
             if self._launch(binary, timeout):
                 return self
             self.stop()
         raise RuntimeError(f"rsyslogd did not listen on 127.0.0.1 ports {self.tcp_port}/{self.udp_port}/"
-                           f"{self.tls_port}:\n{self.log_tail()}")
+                           f"{self.tls_port}/{self.mtls_port}:\n{self.log_tail()}")
 
     def _launch(self, binary: str, timeout: float) -> bool:
         conf = self.workdir / "rsyslog.conf"
@@ -108,6 +121,8 @@ module(load="imudp")
 input(type="imtcp" port="{self.tcp_port}" address="127.0.0.1")
 input(type="imtcp" port="{self.tls_port}" address="127.0.0.1" streamDriver.name="gtls" streamDriver.mode="1"
       streamDriver.authMode="anon")
+input(type="imtcp" port="{self.mtls_port}" address="127.0.0.1" streamDriver.name="gtls" streamDriver.mode="1"
+      streamDriver.authMode="x509/certvalid")
 input(type="imudp" port="{self.udp_port}" address="127.0.0.1")
 template(name="raw" type="string" string="%rawmsg%\\n")
 action(type="omfile" file="{self.output}" template="raw")
@@ -120,7 +135,7 @@ action(type="omfile" file="{self.output}" template="raw")
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 return False
-            if (_listening("tcp", self.tcp_port) and _listening("tcp", self.tls_port)
+            if (all(_listening("tcp", p) for p in (self.tcp_port, self.tls_port, self.mtls_port))
                     and _listening("udp", self.udp_port)):
                 return True
             time.sleep(0.05)
@@ -177,4 +192,10 @@ action(type="omfile" file="{self.output}" template="raw")
         (w / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
         run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
             "server.pem", "-days", "2", "-extfile", "san.cnf")
-        os.chmod(w / "server.key", 0o600)
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj",
+            "/CN=relaypacsd test gateway")
+        run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "client.crt", "-days", "2")
+        (w / "client.pem").write_bytes((w / "client.crt").read_bytes() + (w / "client.key").read_bytes())
+        for key in ("server.key", "client.key", "client.pem"):
+            os.chmod(w / key, 0o600)

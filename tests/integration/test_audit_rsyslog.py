@@ -262,3 +262,25 @@ def test_check_connects_to_the_audit_repository_and_says_what_to_fix(tmp_path: P
     rsyslog.stop()
     code, line = check_line({"syslog": rsyslog.url(scheme), **ca})
     assert code == 1 and "unreachable" in line and "[audit] syslog" in line, line
+
+
+def test_mutual_tls_sends_with_our_certificate_and_not_without_it(rsyslog: LocalRsyslog) -> None:
+    """An ATNA repository wants the gateway's certificate: with client_cert the message arrives, without it
+    the repository refuses the connection and the message waits."""
+    without = SyslogSender(rsyslog.mtls_url, ca_bundle=str(rsyslog.ca), backoff_max=0.5)
+    with captured_log() as lines:
+        without.start()
+        without.submit(_marked(0))
+        time.sleep(1.5)
+        without.stop(timeout=0.5)
+    # In TLS 1.3 the refusal comes after our handshake: counted as sent, the message would have been lost.
+    assert rsyslog.lines() == [] and without.counters.sent == 0 and without.counters.dropped == 1
+    assert any("unreachable" in line and "client_cert" in line for line in lines), lines
+    with_cert = SyslogSender(rsyslog.mtls_url, ca_bundle=str(rsyslog.ca), client_cert=str(rsyslog.client_cert))
+    with_cert.start()
+    try:
+        with_cert.submit(_marked(1))
+        wait_for(lambda: len(rsyslog.lines()) == 1, 10, message=rsyslog.log_tail)
+    finally:
+        with_cert.stop()
+    assert _launchers(rsyslog) == ["user-1"] and with_cert.counters.sent == 1
