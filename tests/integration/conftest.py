@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from relaypacsd.localorthanc import LocalOrthanc, OrthancNotInstalled
-from tests.integration.rsyslog_helpers import LocalRsyslog, RsyslogNotInstalled
+from tests.integration.rsyslog_helpers import LocalRsyslog, RsyslogNotInstalled, make_certificates
 
 _HERE = Path(__file__).parent
 
@@ -75,10 +75,21 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
             server.stop(timeout=0)
 
 
+@pytest.fixture(scope="session")
+def rsyslog_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test CA, server and client certificates of every rsyslog in the session (made once)."""
+    certs = tmp_path_factory.mktemp("rsyslog-certs")
+    try:
+        make_certificates(certs)
+    except RsyslogNotInstalled as e:
+        _not_installed(e, "rsyslog")
+    return certs
+
+
 @pytest.fixture
-def rsyslog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRsyslog]:
-    """A private rsyslogd on loopback (TCP, UDP and TLS inputs), the audit repository of one test."""
-    server = LocalRsyslog(tmp_path_factory.mktemp("rsyslog"))
+def rsyslog(tmp_path_factory: pytest.TempPathFactory, rsyslog_certs: Path) -> Iterator[LocalRsyslog]:
+    """A private rsyslogd on loopback (TCP, UDP, TLS and mutual-TLS inputs), the audit repository of one test."""
+    server = LocalRsyslog(tmp_path_factory.mktemp("rsyslog"), rsyslog_certs)
     try:
         server.start()
     except RsyslogNotInstalled as e:

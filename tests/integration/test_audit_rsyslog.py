@@ -209,7 +209,7 @@ def test_a_reload_that_moves_the_audit_trail_tells_both_repositories(tmp_path: P
                                                                      rsyslog: LocalRsyslog) -> None:
     """SIGHUP with a new [audit] syslog: the old repository hears the reload (its last message), the new one
     hears it too and gets the rest; a refused reload is a Security Alert with a minor failure."""
-    second = LocalRsyslog(tmp_path / "second").start()
+    second = LocalRsyslog(tmp_path / "second", rsyslog.certs).start()
     try:
         cfg = write_config(tmp_path, clean_orthanc, audit={"syslog": rsyslog.tcp_url})
         proc = start_daemon(cfg)
