@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Union
+from urllib.parse import urlsplit
 
 from loguru import logger
-
-from relaypacsd.config import syslog_target
 
 PRI = "<85>"  # facility 10 (security/authorization) * 8 + severity 5 (notice): PS3.15 A.6 / A.7
 MSGID = "DICOM+RFC3881"  # PS3.15 A.6
@@ -39,6 +38,45 @@ class AuditCounters:
 
     sent: int = 0
     dropped: int = 0
+
+
+SYSLOG_SCHEMES = {"tcp": 514, "udp": 514, "tls": 6514}  # and their default ports (RFC 6587, 5426, 5425)
+
+
+def syslog_target(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an [audit] syslog URL; ValueError saying what is wrong (config.py says it as a
+    ConfigError)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SYSLOG_SCHEMES:
+        raise ValueError("must start with tcp://, udp:// or tls://")
+    try:
+        parts = urlsplit(f"{scheme.lower()}://{rest}")
+    except ValueError:
+        raise ValueError("not a valid URL (an IPv6 address goes in brackets)") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("only a host and a port belong in it")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if not parts.hostname:
+        raise ValueError("no host name")
+    return parts.scheme, parts.hostname, SYSLOG_SCHEMES[parts.scheme] if port is None else port
+
+
+def tls_context(ca_bundle: str, client_cert: str, client_key: str) -> ssl.SSLContext:
+    """TLS 1.2 or later (PS3.15 A.6), the repository's certificate checked against `ca_bundle` (a PEM file or a
+    hashed folder; the system's CAs when empty), ours offered when configured (mutual TLS)."""
+    if ca_bundle and os.path.isdir(ca_bundle):
+        context = ssl.create_default_context(capath=ca_bundle)
+    else:
+        context = ssl.create_default_context(cafile=ca_bundle or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key or None)
+    return context
 
 
 def header_field(text: str, limit: int) -> str:
@@ -69,7 +107,7 @@ class SyslogSender:
         self.url = url
         self.scheme, self.host, self.port = syslog_target(url)
         self.counters = counters if counters is not None else AuditCounters()
-        self._tls = self._tls_context(ca_bundle, client_cert, client_key) if self.scheme == "tls" else None
+        self._tls = tls_context(ca_bundle, client_cert, client_key) if self.scheme == "tls" else None
         self._queue: collections.deque[Message] = collections.deque()
         self._size = queue_size
         self._cond = threading.Condition()
@@ -274,15 +312,3 @@ class SyslogSender:
             self._down_since = None
             logger.info("audit: repository {} reachable again after {:.0f} s; {} message(s) still queued, {} dropped "
                         "meanwhile", self.url, away, self.pending(), self.counters.dropped - self._dropped_at_down)
-
-    @staticmethod
-    def _tls_context(ca_bundle: str, client_cert: str, client_key: str) -> ssl.SSLContext:
-        """TLS 1.2 or later (PS3.15 A.6), the repository's certificate checked, ours offered when configured."""
-        if ca_bundle and os.path.isdir(ca_bundle):
-            context = ssl.create_default_context(capath=ca_bundle)
-        else:
-            context = ssl.create_default_context(cafile=ca_bundle or None)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if client_cert:
-            context.load_cert_chain(client_cert, client_key or None)
-        return context

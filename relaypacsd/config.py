@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+import ssl
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -414,32 +415,9 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
             raise ConfigError(f"{where}: {key}.{len_key} = {getattr(p, len_key)!r}: an AE title has at most 16 characters")
 
 
-SYSLOG_SCHEMES = {"tcp": 514, "udp": 514, "tls": 6514}  # and their default ports (RFC 6587, 5426, 5425)
-
-
-def syslog_target(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an [audit] syslog URL; ValueError saying what is wrong."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SYSLOG_SCHEMES:
-        raise ValueError("must start with tcp://, udp:// or tls://")
-    try:
-        parts = urlsplit(f"{scheme.lower()}://{rest}")
-    except ValueError:
-        raise ValueError("not a valid URL (an IPv6 address goes in brackets)") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("only a host and a port belong in it")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ValueError("the port must be a number from 1 to 65535")
-    if not parts.hostname:
-        raise ValueError("no host name")
-    return parts.scheme, parts.hostname, SYSLOG_SCHEMES[parts.scheme] if port is None else port
-
-
 def _validate_audit(a: AuditConfig, where: str) -> None:
+    from relaypacsd.audit_syslog import syslog_target, tls_context
+
     if not a.syslog:
         return
     try:
@@ -455,6 +433,12 @@ def _validate_audit(a: AuditConfig, where: str) -> None:
             raise ConfigError(f"{where}: audit.{key} = {getattr(a, key)!r}: no such file: fix the path")
     if bool(a.client_cert) != bool(a.client_key) and not _pem_holds_key(a.client_cert):
         raise ConfigError(f"{where}: audit.client_cert and client_key go together: set both (or a PEM holding both)")
+    if scheme == "tls":
+        try:  # here, not at the first connection: a reload with a broken certificate is refused, not half done
+            tls_context(a.ca_bundle, a.client_cert, a.client_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{where}: audit.ca_bundle / client_cert / client_key: unusable ({exc}): point them at "
+                              "PEM files (the CA; our certificate and its key)") from None
     if not a.source_id.strip() or len(a.source_id) > 64 or not a.source_id.isprintable():
         raise ConfigError(f"{where}: audit.source_id = {a.source_id!r}: name this gateway in 1 to 64 printable "
                           "characters, e.g. \"RELAYPACS_GW\"")

@@ -183,3 +183,14 @@ def test_bad_audit_settings_stop_the_command_line_with_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "check"], capture_output=True, text=True)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr and "audit.syslog" in res.stderr
+
+
+def test_audit_tls_files_that_are_not_certificates_are_refused_at_load(tmp_path):
+    """Checked when the config is read, so a reload with a broken certificate is refused, not half done."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for key in ("ca_bundle", "client_cert"):
+        with pytest.raises(ConfigError) as exc:
+            build_config({**WATCH, "audit": {"syslog": "tls://audit:6514", key: str(junk),
+                                             **({"client_key": str(junk)} if key == "client_cert" else {})}}, {})
+        assert "audit.ca_bundle / client_cert / client_key: unusable" in str(exc.value) and "\n" not in str(exc.value)
