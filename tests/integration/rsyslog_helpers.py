@@ -33,18 +33,27 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _bound(table: str, port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/`table` writes them) bound to `port` (TCP: listening)."""
+    found = set()
+    for name in (table, table + "6"):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            addr, hexport = f[1].rsplit(":", 1)
+            if int(hexport, 16) == port and (not table.startswith("tcp") or f[3] == "0A"):
+                found.add(addr)
+    return found
+
+
 def _listening(table: str, port: int) -> bool:
-    """True when /proc/net/`table` shows 127.0.0.1:port bound (TCP: listening)."""
-    try:
-        lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
-    except FileNotFoundError:
-        return False
-    for line in lines:
-        f = line.split()
-        addr, hexport = f[1].split(":")
-        if addr == _LOOPBACK_HEX and int(hexport, 16) == port and (table != "tcp" or f[3] == "0A"):
-            return True
-    return False
+    """True when `port` is bound on 127.0.0.1; AssertionError when it is bound anywhere else too."""
+    found = _bound(table, port)
+    assert found <= {_LOOPBACK_HEX}, f"rsyslogd is bound beyond loopback on {table} port {port}: {found}"
+    return _LOOPBACK_HEX in found
 
 
 class LocalRsyslog:
