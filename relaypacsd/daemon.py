@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd import recovery, retention
+from relaypacsd import auditing, recovery, retention
 from relaypacsd import reload as reloading
+from relaypacsd.audit_syslog import AuditCounters
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
 from relaypacsd.errors import ConfigError, JournalError
@@ -55,6 +56,8 @@ class Daemon:
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
         self._unpacks_resumed: set[Path] = set()
+        self.audit_counters = AuditCounters()  # across reloads, for the metrics
+        self.audit = auditing.Auditor(config, self.audit_counters)  # lives across reloads (see reload)
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -82,6 +85,8 @@ class Daemon:
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
         self.gateway = Gateway(config, self.journal, self.spools, self.engine, self._request_let_go)
+        if self.audit.enabled:
+            self.engine.on_settled = lambda dest, settled: self.audit.settled(dest, settled)
         self.folders = EmptiedFolders(self._settle)  # removed at the next sweep once quiet
         self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         if self.metrics is not None:
@@ -105,6 +110,8 @@ class Daemon:
         self.gateway.start()  # joins; refuses a spool another node serves with another journal
         self._settle_spools()
         recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
+        if not self.audit.started:  # Application Start once per process, before any transfer
+            self.audit.start()
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -182,15 +189,19 @@ class Daemon:
         source = self.config.source
         new = reloading.read_new_config(self.config)
         if new is None:
+            self.audit.reload_refused()
             self.notifier.ready(self.status_line())
             return False
+        old = self.config
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
-        self._restart(new)
+        self._restart(new, lambda: setattr(self, "audit", auditing.follow(self.audit, old, new)))
+        self.audit.config_reloaded(old, new)
         logger.info("reload of {} done", source)
         return True
 
-    def _restart(self, config: Config) -> None:
-        """Stop this generation's pieces and start new ones with `config` (a reload; letting go of a lost lease)."""
+    def _restart(self, config: Config, before_build: Callable[[], None] = lambda: None) -> None:
+        """Stop this generation's pieces and start new ones with `config` (a reload; letting go of a lost lease).
+        `before_build` runs once the old pieces stopped (the audit follows a reload there: the new engine reports to it)."""
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
         # beside one would send the same files again, and the old answer could no longer be recorded.
@@ -198,6 +209,7 @@ class Daemon:
                                                self.config.daemon.heartbeat_interval)
         self._stop_pieces(timeout=reloading.longest_request(self.config), give_up=waiting,
                           threads_timeout=reloading.UNPACK_WAIT)
+        before_build()
         self._build(config)
         self.start()
 
@@ -207,10 +219,7 @@ class Daemon:
         self._wake.set()
 
     def _settle_spools(self) -> None:
-        """Start-up repair of the spools and the journal (with several gateways, only this node's part)."""
-        recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty,
-                                self.gateway.node.others if self.gateway.node.shared else (lambda keys: set()),
-                                self.gateway.quiet_for)
+        self.gateway.settle(self._unpacks_resumed, self._may_be_empty)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop claiming, let batches in flight finish, stop jobs; unfinished files stay in sending/."""
@@ -218,6 +227,7 @@ class Daemon:
         self.notifier.stopping()
         self._stop_requested.set()
         self._stop_pieces(timeout, leave=True)
+        self.audit.stop()  # Application Stop, and up to 5 s for what the repository has not taken yet
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
@@ -260,6 +270,7 @@ class Daemon:
         self.metrics = metrics.serve(self.config.daemon.metrics_address, self.config.daemon.metrics_port,
                                      lambda: self.snapshot(folders=True))
         self.engine.on_batch = self.metrics.observe_batch
+        self.metrics.watch_audit(lambda: (self.audit_counters, self.audit.pending()))
 
     def snapshot(self, folders: bool = False) -> Snapshot:
         """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""
@@ -318,15 +329,11 @@ class Daemon:
     # -- scheduled jobs --------------------------------------------------------------------------------
 
     def _sweep_job(self) -> None:
-        if not self.gateway.node.usable():
-            return  # the journal away, or the lease not fresh: nothing is taken up, nothing expires
-        try:
-            self.gateway.take_over(lambda: self._settle_spools())
-            released = self.engine.sweep()
-            orphans = self._recover() - self.validation.waiting()
-        except JournalError as exc:
-            self.gateway.node.journal_failed(exc)
-            return
+        self.gateway.sweep(self._sweep, self._settle_spools)
+
+    def _sweep(self) -> None:
+        released = self.engine.sweep()
+        orphans = self._recover() - self.validation.waiting()
         if released or orphans > 0:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 

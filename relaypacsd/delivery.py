@@ -52,6 +52,8 @@ class Engine:
         # fresh (the answer could not be recorded); a journal error is reported once, by the node.
         self.may_send: Callable[[], bool] = lambda: True
         self.on_journal_error: Callable[[JournalError], None] | None = None
+        # Observer of each batch's settled instances (audit messages): (destination, [(item, its update)]).
+        self.on_settled: Callable[[Destination, list[tuple[Item, Update]]], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -240,6 +242,11 @@ class Engine:
                 else:
                     parked.append((item, delay))
             self.journal.apply(updates)
+        if settled and self.on_settled is not None:
+            try:
+                self.on_settled(dest, settled)
+            except Exception:  # an observer must never break delivery
+                logger.exception("settled observer failed")
         for item, delay in parked:
             if not item.done:  # dropped meanwhile (changed in sending/): it must not come back
                 dest.put(item, time.monotonic() + delay)

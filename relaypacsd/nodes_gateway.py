@@ -4,11 +4,12 @@ files in the spool's node folder, and the jobs' share (heartbeat, takeover). The
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 from loguru import logger
 
-from relaypacsd import nodes_spool
+from relaypacsd import nodes_spool, recovery
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
 from relaypacsd.errors import JournalError
@@ -80,10 +81,23 @@ class Gateway:
                     logger.warning("cannot write this node's file in {}: {}", spool.root / nodes_spool.MARKERS, exc)
                 self._marker_trouble = True
 
-    def take_over(self, settle: Callable[[], None]) -> None:
-        """The sweep's part: take over silent nodes; rows their death left behind are settled now."""
-        if any(self.node.take_over().values()):
-            settle()
+    def settle(self, unpacks_resumed: set[Path], may_be_empty: Callable[[Spool, Path, float], None]) -> None:
+        """Start-up repair of the spools and the journal: with several gateways, only this node's part (rows of
+        files another node owns, leftovers younger than `quiet_for`, are that node's business)."""
+        others = self.node.others if self.node.shared else (lambda keys: set())
+        recovery.prepare_spools(self.spools, self.journal, unpacks_resumed, may_be_empty, others, self.quiet_for)
+
+    def sweep(self, work: Callable[[], None], settle: Callable[[], None]) -> None:
+        """The retry sweep, while the journal answers and the lease is fresh: first take over silent nodes
+        (settling the rows their death left behind), then `work` (the sweep itself)."""
+        if not self.node.usable():
+            return  # nothing is taken up, nothing expires
+        try:
+            if any(self.node.take_over().values()):
+                settle()
+            work()
+        except JournalError as exc:
+            self.node.journal_failed(exc)
 
     def nodes(self) -> tuple[dict, ...]:
         """Every node of the spool with its files and its view of each PACS (a scrape's look at the journal)."""

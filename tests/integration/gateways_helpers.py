@@ -64,8 +64,8 @@ class CountingOrthanc:
             return collections.Counter()
 
 
-@pytest.fixture
-def counting_orthanc(tmp_path: Path) -> Iterator[CountingOrthanc]:
+def counting_pacs(tmp_path: Path) -> Iterator[CountingOrthanc]:
+    """Start a CountingOrthanc (FAIL under CI=true when Orthanc is missing); stop it after."""
     from tests.integration.conftest import _not_installed
     from relaypacsd.localorthanc import OrthancNotInstalled
 
@@ -107,8 +107,8 @@ class Share:
         return self.real / "spool"
 
 
-@pytest.fixture
-def share(tmp_path: Path) -> Iterator[Share]:
+def share_views(tmp_path: Path) -> Iterator[Share]:
+    """A Share (FAIL under CI=true when bindfs is missing); its views unmounted after."""
     if not shutil.which("bindfs") or not os.path.exists("/dev/fuse"):
         if os.environ.get("CI") == "true":
             pytest.fail("bindfs/FUSE missing: apt-get install -y bindfs fuse3", pytrace=False)

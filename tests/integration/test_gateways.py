@@ -7,8 +7,22 @@ import signal
 import time
 
 from tests.integration.daemon_helpers import daemon_log, stop_daemon, wait_for
-from tests.integration.gateways_helpers import (LEASE, all_sent, assert_each_file_once, counting_orthanc, drop,  # noqa: F401
-                                                log_lines, node_config, share, start_nodes)
+import pytest
+
+from tests.integration.gateways_helpers import (LEASE, all_sent, assert_each_file_once, counting_pacs, drop, log_lines,
+                                                node_config, share_views, start_nodes)
+
+
+@pytest.fixture
+def counting_orthanc(tmp_path):
+    """A real Orthanc counting each instance it receives."""
+    yield from counting_pacs(tmp_path)
+
+
+@pytest.fixture
+def share(tmp_path):
+    """The share: a backing folder and a bindfs view per node."""
+    yield from share_views(tmp_path)
 
 
 def _nodes(tmp_path, share, orthanc, postgres, names=("gw-a", "gw-b"), **delivery):
