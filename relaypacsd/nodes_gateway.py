@@ -18,6 +18,11 @@ from relaypacsd.nodes import Node, describe_nodes, journal_shown
 from relaypacsd.spool import Spool
 
 
+# When this process started serving (wall clock): of two nodes starting at once the later one refuses, and a
+# reload must not make this one "later" than a newcomer (nodes_spool.check_spool).
+PROCESS_STARTED = time.time()
+
+
 class Gateway:
     """This node in one generation of the daemon's pieces."""
 
@@ -31,7 +36,7 @@ class Gateway:
         engine.on_journal_error = self.node.journal_failed
         engine.finisher.on_journal_error = self.node.journal_failed
         engine.finisher.may_move = lambda: self.node.wait_usable(engine.stop_event)
-        self.started = time.time()
+        self.started = PROCESS_STARTED
         self._marker_trouble = False
 
     @property
