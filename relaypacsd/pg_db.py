@@ -1,8 +1,9 @@
 """One PostgreSQL connection shared by threads (as sqlite_db.Database is for SQLite): connecting and reconnecting,
-queries, transactions sent in one pipeline; every error a JournalError whose text holds no password.
+queries, transactions sent as one message; every error a JournalError whose text holds no password.
 
-psycopg 3 (`psycopg[binary]`): the maintained driver, with pipeline mode (a batch's commit is one round trip)
-and libpq's own timeouts. The connection is made again at the next call after the server went away.
+psycopg 3 (`psycopg[binary]`): the maintained driver, with client-side binding (a batch's commit is one
+message, one round trip) and libpq's own timeouts. The connection is made again at the next call after the
+server went away.
 """
 
 from __future__ import annotations
@@ -132,10 +133,15 @@ class PgDatabase:
             return self._run(conn, lambda: conn.execute(sql, tuple(args)).rowcount)
 
     def transaction(self, statements: list[Statement], guard: Statement | None = None) -> list[tuple[Any, ...]]:
-        """Run statements in one transaction, sent as one pipeline; return the last one's rows (RETURNING).
-        A `guard` that finds no row (its FOR SHARE lock holds a takeover off until the commit) means LeaseLost."""
+        """Run statements in one transaction, sent as one message; return the last one's rows (RETURNING).
+        A `guard` that finds no row (its FOR SHARE lock holds a takeover off until the commit) means LeaseLost.
+
+        One simple-protocol message, not a pipeline: a client paused mid-pipeline leaves its session "active",
+        where no idle-in-transaction timeout ends it, holding its locks for as long as it is paused."""
         if not statements:
             return []
+        import psycopg
+
         with self.lock:
             conn = self._connection()
 
@@ -144,10 +150,12 @@ class PgDatabase:
                     if guard is not None:
                         if not conn.execute(guard[0] + " FOR SHARE", guard[1]).fetchall():
                             raise LeaseLost(f"{self.shown}: this node was taken over by another one")
-                    with conn.pipeline():
-                        cursors = [conn.execute(sql, args) for sql, args in statements]
-                    last = cursors[-1]
-                    return last.fetchall() if last.description is not None else []
+                    cur = psycopg.ClientCursor(conn)
+                    cur.execute("; ".join(cur.mogrify(sql, args) for sql, args in statements))
+                    rows = cur.fetchall() if cur.description is not None else []
+                    while cur.nextset():
+                        rows = cur.fetchall() if cur.description is not None else []
+                    return rows
 
             return self._run(conn, work)
 

@@ -45,7 +45,7 @@ def read_new_config(current: Config) -> Config | None:
     watch = tuple(dataclasses.replace(w, name=names.get(w.path, w.name)) for w in new.watch)
     return dataclasses.replace(new, journal=current.journal, watch=watch,
                                daemon=dataclasses.replace(new.daemon, state_dir=current.daemon.state_dir,
-                                                          node=current.node))
+                                                          node=current.daemon.node))
 
 
 def longest_request(config: Config) -> float:
