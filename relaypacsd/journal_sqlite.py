@@ -65,7 +65,7 @@ class SqliteJournal(NodeMethods):
         self._lock = self._store.lock
         self._instances = InstanceMemory(self._store, instance_days)
         self._destinations = DestinationBook(self._store)
-        self._nodes = NodeBook(self._store, nodes_book.SQLITE, time.time)
+        self._nodes = NodeBook(self._store, nodes_book.SQLITE, time.time, shared=False)
 
     @property
     def _db(self) -> Any:

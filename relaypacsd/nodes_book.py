@@ -80,10 +80,13 @@ POSTGRES = Dialect("%s", "DOUBLE PRECISION", "(extract(epoch from clock_timestam
 class NodeBook:
     """Nodes, leases and file ownership in one backend's store; writes of a fenced node check its epoch."""
 
-    def __init__(self, store: Store, dialect: Dialect, clock: Callable[[], float]):
+    def __init__(self, store: Store, dialect: Dialect, clock: Callable[[], float], shared: bool = True):
         self.store, self.d = store, dialect
         self.clock = clock
         self.me: tuple[str, int] | None = None  # (node, epoch) once fenced
+        # Alone on its spool (SQLite) a node owns every file: `ensure` then writes no ownership row (no work per
+        # file that is not needed), and a node's files are those with rows in sending/.
+        self.shared = shared
 
     def _q(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         return self.store.query(self.d.sql(sql), args)
@@ -103,6 +106,10 @@ class NodeBook:
 
     def _states(self, where: str, args: tuple[Any, ...]) -> list[NodeState]:
         files = {n: c for n, c in self._q("SELECT node, COUNT(*) FROM owners WHERE kind = 'owned' GROUP BY node")}
+        if not self.shared:  # the one node holding its lease holds every file with rows in sending/
+            held = self._q("SELECT COUNT(DISTINCT path) FROM deliveries WHERE path LIKE '%/sending/%'")[0][0]
+            live = self._q("SELECT name FROM nodes WHERE stopped = 0 AND taken_by = '' ORDER BY heartbeat DESC LIMIT 1")
+            files = {live[0][0]: held + files.get(live[0][0], 0)} if live else files
         rows = self._q(f"SELECT {_COLUMNS}, {{now}} - heartbeat FROM nodes {where}", args)
         return [NodeState(name=r[0], host=r[1], pid=r[2], epoch=r[3], started=r[4], heartbeat=r[5], stopped=bool(r[6]),
                           taken_by=r[7], health=_health(r[8]), silent=max(0.0, r[9]), files=files.get(r[0], 0))
@@ -197,7 +204,7 @@ class NodeBook:
 
     def own_statements(self, key: str) -> list[Statement]:
         """`ensure` by a fenced node: a file nobody owns (a zip's member, a file validated again) becomes its own."""
-        if self.me is None:
+        if self.me is None or not self.shared:
             return []
         return [(self.d.sql("INSERT INTO owners (key, node, kind, since) VALUES (?, ?, 'owned', {now}) ON CONFLICT (key) "
                             "DO UPDATE SET node = excluded.node, kind = 'owned', since = excluded.since "
