@@ -89,6 +89,17 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The dashboard and its JSON API, served by the daemon itself (relaypacsd.web); off while port is 0."""
+
+    address: str = "127.0.0.1"
+    port: int = 0
+    users_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
 class WatchConfig:
     """One watch root: its inbox/, sending/, sent/ and failed/ live beneath `path`."""
 
@@ -155,6 +166,7 @@ class Config:
     watch: tuple[WatchConfig, ...] = ()
     pacs: Mapping[str, PacsConfig] = field(default_factory=dict)
     source: str = ""
+    web: WebConfig = field(default_factory=WebConfig)
 
     def active(self) -> list[PacsConfig]:
         """The PACS that files are forwarded to, in ACTIVE_PACS order."""
@@ -221,9 +233,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str = "") -> Config:
     """Turn parsed TOML plus environment into a validated Config."""
     where = source or "config"
-    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs"}, "", where)
+    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs", "web"}, "", where)
 
     daemon = _section(DaemonConfig, raw.get("daemon", {}), "daemon", where)
+    web = _section(WebConfig, raw.get("web", {}), "web", where)
     delivery_raw = dict(_as_table(raw.get("delivery", {}), "delivery", where))
     for var, key in _DELIVERY_ENV.items():
         if var in environ:
@@ -257,7 +270,7 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
 
     if not delivery.active_pacs:
         delivery = _replace(delivery, active_pacs=tuple(pacs))
-    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, source=source)
+    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, source=source, web=web)
     validate(config, where)
     return config
 
@@ -309,6 +322,37 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: two [[watch]] tables have the same path: give each watch root its own folder")
     for p in config.pacs.values():
         _validate_pacs(p, where)
+    _validate_web(config.web, where)
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses no other machine can reach."""
+    import ipaddress
+
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_web(w: WebConfig, where: str) -> None:
+    """The dashboard's keys: a port, TLS files that exist and go together, never an open address without users."""
+    if not 0 <= w.port <= 65535:
+        raise ConfigError(f"{where}: web.port = {w.port}: use 0 (off) or a port 1-65535")
+    if not w.port:
+        return
+    if bool(w.tls_cert) != bool(w.tls_key) and not _pem_holds_key(w.tls_cert):
+        raise ConfigError(f"{where}: web.tls_cert and web.tls_key go together: set both (or a PEM holding both as tls_cert)")
+    for key in ("tls_cert", "tls_key"):  # users_file is read when the server starts: `user add` creates it
+        if getattr(w, key) and not os.path.isfile(getattr(w, key)):
+            raise ConfigError(f"{where}: web.{key} = {getattr(w, key)!r}: no such file: fix the path")
+    if not w.users_file and not is_loopback(w.address):
+        # Without accounts the dashboard has no login: on a network address anyone could read it.
+        raise ConfigError(f"{where}: web.address = {w.address!r} without web.users_file: the dashboard would be open "
+                          "to the network without a login: add users (`relaypacsd user add NAME --role operator`, "
+                          "then set web.users_file) or use address = \"127.0.0.1\" and an SSH tunnel")
 
 
 # Bounds a sane setup stays far inside: beyond them a value is a typo (and some would exhaust the machine).
@@ -321,6 +365,7 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "pacs.connect_timeout": (0.001, 3600, "seconds"),
     "pacs.read_timeout": (0.001, 86400, "seconds"),
     "pacs.dicom_port": (0, 65535, "(0: none)"),
+    "web.port": (0, 65535, "(0: off)"),
 }
 _ENV_OF = {"delivery.retry_attempts": "PACS_RETRY_ATTEMPTS", "delivery.retry_delay": "PACS_RETRY_DELAY"}
 
@@ -330,6 +375,7 @@ def _check_numbers(config: Config, where: str) -> None:
     sections: list[tuple[str, str, Any]] = [("daemon", "daemon", config.daemon), ("delivery", "delivery", config.delivery)]
     sections += [(f"watch[{i}]", "watch", w) for i, w in enumerate(config.watch)]
     sections += [(f"pacs.{p.name}", "pacs", p) for p in config.pacs.values()]
+    sections.append(("web", "web", config.web))
     for key, kind, obj in sections:
         for f in fields(obj):
             value = getattr(obj, f.name)
@@ -523,6 +569,11 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 def to_toml(config: Config, *, mask: bool = True) -> str:
     """The effective config as TOML; secrets are masked unless mask=False (used by `init` only)."""
+    return tomli_w.dumps(to_dict(config, mask=mask))
+
+
+def to_dict(config: Config, *, mask: bool = True) -> dict[str, Any]:
+    """The effective config as plain values (the dashboard shows it); secrets masked unless mask=False."""
 
     def plain(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -543,4 +594,6 @@ def to_toml(config: Config, *, mask: bool = True) -> str:
         "watch": [plain(w) for w in config.watch],
         "pacs": {name: plain(p, skip=("name",)) for name, p in config.pacs.items()},
     }
-    return tomli_w.dumps(doc)
+    if config.web != WebConfig():  # only when set: `init` and `config show` of a setup without it stay as they were
+        doc["web"] = plain(config.web)
+    return doc

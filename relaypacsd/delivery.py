@@ -95,6 +95,17 @@ class Engine:
         with self._items_lock:
             return len(self._items)
 
+    def held_by_root(self) -> dict[Path, tuple[int, float | None]]:
+        """Per watch root: the files known to the engine and the earliest first sighting among them (wall
+        clock): the dashboard's sending/ count and oldest waiting file, without a walk."""
+        out: dict[Path, tuple[int, float | None]] = {}
+        with self._items_lock:
+            items = list(self._items.values())
+        for item in items:
+            n, first = out.get(item.spool.root, (0, None))
+            out[item.spool.root] = (n + 1, item.first_seen if first is None else min(first, item.first_seen))
+        return out
+
     # -- intake ------------------------------------------------------------------------------------
 
     def submit(self, path: Path, spool: Spool, info: DicomInfo) -> None:

@@ -66,3 +66,7 @@ class RequeueError(RelayPacsError):
 
 class JournalError(RelayPacsError):
     """The journal (the delivery memory in the state directory) cannot be opened or read."""
+
+
+class PauseError(RelayPacsError):
+    """An operator's pause or resume of a PACS that cannot be done (unknown, already so, state dir not writable)."""

@@ -120,13 +120,13 @@ def test_example_config_parses_and_documents_every_key():
     from dataclasses import fields
     from pathlib import Path
 
-    from relaypacsd.config import DaemonConfig, DeliveryConfig, PacsConfig, WatchConfig
+    from relaypacsd.config import DaemonConfig, DeliveryConfig, PacsConfig, WatchConfig, WebConfig
 
     example = Path(__file__).resolve().parent.parent / "relaypacs.toml.example"
     config = load_config(example, {})
     assert config.watch and config.pacs["orthanc"].url
     text = example.read_text()
-    for cls in (DaemonConfig, DeliveryConfig, WatchConfig, PacsConfig):
+    for cls in (DaemonConfig, DeliveryConfig, WatchConfig, PacsConfig, WebConfig):
         for f in fields(cls):
             if f.name != "name":
                 assert f"\n{f.name} = " in text, f"{cls.__name__}.{f.name} is not documented in relaypacs.toml.example"

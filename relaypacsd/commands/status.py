@@ -9,9 +9,11 @@ from typing import Any, Mapping
 
 from relaypacsd.commands.common import EXIT_OK, human_age, load, print_json, table
 from relaypacsd.commands.common import short as _short
+from relaypacsd.config import Config
 from relaypacsd.errors import JournalError
 from relaypacsd.heartbeat import process_gone, read_heartbeat
 from relaypacsd.journal import DestinationStats, open_journal
+from relaypacsd.pauses import read_paused
 from relaypacsd.snapshot import folders_of
 from relaypacsd.spool import Spool
 from relaypacsd.timefmt import iso_time
@@ -44,6 +46,30 @@ def _daemon_state(state_dir: Path) -> dict[str, Any]:
         return {"running": False, "heartbeat_age_seconds": None, "pid": None, "in_flight": None}
 
 
+def pacs_entries(config: Config, dests: Mapping[str, DestinationStats], counts: Mapping[str, Mapping[str, int]],
+                 running: bool, paused: Mapping[str, Mapping[str, Any]], now: float) -> list[dict[str, Any]]:
+    """Each active PACS as `status --json` shows it (the dashboard's /api/status shows the same)."""
+    pacs = []
+    for p in config.active():
+        d: Mapping[str, Any] = dests.get(p.name) or {}  # no row yet: never heard of
+        healthy = d.get("healthy")
+        health = "unknown" if healthy is None else ("up" if healthy else "DOWN")
+        hold = paused.get(p.name)
+        # The daemon resets health to unknown at start, so while it runs a row is this run's finding; once
+        # it stopped, what it last found is shown as such, never as current.
+        pacs.append({"name": p.name, "target": p.stow_base, "health": health,
+                     "health_current": running and healthy is not None,
+                     "health_since": iso_time(d.get("last_change")),
+                     "last_error": d.get("last_error") or "", "last_success": iso_time(d.get("last_success")),
+                     "last_success_age_seconds": round(now - d["last_success"]) if d.get("last_success") else None,
+                     "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
+                     "uid_conflicts": d.get("conflicts", 0),
+                     "waiting": counts.get(p.name, {}).get("waiting", 0) + counts.get(p.name, {}).get("pending", 0),
+                     "paused": hold is not None, "paused_by": (hold or {}).get("by"),
+                     "paused_since": (hold or {}).get("since")})
+    return pacs
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Folder counts, oldest waiting file, each PACS's health, last error and last success."""
     config = load(args)
@@ -51,22 +77,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     roots = [folders_of(Spool(Path(w.path))).to_dict() for w in config.watch]  # as the daemon counts
     dests, counts = _read_journal(state_dir)
     daemon = _daemon_state(state_dir)
-    now = time.time()
-    pacs = []
-    for p in config.active():
-        d: Mapping[str, Any] = dests.get(p.name) or {}  # no row yet: never heard of
-        healthy = d.get("healthy")
-        health = "unknown" if healthy is None else ("up" if healthy else "DOWN")
-        # The daemon resets health to unknown at start, so while it runs a row is this run's finding; once
-        # it stopped, what it last found is shown as such, never as current.
-        pacs.append({"name": p.name, "target": p.stow_base, "health": health,
-                     "health_current": bool(daemon["running"]) and healthy is not None,
-                     "health_since": iso_time(d.get("last_change")),
-                     "last_error": d.get("last_error") or "", "last_success": iso_time(d.get("last_success")),
-                     "last_success_age_seconds": round(now - d["last_success"]) if d.get("last_success") else None,
-                     "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
-                     "uid_conflicts": d.get("conflicts", 0),
-                     "waiting": counts.get(p.name, {}).get("waiting", 0) + counts.get(p.name, {}).get("pending", 0)})
+    pacs = pacs_entries(config, dests, counts, bool(daemon["running"]), read_paused(state_dir), time.time())
     if args.json:
         print_json({"daemon": daemon, "watch": roots, "pacs": pacs})
         return EXIT_OK
@@ -92,6 +103,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _health_text(p: dict[str, Any]) -> str:
     """'up', 'DOWN', 'unknown', or 'DOWN (when the daemon last ran)' for a finding that is no longer current."""
+    paused = f", PAUSED by {p['paused_by'] or 'an operator'}" if p.get("paused") else ""
     if p["health"] == "unknown" or p["health_current"]:
-        return p["health"]
-    return f"{p['health']} (when the daemon last ran)"
+        return p["health"] + paused
+    return f"{p['health']} (when the daemon last ran){paused}"
