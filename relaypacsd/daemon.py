@@ -25,14 +25,17 @@ from relaypacsd.journal import open_journal
 from relaypacsd.models import Sender
 from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
+from relaypacsd.pauses import PauseFollower
 from relaypacsd.senders import build_sender
-from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
+from relaypacsd.snapshot import Folders, Snapshot, heartbeat_body, kept_folders, systemd_status, take
 from relaypacsd.spool import Spool
 from relaypacsd.validation import Validation
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
+    from relaypacsd.tally import Tally
+    from relaypacsd.web.server import WebServer
 
 
 class Daemon:
@@ -45,6 +48,8 @@ class Daemon:
         self.on_ready: Callable[[], None] | None = None
         self.notifier = Notifier()
         self.metrics: "Metrics | None" = None
+        self.web: "WebServer | None" = None
+        self.tally: "Tally | None" = None  # the kept folder counts: only while the dashboard runs
         self._senders = senders  # tests inject senders; a reload keeps them
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
@@ -53,6 +58,7 @@ class Daemon:
         # old generation may still be unpacking into its temp folder.
         self._unpacks_resumed: set[Path] = set()
         self._build(config)
+        self.pauses = PauseFollower(self.state_dir)  # state_dir stays across reloads
 
     def _build(self, config: Config) -> None:
         """Create the running pieces (spools, watchers, journal, engine, scheduler) from `config`; start nothing."""
@@ -96,6 +102,9 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty)
         recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
+        self.pauses.follow(self.engine.destinations, force=True)  # before any worker takes a batch
+        if self.tally is not None:
+            self.tally.count(self.spools, self.stop_event)
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -126,12 +135,15 @@ class Daemon:
         self._install_signals()
         self._start_metrics()
         try:
+            self._start_web()
             self.start()
             self._main_loop()
         finally:
             self.shutdown()
             if self.metrics is not None:
                 self.metrics.stop_server()
+            if self.web is not None:
+                self.web.stop()
         return 0
 
     def _main_loop(self) -> None:
@@ -190,6 +202,8 @@ class Daemon:
         self.notifier.stopping()
         self._stop_requested.set()
         self._stop_pieces(timeout)
+        if self.tally is not None:
+            self.tally.join()
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
@@ -231,10 +245,33 @@ class Daemon:
                                      lambda: self.snapshot(folders=True))
         self.engine.on_batch = self.metrics.observe_batch
 
-    def snapshot(self, folders: bool = False) -> Snapshot:
-        """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""
+    def _start_web(self) -> None:
+        """Serve the dashboard on web.address:web.port (off when the port is 0); its counts are kept from now on."""
+        if not self.config.web.port:
+            return
+        from relaypacsd.tally import Tally
+        from relaypacsd.web.server import WebServer
+
+        self.tally = Tally()
+        self.web = WebServer(self, self.config.web)
+        self.web.start()
+
+    def snapshot(self, folders: bool = False, kept: bool = False) -> Snapshot:
+        """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost), `kept`
+        gives the counts kept for the dashboard instead (no walk of sent/)."""
         return take(self.spools, self.engine, self.counters, self.ready.is_set(), self.alive, self.started,
-                    folders=folders)
+                    folders=folders, kept=self._kept_folders if kept and self.tally is not None else None)
+
+    def _kept_folders(self) -> tuple[Folders, ...]:
+        assert self.tally is not None
+        held = self.engine.held_by_root()
+        validating = self.intake.pending_paths() | set(self.validation._growing)
+        return tuple(kept_folders(s, w.pending(), held, validating, self.tally) for s, w in zip(self.spools, self.watchers))
+
+    def requeued(self, spool: Spool, path: Path) -> None:
+        """An operator put a failed file back into sending/ (the dashboard): validate and send it now, not at
+        the next sweep."""
+        self._queue_intake(spool, path)
 
     def status_line(self) -> str:
         """One line for `systemctl status`: queue figures and PACS health."""
@@ -278,6 +315,8 @@ class Daemon:
 
     def _on_finished(self, item: Item, folder: str) -> None:
         self.counters[folder] += 1
+        if self.tally is not None and folder == "sent":
+            self.tally.moved_to_sent(item.spool.root)
         if item.path.parent != item.spool.sending:
             self._may_be_empty(item.spool, item.path.parent)
         if item.path.exists():
@@ -290,13 +329,18 @@ class Daemon:
     def _sweep_job(self) -> None:
         released = self.engine.sweep()
         orphans = self._recover() - self.validation.waiting()
+        if self.tally is not None:
+            self.tally.count_if_due(self.spools, self.stop_event)
         if released or orphans > 0:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
+        removed = retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
+        if removed and self.tally is not None:
+            self.tally.count(self.spools, self.stop_event)  # removed per root is not told: walk sent/ again
 
     def _heartbeat_job(self) -> None:
+        self.pauses.follow(self.engine.destinations)  # `relaypacsd pause` from another shell: one stat
         self._write_heartbeat()
         if self.notifier.enabled:
             self.notifier.status(self.status_line())

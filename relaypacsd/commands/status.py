@@ -33,7 +33,7 @@ def _read_journal(state_dir: Path) -> tuple[dict[str, DestinationStats], dict[st
         journal.close()
 
 
-def _daemon_state(state_dir: Path) -> dict[str, Any]:
+def daemon_state(state_dir: Path) -> dict[str, Any]:
     beat = read_heartbeat(state_dir)
     try:
         if beat is None:
@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state_dir = Path(config.daemon.state_dir)
     roots = [folders_of(Spool(Path(w.path))).to_dict() for w in config.watch]  # as the daemon counts
     dests, counts = _read_journal(state_dir)
-    daemon = _daemon_state(state_dir)
+    daemon = daemon_state(state_dir)
     pacs = pacs_entries(config, dests, counts, bool(daemon["running"]), read_paused(state_dir), time.time())
     if args.json:
         print_json({"daemon": daemon, "watch": roots, "pacs": pacs})

@@ -1,0 +1,220 @@
+/* The dashboard's pages: fetch JSON, update the DOM in place, every few seconds (no reload, no flashing).
+   Every value goes in as text (textContent), never as HTML: a file name cannot inject markup. */
+(function () {
+  "use strict";
+  var body = document.body;
+  var page = body.dataset.page;
+  var operator = body.dataset.role === "operator";
+  var csrf = document.querySelector('meta[name="csrf-token"]').content;
+  var every = 1000 * (parseFloat(document.querySelector('meta[name="refresh-seconds"]').content) || 3);
+
+  function el(tag, attrs, children) {
+    var e = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) {
+      if (k === "text") e.textContent = attrs[k];
+      else if (k === "cls") e.className = attrs[k];
+      else if (k.slice(0, 5) === "data-") e.setAttribute(k, attrs[k]);
+      else e[k] = attrs[k];
+    });
+    (children || []).forEach(function (c) { e.appendChild(c); });
+    return e;
+  }
+
+  function age(s) {
+    if (s === null || s === undefined) return "-";
+    s = Math.floor(s);
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m" + String(s % 60).padStart(2, "0") + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h" + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m";
+    return Math.floor(s / 86400) + "d" + String(Math.floor(s % 86400 / 3600)).padStart(2, "0") + "h";
+  }
+
+  function notice(text, bad) {
+    var n = document.getElementById("notice");
+    n.textContent = text;
+    n.className = "notice" + (bad ? " bad" : "");
+    n.hidden = !text;
+  }
+
+  function getJSON(url) {
+    return fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}}).then(function (r) {
+      if (r.status === 401) { location.href = "/login?next=" + encodeURIComponent(location.pathname); }
+      return r.json().then(function (b) { if (!r.ok) throw new Error(b.error || ("HTTP " + r.status)); return b; });
+    });
+  }
+
+  function post(url, payload) {
+    return fetch(url, {method: "POST", credentials: "same-origin",
+                       headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+                       body: JSON.stringify(payload || {})}).then(function (r) {
+      return r.json().then(function (b) { if (!r.ok) throw new Error(b.error || ("HTTP " + r.status)); return b; });
+    });
+  }
+
+  function stamp() { document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString(); }
+
+  function loop(load) {
+    function tick() {
+      if (document.hidden) { setTimeout(tick, every); return; }  // a hidden tab costs the daemon nothing
+      load().then(stamp, function (e) { notice("cannot refresh: " + e.message, true); })
+            .then(function () { setTimeout(tick, every); });
+    }
+    tick();
+  }
+
+  /* -- overview ------------------------------------------------------------------------------------------ */
+
+  var span = "hour";
+
+  function cell(field, text, cls) { return el("td", {"data-field": field, text: String(text), cls: cls || ""}); }
+
+  function healthCell(p) {
+    var word = p.health === "up" ? "up" : p.health === "DOWN" ? "DOWN" : "unknown";
+    var td = el("td", {"data-field": "health"});
+    td.appendChild(el("span", {cls: word === "up" ? "up" : word === "DOWN" ? "down" : "unknown", text: word}));
+    if (p.paused) td.appendChild(el("span", {cls: "paused", "data-field": "paused",
+                                             text: " · paused by " + (p.paused_by || "an operator")}));
+    return td;
+  }
+
+  function pauseButton(p) {
+    var td = el("td");
+    if (!operator) return td;
+    var b = el("button", {type: "button", text: p.paused ? "Resume" : "Pause", "data-action": p.paused ? "resume" : "pause"});
+    b.addEventListener("click", function () {
+      b.disabled = true;
+      post("/api/pacs/" + encodeURIComponent(p.name) + "/" + (p.paused ? "resume" : "pause"))
+        .then(function (r) { notice("PACS " + r.name + (r.paused ? " paused" : " resumed") + " by " + r.by); return loadOverview(); },
+              function (e) { notice(e.message, true); });
+    });
+    td.appendChild(b);
+    return td;
+  }
+
+  function loadOverview() {
+    return Promise.all([getJSON("/api/status"), getJSON("/api/charts?span=" + span)]).then(function (res) {
+      var st = res[0], ch = res[1], g = st.gateway || {};
+      document.getElementById("g-state").textContent = !g.ready ? "starting" : g.alive ? "running" : "THREAD DOWN";
+      document.getElementById("g-in-flight").textContent = g.in_flight;
+      document.getElementById("g-sent").textContent = g.sent_this_run;
+      document.getElementById("g-failed").textContent = g.failed_this_run;
+      document.getElementById("g-uptime").textContent = age(g.uptime_seconds);
+      document.getElementById("g-version").textContent = g.version;
+      document.getElementById("roots").replaceChildren.apply(document.getElementById("roots"), st.watch.map(function (w) {
+        return el("tr", {"data-root": w.root}, [cell("root", w.root), cell("inbox", w.inbox, "n"),
+          cell("sending", w.sending, "n"), cell("sent", w.sent === null ? "counting…" : w.sent, "n"),
+          cell("failed", w.failed, "n"), cell("oldest", age(w.oldest_waiting_seconds))]);
+      }));
+      var rows = st.pacs.map(function (p) {
+        return el("tr", {"data-pacs": p.name}, [cell("name", p.name), healthCell(p),
+          cell("last_success", p.last_success_age_seconds === null ? "never" : age(p.last_success_age_seconds) + " ago"),
+          cell("waiting", p.waiting, "n"), cell("delivered", p.delivered, "n"), cell("failed", p.failed, "n"),
+          cell("uid_conflicts", p.uid_conflicts, "n"), cell("last_error", p.last_error || ""), pauseButton(p)]);
+      });
+      if (!rows.length) rows = [el("tr", {}, [el("td", {colSpan: 9, text: "no active PACS", cls: "muted"})])];
+      document.getElementById("pacs").replaceChildren.apply(document.getElementById("pacs"), rows);
+      MiniChart.line(document.getElementById("chart-delivered"), ch.times, ch.delivered);
+      MiniChart.line(document.getElementById("chart-waiting"), ch.times, ch.waiting);
+    });
+  }
+
+  function overview() {
+    document.querySelectorAll(".switch button").forEach(function (b) {
+      b.addEventListener("click", function () {
+        span = b.dataset.span;
+        document.querySelectorAll(".switch button").forEach(function (o) { o.classList.toggle("on", o === b); });
+        document.getElementById("span-name").textContent = span;
+        document.querySelectorAll(".per").forEach(function (p) { p.textContent = span === "hour" ? "minute" : "10 minutes"; });
+        loadOverview();
+      });
+    });
+    loop(loadOverview);
+  }
+
+  /* -- failed files ------------------------------------------------------------------------------------- */
+
+  var selected = new Set();
+
+  function fillSelect(id, values, first) {
+    var s = document.getElementById(id), keep = s.value;
+    var opts = [el("option", {value: "", text: first})].concat(values.map(function (v) { return el("option", {value: v, text: v}); }));
+    if (s.options.length !== opts.length || Array.prototype.some.call(s.options, function (o, i) { return o.value !== opts[i].value; })) {
+      s.replaceChildren.apply(s, opts);
+      s.value = values.indexOf(keep) >= 0 ? keep : "";
+    }
+  }
+
+  function retry(payload, what) {
+    notice("retrying " + what + " …");
+    return post("/api/failed/retry", payload).then(function (r) {
+      r.queued.forEach(function (q) { selected.delete(q.id); });
+      var text = r.queued.length + " file(s) back in sending/";
+      if (r.errors.length) text += "; not retried: " + r.errors.map(function (e) { return e.error; }).join("; ");
+      notice(text, r.errors.length > 0);
+      return loadFailed();
+    }, function (e) { notice(e.message, true); });
+  }
+
+  function loadFailed() {
+    var q = new URLSearchParams({q: document.getElementById("q").value, stage: document.getElementById("stage").value,
+                                 pacs: document.getElementById("pacs-filter").value});
+    return getJSON("/api/failed?" + q).then(function (r) {
+      fillSelect("stage", r.stages, "every stage");
+      fillSelect("pacs-filter", r.pacs, "every PACS");
+      document.getElementById("failed-count").textContent =
+        r.matching === r.total ? "(" + r.total + ")" : "(" + r.matching + " of " + r.total + ")";
+      var present = new Set(r.files.map(function (f) { return f.id; }));
+      selected.forEach(function (id) { if (!present.has(id)) selected.delete(id); });
+      var rows = r.files.map(function (f) {
+        var tds = [];
+        if (operator) {
+          var box = el("input", {type: "checkbox", checked: selected.has(f.id)});
+          box.addEventListener("change", function () { if (box.checked) selected.add(f.id); else selected.delete(f.id); buttons(); });
+          tds.push(el("td", {}, [box]));
+        }
+        tds.push(cell("file", f.file), cell("stage", f.stage), cell("reason", f.reason, "reason"), cell("code", f.code),
+                 cell("next_step", f.next_step), cell("time", f.time));
+        if (operator) {
+          var b = el("button", {type: "button", text: "Retry", "data-action": "retry"});
+          b.addEventListener("click", function () { b.disabled = true; retry({ids: [f.id]}, f.file); });
+          tds.push(el("td", {}, [b]));
+        }
+        return el("tr", {"data-id": f.id}, tds);
+      });
+      if (!rows.length) rows = [el("tr", {}, [el("td", {colSpan: 8, cls: "muted",
+        text: r.total ? "no failed file matches" : "no file in failed/"})])];
+      document.getElementById("failed").replaceChildren.apply(document.getElementById("failed"), rows);
+      buttons();
+    });
+  }
+
+  function buttons() {
+    var b = document.getElementById("retry-selected");
+    if (b) { b.disabled = selected.size === 0; b.textContent = "Retry selected" + (selected.size ? " (" + selected.size + ")" : ""); }
+  }
+
+  function failed() {
+    var timer = null;
+    ["q", "stage", "pacs-filter"].forEach(function (id) {
+      document.getElementById(id).addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(loadFailed, 200); });
+    });
+    if (operator) {
+      document.getElementById("retry-selected").addEventListener("click", function () {
+        retry({ids: Array.from(selected)}, selected.size + " file(s)");
+      });
+      document.getElementById("retry-all").addEventListener("click", function () {
+        if (window.confirm("Put every failed file back into sending/?")) retry({all: true}, "every failed file");
+      });
+      document.getElementById("select-all").addEventListener("change", function (e) {
+        document.querySelectorAll("#failed tr[data-id]").forEach(function (tr) {
+          if (e.target.checked) selected.add(tr.dataset.id); else selected.delete(tr.dataset.id);
+        });
+        loadFailed();
+      });
+    }
+    loop(loadFailed);
+  }
+
+  if (page === "overview") overview();
+  else if (page === "failed") failed();
+})();
