@@ -138,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="exit 0 if the running daemon is alive (Docker HEALTHCHECK, monitoring)")
     p.set_defaults(func=cmd_health)
     _add_operator_commands(sub)
+    from relaypacsd.commands.user import add_parser as add_user_parser  # its own -c on each subcommand
+
+    users = add_user_parser(sub)
     # `relaypacsd init --config X` as well as `relaypacsd -c X init`: after a command, -c sets the same value.
-    for command in [*sub.choices.values(), show]:
+    for command in [c for c in sub.choices.values() if c is not users] + [show]:
         command.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path of relaypacs.toml")
     return parser
 
@@ -164,6 +167,13 @@ def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("files", nargs="*", metavar="FILE", help="files in a failed/ folder")
     p.add_argument("--all", action="store_true", help="every file in every failed/ folder")
     p.set_defaults(func=_lazy("retry", "cmd_retry"))
+
+    p = sub.add_parser("pause", help="hold one PACS: no new deliveries, its files wait in sending/ (kept across restarts)")
+    p.add_argument("name", metavar="NAME", help="an active PACS")
+    p.set_defaults(func=_lazy("pause", "cmd_pause"))
+    p = sub.add_parser("resume", help="release a paused PACS")
+    p.add_argument("name", metavar="NAME", help="an active PACS")
+    p.set_defaults(func=_lazy("pause", "cmd_resume"))
 
     p = sub.add_parser("send", help="one-shot upload of files or folders (recursive); files are not moved")
     p.add_argument("paths", nargs="+", metavar="PATH")
