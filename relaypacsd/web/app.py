@@ -70,10 +70,12 @@ def build_app(view: DaemonView, access: Access) -> ASGIApp:
 
 
 async def _sample_forever(view: DaemonView) -> None:
-    """The charts' looks, every SAMPLE_EVERY seconds, in a worker thread (the journal may be busy)."""
+    """The charts' looks, every SAMPLE_EVERY seconds, in a worker thread (the journal may be busy). While the
+    daemon is not ready (a reload), every half second."""
     while True:
+        done = False
         try:
-            await anyio.to_thread.run_sync(view.sample)
+            done = await anyio.to_thread.run_sync(view.sample)
         except Exception:  # a failed look costs one point of a chart, never the dashboard
             logger.exception("dashboard: taking a chart sample failed")
-        await anyio.sleep(SAMPLE_EVERY)
+        await anyio.sleep(SAMPLE_EVERY if done else 0.5)

@@ -38,10 +38,12 @@ class Samples:
             if last is None or last.minute != minute:
                 last = Minute(minute)
                 self._ring.append(last)
-            before = self._totals if self._totals is not None else dict(delivered_totals)
+            # The first look is the base: what was delivered before the dashboard started is not charted.
+            before = dict(delivered_totals) if self._totals is None else self._totals
             for name, total in delivered_totals.items():
+                # A PACS without a counter at the last look got it since (its first delivery): all of it is new.
                 # A counter that went down (a new journal) starts again from its value: never negative.
-                step = total - before.get(name, total)
+                step = total - before.get(name, 0)
                 last.delivered[name] = last.delivered.get(name, 0) + max(0, step)
             last.waiting = dict(waiting)
             self._totals = dict(delivered_totals)

@@ -76,6 +76,7 @@ class WebServer:
             raise ConfigError(f"web.tls_cert = {cfg.tls_cert!r} / web.tls_key = {cfg.tls_key!r}: not a usable "
                               f"certificate and key ({getattr(exc, 'reason', None) or exc.strerror or exc}): "
                               "give a PEM certificate and its unencrypted key") from None
+        self.view.sample(starting=True)  # the charts' base: the counters before this run delivers anything
         sock = self._sock = listen(cfg.address, cfg.port)
         self._server = uvicorn.Server(server_config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="web", daemon=True)

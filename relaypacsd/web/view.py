@@ -82,19 +82,22 @@ class DaemonView:
         """The daemon runs and every one of its threads is alive (what `relaypacsd health` asks)."""
         return self.daemon.ready.is_set() and self.daemon.alive()
 
-    def sample(self) -> None:
-        """One look for the charts (every SAMPLE_EVERY s): delivered counters and files waiting per PACS."""
+    def sample(self, starting: bool = False) -> bool:
+        """One look for the charts (every SAMPLE_EVERY s): delivered counters and files waiting per PACS.
+        False while the daemon is not ready (reloading): the sampler looks again soon. `starting`: the first
+        look, before the daemon's pieces start, is the base of the delivered counts."""
         d = self.daemon
-        if not d.ready.is_set():
-            return
+        if not starting and not d.ready.is_set():
+            return False
         try:
             dests = d.journal.destinations()
         except Exception:  # reloading
-            return
+            return False
         snap = d.snapshot()
         active = {s.name for s in snap.destinations}
         self.samples.record(time.time(), {n: int(v.get("delivered") or 0) for n, v in dests.items() if n in active},
                             {s.name: s.queued for s in snap.destinations})
+        return True
 
     def charts(self, span: str) -> dict[str, Any]:
         return self.samples.series(span, time.time())

@@ -258,3 +258,14 @@ def test_a_removed_user_loses_its_session(client, users_file, path):
     time.sleep(0.01)
     write_users(users_file, users)
     assert client.get(path).status_code == 401
+
+
+def test_the_delivered_chart_counts_every_instance_delivered_since_the_start(open_client, daemon):
+    from relaypacsd.web import view as view_module
+
+    for i in range(3):
+        drop(daemon, f"c{i}.dcm")
+    settled(daemon, 3, 0)
+    time.sleep(view_module.SAMPLE_EVERY + 1)
+    chart = open_client.get("/api/charts?span=hour").json()
+    assert sum(v or 0 for v in chart["delivered"]["orthanc"]) == 3, chart

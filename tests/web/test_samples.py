@@ -32,3 +32,12 @@ def test_the_ring_keeps_one_day():
     for m in range(10):
         s.record(m * 60.0, {"a": m}, {"a": m})
     assert len(s._ring) == 3
+
+
+def test_a_pacs_whose_counter_appears_after_the_first_look_counts_all_of_it():
+    """Bug: a fresh journal has no counter until the first delivery; its first 9 were taken as the base."""
+    s = Samples()
+    t0 = 1_800_000_000 // 60 * 60
+    s.record(t0, {}, {})
+    s.record(t0 + 10, {"a": 9}, {"a": 0})
+    assert s.series("hour", t0 + 10)["delivered"]["a"][-1] == 9

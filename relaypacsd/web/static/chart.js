@@ -50,6 +50,10 @@
         pen = true;
       });
       if (d) parts.push(node("path", {"class": "line", d: d, stroke: color, "data-series": n}));
+      series[n].forEach(function (v, i) {  // a dot per sample: a lone minute shows too
+        if (v !== null) parts.push(node("circle", {cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 2.5, fill: color,
+                                                   "data-series": n, "data-value": v}));
+      });
       parts.push(node("rect", {x: L + idx * 120, y: H - 14, width: 10, height: 10, fill: color}));
       parts.push(node("text", {x: L + idx * 120 + 14, y: H - 5}, n));
     });
