@@ -6,12 +6,13 @@ does; a file is named to the outside by its watch root's index and its path belo
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from relaypacsd.errors import RequeueError
-from relaypacsd.spool import Spool, read_sidecar
+from relaypacsd.spool import Spool, read_sidecar, sidecar_path
 
 LIMIT = 5000  # files listed at most (the count is exact): a failed/ larger than that is a setup problem
 
@@ -53,19 +54,46 @@ def describe(index: int, spool: Spool, path: Path) -> FailedFile:
                       next_step=str(side.get("next_step", "")), time=str(side.get("time", "")), pacs=refused)
 
 
+class FailedFiles:
+    """The listing, each sidecar read again only when it changed (one stat per file on a refresh)."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, Path], tuple[tuple[int, int, int] | None, FailedFile]] = {}
+
+    def list(self, spools: Iterable[Spool], limit: int = LIMIT) -> tuple[list[FailedFile], list[int]]:
+        """Up to `limit` failed files (newest first) and the number of files in each root's failed/."""
+        found: list[FailedFile] = []
+        totals: list[int] = []
+        seen = {}
+        for index, spool in enumerate(spools):
+            n = 0
+            for path in spool.files("failed"):
+                n += 1
+                if len(found) >= limit:
+                    continue
+                key = (index, path)
+                stamp = _stamp(sidecar_path(path))
+                hit = self._known.get(key)
+                entry = hit[1] if hit is not None and hit[0] == stamp and stamp is not None else describe(index, spool, path)
+                seen[key] = (stamp, entry)
+                found.append(entry)
+            totals.append(n)
+        self._known = seen  # files gone from failed/ are forgotten
+        found.sort(key=lambda f: f.time, reverse=True)
+        return found, totals
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def failed_files(spools: Iterable[Spool], limit: int = LIMIT) -> tuple[list[FailedFile], list[int]]:
-    """Up to `limit` failed files (newest first) and the number of files in each root's failed/."""
-    found: list[FailedFile] = []
-    totals: list[int] = []
-    for index, spool in enumerate(spools):
-        n = 0
-        for path in spool.files("failed"):
-            n += 1
-            if len(found) < limit:
-                found.append(describe(index, spool, path))
-        totals.append(n)
-    found.sort(key=lambda f: f.time, reverse=True)
-    return found, totals
+    """Up to `limit` failed files (newest first) and the number of files in each root's failed/ (no cache)."""
+    return FailedFiles().list(spools, limit)
 
 
 def locate(spools: list[Spool], file_id: str) -> tuple[Spool, Path]:

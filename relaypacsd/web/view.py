@@ -34,6 +34,7 @@ class DaemonView:
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
         self.samples = Samples()
+        self._failed_files = failures.FailedFiles()
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, Any]] = {}
 
@@ -108,7 +109,7 @@ class DaemonView:
 
     def _failed(self) -> list[failures.FailedFile]:
         d = self.daemon
-        found, totals = failures.failed_files(list(d.spools))
+        found, totals = self._failed_files.list(list(d.spools))
         if d.tally is not None:
             for spool, n in zip(d.spools, totals):
                 d.tally.failed_seen(spool, n)
