@@ -109,7 +109,8 @@ def take(spools: Iterable[Spool], engine: "Engine", counters: Mapping[str, int],
     `folders` walks every spool; `kept` gives the counts the daemon keeps instead (the dashboard's)."""
     spools = list(spools)  # a reload may replace the list meanwhile: one list for the whole snapshot
     dests = tuple(DestinationState(name=name, target=d.sender.target, healthy=bool(d.healthy),
-                                   down_reason=d.down_reason, queued=d.queued(), paused_by=d.paused_by)
+                                   down_reason=d.down_reason, queued=d.queued(),
+                                   paused_by=getattr(d, "paused_by", None))  # test stand-ins have none
                   for name, d in list(engine.destinations.items()))
     return Snapshot(time=time.time(), version=__version__, uptime_seconds=max(0.0, time.monotonic() - started),
                     ready=ready, alive=ready and alive(), in_flight=engine.in_flight(),

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import pydicom
-import pytest
 
 from relaypacsd.localorthanc import free_port
 from relaypacsd.web.users import User, hash_password, write_users
