@@ -234,3 +234,37 @@ def test_logins_roles_and_csrf_in_the_browser(tmp_path, clean_orthanc, browser):
         assert stop_daemon(proc) == 0
     assert clean_orthanc.password not in daemon_log(proc) and PASSWORDS["olga"] not in daemon_log(proc)
     assert not re.search(re.escape(cookie["value"]), daemon_log(proc))
+
+
+def test_the_demo_turns_the_dashboard_on_and_prints_its_address_and_login(tmp_path, clean_orthanc):
+    import os
+    import signal
+    import time
+
+    import requests
+
+    user, password = clean_orthanc.auth
+    env = daemon_env({"ORTHANC_URL": clean_orthanc.url, "ORTHANC_USERNAME": user, "ORTHANC_PASSWORD": password})
+    log = open(tmp_path / "demo.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "relaypacsd", "demo", "--dir", str(tmp_path / "demo")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        text = lambda: (tmp_path / "demo.log").read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: "Dashboard:" in text() or proc.poll() is not None, 60, message=text)
+        url = re.search(r"Dashboard: +(http://127\.0\.0\.1:\d+/)", text()).group(1)
+        pw_file = tmp_path / "demo" / "web-password"
+        assert f"password in {pw_file}" in text() and pw_file.read_text().strip() not in text()
+        assert oct(os.stat(pw_file).st_mode & 0o777) == "0o600"
+        s = requests.Session()
+        token = re.search(r'name="csrf" value="([^"]+)"', s.get(url + "login", timeout=10).text).group(1)
+        r = s.post(url + "login", data={"name": "demo", "password": pw_file.read_text().strip(), "csrf": token},
+                   allow_redirects=False, timeout=10)
+        assert r.status_code == 303
+        deadline = time.monotonic() + 10
+        while s.get(url + "api/status", timeout=10).json()["gateway"]["ready"] is not True:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
