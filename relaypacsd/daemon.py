@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd import recovery, retention
+from relaypacsd import recovery, retention, routing
 from relaypacsd import reload as reloading
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
@@ -96,6 +96,9 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty)
         recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
+        if self.config.delivery.enabled:  # the routes, and their PACS that are not active (once per start)
+            for level, line in routing.start_report(self.config.routes, self.engine.destinations):
+                logger.log(level, line)
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.

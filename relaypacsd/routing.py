@@ -176,6 +176,25 @@ def inactive_reason(decision: RouteDecision) -> str:
             "(ACTIVE_PACS / delivery.active_pacs)")
 
 
+def kept_inactive_reason(route: str, destinations: Sequence[str]) -> str:
+    """The reason for a file in sending/ whose destinations, given earlier, are none of them active now."""
+    return (f"this file was given {', '.join(destinations)} (route {route or '(none)'}) before, none of them "
+            "active now (ACTIVE_PACS / delivery.active_pacs)")
+
+
+def start_report(routes: Sequence[Route], active: Iterable[str]) -> list[tuple[str, str]]:
+    """(log level, line) to say once when a daemon starts: the routes, and each route's inactive PACS."""
+    if not routes:
+        return []
+    lines = [("INFO", f"routing: {len(routes)} route(s), the first that matches decides: {summary(routes)}")]
+    for name, off in inactive(routes, active).items():
+        route = next(r for r in routes if r.name == name)
+        alone = " (files only it routes go to failed/, stage routing)" if len(off) == len(route.to) else ""
+        lines.append(("WARNING", f"route {name}: {', '.join(off)} not active (ACTIVE_PACS / delivery.active_pacs): "
+                                 f"skipped{alone}"))
+    return lines
+
+
 def inactive(routes: Iterable[Route], active: Iterable[str]) -> dict[str, tuple[str, ...]]:
     """Per route, its destinations that are not active (skipped: said once at start)."""
     on = set(active)
