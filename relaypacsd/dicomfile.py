@@ -257,6 +257,8 @@ def _wanted(attributes: tuple[str, ...]) -> _Wanted:
     vrs = {_CHARSET: "CS", _PATIENT_ID: "LO", _ACCESSION_NUMBER: "SH", _MODALITY: "CS"}
     for keyword in attributes:
         tag, vr = attribute_tag(keyword)
+        if vr in UNREADABLE_VRS:  # bulk data (pixel data above all) and sequences are never read here
+            raise ValueError(f"{keyword} (VR {vr}) is bulk data or a sequence: only text and numbers are read")
         keywords[tag], vrs[tag] = keyword, vr
     caps = dict(_ALWAYS)
     for tag in keywords:
