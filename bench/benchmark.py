@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/benchmark.py                          # 500 and 2,000 instances, 3 rounds
     .venv/bin/python bench/benchmark.py --counts 200 --rounds 1  # a quick look
+    .venv/bin/python bench/benchmark.py --routes 5               # also with five [[route]] tables (#11)
 
 Everything runs on 127.0.0.1: a private Orthanc (DICOMweb plugin) started here, stopped at the end.
 Each sender gets its own freshly generated instances (new UIDs), so nobody is timed on duplicates.
@@ -102,8 +103,28 @@ def run_raw(orthanc: LocalOrthanc, paths: list[Path], batch: int = 50, threads: 
     return time.perf_counter() - started
 
 
-def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING") -> Path:
-    """A default-settings config for the real daemon: spool and state below `work`, `orthanc` its one PACS."""
+# Routes the benchmark's CT files fail, each a different kind of condition; then a default that takes them.
+FAILING_ROUTES = [
+    '[[route]]\nname = "research"\nmatch = { path = "glob:research/**" }\nto = ["orthanc"]\ncontinue = true\n',
+    '[[route]]\nname = "mammo"\nmatch = { Modality = ["MG", "DBT"] }\nto = ["orthanc"]\n',
+    '[[route]]\nname = "brains"\nmatch = { Modality = "MR", StudyDescription = "re:(?i)brain" }\nto = ["orthanc"]\n',
+    '[[route]]\nname = "ultrasound"\nmatch = { StationName = "re:^US-", InstitutionName = ["A", "B"] }\n'
+    'to = ["orthanc"]\n',
+]
+
+
+def routes_toml(n: int) -> str:
+    """`n` [[route]] tables: n-1 that the CT files fail (path, list, regex, two keys), then a default."""
+    if n <= 0:
+        return ""
+    tables = [FAILING_ROUTES[i % len(FAILING_ROUTES)] for i in range(n - 1)]
+    tables = [t.replace('name = "', f'name = "r{i}-', 1) for i, t in enumerate(tables)]
+    return "".join(tables) + '[[route]]\nname = "default"\nto = ["orthanc"]\n'
+
+
+def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING", routes: int = 0) -> Path:
+    """A default-settings config for the real daemon: spool and state below `work`, `orthanc` its one PACS,
+    and `routes` [[route]] tables (routes_toml)."""
     user, password = orthanc.auth
     work.mkdir(parents=True, exist_ok=True)
     (work / "pw").write_text(password)
@@ -111,7 +132,7 @@ def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING")
     cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\nlog_level = "{log_level}"\n'
                    f'[[watch]]\npath = "{work / "spool"}"\n'
                    f'[pacs.orthanc]\ntype = "orthanc"\nurl = "{orthanc.url}"\nusername = "{user}"\n'
-                   f'password_file = "{work / "pw"}"\n')
+                   f'password_file = "{work / "pw"}"\n' + routes_toml(routes))
     return cfg
 
 
@@ -123,11 +144,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
-                   python: str = sys.executable) -> tuple[float, float, float]:
+                   python: str = sys.executable, routes: int = 0) -> tuple[float, float, float]:
     """Start the daemon, write the files into inbox/, time until all are in sent/.
 
     Returns (total, first, the daemon's CPU ms per file over the drain)."""
-    cfg = daemon_config(orthanc, work)
+    cfg = daemon_config(orthanc, work, routes=routes)
     proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"],
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
     try:
@@ -188,13 +209,14 @@ def layouts() -> dict[str, tuple[set[int], set[int]]]:
 
 
 def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool,
-            compare: str | None = None) -> dict[str, list[float]]:
+            compare: str | None = None, routes: int = 0) -> dict[str, list[float]]:
     """Run the senders `rounds` times, alternating, each on fresh instances; return their times.
 
-    `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other"."""
+    `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other".
+    `routes`: this relaypacsd with that many [[route]] tables runs too, as "routed"."""
     times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
-                                     "curl": []}
-    senders = ("raw", "relay") + (("other",) if compare else ())
+                                     "routed": [], "routed_cpu": [], "curl": []}
+    senders = ("raw", "relay") + (("other",) if compare else ()) + (("routed",) if routes else ())
     for r in range(rounds):
         for sender in senders + (("curl",) if with_curl and r == 0 else ()):
             work = tmp / f"n{count}-{sender}-{r}"
@@ -207,6 +229,10 @@ def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl
                 total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable)
                 times["other"].append(total)
                 times["other_cpu"].append(cpu)
+            elif sender == "routed":
+                total, _first, cpu = run_relaypacsd(orthanc, paths, work, routes=routes)
+                times["routed"].append(total)
+                times["routed_cpu"].append(cpu)
             else:
                 total, first, cpu = run_relaypacsd(orthanc, paths, work)
                 times["relay"].append(total)
@@ -224,6 +250,8 @@ def main() -> int:
     parser.add_argument("--curl-up-to", type=int, default=500, help="run the slow curl loop for sizes up to N")
     parser.add_argument("--compare", metavar="PYTHON", help="also run the relaypacsd of another checkout, by its "
                         "venv's python (e.g. an older commit's), alternating with this one")
+    parser.add_argument("--routes", type=int, default=0, metavar="N", help="also run this relaypacsd with N "
+                        "[[route]] tables (N-1 that the files fail, then a default), alternating with the plain one")
     args = parser.parse_args()
     rows = []
     everything = os.sched_getaffinity(0)
@@ -239,7 +267,8 @@ def main() -> int:
                     pin(orthanc.pid, orthanc_cpus)
                     pin(os.getpid(), sender_cpus)  # the daemon and curl inherit it
                     for count in args.counts:
-                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare)
+                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare,
+                                    args.routes)
                         row = {"layout": layout, "n": count, **{k: statistics.median(v) for k, v in t.items() if v}}
                         row["spread"] = min(r / x for r, x in zip(t["raw"], t["relay"])), \
                             max(r / x for r, x in zip(t["raw"], t["relay"]))
@@ -251,9 +280,11 @@ def main() -> int:
             print(f"(Orthanc holds {orthanc.count_instances()} instances)")
     print()
     other = " | other relaypacsd / raw | its CPU per file" if args.compare else ""
+    other += f" | with {args.routes} routes / raw | its CPU per file" if args.routes else ""
     print("| CPUs | instances | one curl per file | raw batched STOW, 4 threads | relaypacsd inbox -> sent "
           f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file{other} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compare else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compare else "")
+          + ("---:|---:|" if args.routes else ""))
     for r in rows:
         n = r["n"]
         curl = f"{r['curl']:.1f} s ({n / r['curl']:.0f}/s)" if "curl" in r else "-"
@@ -262,7 +293,8 @@ def main() -> int:
         print(f"| {r['layout']} | {n} | {curl} | {r['raw']:.2f} s ({n / r['raw']:.0f}/s) | {r['relay']:.2f} s "
               f"({n / r['relay']:.0f}/s), first file in sent/ after {r['first']:.2f} s "
               f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} | {r['cpu']:.2f} ms |"
-              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if args.compare else ""))
+              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if args.compare else "")
+              + (f" {r['raw'] / r['routed']:.2f}x | {r['routed_cpu']:.2f} ms |" if args.routes else ""))
     return 0
 
 

@@ -302,7 +302,7 @@ def _values(vr: str, raw: bytes, encodings: tuple[str, ...], little: bool) -> tu
         return tuple(str(n[0]) for n in numbers) or ("",)
     if vr in _CHARSET_VRS:
         text = _decode_text(raw, encodings)
-        parts = [text] if vr in _ONE_VALUE_VRS else text.split("\\")
+        parts = [text] if vr in _ONE_VALUE_VRS or "\\" not in text else text.split("\\")
         # Leading spaces are part of a text value; a name's trailing empty components (Doe^John^^=) are not.
         pad = "\0 ^=" if vr == "PN" else "\0 "
         return tuple(p.rstrip(pad) for p in parts)
@@ -310,19 +310,26 @@ def _values(vr: str, raw: bytes, encodings: tuple[str, ...], little: bool) -> tu
     return tuple(p.strip("\0 ") for p in parts)
 
 
+# VRs as a walk meets them (bytes) -> their names; UN and implicit VR files ("??") carry no VR of their own
+_WRITTEN_VRS = {str(vr).encode(): str(vr) for vr in pydicom.valuerep.VR if len(str(vr)) == 2 and str(vr) != "UN"}
+
+
 def _texts(raw: Mapping[int, tuple[bytes, bytes]], wanted: _Wanted, little: bool) -> dict[int, tuple[str, ...]]:
     """The wanted values a walk met (tag -> (VR as written, bytes)), decoded; the required UIDs only when asked
-    for by keyword (inspect reads them apart)."""
+    for by keyword (inspect reads them apart). Runs for every file: a few microseconds."""
     charset = raw.get(_CHARSET)
     encodings = _encodings(charset[1] if charset else b"")
+    keywords, vrs = wanted.keywords, wanted.vrs
     out = {}
     for tag, (written, value) in raw.items():
-        if tag in _REQUIRED_VALUES and tag not in wanted.keywords:
+        if tag in _REQUIRED_VALUES and tag not in keywords:
             continue
-        # implicit VR files (and UN) carry no VR of their own: the dictionary's then
-        vr = written.decode("latin-1") if written.isalpha() and written != b"UN" else wanted.vrs.get(tag, "UN")
-        if vr not in UNREADABLE_VRS:
+        vr = _WRITTEN_VRS.get(written) or vrs.get(tag, "UN")  # without a VR of its own: the dictionary's
+        if vr in _CHARSET_VRS or vr in _NUMBER_VRS:
             out[tag] = _values(vr, value, encodings, little)
+        elif vr not in UNREADABLE_VRS:  # the default repertoire (ASCII) of CS, DA, UI, ...: the common case, inline
+            text = value.decode("latin-1")
+            out[tag] = (text.strip("\0 "),) if "\\" not in text else tuple(p.strip("\0 ") for p in text.split("\\"))
     return out
 
 

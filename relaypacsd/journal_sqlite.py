@@ -125,7 +125,7 @@ class SqliteJournal:
                        "VALUES (?, ?, ?, 'pending', ?, ?, ?)", (path, d, sop, seen, now, route)) for d in dests]
         # Rows a retry copied here are now this file's: the retry must no longer take them back (uncopy).
         stmts.append(("UPDATE deliveries SET token = '' WHERE path = ? AND token != ''", (path,)))
-        self._store.transaction(stmts, immediate=keep)  # keep looks before it writes
+        self._tx(stmts)
         return self.rows(path)
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",

@@ -63,10 +63,20 @@ class Condition:
     written: str | tuple[str, ...]  # as in the config: a list stays a list (`config show` prints it back)
     private: bool = False  # a person's name (VR PN): its value is never shown, in logs or anywhere
 
+    def __post_init__(self) -> None:
+        # Exact strings only (the usual Modality = [...]): one set lookup per file, no call per value.
+        exact = frozenset(m.written for m in self.matchers) if all(m.regex is None for m in self.matchers) else None
+        object.__setattr__(self, "_exact", exact)
+
     def holds(self, values: Sequence[str] | None) -> bool:
         """True when one of the attribute's values (or, multi-valued, all of them joined by '\\') matches."""
         if values is None:
             return False  # a missing attribute never matches
+        exact: frozenset[str] | None = self._exact  # type: ignore[attr-defined]
+        if exact is not None:
+            if len(values) == 1:
+                return values[0] in exact
+            return any(v in exact for v in values) or "\\".join(values) in exact
         if any(m(v) for v in values for m in self.matchers):
             return True
         return len(values) > 1 and any(m("\\".join(values)) for m in self.matchers)
@@ -96,11 +106,19 @@ class Route:
 
     def first_failure(self, attrs: Mapping[str, Sequence[str]], watch: str, path: str) -> str:
         """The first condition this file does not meet, in words; '' when the route matches."""
+        failed = self._failing(attrs, watch, path)
+        return "" if failed is None else failed[0].failure(failed[1])
+
+    def _failing(self, attrs: Mapping[str, Sequence[str]], watch: str,
+                 path: str) -> tuple[Condition, Sequence[str] | None] | None:
+        """The first condition that does not hold and the values it saw; None when the route matches."""
         for cond in self.conditions:
-            values = _values_of(cond.key, attrs, watch, path)
+            key = cond.key
+            values = ((watch,) if watch else None) if key == WATCH else ((path,) if path else None) if key == PATH \
+                else attrs.get(key)
             if not cond.holds(values):
-                return cond.failure(values)
-        return ""
+                return cond, values
+        return None
 
     def describe(self) -> str:
         """'Modality = ["MG", "DBT"], path = "glob:research/**"' (or 'every file')."""
@@ -109,11 +127,18 @@ class Route:
 
 @dataclass(frozen=True)
 class Tried:
-    """One route tried for a file: did it match, and if not, the condition that failed."""
+    """One route tried for a file: did it match, and if not, the condition that failed and what it saw."""
 
     route: str
     matched: bool
-    failed: str = ""
+    condition: Condition | None = None
+    values: Sequence[str] | None = None
+
+    @property
+    def failed(self) -> str:
+        """The failed condition in words ('' when the route matched); made only when asked for (a file that
+        some route matches never needs the words of the others)."""
+        return "" if self.condition is None else self.condition.failure(self.values)
 
     def to_dict(self) -> dict[str, object]:
         """For sidecars and `route --json`."""
@@ -149,10 +174,11 @@ def decide(routes: Sequence[Route], attrs: Mapping[str, Sequence[str]], watch: s
     destinations: list[str] = []
     tried: list[Tried] = []
     for route in routes:
-        failed = route.first_failure(attrs, watch, path)
-        tried.append(Tried(route.name, not failed, failed))
-        if failed:
+        failed = route._failing(attrs, watch, path)
+        if failed is not None:
+            tried.append(Tried(route.name, False, *failed))
             continue
+        tried.append(Tried(route.name, True))
         matched.append(route.name)
         destinations += [d for d in route.to if d not in destinations]
         if not route.go_on:
@@ -274,14 +300,6 @@ def glob_regex(pattern: str) -> "re.Pattern[str]":
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out), re.DOTALL)
-
-
-def _values_of(key: str, attrs: Mapping[str, Sequence[str]], watch: str, path: str) -> Sequence[str] | None:
-    if key == WATCH:
-        return (watch,) if watch else None
-    if key == PATH:
-        return (path,) if path else None
-    return attrs.get(key)
 
 
 def _quote(text: str) -> str:

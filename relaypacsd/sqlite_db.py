@@ -61,11 +61,10 @@ class Database:
             except sqlite3.Error as exc:
                 raise JournalError(f"{self.path}: {exc}") from exc
 
-    def transaction(self, statements: list[Statement], immediate: bool = False) -> None:
-        """Run statements in one transaction: all or nothing. `immediate` takes the write lock first, for
-        statements that look before they write (another process's commit cannot come in between)."""
+    def transaction(self, statements: list[Statement]) -> None:
+        """Run statements in one transaction: all or nothing."""
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            self.db.execute("BEGIN")
             try:
                 for sql, args in statements:
                     self.db.execute(sql, args)
