@@ -69,4 +69,5 @@ def _print(config: Config, results: list[dict[str, Any]]) -> None:
             to = next(x.to for x in config.routes if x.name == t["route"])
             verdict = f"yes -> {', '.join(to)}" if t["matched"] else f"no: {t['failed']}"
             print(f"    {t['route']:<{width}}  {verdict}")
-    print(f"{len(results)} file(s): {routed} routed, {unrouted} to no active PACS, {invalid} invalid")
+    print(f"{len(results)} file(s): {routed} routed, {unrouted} to failed/ (no route, or no active PACS), "
+          f"{invalid} invalid")
