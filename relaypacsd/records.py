@@ -55,8 +55,9 @@ def log_attempt(dest: str, items: list[Item], results: list[InstanceResult], sta
             logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}{}", dest,
                         outcome.value, len(pairs), ms, http, files, uids, routes)
         else:
-            logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} uids={}{}",
-                           dest, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids, routes)
+            logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} "
+                           "uids={}{}", dest, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids,
+                           routes)
 
 
 def _routes(items: Iterable[Item]) -> str:

@@ -76,7 +76,8 @@ def test_an_unmatched_file_fails_at_stage_routing_and_a_retry_routes_it_by_the_n
         why = sidecar(daemon, "ct.dcm")
         assert why["stage"] == "routing" and why["sop_instance_uid"] == sop
         assert why["reason"] == 'no route matches this file (mammo: Modality is "CT", not one of "MG", "DBT")'
-        assert why["routes"] == [{"route": "mammo", "matched": False, "failed": 'Modality is "CT", not one of "MG", "DBT"'}]
+        assert why["routes"] == [{"route": "mammo", "matched": False,
+                                  "failed": 'Modality is "CT", not one of "MG", "DBT"'}]
         assert "relaypacsd retry FILE" in why["next_step"] and daemon.counters["failed"] == 1
         assert main.calls == breast.calls == []
         # The operator adds a default route and reloads; the retry routes the file again

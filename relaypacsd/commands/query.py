@@ -228,7 +228,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for p in pacs_list:
             routed = [(s, u) for s, u, _, dests in instances if wanted(dests, p.name)]
             n = sum(1 for key in routed if key in present[p.name])
-            print(f"{p.name}: {n}/{len(routed)} instance(s) present" + (" (those routed there)" if config.routes else ""))
+            there = " (those routed there)" if config.routes else ""
+            print(f"{p.name}: {n}/{len(routed)} instance(s) present{there}")
     if missing or homeless:
         print(f"NOT COMPLETE: {missing} instance/PACS pair(s) missing"
               + (f", {homeless} file(s) routed to no active PACS" if homeless else ""), file=sys.stderr)

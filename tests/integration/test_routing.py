@@ -66,6 +66,11 @@ def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=daemon_env(), timeout=120)
 
 
+def reloaded(proc: subprocess.Popen[bytes]) -> bool:
+    """The daemon's last reload is done (its log's last "reload of ..." line says so)."""
+    return "done" in daemon_log(proc).split("reload of")[-1]
+
+
 def expected(sops: dict[str, str], pacs: str) -> set[str]:
     return {sops[name] for name, spec in FILES.items() if pacs in spec[4]}
 
@@ -142,7 +147,7 @@ def test_an_unmatched_file_fails_at_routing_and_a_retry_sends_it_once_the_routes
 
         write_toml(tmp_path, clean_orthanc, clean_orthanc, [*only_mammo, {"name": "default", "to": ["orthanc"]}])
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "done" in daemon_log(proc).split("reload of")[-1], 30, message=lambda: daemon_log(proc)[-3000:])
+        wait_for(lambda: reloaded(proc), 30, message=lambda: daemon_log(proc)[-3000:])
         res = cli(cfg, "retry", str(failed))
         assert res.returncode == 0, res.stdout + res.stderr
         wait_for(lambda: count_in(tmp_path / "spool", "sent") == 1, 30, message=lambda: daemon_log(proc)[-3000:])
@@ -173,7 +178,7 @@ def test_a_sighup_gives_new_routes_to_files_claimed_after_it_and_files_in_sendin
         v2 = [{"name": "mammo", "match": {"Modality": "MG"}, "to": ["orthanc"]}, {"name": "default", "to": ["orthanc"]}]
         write_toml(tmp_path, clean_orthanc, archive, v2)
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "done" in daemon_log(proc).split("reload of")[-1], 30, message=lambda: daemon_log(proc)[-3000:])
+        wait_for(lambda: reloaded(proc), 30, message=lambda: daemon_log(proc)[-3000:])
         after = [write_tagged(tmp_path / "staging" / f"a{i}.dcm", "MG") for i in range(2)]
         for i in range(2):
             (tmp_path / "staging" / f"a{i}.dcm").rename(tmp_path / "spool" / "inbox" / f"a{i}.dcm")
