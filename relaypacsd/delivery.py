@@ -113,10 +113,11 @@ class Engine:
             rows = self.journal.ensure(key, [d for d in route.destinations if d in self.destinations],
                                        sop=info.sop_instance_uid, route=route.name, keep=True)
             targets = frozenset(d for d in rows if d in self.destinations)
-            name = next((r.route for r in rows.values() if r.route), route.name)
+            name = next((r.route for r in rows.values() if r.route), "")  # '' for rows made before routing
             if not targets:
-                raise Unrouted(kept_inactive_reason(name, sorted(rows)) if rows else
-                               inactive_reason(route) if route.matched else unmatched_reason(route), route)
+                if rows:
+                    raise Unrouted(kept_inactive_reason(name, sorted(rows)), route, name)
+                raise Unrouted(inactive_reason(route) if route.matched else unmatched_reason(route), route)
         now_wall, now_mono = time.time(), time.monotonic()
         first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
         born = now_mono - max(0.0, now_wall - first_seen)

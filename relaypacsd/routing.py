@@ -33,9 +33,11 @@ class BadCondition(ValueError):
 class Unrouted(RelayPacsError):
     """A file that no route sends to an active PACS: it goes to failed/ with stage "routing"."""
 
-    def __init__(self, message: str, decision: "RouteDecision | None" = None):
+    def __init__(self, message: str, decision: "RouteDecision | None" = None, route: str | None = None):
         super().__init__(message)
-        self.decision = decision
+        self.decision = decision  # the routes tried, for the sidecar
+        # The route the file went by: the one it was given earlier (kept), else the decision's ('' none matched)
+        self.route = route if route is not None else (decision.name if decision is not None else "")
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class Validation:
         try:
             self.engine.submit(path, spool, info, decision)
         except routing.Unrouted as exc:  # no route matched, or none of its PACS is active: failed/, stage routing
-            new = self._refuse(spool, path, exc, _routing_sidecar(info, exc.decision))
+            new = self._refuse(spool, path, exc, _routing_sidecar(info, exc))
             self.engine.journal.rename(str(path), str(new))  # rows it kept from before (a retry finds them)
             logger.warning("routing refused {}: {} (moved to failed/{})", rel, exc, spool.relative(new))
 
@@ -139,12 +139,13 @@ class Validation:
         self._grown.pop(path, None)
 
 
-def _routing_sidecar(info: DicomInfo, decision: routing.RouteDecision | None) -> dict[str, object]:
-    """What a routing refusal's sidecar adds: the instance (start-up follows rows by it) and each route tried."""
+def _routing_sidecar(info: DicomInfo, exc: routing.Unrouted) -> dict[str, object]:
+    """What a routing refusal's sidecar adds: the instance (start-up follows rows by it), its route, each route
+    tried."""
     extra: dict[str, object] = {"sop_instance_uid": info.sop_instance_uid,
                                 "study_instance_uid": info.study_instance_uid}
-    if decision is not None:
-        if decision.matched:
-            extra["route"] = decision.name
-        extra["routes"] = [t.to_dict() for t in decision.tried]
+    if exc.route:
+        extra["route"] = exc.route
+    if exc.decision is not None:
+        extra["routes"] = [t.to_dict() for t in exc.decision.tried]
     return extra

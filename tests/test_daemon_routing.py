@@ -183,10 +183,29 @@ def test_a_file_kept_for_pacs_no_longer_active_fails_with_its_rows(tmp_path, mon
         monkeypatch.setattr("relaypacsd.reload.load_config", lambda source: narrowed)
         daemon._senders = {"main": main}
         assert daemon.reload()
-        assert wait_until(lambda: count(daemon.spools[0], "failed") == 1)
-        rows = daemon.journal.rows(str(daemon.spools[0].failed / "mg.dcm"))
+        key = str(daemon.spools[0].failed / "mg.dcm")
+        assert wait_until(lambda: count(daemon.spools[0], "failed") == 1 and daemon.journal.rows(key))  # moved, then
+        rows = daemon.journal.rows(key)  # its rows follow
     finally:
         daemon.shutdown(timeout=5)
     why = sidecar(daemon, "mg.dcm")
     assert why["stage"] == "routing" and "was given breast (route mammo) before" in why["reason"]
+    assert why["route"] == "mammo"  # the route it went by, not what the new routes would say
     assert set(rows) == {"breast"} and rows["breast"].route == "mammo" and main.calls == []
+
+
+def test_a_file_given_every_pacs_before_routes_existed_keeps_them(tmp_path):
+    """Rows made without [[route]] tables (route ''): the file keeps every PACS it was given, and no route name."""
+    daemon, main, breast = make(tmp_path, [MAMMO, DEFAULT])
+    spool = daemon.spools[0]
+    spool.prepare()
+    sop = write_tagged(spool.sending / "ct.dcm", "CT")
+    daemon.journal.ensure(str(spool.sending / "ct.dcm"), ["main", "breast"], sop=sop)  # an earlier run's rows
+    finished = []
+    daemon.engine.on_finished = lambda item, folder: finished.append((item.route, folder))
+    daemon.start()
+    try:
+        assert wait_until(lambda: count(spool, "sent") == 1)
+    finally:
+        daemon.shutdown(timeout=5)
+    assert (main.received(sop), breast.received(sop)) == (1, 1) and finished == [("", "sent")]

@@ -140,7 +140,7 @@ def test_an_unmatched_file_fails_at_routing_and_a_retry_sends_it_once_the_routes
         wait_for(lambda: failed.exists(), 30, message=lambda: daemon_log(proc)[-3000:])
         why = json.loads(failed.with_name("ct.dcm.error.json").read_text())
         assert why["stage"] == "routing" and why["routes"][0]["failed"] == 'Modality is "CT", not one of "MG", "DBT"'
-        assert "routing refused ct.dcm: no route matches this file" in daemon_log(proc)
+        wait_for(lambda: "routing refused ct.dcm: no route matches this file" in daemon_log(proc), 10)
         res = cli(cfg, "route", str(failed))
         assert res.returncode == 1 and "ct.dcm: NO ROUTE matches: it would go to failed/ (stage routing)" in res.stdout
         assert clean_orthanc.list_instance_uids() == set()
