@@ -10,7 +10,11 @@ from typing import Any, Iterable, Sequence
 
 from relaypacsd.config import Config, PacsConfig, find_config_path, load_config
 from relaypacsd.dicomfile import is_uid
-from relaypacsd.errors import EXIT_FAIL, EXIT_OK, RelayPacsError  # noqa: F401 (the commands import them from here)
+from relaypacsd.errors import EXIT_FAIL, EXIT_OK, RelayPacsError
+
+__all__ = ["EXIT_FAIL", "EXIT_OK",  # the commands import the exit codes from here too
+           "UsageError", "load", "check_uid", "pick_pacs", "targets", "short", "table", "print_json",
+           "Progress", "human_age", "expand_paths", "expand_paths_from", "place"]
 
 
 class UsageError(RelayPacsError):
