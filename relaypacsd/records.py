@@ -4,6 +4,7 @@ error line), and the log lines of one send attempt. fate.py decides; this only s
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from loguru import logger
 
@@ -24,14 +25,14 @@ def update_for(dest: str, item: Item, result: InstanceResult, fate: Fate,
         return Update(key, dest, "delivered", result.outcome.value, detail, attempts, code=result.reason_code,
                       sop=item.info.sop_instance_uid, digest=item.info.digest), None
     if fate.reason is FailReason.UID_CONFLICT:
-        logger.error("PACS forward {} UID conflict: {} uid={}: {}", dest, item.spool.relative(item.path),
-                     item.info.sop_instance_uid, result.reason)
+        logger.error("PACS forward {} UID conflict: {} uid={}{}: {}", dest, item.spool.relative(item.path),
+                     item.info.sop_instance_uid, _routes([item]), result.reason)
         return Update(key, dest, "failed", result.outcome.value, detail, attempts, code=result.reason_code), None
     if fate.verdict is Verdict.FAILED:
         if fate.reason is FailReason.TOO_OLD:
             detail = f"gave up after {cfg.max_age_hours:g} h of retries; last error: {detail}"
-        logger.error("PACS forward {} failed: {} uid={}: {}", dest, item.spool.relative(item.path),
-                     item.info.sop_instance_uid, detail)
+        logger.error("PACS forward {} failed: {} uid={}{}: {}", dest, item.spool.relative(item.path),
+                     item.info.sop_instance_uid, _routes([item]), detail)
         return Update(key, dest, "failed", "failed", detail, attempts, code=result.reason_code), None
     delay = backoff(cfg.retry_delay, attempts, cfg.retry_backoff_max)
     return Update(key, dest, "waiting", result.outcome.value, detail, attempts, next_try=time.time() + delay,
@@ -49,9 +50,17 @@ def log_attempt(dest: str, items: list[Item], results: list[InstanceResult], sta
         files = ",".join(str(i.spool.relative(i.path)) for i, _ in pairs)
         uids = ",".join(i.info.sop_instance_uid for i, _ in pairs)
         reason = pairs[0][1].reason
+        routes = _routes(i for i, _ in pairs)
         if outcome.delivered:
-            logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}", dest,
-                        outcome.value, len(pairs), ms, http, files, uids)
+            logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}{}", dest,
+                        outcome.value, len(pairs), ms, http, files, uids, routes)
         else:
-            logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} uids={}",
-                           dest, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids)
+            logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} "
+                           "uids={}{}", dest, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids,
+                           routes)
+
+
+def _routes(items: Iterable[Item]) -> str:
+    """' routes=mammo,default' naming the routes of these files (each once), '' when none is routed."""
+    names = dict.fromkeys(r for i in items if i.route for r in i.route.split(","))
+    return f" routes={','.join(names)}" if names else ""
