@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 import jinja2
+import tomli_w
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -70,7 +71,9 @@ class Pages:
         return self._page(request, Level.FILES, "failed.html", page="failed")
 
     def config(self, request: Request) -> Response:
-        return self._page(request, Level.FILES, "config.html", page="config", toml=_toml(self.view.config()["config"]), source=self.view.config()["source"])
+        shown = self.view.config()
+        return self._page(request, Level.FILES, "config.html", page="config", toml=_toml(shown["config"]),
+                          source=shown["source"])
 
     def login_form(self, request: Request, error: str = "", status: int = 200) -> Response:
         if self.access.open_mode:
@@ -102,6 +105,5 @@ class Pages:
 
 
 def _toml(config: dict[str, Any]) -> str:
-    import tomli_w
-
+    """The masked config as `config show` prints it."""
     return tomli_w.dumps(config)
