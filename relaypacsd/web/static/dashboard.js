@@ -173,7 +173,7 @@
           tds.push(el("td", {}, [box]));
         }
         tds.push(cell("file", f.file), cell("stage", f.stage), cell("reason", f.reason, "reason"), cell("code", f.code),
-                 cell("next_step", f.next_step), cell("time", f.time));
+                 cell("next_step", f.next_step), cell("time", f.time.replace("T", " ").replace("+00:00", " UTC")));
         if (operator) {
           var b = el("button", {type: "button", text: "Retry", "data-action": "retry"});
           b.addEventListener("click", function () { b.disabled = true; retry({ids: [f.id]}, f.file); });
