@@ -19,6 +19,8 @@ from relaypacsd.errors import InvalidDicomError
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _REQUIRED_TAGS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
                   "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E}
+# Read on the same walk for the delivery history (never PatientName): attribute name -> tag
+_IDENTIFYING_TAGS = {"patient_id": 0x00100020, "accession_number": 0x00080050, "modality": 0x00080060}
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Values above this stay on disk during validation: pixel data is never loaded here.
 _DEFER = 1024
@@ -48,6 +50,10 @@ class DicomInfo:
     # exporters rewrite one and not the other); '' when they agree. Delivery goes by the data set's UID.
     meta_sop_instance_uid: str = ""
     digest: str = ""  # sha256 of the whole file: tells a corrected file with a reused SOPInstanceUID from a copy
+    # For the delivery history ('' when absent); never PatientName.
+    patient_id: str = ""
+    accession_number: str = ""
+    modality: str = ""
 
 
 class TruncatedDicom(InvalidDicomError):
@@ -135,6 +141,9 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False) -> D
         size=size,
         meta_sop_instance_uid=mismatch,
         digest=file_digest(path),
+        patient_id=raw.get(_IDENTIFYING_TAGS["patient_id"], ""),
+        accession_number=raw.get(_IDENTIFYING_TAGS["accession_number"], ""),
+        modality=raw.get(_IDENTIFYING_TAGS["modality"], ""),
     )
 
 
@@ -196,7 +205,8 @@ def _check_bulk_data(sop_class: str, top_level: set[int]) -> None:
 _LONG_VRS = {str(vr).encode() for vr in pydicom.valuerep.EXPLICIT_VR_LENGTH_32}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-_REQUIRED_VALUES = frozenset(_REQUIRED_TAGS.values())
+_IDENTIFYING_VALUES = frozenset(_IDENTIFYING_TAGS.values())
+_WANTED_VALUES = frozenset(_REQUIRED_TAGS.values()) | _IDENTIFYING_VALUES
 _MAX_UID_BYTES = 256  # a UI value is at most 64 characters; anything far longer is not a UID
 
 
@@ -232,9 +242,9 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
         # the deflate stream is checked by zlib while pydicom inflates it; read the whole data set instead
         ds = pydicom.dcmread(path, defer_size=_DEFER)
         found = {}
-        for tag in _REQUIRED_TAGS.values():
+        for tag in _WANTED_VALUES:
             try:
-                found[tag] = str(ds[tag].value).strip() if tag in ds else ""
+                found[tag] = str(ds[tag].value or "").strip() if tag in ds else ""
             except Exception:  # a damaged element decodes lazily and may fail here
                 found[tag] = ""
         return set(ds.keys()), found
@@ -259,8 +269,19 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
                                  "send it again") from None
     if pos != size:
         raise TruncatedDicom(f"truncated or damaged: the data set ends at byte {pos} of {size}; send it again")
-    # UI values are ASCII padded with NUL (PS3.5 6.2); latin-1 never fails, and junk then fails at the PACS by name
-    return seen, {tag: value.decode("latin-1").strip("\0 ") for tag, value in raw.items()}
+    # UI values are ASCII padded with NUL (PS3.5 6.2); latin-1 never fails, and junk then fails at the PACS by name.
+    # PatientID and AccessionNumber may be UTF-8 (ISO_IR 192); latin-1 is what they fall back to.
+    return seen, {tag: _text(value) if tag in _IDENTIFYING_VALUES else value.decode("latin-1").strip("\0 ")
+                  for tag, value in raw.items()}
+
+
+def _text(value: bytes) -> str:
+    """A short value as text: UTF-8 when it is, else latin-1 (which never fails); padding stripped."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = value.decode("latin-1")
+    return text.strip("\0 ")
 
 
 class _Reader:
@@ -365,7 +386,7 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
             inner_explicit = explicit and vr != b"UN"
             pos = _walk(reader, pos, inner_explicit, little or vr == b"UN", until=_SEQ_END)
         else:
-            if values is not None and tag in _REQUIRED_VALUES and length <= _MAX_UID_BYTES:
+            if values is not None and tag in _WANTED_VALUES and length <= _MAX_UID_BYTES:
                 buf, off = reader.view(pos, length)
                 values[tag] = bytes(buf[off:off + length])
             pos = _skip(pos, length, size, tag)
