@@ -9,10 +9,10 @@ from typing import Callable
 
 from loguru import logger
 
-from relaypacsd import archive, dicomfile, fate
+from relaypacsd import archive, dicomfile, fate, history
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
-from relaypacsd.errors import InvalidDicomError
+from relaypacsd.errors import InvalidDicomError, JournalError
 from relaypacsd.spool import Spool, now_iso, printable, valid_path
 
 
@@ -67,6 +67,7 @@ class Validation:
                 stage, next_step = fate.refusal(exc)
                 new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                     "next_step": next_step})
+                self.record_refusal(spool, path, new, stage, str(exc))
                 self._may_be_empty(spool, path.parent)
                 logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
                                spool.relative(new))
@@ -89,6 +90,7 @@ class Validation:
             stage, next_step = fate.refusal(exc)
             new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                 "next_step": next_step})
+            self.record_refusal(spool, path, new, stage, str(exc))
             self.counters["failed"] += 1
             self._may_be_empty(spool, path.parent)
             # No PACS saw it: say what refused it ("PACS forward" is for what a PACS did).
@@ -101,6 +103,18 @@ class Validation:
                            "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
                            "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
         self.engine.submit(path, spool, info)
+
+    def record_refusal(self, spool: Spool, path: Path, new: Path, stage: str, reason: str, route: str = "") -> None:
+        """Add a refusal to the delivery history: the file claimed as `path`, now `new` in failed/, refused at
+        `stage` (validation, dicomdir, archive, routing) before any PACS saw it."""
+        if self.config.delivery.history_days <= 0:
+            return
+        record = history.record_of_file(spool, new, time.time(), outcome=history.REFUSED, reason=f"{stage}: {reason}",
+                                        name=spool.relative(path), route=route)
+        try:
+            self.engine.journal.record_history([record])
+        except JournalError as exc:  # the file is in failed/ with its sidecar: only the history lacks it
+            logger.warning("delivery history: cannot record the refusal of {}: {}", spool.relative(path), exc)
 
     def _quiet_for(self, path: Path) -> float:
         """Seconds an incomplete file has stayed unchanged (size and mtime) since this daemon first saw it so.
