@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,13 +12,13 @@ from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd import fate, recovery
+from relaypacsd import recovery, retention
 from relaypacsd import reload as reloading
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
 from relaypacsd.errors import ConfigError, JournalError
 from relaypacsd.folders import EmptiedFolders
-from relaypacsd.heartbeat import HEARTBEAT_FILE
+from relaypacsd.heartbeat import write_heartbeat
 from relaypacsd.intake import VALIDATOR, Intake
 from relaypacsd.jobs import Jobs
 from relaypacsd.journal import open_journal
@@ -28,7 +27,7 @@ from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
 from relaypacsd.senders import build_sender
 from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
-from relaypacsd.spool import Spool, age_seconds
+from relaypacsd.spool import Spool
 from relaypacsd.validation import Validation
 from relaypacsd.watcher import InboxWatcher
 
@@ -50,7 +49,6 @@ class Daemon:
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
-        self._next_watchdog = 0.0
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
         self._unpacks_resumed: set[Path] = set()
@@ -96,22 +94,8 @@ class Daemon:
     def start(self) -> None:
         """Prepare spools, recover sending/, start watchers, workers and jobs."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for spool in self.spools:
-            recovery.repair_spool(spool)
-            if spool.root not in self._unpacks_resumed and recovery.resume_unpacks(spool):
-                self._unpacks_resumed.add(spool.root)
-        if not self.config.delivery.enabled:
-            logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
-                           "valid files wait in sending/")
-        elif not self.engine.destinations:
-            logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")
-        for spool in self.spools:  # before recovery: stale rows must not make a new file look sent
-            recovery.settle_journal(self.journal, spool)
-            # Empty study folders an earlier run (or generation) left (each also costs an inotify watch): those
-            # quiet go in _recover below, the others at a later sweep (`prune` keeps them queued).
-            for folder in ("inbox", "sending"):
-                for empty in spool.empty_folders(folder):
-                    self._may_be_empty(spool, empty, since=float("-inf"))  # their mtime says since when
+        recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty)
+        recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -210,11 +194,8 @@ class Daemon:
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
     def _feed_watchdog(self, alive: Callable[[], bool] = lambda: True) -> None:
-        """Send systemd's WATCHDOG=1 when one is due and `alive()` (asked only then: it checks every thread)."""
-        now = time.monotonic()
-        if self.notifier.watchdog_interval and now >= self._next_watchdog and alive():
-            self.notifier.watchdog()
-            self._next_watchdog = now + self.notifier.watchdog_interval
+        """Send systemd's WATCHDOG=1 when one is due and `alive()`."""
+        self.notifier.feed_watchdog(alive)
 
     def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
                      threads_timeout: float = 5.0) -> None:
@@ -243,16 +224,12 @@ class Daemon:
         """Serve Prometheus metrics on daemon.metrics_address:metrics_port (off when the port is 0)."""
         if not self.config.daemon.metrics_port:
             return
-        from relaypacsd.metrics import Metrics
+        from relaypacsd import metrics
 
-        self.metrics = Metrics(lambda: self.snapshot(folders=True))  # a scrape walks each spool once
+        # A scrape walks each spool once.
+        self.metrics = metrics.serve(self.config.daemon.metrics_address, self.config.daemon.metrics_port,
+                                     lambda: self.snapshot(folders=True))
         self.engine.on_batch = self.metrics.observe_batch
-        d = self.config.daemon
-        try:
-            self.metrics.start_server(d.metrics_address, d.metrics_port)
-        except OSError as exc:
-            raise ConfigError(f"daemon.metrics_port = {d.metrics_port} on {d.metrics_address}: cannot listen there "
-                              f"({exc.strerror}): another process uses it? pick another port, or 0 to turn metrics off") from None
 
     def snapshot(self, folders: bool = False) -> Snapshot:
         """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""
@@ -289,13 +266,7 @@ class Daemon:
         Also, at each sweep, the light housekeeping: emptied study folders, rows of deleted failures."""
         self.folders.prune()
         self.deleted_failures.look_if_due()
-        count = 0
-        for spool in self.spools:
-            for path in spool.files("sending"):
-                if not self.engine.known(path):
-                    self._queue_intake(spool, path)
-                    count += 1
-        return count
+        return recovery.queue_untracked(self.spools, self.engine.known, self._queue_intake)
 
     def _on_changed(self, item: Item, gone: bool) -> None:
         """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
@@ -323,21 +294,7 @@ class Daemon:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        days = self.config.delivery.sent_retention_days
-        now = time.time()  # wall time: the file's arrival in sent/ may lie before this run
-        removed = 0
-        for spool in self.spools:
-            for path in spool.files("sent"):
-                age = age_seconds(path, now)  # since it arrived in sent/, not its mtime (cp -p keeps that)
-                try:
-                    if fate.retention_over(age, days):
-                        path.unlink()
-                        removed += 1
-                except OSError:
-                    continue
-        if removed:
-            logger.info("retention: removed {} file(s) from sent/ older than {:g} days", removed,
-                        self.config.delivery.sent_retention_days)
+        retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
 
     def _heartbeat_job(self) -> None:
         self._write_heartbeat()
@@ -346,11 +303,9 @@ class Daemon:
 
     def _write_heartbeat(self, stopped: bool = False) -> None:
         """Write the liveness file that `relaypacsd health` reads."""
-        body = heartbeat_body(self.snapshot(), os.getpid(), socket.gethostname(), stopped=stopped)
-        tmp = self.state_dir / f".{HEARTBEAT_FILE}.tmp"
         try:
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, self.state_dir / HEARTBEAT_FILE)
+            write_heartbeat(self.state_dir, heartbeat_body(self.snapshot(), os.getpid(), socket.gethostname(),
+                                                           stopped=stopped))
         except OSError as exc:
             logger.warning("cannot write heartbeat in {}: {}", self.state_dir, exc)
 

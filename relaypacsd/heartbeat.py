@@ -37,3 +37,10 @@ def process_gone(beat: dict) -> bool:
     except PermissionError:  # alive, run by another user
         return False
     return False
+
+
+def write_heartbeat(state_dir: str | Path, body: dict) -> None:
+    """Replace the liveness file atomically (a reader never sees half of one); OSError when it cannot."""
+    tmp = Path(state_dir) / f".{HEARTBEAT_FILE}.tmp"
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, heartbeat_path(state_dir))

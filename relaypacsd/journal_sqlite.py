@@ -5,17 +5,16 @@
 
 from __future__ import annotations
 
-import itertools
 import os
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd.errors import JournalError
-from relaypacsd.journal import (CONFLICT_EVENT, HEALTH_UNKNOWN, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats,
-                                KnownInstance, Update, health_of)
+from relaypacsd import sqlite_destinations, sqlite_instances
+from relaypacsd.journal import CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, KnownInstance, Update
+from relaypacsd.sqlite_db import Database, Statement
+from relaypacsd.sqlite_destinations import DestinationBook
+from relaypacsd.sqlite_instances import InstanceMemory
 from relaypacsd.timefmt import iso_time
 
 SCHEMA = """
@@ -41,31 +40,8 @@ CREATE TABLE IF NOT EXISTS history (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS history_path ON history(path);
-CREATE TABLE IF NOT EXISTS destinations (
-    dest TEXT PRIMARY KEY,
-    healthy INTEGER NOT NULL,       -- 1 up, 0 down, -1 unknown (this run has not found out yet)
-    last_error TEXT NOT NULL DEFAULT '',
-    last_change REAL NOT NULL,
-    last_success REAL,
-    delivered INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0
-);
 """
 
-# Lasting memory of what each PACS confirmed, by SOP Instance UID: the rows above go once a file leaves
-# sending/, and a PACS such as Orthanc answers success for a second file with a known UID while it keeps
-# the first one (see README, "UID conflict"). Kept for INSTANCE_MEMORY_DAYS.
-INSTANCES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    dest TEXT NOT NULL,
-    sop TEXT NOT NULL,
-    digest TEXT NOT NULL,           -- sha256 of the whole file the PACS confirmed
-    path TEXT NOT NULL,             -- where that file was when it was delivered (sending/...)
-    time REAL NOT NULL,
-    PRIMARY KEY (dest, sop)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS instances_time ON instances(time);
-"""
 # Columns added after the first release: (table, column, definition). Added in place to older journals.
 ADDED_COLUMNS = [
     ("destinations", "conflicts", "INTEGER NOT NULL DEFAULT 0"),
@@ -73,63 +49,34 @@ ADDED_COLUMNS = [
     ("deliveries", "token", "TEXT NOT NULL DEFAULT ''"),
     ("history", "token", "TEXT NOT NULL DEFAULT ''"),
 ]
-PRUNE_EVERY = 256  # delivered instances between two pruning steps
-PRUNE_STEP = 1024  # at most this many expired instances per step: four times the intake, in small commits
 
 
 class SqliteJournal:
-    """Thread-safe access to the journal database in the state directory."""
+    """Thread-safe access to the journal database in the state directory: the delivery rows and their
+    history here; the lasting instance memory and the destinations' health and counters in parts of their own."""
 
     def __init__(self, path: Path, instance_days: float = INSTANCE_MEMORY_DAYS, *, readonly: bool = False):
         self.path = path
         self.instance_days = instance_days
-        self._confirmations = itertools.count(1)  # next() is atomic: workers apply from several threads
-        self._lock = threading.Lock()
-        try:
-            self._db = self._open_readonly() if readonly else self._open()
-        except (OSError, sqlite3.Error) as exc:
-            raise JournalError(str(exc)) from exc
+        self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA, ADDED_COLUMNS,
+                               readonly=readonly)
+        self._lock = self._store.lock
+        self._instances = InstanceMemory(self._store, instance_days)
+        self._destinations = DestinationBook(self._store)
 
-    def _open(self) -> sqlite3.Connection:
-        """Open for the daemon: create the database or upgrade an older one in place."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash; only an OS crash may lose the last commits,
-        # and then the files are simply sent again.
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
-        db.executescript(INSTANCES_SCHEMA)
-        _add_columns(db)
-        return db
-
-    def _open_readonly(self) -> sqlite3.Connection:
-        """Open to look only (WAL lets a command read while the daemon writes): no schema, no upgrade."""
-        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None,
-                               timeout=5)
+    @property
+    def _db(self) -> Any:
+        return self._store.db
 
     def close(self) -> None:
         """Close the database."""
-        with self._lock:
-            self._db.close()
+        self._store.close()
 
     def _exec(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, tuple(args)).fetchall()
-            except sqlite3.Error as exc:
-                raise JournalError(f"{self.path}: {exc}") from exc
+        return self._store.query(sql, args)
 
-    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+    def _tx(self, statements: list[Statement]) -> None:
+        self._store.transaction(statements)
 
     def rows(self, path: str) -> dict[str, DeliveryRow]:
         """Every destination's row for one file."""
@@ -145,7 +92,7 @@ class SqliteJournal:
         first: they must never make a new file look delivered."""
         now = time.time()
         seen = first_seen or now
-        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        stmts: list[Statement] = []
         if sop:
             stale = "SELECT 1 FROM deliveries WHERE path = ? AND sop != '' AND sop != ?"
             stmts += [(f"DELETE FROM history WHERE path = ? AND EXISTS ({stale})", (path, path, sop)),
@@ -165,7 +112,7 @@ class SqliteJournal:
     def apply(self, updates: list["Update"]) -> None:
         """Record several new states in one transaction (one batch's answer is one commit)."""
         now = time.time()
-        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        stmts: list[Statement] = []
         delivered: dict[str, int] = {}
         failed: dict[str, int] = {}
         for u in updates:
@@ -181,62 +128,29 @@ class SqliteJournal:
                 delivered[u.dest] = delivered.get(u.dest, 0) + 1
             elif u.state == "failed":
                 failed[u.dest] = failed.get(u.dest, 0) + 1
-            stmts += self._instance_statements(u, now)
-        stmts += [_count_delivered(dest, n, now) for dest, n in delivered.items()]
-        stmts += [_count_failed(dest, n, now) for dest, n in failed.items()]
+            stmts += self._instances.statements(u, now)
+        stmts += self._destinations.count_statements(delivered, failed, now)
         if stmts:
             self._tx(stmts)
-
-    def _instance_statements(self, u: Update, now: float) -> list[tuple[str, tuple[Any, ...]]]:
-        """The lasting memory's part of one update: remember a confirmed instance, count a UID conflict, and
-        every PRUNE_EVERY confirmations drop a small step of instances older than `instance_days`."""
-        if u.event == CONFLICT_EVENT:
-            # An upsert like the other counters: the first conflict may come before the destination's row.
-            return [("INSERT INTO destinations (dest, healthy, last_change, conflicts) VALUES (?, ?, ?, 1) "
-                     "ON CONFLICT(dest) DO UPDATE SET conflicts = conflicts + 1", (u.dest, HEALTH_UNKNOWN, now))]
-        if u.state != "delivered" or not u.digest or not u.sop:
-            return []
-        stmts: list[tuple[str, tuple[Any, ...]]] = [
-            ("INSERT INTO instances (dest, sop, digest, path, time) VALUES (?, ?, ?, ?, ?) ON CONFLICT(dest, sop) "
-             "DO UPDATE SET digest = excluded.digest, path = excluded.path, time = excluded.time",
-             (u.dest, u.sop, u.digest, u.path, now))]
-        if next(self._confirmations) % PRUNE_EVERY == 0:
-            stmts.append(("DELETE FROM instances WHERE (dest, sop) IN (SELECT dest, sop FROM instances "
-                          "WHERE time < ? ORDER BY time LIMIT ?)", (now - self.instance_days * 86400, PRUNE_STEP)))
-        return stmts
 
     def remember(self, updates: list[Update]) -> None:
         """Only the lasting memory's part of 'delivered' updates: what a PACS confirmed of a file dropped
         meanwhile (it changed); its rows are another version's now and must not move."""
-        now = time.time()
-        stmts = [s for u in updates for s in self._instance_statements(u, now)]
-        if stmts:
-            self._tx(stmts)
+        self._instances.remember(updates)
 
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         """What `dest` confirmed earlier under these SOP Instance UIDs (the lasting memory), in one query."""
-        wanted = sorted(set(sops))
-        out: dict[str, KnownInstance] = {}
-        for i in range(0, len(wanted), 500):  # SQLite's parameter limit
-            chunk = wanted[i:i + 500]
-            found = self._exec(f"SELECT sop, digest, path, time FROM instances WHERE dest = ? "
-                               f"AND sop IN ({','.join('?' * len(chunk))})", [dest, *chunk])
-            out.update({r[0]: KnownInstance(r[1], r[2], r[3]) for r in found})
-        return out
+        return self._instances.known(dest, sops)
 
-    def prune_instances(self, limit: int = PRUNE_STEP) -> int:
+    def prune_instances(self, limit: int = sqlite_instances.PRUNE_STEP) -> int:
         """Drop up to `limit` remembered instances older than `instance_days`; return how many went."""
-        cutoff = time.time() - self.instance_days * 86400
-        with self._lock:
-            cur = self._db.execute("DELETE FROM instances WHERE (dest, sop) IN (SELECT dest, sop FROM instances "
-                                   "WHERE time < ? ORDER BY time LIMIT ?)", (cutoff, limit))
-            return cur.rowcount
+        return self._instances.prune(limit)
 
     def restore(self, path: str, sop: str, first_seen: float, updates: list[Update]) -> None:
         """Write back rows that went missing under a file the engine settled (from its memory), with a history
         line, so its sidecar and a later `relaypacsd retry` know what each PACS said. No counter moves."""
         now = time.time()
-        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        stmts: list[Statement] = []
         for u in updates:
             stmts += [("INSERT OR REPLACE INTO deliveries (path, dest, sop, state, attempts, next_try, first_seen, "
                        "last_error, last_code, updated) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
@@ -300,7 +214,7 @@ class SqliteJournal:
 
     def forget(self, *paths: str) -> None:
         """Drop files that reached sent/, in one transaction: their memory is no longer needed."""
-        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        stmts: list[Statement] = []
         for path in paths:
             stmts += [("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))]
         if stmts:
@@ -338,9 +252,7 @@ class SqliteJournal:
         # A UID conflict is retried on the operator's word: forget the other version that PACS confirmed, or
         # the file would only conflict again.
         conflicted = self.conflicted(path)
-        stmts: list[tuple[str, tuple[Any, ...]]] = [
-            ("DELETE FROM instances WHERE dest = ? AND sop = ?", (dest, sop))
-            for dest, sop in found if sop and dest in conflicted]
+        stmts = self._instances.forget_statements((dest, sop) for dest, sop in found if dest in conflicted)
         stmts += [
             ("UPDATE deliveries SET state = 'pending', attempts = 0, next_try = 0, last_error = '', last_code = NULL, "
              "updated = ? WHERE path = ? AND state = 'failed'", (now, path)),
@@ -357,32 +269,16 @@ class SqliteJournal:
         return {dest for dest, event in last.items() if event == CONFLICT_EVENT}
 
     def begin_run(self, dests: Iterable[str]) -> None:
-        """A daemon (re)starts: every destination's health is unknown until this run finds out, so status
-        never shows an earlier run's DOWN as current; each active destination gets its row. Counters stay."""
-        now = time.time()
-        self._tx([("UPDATE destinations SET healthy = ?, last_change = ?", (HEALTH_UNKNOWN, now))]
-                 + [("INSERT OR IGNORE INTO destinations (dest, healthy, last_change) VALUES (?, ?, ?)",
-                     (d, HEALTH_UNKNOWN, now)) for d in dests])
+        """A daemon (re)starts: every destination's health is unknown until this run finds out."""
+        self._destinations.begin_run(dests)
 
     def set_health(self, dest: str, healthy: bool, error: str = "") -> None:
         """Remember a destination's health for `relaypacsd status`."""
-        now = time.time()
-        self._tx([("INSERT INTO destinations (dest, healthy, last_error, last_change) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT(dest) DO UPDATE SET healthy = excluded.healthy, last_change = excluded.last_change, "
-                   "last_error = CASE WHEN excluded.last_error = '' THEN last_error ELSE excluded.last_error END",
-                   (dest, int(healthy), error, now))])
+        self._destinations.set_health(dest, healthy, error)
 
     def destinations(self) -> dict[str, DestinationStats]:
         """Health (True, False, None: not known yet), last error, last change and success, and counters."""
-        # A journal no daemon has upgraded yet (read-only here) has no conflicts column: none counted then.
-        conflicts = "conflicts" if self._has_column("destinations", "conflicts") else "0"
-        found = self._exec("SELECT dest, healthy, last_error, last_change, last_success, delivered, failed, "
-                           f"{conflicts} FROM destinations")
-        return {r[0]: DestinationStats(healthy=health_of(r[1]), last_error=r[2], last_change=r[3], last_success=r[4],
-                                       delivered=r[5], failed=r[6], conflicts=r[7]) for r in found}
-
-    def _has_column(self, table: str, column: str) -> bool:
-        return column in {r[1] for r in self._exec(f"PRAGMA table_info({table})")}
+        return self._destinations.stats()
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Number of rows per destination and state."""
@@ -391,30 +287,3 @@ class SqliteJournal:
             out.setdefault(dest, {})[state] = n
         return out
 
-
-def _count_delivered(dest: str, n: int, now: float) -> tuple[str, tuple[Any, ...]]:
-    # A delivery is evidence of health: a row still unknown turns up. A DOWN one stays down: the probe, under
-    # the destination's lock, decides that, so the journal never disagrees with the running daemon.
-    return ("INSERT INTO destinations (dest, healthy, last_change, last_success, delivered) VALUES (?, 1, ?, ?, ?) "
-            "ON CONFLICT(dest) DO UPDATE SET last_success = excluded.last_success, delivered = delivered + excluded.delivered, "
-            f"last_change = CASE WHEN healthy = {HEALTH_UNKNOWN} THEN excluded.last_change ELSE last_change END, "
-            f"healthy = CASE WHEN healthy = {HEALTH_UNKNOWN} THEN 1 ELSE healthy END", (dest, now, now, n))
-
-
-def _count_failed(dest: str, n: int, now: float) -> tuple[str, tuple[Any, ...]]:
-    # A rejected file says nothing about the PACS's health.
-    return ("INSERT INTO destinations (dest, healthy, last_change, failed) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(dest) DO UPDATE SET failed = failed + excluded.failed", (dest, HEALTH_UNKNOWN, now, n))
-
-
-def _add_columns(db: sqlite3.Connection) -> None:
-    """Upgrade an older journal in place: add the columns it lacks (SQLite has no ADD COLUMN IF NOT EXISTS)."""
-    for table, column, definition in ADDED_COLUMNS:
-        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-        if column in have:
-            continue
-        try:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-        except sqlite3.OperationalError as exc:
-            if "duplicate column" not in str(exc):  # another process (a command) added it just now
-                raise

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from relaypacsd.errors import ConfigError
 from relaypacsd.outcomes import Outcome
 from relaypacsd.snapshot import Snapshot
 
@@ -112,3 +113,14 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def serve(address: str, port: int, take: Callable[[], Snapshot]) -> Metrics:
+    """Metrics served on address:port; a ConfigError naming the key when the port cannot be had."""
+    metrics = Metrics(take)
+    try:
+        metrics.start_server(address, port)
+    except OSError as exc:
+        raise ConfigError(f"daemon.metrics_port = {port} on {address}: cannot listen there ({exc.strerror}): "
+                          "another process uses it? pick another port, or 0 to turn metrics off") from None
+    return metrics

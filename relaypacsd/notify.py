@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 from loguru import logger
 
@@ -22,6 +22,7 @@ class Notifier:
         self.watchdog_interval = _watchdog_interval(env)
         self._sock: socket.socket | None = None
         self._warned = False
+        self._next_watchdog = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -55,6 +56,13 @@ class Notifier:
     def watchdog(self) -> bool:
         """Reset the watchdog timer (WatchdogSec=): send only while the daemon is really alive."""
         return self.send("WATCHDOG=1")
+
+    def feed_watchdog(self, alive: Callable[[], bool]) -> None:
+        """Send WATCHDOG=1 when one is due and `alive()` (asked only then: it checks every thread)."""
+        now = time.monotonic()
+        if self.watchdog_interval and now >= self._next_watchdog and alive():
+            self.watchdog()
+            self._next_watchdog = now + self.watchdog_interval
 
     def reloading(self) -> bool:
         """A reload (SIGHUP) has begun; READY=1 follows when it is done (MONOTONIC_USEC: systemd 253+)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from loguru import logger
 
@@ -102,3 +103,40 @@ def _namesakes(namesakes: Namesakes, spool: Spool, path: Path) -> list[Path]:
     (failed/CT1 a file: failed/CT1~1/IM0001.dcm)."""
     free = spool._free_folders(path)
     return namesakes.of(path) + (namesakes.of(free) if free != path else [])
+
+
+def prepare_spools(spools: list[Spool], journal: Journal, unpacks_resumed: set[Path],
+                   may_be_empty: Callable[[Spool, Path, float], None]) -> None:
+    """Before a generation starts: half-done moves and unpacks finished (unpacks once per root and process: a
+    validator of an old generation may still be unpacking), stale rows settled, empty study folders marked."""
+    for spool in spools:
+        repair_spool(spool)
+        if spool.root not in unpacks_resumed and resume_unpacks(spool):
+            unpacks_resumed.add(spool.root)
+    for spool in spools:  # before recovery: stale rows must not make a new file look sent
+        settle_journal(journal, spool)
+        # Empty study folders an earlier run (or generation) left (each also costs an inotify watch): those quiet
+        # go at the first sweep, the others later (the pruning keeps them queued).
+        for folder in ("inbox", "sending"):
+            for empty in spool.empty_folders(folder):
+                may_be_empty(spool, empty, float("-inf"))  # their mtime says since when
+
+
+def queue_untracked(spools: list[Spool], known: Callable[[Path], bool], queue: Callable[[Spool, Path], None]) -> int:
+    """Queue for validation every file in sending/ that the engine does not track (after a crash, or missed)."""
+    count = 0
+    for spool in spools:
+        for path in spool.files("sending"):
+            if not known(path):
+                queue(spool, path)
+                count += 1
+    return count
+
+
+def warn_if_nothing_forwards(enabled: bool, any_destination: bool) -> None:
+    """Say at start why files will wait in sending/ when nothing forwards them."""
+    if not enabled:
+        logger.warning("PACS_ENABLED=false: files are watched and validated, nothing is forwarded; "
+                       "valid files wait in sending/")
+    elif not any_destination:
+        logger.warning("no active PACS: set ACTIVE_PACS or add a [pacs.NAME] table; files wait in sending/")

@@ -8,6 +8,7 @@ import time
 import pytest
 
 import relaypacsd.journal_sqlite
+import relaypacsd.sqlite_instances
 from relaypacsd.errors import JournalError
 from relaypacsd.journal import Update, open_journal
 from relaypacsd.journal_sqlite import SqliteJournal
@@ -42,8 +43,8 @@ def test_an_older_journal_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
 
 
 def test_instances_older_than_the_memory_are_pruned_in_small_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(relaypacsd.journal_sqlite, "PRUNE_EVERY", 4)
-    monkeypatch.setattr(relaypacsd.journal_sqlite, "PRUNE_STEP", 3)
+    monkeypatch.setattr(relaypacsd.sqlite_instances, "PRUNE_EVERY", 4)
+    monkeypatch.setattr(relaypacsd.sqlite_instances, "PRUNE_STEP", 3)
     j = SqliteJournal(tmp_path / "journal.sqlite3", instance_days=1)
     old = time.time() - 2 * 86400
     j._tx([("INSERT INTO instances (dest, sop, digest, path, time) VALUES ('orthanc', ?, 'x', 'p', ?)",

@@ -1,0 +1,91 @@
+"""One SQLite database file shared by threads: opening (WAL, schema, in-place upgrade), queries, transactions."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+from relaypacsd.errors import JournalError
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+class Database:
+    """A connection used by several threads under one lock; every error becomes a JournalError."""
+
+    def __init__(self, path: Path, schema: str, added_columns: list[tuple[str, str, str]], *, readonly: bool = False):
+        self.path = path
+        self.lock = threading.Lock()
+        try:
+            self.db = self._open_readonly() if readonly else self._open(schema, added_columns)
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(str(exc)) from exc
+
+    def _open(self, schema: str, added_columns: list[tuple[str, str, str]]) -> sqlite3.Connection:
+        """Open for the daemon: create the database or upgrade an older one in place."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash; only an OS crash may lose the last commits,
+        # and then the files are simply sent again.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(schema)
+        _add_columns(db, added_columns)
+        return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """Open to look only (WAL lets a command read while the daemon writes): no schema, no upgrade."""
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None,
+                               timeout=5)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self.lock:
+            self.db.close()
+
+    def query(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement and return its rows."""
+        with self.lock:
+            try:
+                return self.db.execute(sql, tuple(args)).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: {exc}") from exc
+
+    def change(self, sql: str, args: Iterable[Any] = ()) -> int:
+        """Run one statement on its own and return how many rows it changed."""
+        with self.lock:
+            try:
+                return self.db.execute(sql, tuple(args)).rowcount
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: {exc}") from exc
+
+    def transaction(self, statements: list[Statement]) -> None:
+        """Run statements in one transaction: all or nothing."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                for sql, args in statements:
+                    self.db.execute(sql, args)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def has_column(self, table: str, column: str) -> bool:
+        """Whether `table` has `column` (a journal opened read-only may be older than this code)."""
+        return column in {r[1] for r in self.query(f"PRAGMA table_info({table})")}
+
+
+def _add_columns(db: sqlite3.Connection, added_columns: list[tuple[str, str, str]]) -> None:
+    """Upgrade an older journal in place: add the columns it lacks (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+    for table, column, definition in added_columns:
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if column in have:
+            continue
+        try:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process (a command) added it just now
+                raise
