@@ -294,7 +294,9 @@ class Daemon:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
+        if self.config.delivery.sent_retention_days > 0:
+            retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
+        retention.prune_history(self.journal, self.config.delivery.history_days, self.stop_event)
 
     def _heartbeat_job(self) -> None:
         self._write_heartbeat()

@@ -1,14 +1,14 @@
-"""The delivery history's SQL for the SQLite journal: its table and indexes, the statements a commit adds, the
-query and the pruning step. `SqliteJournal` runs them under its lock; nothing here opens a database."""
+"""The delivery history in the SQLite journal: its table and indexes, the statements a commit adds, the query
+and the pruning step, on the journal's database (`SqliteJournal` holds one `HistoryBook`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-import sqlite3
 from typing import Any
 
 from relaypacsd.history import HistoryQuery, HistoryRecord
+from relaypacsd.sqlite_db import Database, Statement
 
 TABLE = "delivery_history"  # not `history`: that one holds the sidecar's lines of files still in sending/
 # The record's fields in order, as columns (`user` is a keyword elsewhere: the column is `operator`).
@@ -35,9 +35,38 @@ _FILTERS = {"study": "study_instance_uid", "patient": "patient_id", "accession":
             "sop": "sop_instance_uid", "file": "file", "pacs": "destination", "outcome": "outcome"}
 
 
-def insert(records: list[HistoryRecord]) -> list[tuple[str, tuple[Any, ...]]]:
-    """The statements that write `records`, for a transaction of the caller's."""
-    return [(INSERT, _values(r)) for r in records]
+PRUNE = f"DELETE FROM {TABLE} WHERE id IN (SELECT id FROM {TABLE} WHERE time < ? ORDER BY time LIMIT ?)"
+
+
+class HistoryBook:
+    """The history's records in the journal's database: written in the caller's commits, read, pruned."""
+
+    def __init__(self, store: Database):
+        self.store = store
+        self._exists = False  # known to exist: a read-only journal may be older than the history
+
+    def statements(self, records: list[HistoryRecord]) -> list[Statement]:
+        """The statements that write `records`, for a transaction of the caller's."""
+        return [(INSERT, _values(r)) for r in records]
+
+    def record(self, records: list[HistoryRecord]) -> None:
+        """Write `records` in one commit of their own."""
+        if records:
+            self.store.transaction(self.statements(records))
+
+    def find(self, query: HistoryQuery) -> list[HistoryRecord]:
+        """The newest records matching `query`, newest first; none from a journal without the history yet."""
+        if not self._exists:
+            self._exists = bool(self.store.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                                 (TABLE,)))
+            if not self._exists:
+                return []
+        sql, args = select(query)
+        return [HistoryRecord(*row) for row in self.store.query(sql, args)]
+
+    def prune(self, before: float, limit: int) -> int:
+        """Drop up to `limit` of the oldest records older than `before`, in one commit; return how many went."""
+        return self.store.change(PRUNE, (before, limit))
 
 
 def select(query: HistoryQuery) -> tuple[str, list[Any]]:
@@ -62,16 +91,3 @@ def select(query: HistoryQuery) -> tuple[str, list[Any]]:
     sql += " ORDER BY time DESC, id DESC LIMIT ?"
     args.append(query.limit if query.limit > 0 else -1)  # SQLite: a negative LIMIT is none
     return sql, args
-
-
-def records(rows: list[tuple[Any, ...]]) -> list[HistoryRecord]:
-    """The rows `select` found, as records."""
-    return [HistoryRecord(*row) for row in rows]
-
-
-PRUNE = (f"DELETE FROM {TABLE} WHERE id IN (SELECT id FROM {TABLE} WHERE time < ? ORDER BY time LIMIT ?)")
-
-
-def exists(db: sqlite3.Connection) -> bool:
-    """True when the journal has the history table (a journal no daemon of this version has opened has not)."""
-    return bool(db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchall())
