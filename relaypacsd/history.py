@@ -101,7 +101,7 @@ _IDENTIFYING = ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInst
 def record_of_file(spool: "Spool", path: Path, now: float, *, outcome: str, reason: str = "", destination: str = "",
                    route: str = "", user: str = "", name: Path | None = None) -> HistoryRecord:
     """The record of an event about a file read here: what of its identifying attributes can be read ('' for
-    the rest: a refused file may be no DICOM at all). `name` is its claim name when `path` is elsewhere now."""
+    the rest: a refused file may be no DICOM at all). `name`: where it was claimed, when `path` is elsewhere."""
     values = dict.fromkeys(_IDENTIFYING, "")
     try:
         import pydicom
@@ -115,7 +115,7 @@ def record_of_file(spool: "Spool", path: Path, now: float, *, outcome: str, reas
         size = os.stat(path).st_size
     except OSError:
         size = 0
-    return HistoryRecord(now, str(spool.root), str(name if name is not None else spool.relative(path)),
+    return HistoryRecord(now, str(spool.root), str(spool.relative(name if name is not None else path)),
                          values["SOPInstanceUID"], values["SOPClassUID"], values["SeriesInstanceUID"],
                          values["StudyInstanceUID"], values["PatientID"], values["AccessionNumber"], values["Modality"],
                          route, destination, outcome, None, reason, size, 0, None, user)

@@ -110,7 +110,7 @@ class Validation:
         if self.config.delivery.history_days <= 0:
             return
         record = history.record_of_file(spool, new, time.time(), outcome=history.REFUSED, reason=f"{stage}: {reason}",
-                                        name=spool.relative(path), route=route)
+                                        name=path, route=route)
         try:
             self.engine.journal.record_history([record])
         except JournalError as exc:  # the file is in failed/ with its sidecar: only the history lacks it
