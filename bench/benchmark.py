@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/benchmark.py                          # 500 and 2,000 instances, 3 rounds
     .venv/bin/python bench/benchmark.py --counts 200 --rounds 1  # a quick look
+    .venv/bin/python bench/benchmark.py --other-delivery history_days=0  # beside itself without the history
 
 Everything runs on 127.0.0.1: a private Orthanc (DICOMweb plugin) started here, stopped at the end.
 Each sender gets its own freshly generated instances (new UIDs), so nobody is timed on duplicates.
@@ -102,14 +103,17 @@ def run_raw(orthanc: LocalOrthanc, paths: list[Path], batch: int = 50, threads: 
     return time.perf_counter() - started
 
 
-def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING") -> Path:
-    """A default-settings config for the real daemon: spool and state below `work`, `orthanc` its one PACS."""
+def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING",
+                  delivery: dict[str, str] | None = None) -> Path:
+    """A default-settings config for the real daemon: spool and state below `work`, `orthanc` its one PACS;
+    `delivery`: [delivery] keys set otherwise (TOML values as text)."""
     user, password = orthanc.auth
     work.mkdir(parents=True, exist_ok=True)
     (work / "pw").write_text(password)
     cfg = work / "relaypacs.toml"
     cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\nlog_level = "{log_level}"\n'
-                   f'[[watch]]\npath = "{work / "spool"}"\n'
+                   + ("[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in delivery.items()) if delivery else "")
+                   + f'[[watch]]\npath = "{work / "spool"}"\n'
                    f'[pacs.orthanc]\ntype = "orthanc"\nurl = "{orthanc.url}"\nusername = "{user}"\n'
                    f'password_file = "{work / "pw"}"\n')
     return cfg
@@ -123,11 +127,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
-                   python: str = sys.executable) -> tuple[float, float, float]:
+                   python: str = sys.executable, delivery: dict[str, str] | None = None) -> tuple[float, float, float]:
     """Start the daemon, write the files into inbox/, time until all are in sent/.
 
     Returns (total, first, the daemon's CPU ms per file over the drain)."""
-    cfg = daemon_config(orthanc, work)
+    cfg = daemon_config(orthanc, work, delivery=delivery)
     proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"],
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
     try:
@@ -188,13 +192,14 @@ def layouts() -> dict[str, tuple[set[int], set[int]]]:
 
 
 def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool,
-            compare: str | None = None) -> dict[str, list[float]]:
+            compare: str | None = None, other_delivery: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Run the senders `rounds` times, alternating, each on fresh instances; return their times.
 
-    `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other"."""
+    `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other";
+    `other_delivery` are that one's [delivery] settings (this checkout's with them alone)."""
     times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
                                      "curl": []}
-    senders = ("raw", "relay") + (("other",) if compare else ())
+    senders = ("raw", "relay") + (("other",) if compare or other_delivery else ())
     for r in range(rounds):
         for sender in senders + (("curl",) if with_curl and r == 0 else ()):
             work = tmp / f"n{count}-{sender}-{r}"
@@ -204,7 +209,8 @@ def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl
             elif sender == "curl":
                 times["curl"].append(run_curl(orthanc, paths, work))
             elif sender == "other":
-                total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable)
+                total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable,
+                                                    delivery=other_delivery)
                 times["other"].append(total)
                 times["other_cpu"].append(cpu)
             else:
@@ -224,7 +230,12 @@ def main() -> int:
     parser.add_argument("--curl-up-to", type=int, default=500, help="run the slow curl loop for sizes up to N")
     parser.add_argument("--compare", metavar="PYTHON", help="also run the relaypacsd of another checkout, by its "
                         "venv's python (e.g. an older commit's), alternating with this one")
+    parser.add_argument("--other-delivery", metavar="KEY=VALUE", action="append", default=[],
+                        help="[delivery] settings of the other relaypacsd (this checkout's without --compare), e.g. "
+                        "history_days=0 for the cost of the delivery history")
     args = parser.parse_args()
+    other_delivery = dict(kv.split("=", 1) for kv in args.other_delivery) or None
+    compared = args.compare or other_delivery
     rows = []
     everything = os.sched_getaffinity(0)
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -239,7 +250,8 @@ def main() -> int:
                     pin(orthanc.pid, orthanc_cpus)
                     pin(os.getpid(), sender_cpus)  # the daemon and curl inherit it
                     for count in args.counts:
-                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare)
+                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare,
+                                    other_delivery)
                         row = {"layout": layout, "n": count, **{k: statistics.median(v) for k, v in t.items() if v}}
                         row["spread"] = min(r / x for r, x in zip(t["raw"], t["relay"])), \
                             max(r / x for r, x in zip(t["raw"], t["relay"]))
@@ -250,10 +262,10 @@ def main() -> int:
                 pin(os.getpid(), everything)
             print(f"(Orthanc holds {orthanc.count_instances()} instances)")
     print()
-    other = " | other relaypacsd / raw | its CPU per file" if args.compare else ""
+    other = " | other relaypacsd / raw | its CPU per file" if compared else ""
     print("| CPUs | instances | one curl per file | raw batched STOW, 4 threads | relaypacsd inbox -> sent "
           f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file{other} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compare else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if compared else ""))
     for r in rows:
         n = r["n"]
         curl = f"{r['curl']:.1f} s ({n / r['curl']:.0f}/s)" if "curl" in r else "-"
@@ -262,7 +274,7 @@ def main() -> int:
         print(f"| {r['layout']} | {n} | {curl} | {r['raw']:.2f} s ({n / r['raw']:.0f}/s) | {r['relay']:.2f} s "
               f"({n / r['relay']:.0f}/s), first file in sent/ after {r['first']:.2f} s "
               f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} | {r['cpu']:.2f} ms |"
-              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if args.compare else ""))
+              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if compared else ""))
     return 0
 
 
