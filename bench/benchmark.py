@@ -21,6 +21,13 @@ Orthanc keeps its storage and index in /dev/shm (when there is one): the PACS's 
 measured here, and on one shared disk its SQLite fsyncs and the spool's fsyncs slow each other down
 (on this machine's virtual disk Orthanc alone swung between 250 and 350 instances/s from run to run;
 in memory it holds 420 +- 4 %). The spool and relaypacsd's journal stay on the real disk.
+Two ways to drop the files into inbox/ (`--drop`):
+  write     one by one, written in place and closed, as a modality does (the default);
+  rename    copied beforehand into a folder beside inbox/, then that folder renamed into it at once (a
+            burst: the issue #15 layout). Files of a folder moved in settle (settle_seconds) before they
+            are claimed; that wait is credited, i.e. taken off relaypacsd's times.
+`--fresh-orthanc` starts a new Orthanc (storage in /dev/shm) for every sender's run, so Orthanc's growing
+index slows no round more than another.
 Raw and relaypacsd alternate, round after round, and each figure is the median of the rounds: the
 machine's own drift (other tenants, Orthanc's growing index) then falls on both alike.
 """
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -39,6 +48,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable, Iterator
 
 import requests
 
@@ -126,12 +136,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
-                   python: str = sys.executable, delivery: dict[str, str] | None = None) -> tuple[float, float, float]:
-    """Start the daemon, write the files into inbox/, time until all are in sent/.
+SETTLE_SECONDS = 2.0  # the daemon's default settle time: what a folder moved into inbox/ waits
 
-    Returns (total, first, the daemon's CPU ms per file over the drain)."""
+
+def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
+                   python: str = sys.executable, drop: str = "write",
+                   delivery: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Start the daemon, drop the files into inbox/, time until all are in sent/.
+
+    Returns (total, first, the daemon's CPU ms per file over the drain); with drop="rename" both times are
+    net of the settle time."""
     cfg = daemon_config(orthanc, work, delivery=delivery)
+    credit = SETTLE_SECONDS if drop == "rename" else 0.0
     proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"],
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
     try:
@@ -141,28 +157,38 @@ def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
             time.sleep(0.05)
+        if drop == "rename":
+            stage = work / "spool" / "stage"  # beside inbox/: the same filesystem, so one rename moves them all
+            stage.mkdir()
+            for p in paths:
+                shutil.copyfile(p, stage / p.name)
+            os.sync()  # their writes must not land on the clock
         cpu_before = cpu_seconds(proc.pid)
         started = time.perf_counter()
         first: list[float] = []
 
         def watch_first() -> None:  # the latency of the first file, measured while the others are written
             while not first and time.perf_counter() - started < 600:
-                if sent.exists() and any(True for _ in os.scandir(sent)):
+                if sent.exists() and any(files for _, _, files in os.walk(sent)):
                     first.append(time.perf_counter() - started)
                 time.sleep(0.005)
 
         watcher = threading.Thread(target=watch_first, daemon=True)
         watcher.start()
-        for p in paths:  # written in place and closed, as a modality does
-            shutil.copyfile(p, inbox / p.name)
+        if drop == "rename":
+            os.rename(stage, inbox / "burst")
+        else:
+            for p in paths:  # written in place and closed, as a modality does
+                shutil.copyfile(p, inbox / p.name)
         target = len(paths)
+        done = sent / "burst" if drop == "rename" else sent
         while True:
-            n = len(os.listdir(sent)) if sent.exists() else 0  # cheap: this process shares the sender's CPU
+            n = len(os.listdir(done)) if done.exists() else 0  # cheap: this process shares the sender's CPU
             if n >= target:
                 total = time.perf_counter() - started
                 cpu_ms = (cpu_seconds(proc.pid) - cpu_before) * 1000 / target
                 watcher.join(1)
-                return total, first[0] if first else total, cpu_ms
+                return total - credit, (first[0] if first else total) - credit, cpu_ms
             if proc.poll() is not None:
                 raise RuntimeError("daemon died: " + (work / "daemon.log").read_text()[-2000:])
             # The raw sender's end is exact: poll finely once the last batches are due, coarsely before.
@@ -192,11 +218,14 @@ def layouts() -> dict[str, tuple[set[int], set[int]]]:
 
 
 def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool,
-            compare: str | None = None, other_delivery: dict[str, str] | None = None) -> dict[str, list[float]]:
+            compare: str | None = None, drop: str = "write",
+            fresh: Callable[[], contextlib.AbstractContextManager[LocalOrthanc]] | None = None,
+            other_delivery: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Run the senders `rounds` times, alternating, each on fresh instances; return their times.
 
     `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other";
-    `other_delivery` are that one's [delivery] settings (this checkout's with them alone)."""
+    `other_delivery` are that one's [delivery] settings (this checkout's with them alone); `fresh`, when
+    given, makes a new Orthanc for each run."""
     times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
                                      "curl": []}
     senders = ("raw", "relay") + (("other",) if compare or other_delivery else ())
@@ -204,22 +233,40 @@ def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl
         for sender in senders + (("curl",) if with_curl and r == 0 else ()):
             work = tmp / f"n{count}-{sender}-{r}"
             paths = generate(work / "files", count)
-            if sender == "raw":
-                times["raw"].append(run_raw(orthanc, paths))
-            elif sender == "curl":
-                times["curl"].append(run_curl(orthanc, paths, work))
-            elif sender == "other":
-                total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable,
-                                                    delivery=other_delivery)
-                times["other"].append(total)
-                times["other_cpu"].append(cpu)
-            else:
-                total, first, cpu = run_relaypacsd(orthanc, paths, work)
-                times["relay"].append(total)
-                times["first"].append(first)
-                times["cpu"].append(cpu)
+            with (fresh() if fresh else contextlib.nullcontext(orthanc)) as pacs:
+                _run_one(sender, pacs, paths, work, times, compare, drop, other_delivery)
             shutil.rmtree(work, ignore_errors=True)
     return times
+
+
+def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, times: dict[str, list[float]],
+             compare: str | None, drop: str, other_delivery: dict[str, str] | None = None) -> None:
+    """One sender's run on `orthanc`; its figures appended to `times`."""
+    if sender == "raw":
+        times["raw"].append(run_raw(orthanc, paths))
+    elif sender == "curl":
+        times["curl"].append(run_curl(orthanc, paths, work))
+    elif sender == "other":
+        total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable, drop=drop,
+                                            delivery=other_delivery)
+        times["other"].append(total)
+        times["other_cpu"].append(cpu)
+    else:
+        total, first, cpu = run_relaypacsd(orthanc, paths, work, drop=drop)
+        times["relay"].append(total)
+        times["first"].append(first)
+        times["cpu"].append(cpu)
+
+
+@contextlib.contextmanager
+def _fresh_orthanc(parent: Path, cpus: set[int]) -> Iterator[LocalOrthanc]:
+    folder = Path(tempfile.mkdtemp(prefix="fresh-", dir=parent))
+    try:
+        with LocalOrthanc(folder) as orthanc:
+            pin(orthanc.pid, cpus)
+            yield orthanc
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:
@@ -230,6 +277,9 @@ def main() -> int:
     parser.add_argument("--curl-up-to", type=int, default=500, help="run the slow curl loop for sizes up to N")
     parser.add_argument("--compare", metavar="PYTHON", help="also run the relaypacsd of another checkout, by its "
                         "venv's python (e.g. an older commit's), alternating with this one")
+    parser.add_argument("--drop", choices=["write", "rename"], default="write",
+                        help="files written into inbox/ one by one, or a folder of them renamed into it at once")
+    parser.add_argument("--fresh-orthanc", action="store_true", help="a new Orthanc (in /dev/shm) for every run")
     parser.add_argument("--other-delivery", metavar="KEY=VALUE", action="append", default=[],
                         help="[delivery] settings of the other relaypacsd (this checkout's without --compare), e.g. "
                         "history_days=0 for the cost of the delivery history")
@@ -250,8 +300,11 @@ def main() -> int:
                     pin(orthanc.pid, orthanc_cpus)
                     pin(os.getpid(), sender_cpus)  # the daemon and curl inherit it
                     for count in args.counts:
+                        fresh = None
+                        if args.fresh_orthanc:
+                            fresh = functools.partial(_fresh_orthanc, Path(pacs_tmp), orthanc_cpus)
                         t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare,
-                                    other_delivery)
+                                    args.drop, fresh, other_delivery)
                         row = {"layout": layout, "n": count, **{k: statistics.median(v) for k, v in t.items() if v}}
                         row["spread"] = min(r / x for r, x in zip(t["raw"], t["relay"])), \
                             max(r / x for r, x in zip(t["raw"], t["relay"]))

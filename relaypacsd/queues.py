@@ -15,6 +15,7 @@ from relaypacsd.config import PacsConfig
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import PacsError
 from relaypacsd.fate import too_old
+from relaypacsd.grouping import fill_batch
 from relaypacsd.journal import Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.spool import Spool
@@ -124,26 +125,10 @@ class Destination:
                     self._uid_wait = True
                     self.cond.wait(0.5)
             self.ready.remove(first)
-            batch, size = [first], first.info.size
-            study = first.info.study_instance_uid
-            # The PACS answers per SOP Instance UID: two files with one UID in a request (a corrected
-            # resend) could not be told apart, so a second one waits for the next batch.
-            uids = {first.info.sop_instance_uid}
-            # Same study first, then anything else, so requests stay full under mixed traffic.
-            for same_study in (True, False):
-                for item in list(self.ready):
-                    if len(batch) >= cfg.batch_max_instances:
-                        break
-                    if same_study != (item.info.study_instance_uid == study):
-                        continue
-                    if size + item.info.size > cfg.batch_max_bytes or item.info.sop_instance_uid in uids:
-                        continue
-                    if self._held(item):
-                        continue
-                    self.ready.remove(item)
-                    batch.append(item)
-                    uids.add(item.info.sop_instance_uid)
-                    size += item.info.size
+            batch = fill_batch(first, self.ready, _info, cfg.batch_max_instances, cfg.batch_max_bytes,
+                               lambda item: not self._held(item))
+            for item in batch[1:]:
+                self.ready.remove(item)
             if self.ready:  # what did not fit: another worker may take it now (nobody else would wake it)
                 self.cond.notify()
             self.busy += 1
@@ -235,3 +220,7 @@ class Destination:
     def queued(self) -> int:
         with self.cond:
             return len(self.ready) + len(self.waiting) + self.busy
+
+
+def _info(item: Item) -> DicomInfo:
+    return item.info

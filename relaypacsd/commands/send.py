@@ -16,27 +16,23 @@ from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import InvalidDicomError
 from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.grouping import fill_batch
 from relaypacsd.senders import build_sender
 
 
 def batches(items: list[tuple[Path, DicomInfo]], max_n: int, max_bytes: int) -> list[list[tuple[Path, DicomInfo]]]:
-    """Group by study (as the daemon does), within the instance and byte caps."""
-    by_study: dict[str, list[tuple[Path, DicomInfo]]] = {}
-    for item in items:
-        by_study.setdefault(item[1].study_instance_uid, []).append(item)
-    out: list[list[tuple[Path, DicomInfo]]] = []
-    for group in by_study.values():
-        cur: list[tuple[Path, DicomInfo]] = []
-        size = 0
-        for item in group:
-            if cur and (len(cur) >= max_n or size + item[1].size > max_bytes):
-                out.append(cur)
-                cur, size = [], 0
-            cur.append(item)
-            size += item[1].size
-        if cur:
-            out.append(cur)
+    """Group as the daemon does (its study first, then others), within the instance and byte caps."""
+    rest, out = list(items), []
+    while rest:
+        batch = fill_batch(rest[0], rest[1:], _info, max_n, max_bytes)
+        taken = {id(i) for i in batch}
+        rest = [i for i in rest if id(i) not in taken]
+        out.append(batch)
     return out
+
+
+def _info(item: tuple[Path, DicomInfo]) -> DicomInfo:
+    return item[1]
 
 
 def cmd_send(args: argparse.Namespace) -> int:

@@ -233,9 +233,9 @@ def test_fallback_rules():
 def test_batches_group_by_study():
     from relaypacsd.dicomfile import DicomInfo
 
-    def info(study, size=10):
-        return DicomInfo("1.2", f"{study}.{id(object())}", study, "1.3", "1.2.840.10008.1.2.1", size)
-    items = [(Path(f"/f{i}"), info("1.1" if i % 2 else "1.2")) for i in range(7)]
+    def info(study, n, size=10):  # one SOP Instance UID per file, as send gives them (id(object()) repeats)
+        return DicomInfo("1.2", f"{study}.{n}", study, "1.3", "1.2.840.10008.1.2.1", size)
+    items = [(Path(f"/f{i}"), info("1.1" if i % 2 else "1.2", i)) for i in range(7)]
     out = batches(items, 2, 10**6)
     assert all(len({i.study_instance_uid for _, i in b}) == 1 and len(b) <= 2 for b in out)
     assert sum(len(b) for b in out) == 7

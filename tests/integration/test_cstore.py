@@ -14,7 +14,8 @@ import pytest
 from relaypacsd.config import PacsConfig
 from relaypacsd.cstore import CStoreSender, classify_status
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
-from relaypacsd.localorthanc import _listening_sockets, free_port, loopback_shim
+from relaypacsd.localorthanc import free_port
+from relaypacsd.loopback import listening_sockets, loopback_shim
 from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from relaypacsd.senders import FallbackSender, build_sender
@@ -105,7 +106,7 @@ def storescp(tmp_path):
             break
         except OSError:
             time.sleep(0.05)
-    listening = [s for s in _listening_sockets() if s[1] == port]
+    listening = [s for s in listening_sockets() if s[1] == port]
     ok = bool(listening) and all(addr == "0100007F" for addr, _, _ in listening)
     if not ok:
         proc.kill()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from relaypacsd import localorthanc
+from relaypacsd import localorthanc, loopback
 from relaypacsd.localorthanc import LocalOrthanc, OrthancStartError
 from tests.dicomfactory import write_instance
 
@@ -63,7 +63,7 @@ def test_listens_on_loopback_only(orthanc: LocalOrthanc) -> None:
 
 def test_loopback_check_refuses_wildcard(orthanc: LocalOrthanc, monkeypatch: pytest.MonkeyPatch) -> None:
     # The start-up check itself, fed a fake wildcard listener (a real one would break the loopback rule).
-    monkeypatch.setattr(localorthanc, "_listening_sockets",
+    monkeypatch.setattr(loopback, "listening_sockets",
                         lambda: [("00000000", orthanc.dicom_port, "1"), ("0100007F", orthanc.http_port, "2")])
     with pytest.raises(OrthancStartError, match="not loopback"):
         orthanc._verify_loopback_only()
