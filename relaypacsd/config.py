@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+import ssl
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -148,6 +149,18 @@ class PacsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """DICOM audit messages (PS3.15 A.5) to an ATNA audit repository over syslog; off while `syslog` is empty."""
+
+    syslog: str = ""  # tcp://host:port, udp://host:port or tls://host:port
+    ca_bundle: str = ""  # tls://: the CA that signed the repository's certificate (else the system's)
+    client_cert: str = ""  # tls://: our certificate, for repositories that require mutual TLS (IHE ATNA does)
+    client_key: str = ""
+    source_id: str = "RELAYPACS_GW"  # AuditSourceID: this gateway, as the auditors know it
+    queue_size: int = 10000  # messages kept while the repository is away; beyond, dropped and counted
+
+
+@dataclass(frozen=True)
 class Config:
     """The effective configuration: file, then environment, validated."""
 
@@ -155,6 +168,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     watch: tuple[WatchConfig, ...] = ()
     pacs: Mapping[str, PacsConfig] = field(default_factory=dict)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = ""
 
     def active(self) -> list[PacsConfig]:
@@ -222,7 +236,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str = "") -> Config:
     """Turn parsed TOML plus environment into a validated Config."""
     where = source or "config"
-    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs"}, "", where)
+    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs", "audit"}, "", where)
 
     daemon = _section(DaemonConfig, raw.get("daemon", {}), "daemon", where)
     delivery_raw = dict(_as_table(raw.get("delivery", {}), "delivery", where))
@@ -258,7 +272,8 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
 
     if not delivery.active_pacs:
         delivery = _replace(delivery, active_pacs=tuple(pacs))
-    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, source=source)
+    audit = _section(AuditConfig, raw.get("audit", {}), "audit", where)
+    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, audit=audit, source=source)
     validate(config, where)
     return config
 
@@ -310,6 +325,7 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: two [[watch]] tables have the same path: give each watch root its own folder")
     for p in config.pacs.values():
         _validate_pacs(p, where)
+    _validate_audit(config.audit, where)
 
 
 # Bounds a sane setup stays far inside: beyond them a value is a typo (and some would exhaust the machine).
@@ -323,6 +339,7 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "pacs.connect_timeout": (0.001, 3600, "seconds"),
     "pacs.read_timeout": (0.001, 86400, "seconds"),
     "pacs.dicom_port": (0, 65535, "(0: none)"),
+    "audit.queue_size": (1, 1_000_000, "messages"),
 }
 _ENV_OF = {"delivery.retry_attempts": "PACS_RETRY_ATTEMPTS", "delivery.retry_delay": "PACS_RETRY_DELAY"}
 
@@ -332,6 +349,7 @@ def _check_numbers(config: Config, where: str) -> None:
     sections: list[tuple[str, str, Any]] = [("daemon", "daemon", config.daemon), ("delivery", "delivery", config.delivery)]
     sections += [(f"watch[{i}]", "watch", w) for i, w in enumerate(config.watch)]
     sections += [(f"pacs.{p.name}", "pacs", p) for p in config.pacs.values()]
+    sections += [("audit", "audit", config.audit)]
     for key, kind, obj in sections:
         for f in fields(obj):
             value = getattr(obj, f.name)
@@ -397,6 +415,35 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
     for len_key in ("ae_title", "calling_ae_title"):
         if len(getattr(p, len_key)) > 16:
             raise ConfigError(f"{where}: {key}.{len_key} = {getattr(p, len_key)!r}: an AE title has at most 16 characters")
+
+
+def _validate_audit(a: AuditConfig, where: str) -> None:
+    from relaypacsd.audit_syslog import syslog_target, tls_context
+
+    if not a.syslog:
+        return
+    try:
+        scheme, _, _ = syslog_target(a.syslog)
+    except ValueError as exc:
+        shown = "audit.syslog" if "@" in a.syslog else f"audit.syslog = {a.syslog!r}"  # never a password
+        raise ConfigError(f"{where}: {shown}: {exc}: use \"tls://audit.example.org:6514\" "
+                          "(or tcp://host:514, udp://host:514)") from None
+    for key, exists in (("ca_bundle", os.path.exists), ("client_cert", os.path.isfile), ("client_key", os.path.isfile)):
+        if getattr(a, key) and scheme != "tls":
+            raise ConfigError(f"{where}: audit.{key} is set but audit.syslog is {scheme}://: use tls:// or remove it")
+        if getattr(a, key) and not exists(getattr(a, key)):
+            raise ConfigError(f"{where}: audit.{key} = {getattr(a, key)!r}: no such file: fix the path")
+    if bool(a.client_cert) != bool(a.client_key) and not _pem_holds_key(a.client_cert):
+        raise ConfigError(f"{where}: audit.client_cert and client_key go together: set both (or a PEM holding both)")
+    if scheme == "tls":
+        try:  # here, not at the first connection: a reload with a broken certificate is refused, not half done
+            tls_context(a.ca_bundle, a.client_cert, a.client_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{where}: audit.ca_bundle / client_cert / client_key: unusable ({exc}): point them at "
+                              "PEM files (the CA; our certificate and its key)") from None
+    if not a.source_id.strip() or len(a.source_id) > 64 or not a.source_id.isprintable():
+        raise ConfigError(f"{where}: audit.source_id = {a.source_id!r}: name this gateway in 1 to 64 printable "
+                          "characters, e.g. \"RELAYPACS_GW\"")
 
 
 def _pem_holds_key(path: str) -> bool:
@@ -544,5 +591,6 @@ def to_toml(config: Config, *, mask: bool = True) -> str:
         "delivery": plain(config.delivery),
         "watch": [plain(w) for w in config.watch],
         "pacs": {name: plain(p, skip=("name",)) for name, p in config.pacs.items()},
+        "audit": plain(config.audit),
     }
     return tomli_w.dumps(doc)

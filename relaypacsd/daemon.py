@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd import recovery, retention
+from relaypacsd import auditing, recovery, retention
 from relaypacsd import reload as reloading
+from relaypacsd.audit_syslog import AuditCounters
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine, Item
 from relaypacsd.errors import ConfigError, JournalError
@@ -52,6 +53,8 @@ class Daemon:
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
         self._unpacks_resumed: set[Path] = set()
+        self.audit_counters = AuditCounters()  # across reloads, for the metrics
+        self.audit = auditing.Auditor(config, self.audit_counters)  # lives across reloads (see reload)
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -75,6 +78,8 @@ class Daemon:
         self.engine = Engine(config, self.journal, senders)
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
+        if self.audit.enabled:
+            self.engine.on_settled = lambda dest, settled: self.audit.settled(dest, settled)
         self.folders = EmptiedFolders(self._settle)  # removed at the next sweep once quiet
         self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         if self.metrics is not None:
@@ -96,6 +101,8 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty)
         recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
+        if not self.audit.started:  # Application Start once per process, before any transfer
+            self.audit.start()
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -169,8 +176,10 @@ class Daemon:
         source = self.config.source
         new = reloading.read_new_config(self.config)
         if new is None:
+            self.audit.reload_refused()
             self.notifier.ready(self.status_line())
             return False
+        old = self.config
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
@@ -179,8 +188,10 @@ class Daemon:
                                                self.config.daemon.heartbeat_interval)
         self._stop_pieces(timeout=reloading.longest_request(self.config), give_up=waiting,
                           threads_timeout=reloading.UNPACK_WAIT)
+        self.audit = auditing.follow(self.audit, old, new)  # before _build: the new engine reports to it
         self._build(new)
         self.start()
+        self.audit.config_reloaded(old, new)
         logger.info("reload of {} done", source)
         return True
 
@@ -190,6 +201,7 @@ class Daemon:
         self.notifier.stopping()
         self._stop_requested.set()
         self._stop_pieces(timeout)
+        self.audit.stop()  # Application Stop, and up to 5 s for what the repository has not taken yet
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
 
@@ -230,6 +242,7 @@ class Daemon:
         self.metrics = metrics.serve(self.config.daemon.metrics_address, self.config.daemon.metrics_port,
                                      lambda: self.snapshot(folders=True))
         self.engine.on_batch = self.metrics.observe_batch
+        self.metrics.watch_audit(lambda: (self.audit_counters, self.audit.pending()))
 
     def snapshot(self, folders: bool = False) -> Snapshot:
         """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""

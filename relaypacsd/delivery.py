@@ -47,6 +47,8 @@ class Engine:
         self.on_changed: Callable[[Item, bool], None] | None = None
         # Observer of every send attempt (metrics): (destination, items, results, HTTP status, ms, attempt).
         self.on_batch: Callable[[Destination, list[Item], list[InstanceResult], int | None, float, int], None] | None = None
+        # Observer of each batch's settled instances (audit messages): (destination, [(item, its update)]).
+        self.on_settled: Callable[[Destination, list[tuple[Item, Update]]], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -234,6 +236,11 @@ class Engine:
                 else:
                     parked.append((item, delay))
             self.journal.apply(updates)
+        if settled and self.on_settled is not None:
+            try:
+                self.on_settled(dest, settled)
+            except Exception:  # an observer must never break delivery
+                logger.exception("settled observer failed")
         for item, delay in parked:
             if not item.done:  # dropped meanwhile (changed in sending/): it must not come back
                 dest.put(item, time.monotonic() + delay)

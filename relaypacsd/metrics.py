@@ -64,6 +64,24 @@ class _SpoolCollector(Collector):
         yield settled
 
 
+class _AuditCollector(Collector):
+    """Audit messages sent, dropped and queued (audit_syslog), read at each scrape."""
+
+    def __init__(self, read: Callable[[], tuple[Any, int]]):
+        self.read = read
+
+    def collect(self) -> Iterator[Any]:
+        counters, queued = self.read()
+        messages = CounterMetricFamily(f"{PREFIX}_audit_messages", "DICOM audit messages sent to the audit "
+                                       "repository, or dropped (queue full, or left at stop)", labels=["outcome"])
+        messages.add_metric(["sent"], counters.sent)
+        messages.add_metric(["dropped"], counters.dropped)
+        yield messages
+        waiting = GaugeMetricFamily(f"{PREFIX}_audit_queued", "DICOM audit messages waiting for the repository")
+        waiting.add_metric([], queued)
+        yield waiting
+
+
 class Metrics:
     """The metrics of one daemon: a private registry, the engine observer, and an optional HTTP server."""
 
@@ -97,6 +115,10 @@ class Metrics:
                 self.delivered.labels(name).inc()
             elif result.outcome is not Outcome.SPLIT:
                 self.failed.labels(name).inc()
+
+    def watch_audit(self, read: Callable[[], tuple[Any, int]]) -> None:
+        """Serve the audit counters: `read()` gives (AuditCounters, messages queued) at each scrape."""
+        self.registry.register(_AuditCollector(read))
 
     def render(self) -> bytes:
         """The metrics in Prometheus' text format."""

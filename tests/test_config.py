@@ -121,13 +121,13 @@ def test_example_config_parses_and_documents_every_key():
     from dataclasses import fields
     from pathlib import Path
 
-    from relaypacsd.config import DaemonConfig, DeliveryConfig, PacsConfig, WatchConfig
+    from relaypacsd.config import AuditConfig, DaemonConfig, DeliveryConfig, PacsConfig, WatchConfig
 
     example = Path(__file__).resolve().parent.parent / "relaypacs.toml.example"
     config = load_config(example, {})
     assert config.watch and config.pacs["orthanc"].url
     text = example.read_text()
-    for cls in (DaemonConfig, DeliveryConfig, WatchConfig, PacsConfig):
+    for cls in (DaemonConfig, DeliveryConfig, WatchConfig, PacsConfig, AuditConfig):
         for f in fields(cls):
             if f.name != "name":
                 assert f"\n{f.name} = " in text, f"{cls.__name__}.{f.name} is not documented in relaypacs.toml.example"
@@ -137,3 +137,61 @@ def test_credentials_in_the_url_are_refused_without_echoing_them():
     with pytest.raises(ConfigError) as exc:
         build_config(WATCH, {"ORTHANC_URL": "http://admin:hunter2@pacs:8042"})
     assert "ORTHANC_USERNAME" in str(exc.value) and "hunter2" not in str(exc.value)
+
+
+def test_audit_is_off_by_default_and_takes_a_syslog_url():
+    assert build_config(WATCH, {}).audit.syslog == ""
+    audit = build_config({**WATCH, "audit": {"syslog": "udp://audit.example.org", "source_id": "GW_2"}}, {}).audit
+    assert (audit.syslog, audit.source_id, audit.queue_size) == ("udp://audit.example.org", "GW_2", 10000)
+    assert "[audit]" in to_toml(build_config({**WATCH, "audit": {"syslog": "tcp://a:514"}}, {}))
+
+
+@pytest.mark.parametrize("audit, words", [
+    ({"syslog": "http://audit:6514"}, ["audit.syslog = 'http://audit:6514'", "tcp://, udp:// or tls://", "tls://"]),
+    ({"syslog": "tcp://audit:0"}, ["audit.syslog", "port must be a number from 1 to 65535"]),
+    ({"syslog": "tcp://audit:99999"}, ["audit.syslog", "port must be a number"]),
+    ({"syslog": "tls://"}, ["audit.syslog", "no host name"]),
+    ({"syslog": "tcp://audit:514/path"}, ["audit.syslog", "only a host and a port"]),
+    ({"syslog": "tcp://udp://x"}, ["audit.syslog"]),
+    ({"syslog": "tcp://a:514", "ca_bundle": "/etc/ssl/certs"}, ["audit.ca_bundle", "use tls://"]),
+    ({"syslog": "tls://a", "ca_bundle": "/no/such/ca.pem"}, ["audit.ca_bundle", "no such file"]),
+    ({"syslog": "tls://a", "client_cert": "/no/cert.pem"}, ["audit.client_cert", "no such file"]),
+    ({"syslog": "tcp://a", "source_id": ""}, ["audit.source_id", "1 to 64 printable"]),
+    ({"syslog": "tcp://a", "source_id": "x" * 65}, ["audit.source_id"]),
+    ({"syslog": "tcp://a", "queue_size": 0}, ["audit.queue_size", "1 to 1e+06"]),
+    ({"syslog": "tcp://a", "queue_size": "many"}, ["audit.queue_size", "whole number"]),
+    ({"sislog": "tcp://a"}, ["audit.sislog", "did you mean 'syslog'"]),
+    ("tcp://a", ["'audit' must be a table"]),
+])
+def test_bad_audit_settings_name_the_key_and_the_fix(audit, words):
+    with pytest.raises(ConfigError) as exc:
+        build_config({**WATCH, "audit": audit}, {})
+    message = str(exc.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_an_audit_url_with_a_password_is_refused_without_showing_it():
+    with pytest.raises(ConfigError) as exc:
+        build_config({**WATCH, "audit": {"syslog": "tcp://user:s3cret@audit:514"}}, {})
+    assert "s3cret" not in str(exc.value) and "only a host and a port" in str(exc.value)
+
+
+def test_bad_audit_settings_stop_the_command_line_with_one_line(tmp_path):
+    cfg = tmp_path / "relaypacs.toml"
+    cfg.write_text('[[watch]]\npath = "/srv/relaypacs/ct"\n[audit]\nsyslog = "syslog.example.org:514"\n')
+    res = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "check"], capture_output=True, text=True)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "audit.syslog" in res.stderr
+
+
+def test_audit_tls_files_that_are_not_certificates_are_refused_at_load(tmp_path):
+    """Checked when the config is read, so a reload with a broken certificate is refused, not half done."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for key in ("ca_bundle", "client_cert"):
+        with pytest.raises(ConfigError) as exc:
+            build_config({**WATCH, "audit": {"syslog": "tls://audit:6514", key: str(junk),
+                                             **({"client_key": str(junk)} if key == "client_cert" else {})}}, {})
+        assert "audit.ca_bundle / client_cert / client_key: unusable" in str(exc.value) and "\n" not in str(exc.value)

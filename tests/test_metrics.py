@@ -82,3 +82,20 @@ def test_private_registry_two_daemons_do_not_clash(tmp_path):
     b, _, _ = _fake_snapshot(tmp_path / "b")
     Metrics(a), Metrics(b)  # the same metric names twice: fine in private registries
     assert REGISTRY.get_sample_value("relaypacsd_delivered_total", {"pacs": "pacs1"}) is None
+
+
+def test_audit_messages_sent_dropped_and_queued_are_read_at_each_scrape(tmp_path):
+    from relaypacsd.audit_syslog import AuditCounters
+
+    snapshot, _, _ = _fake_snapshot(tmp_path)
+    metrics = Metrics(snapshot)
+    counters, queued = AuditCounters(sent=5, dropped=2), [7]
+    metrics.watch_audit(lambda: (counters, queued[0]))
+    samples = _samples(metrics)
+    assert samples[("relaypacsd_audit_messages_total", (("outcome", "sent"),))] == 5
+    assert samples[("relaypacsd_audit_messages_total", (("outcome", "dropped"),))] == 2
+    assert samples[("relaypacsd_audit_queued", ())] == 7
+    counters.sent, queued[0] = 9, 0
+    samples = _samples(metrics)
+    assert samples[("relaypacsd_audit_messages_total", (("outcome", "sent"),))] == 9
+    assert samples[("relaypacsd_audit_queued", ())] == 0

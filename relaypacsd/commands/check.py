@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, load
-from relaypacsd.config import PacsConfig
+from relaypacsd.config import AuditConfig, PacsConfig
 from relaypacsd.errors import DestinationProblem, PacsError, RelayPacsError
 from relaypacsd.http import env_prefix
 
@@ -110,6 +110,26 @@ def _check_tls(pacs: PacsConfig, sock: socket.socket, host: str, c: Checker) -> 
                "is this port really HTTPS? check the URL scheme, client_cert / client_key")
 
 
+def check_audit(audit: AuditConfig, c: Checker) -> None:
+    """The audit repository: a connection (and the TLS handshake) for tcp:// and tls://; nothing to test for udp://."""
+    from relaypacsd.audit_syslog import SyslogSender
+
+    what = f"audit repository {audit.syslog}"
+    if audit.syslog.lower().startswith("udp://"):
+        c.skip(what, "UDP has no connection to test (messages go out without an answer); tcp:// or tls:// can be checked")
+        return
+    try:
+        sender = SyslogSender(audit.syslog, ca_bundle=audit.ca_bundle, client_cert=audit.client_cert,
+                              client_key=audit.client_key, timeout=5.0)
+        c.ok(what, sender.probe())
+    except ssl.SSLCertVerificationError as exc:
+        c.fail(what, f"certificate not trusted ({exc.verify_message})",
+               "set [audit] ca_bundle to the CA that signed the repository's certificate")
+    except (ssl.SSLError, OSError) as exc:
+        c.fail(what, f"audit repository unreachable ({getattr(exc, 'strerror', None) or exc})",
+               "is it running? check the host and port in [audit] syslog, the firewall, and for tls:// the certificates")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config and test every active PACS, one line per check with the fix for each failure."""
     from relaypacsd.spool import Spool
@@ -136,6 +156,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             c.fail(f"watch root {w.path}", "unusable", str(exc))
     for pacs in config.active():
         check_pacs(pacs, c)
+    if config.audit.syslog:
+        check_audit(config.audit, c)
     if not config.active():
         print("warn no active PACS: set ORTHANC_URL (or [pacs.NAME] url) and ACTIVE_PACS")
     print(f"{c.failures} problem(s) found" if c.failures else "all checks passed")

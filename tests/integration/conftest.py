@@ -1,4 +1,4 @@
-"""Fixtures of the integration suite: real, private, loopback-only Orthanc servers."""
+"""Fixtures of the integration suite: real, private, loopback-only Orthanc servers, and rsyslog (audit)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from relaypacsd.localorthanc import LocalOrthanc, OrthancNotInstalled
+from tests.integration.rsyslog_helpers import LocalRsyslog, RsyslogNotInstalled, make_certificates
 
 _HERE = Path(__file__).parent
 
@@ -21,9 +22,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-def _not_installed(error: Exception) -> None:
+def _not_installed(error: Exception, what: str = "Orthanc") -> None:
     # A skipped integration suite must never look green in CI.
-    message = f"real Orthanc unavailable: {error}"
+    message = f"real {what} unavailable: {error}"
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
@@ -72,3 +73,28 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
     finally:
         for server in started:
             server.stop(timeout=0)
+
+
+@pytest.fixture(scope="session")
+def rsyslog_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test CA, server and client certificates of every rsyslog in the session (made once)."""
+    certs = tmp_path_factory.mktemp("rsyslog-certs")
+    try:
+        make_certificates(certs)
+    except RsyslogNotInstalled as e:
+        _not_installed(e, "rsyslog")
+    return certs
+
+
+@pytest.fixture
+def rsyslog(tmp_path_factory: pytest.TempPathFactory, rsyslog_certs: Path) -> Iterator[LocalRsyslog]:
+    """A private rsyslogd on loopback (TCP, UDP, TLS and mutual-TLS inputs), the audit repository of one test."""
+    server = LocalRsyslog(tmp_path_factory.mktemp("rsyslog"), rsyslog_certs)
+    try:
+        server.start()
+    except RsyslogNotInstalled as e:
+        _not_installed(e, "rsyslog")
+    try:
+        yield server
+    finally:
+        server.stop()
