@@ -164,3 +164,12 @@ def test_as_a_subprocess(conf):
     res = subprocess.run([sys.executable, "-m", "relaypacsd", "-c", str(conf), "history", "--outcome", "failed"],
                          capture_output=True, text=True, env=clean_env(), timeout=60)
     assert res.returncode == 0 and "breast" in res.stdout and len(res.stdout.splitlines()) == 3
+
+
+def test_it_starts_without_pydicom_or_loguru(conf):
+    """Most of the command's 200 ms would be their import: a quick look must not pay for it."""
+    code = ("import sys; from relaypacsd import cli; cli.main(['-c', sys.argv[1], 'history', '--study', sys.argv[2]]); "
+            "print(sorted(m for m in ('pydicom', 'loguru', 'numpy') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code, str(conf), OTHER], capture_output=True, text=True,
+                         env=clean_env(), timeout=60)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1] == "[]", res.stdout + res.stderr
