@@ -155,7 +155,7 @@ def _lazy(module: str, name: str) -> Command:
 
 
 def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """status, retry, send, query, retrieve, verify, history (docs/commands.md)."""
+    """status, retry, send, query, retrieve, route, verify, history (docs/commands.md)."""
     p = sub.add_parser("status", help="counts per folder, oldest waiting file, each PACS's health (safe while running)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_lazy("status", "cmd_status"))
@@ -189,9 +189,17 @@ def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--from", dest="source", metavar="NAME", help="the PACS (default: the first active one)")
     p.set_defaults(func=_lazy("query", "cmd_retrieve"))
 
+    p = sub.add_parser("route", help="which route each file takes, its PACS, and why the routes before it did not "
+                                     "match (files are not moved)")
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR")
+    p.add_argument("--watch", metavar="ROOT", help="route files outside a watch root as if dropped into ROOT's inbox/ "
+                                                   "(their path below the folder named)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_lazy("route", "cmd_route"))
+
     _add_history_command(sub)
 
-    p = sub.add_parser("verify", help="is every instance (of a study, or of these files) at every active PACS?")
+    p = sub.add_parser("verify", help="is every instance (of a study, or of these files) at every PACS it is routed to?")
     p.add_argument("targets", nargs="+", metavar="STUDY_UID|PATH")
     p.add_argument("--from", dest="source", metavar="NAME", help="the PACS listing the study (default: first active)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -10,7 +10,7 @@ import ssl
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
@@ -21,6 +21,9 @@ else:  # pragma: no cover
 import tomli_w
 
 from relaypacsd.errors import ConfigError
+
+if TYPE_CHECKING:  # routing imports pydicom: only a config with [[route]] tables pays for it (see _routes)
+    from relaypacsd.routing import Route
 
 DEFAULT_CONFIG_PATH = Path("/etc/relaypacs/relaypacs.toml")
 PACS_TYPES = ("orthanc", "dcm4chee", "dicomweb")
@@ -170,6 +173,7 @@ class Config:
     pacs: Mapping[str, PacsConfig] = field(default_factory=dict)
     audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = ""
+    routes: tuple["Route", ...] = ()  # [[route]] tables in order; none: every file to every active PACS
 
     def active(self) -> list[PacsConfig]:
         """The PACS that files are forwarded to, in ACTIVE_PACS order."""
@@ -236,7 +240,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str = "") -> Config:
     """Turn parsed TOML plus environment into a validated Config."""
     where = source or "config"
-    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs", "audit"}, "", where)
+    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs", "audit", "route"}, "", where)
 
     daemon = _section(DaemonConfig, raw.get("daemon", {}), "daemon", where)
     delivery_raw = dict(_as_table(raw.get("delivery", {}), "delivery", where))
@@ -273,9 +277,65 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
     if not delivery.active_pacs:
         delivery = _replace(delivery, active_pacs=tuple(pacs))
     audit = _section(AuditConfig, raw.get("audit", {}), "audit", where)
-    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, audit=audit, source=source)
+    routes = _routes(raw.get("route", []), pacs, where)
+    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, audit=audit, source=source,
+                    routes=routes)
     validate(config, where)
     return config
+
+
+_ROUTE_KEYS = {"name", "match", "to", "continue"}
+
+
+def _routes(raw: Any, pacs: Mapping[str, PacsConfig], where: str) -> tuple["Route", ...]:
+    """The [[route]] tables, each checked: a name, known DICOM keywords, valid patterns, configured PACS."""
+    if isinstance(raw, list) and not raw:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{where}: 'route' must be a list of [[route]] tables, each with name, match and to")
+    from relaypacsd import routing  # pydicom's dictionary: only for configs that route
+
+    routes: list[routing.Route] = []
+    for i, table in enumerate(raw):
+        name = table.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: route[{i}] has no name: give it name = \"mammo\" (names show in logs, "
+                              "sidecars and `relaypacsd route`)")
+        label = f"{where}: route {name!r}"
+        if not routing.NAME_RE.match(name):
+            raise ConfigError(f"{label}: use letters, digits, '-', '_' and '.' in a route name (at most 64)")
+        if any(r.name == name for r in routes):
+            raise ConfigError(f"{label}: two routes have this name: give each route its own")
+        for key in table:
+            if key not in _ROUTE_KEYS:
+                hint = difflib.get_close_matches(key, sorted(_ROUTE_KEYS), n=1)
+                raise ConfigError(f"{label}: unknown key {key!r}: " + (f"did you mean {hint[0]!r}?" if hint else
+                                  f"known keys: {', '.join(sorted(_ROUTE_KEYS))}"))
+        go_on = table.get("continue", False)
+        if not isinstance(go_on, bool):
+            raise ConfigError(f"{label}: continue = {go_on!r} must be true or false")
+        to = table.get("to")
+        to = [to] if isinstance(to, str) else to
+        if not isinstance(to, list) or not to or not all(isinstance(d, str) for d in to):
+            raise ConfigError(f"{label}: to must name the PACS it sends to, e.g. to = [\"orthanc\"]")
+        for dest in to:
+            if dest not in pacs:
+                known = ", ".join(sorted(pacs)) or "none"
+                fix = (f"did you mean {dest.lower()!r}? PACS names are lower case" if dest.lower() in pacs else
+                       f"add a [pacs.{dest}] table with a url, or fix the name")
+                raise ConfigError(f"{label}: to names {dest!r}, which is not configured (configured: {known}): {fix}")
+        match = table.get("match", {})
+        if not isinstance(match, dict):
+            raise ConfigError(f"{label}: match must be a table, e.g. match = {{ Modality = [\"MG\", \"DBT\"] }}")
+        try:
+            conditions = tuple(routing.condition(key, value) for key, value in match.items())
+        except routing.BadCondition as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+        if routes and not routes[-1].conditions and not routes[-1].go_on:
+            raise ConfigError(f"{where}: route {routes[-1].name!r} matches every file, so route {name!r} after it "
+                              f"is never tried: put {routes[-1].name!r} last, or give it continue = true")
+        routes.append(routing.Route(name, tuple(dict.fromkeys(to)), conditions, go_on))
+    return tuple(routes)
 
 
 def validate(config: Config, where: str = "config") -> None:
@@ -594,4 +654,12 @@ def to_toml(config: Config, *, mask: bool = True) -> str:
         "pacs": {name: plain(p, skip=("name",)) for name, p in config.pacs.items()},
         "audit": plain(config.audit),
     }
+    if config.routes:
+        doc["route"] = []
+        for r in config.routes:
+            table: dict[str, Any] = {"name": r.name, "to": list(r.to), "continue": r.go_on}
+            if r.conditions:
+                table["match"] = {c.key: c.written if isinstance(c.written, str) else list(c.written)
+                                  for c in r.conditions}
+            doc["route"].append(table)
     return tomli_w.dumps(doc)

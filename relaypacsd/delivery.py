@@ -22,6 +22,7 @@ from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.queues import Destination, Item
 from relaypacsd.records import changed_update, log_attempt, update_for
+from relaypacsd.routing import RouteDecision, Unrouted, inactive_reason, kept_inactive_reason, unmatched_reason
 from relaypacsd.spool import Spool
 
 # Names callers and tests import from here, now living in the modules above.
@@ -99,15 +100,30 @@ class Engine:
 
     # -- intake ------------------------------------------------------------------------------------
 
-    def submit(self, path: Path, spool: Spool, info: DicomInfo) -> None:
-        """Take a valid file in sending/ and queue it for every destination that has not confirmed it."""
+    def submit(self, path: Path, spool: Spool, info: DicomInfo, route: RouteDecision | None = None) -> None:
+        """Take a valid file in sending/ and queue it for every destination that has not confirmed it: every
+        active one, or with `route` (routing configured) its route's. A file that has journal rows keeps the
+        destinations it was given (a reload's routes apply to files claimed after it); Unrouted when it is
+        left with no active destination (no route matched, or none of its PACS is active)."""
         key = str(path)
-        rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
+        if route is None or not self.destinations:  # PACS_ENABLED=false: validated and parked, as without routes
+            rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
+            targets, name = frozenset(), ""
+        else:
+            rows = self.journal.ensure(key, [d for d in route.destinations if d in self.destinations],
+                                       sop=info.sop_instance_uid, route=route.name, keep=True)
+            targets = frozenset(d for d in rows if d in self.destinations)
+            name = next((r.route for r in rows.values() if r.route), "")  # '' for rows made before routing
+            if not targets:
+                if rows:
+                    raise Unrouted(kept_inactive_reason(name, sorted(rows)), route, name)
+                raise Unrouted(inactive_reason(route) if route.matched else unmatched_reason(route), route)
         now_wall, now_mono = time.time(), time.monotonic()
         first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
         born = now_mono - max(0.0, now_wall - first_seen)
         pending = {d for d, r in rows.items() if d in self.destinations and owed(r.state)}
-        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen)
+        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen,
+                    route=name, targets=targets)
         with self._items_lock:
             if path in self._items:
                 return  # already queued (a rescan of sending/ found it again)

@@ -69,6 +69,24 @@ class HistoryBook:
         return self.store.change(PRUNE, (before, limit))
 
 
+class HistoryMethods:
+    """The journal's history methods, for a journal class holding a `HistoryBook` as `_history`."""
+
+    _history: HistoryBook
+
+    def record_history(self, records: list[HistoryRecord]) -> None:
+        """Add records to the delivery history in one commit (a refusal, a requeue: no row records them)."""
+        self._history.record(records)
+
+    def find_history(self, query: HistoryQuery) -> list[HistoryRecord]:
+        """The newest history records matching `query`, newest first."""
+        return self._history.find(query)
+
+    def prune_history(self, before: float, limit: int) -> int:
+        """Drop up to `limit` of the oldest history records older than `before`; return how many went."""
+        return self._history.prune(before, limit)
+
+
 def select(query: HistoryQuery) -> tuple[str, list[Any]]:
     """The SELECT for `query`: every filter given must match; newest first, at most `query.limit` records."""
     where: list[str] = []

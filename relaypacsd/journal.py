@@ -38,6 +38,7 @@ class DeliveryRow:
     first_seen: float
     last_error: str
     last_code: int | None
+    route: str = ""  # the routes that gave the file this destination, comma-joined ('' without [[route]])
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,10 @@ class Journal(Protocol):
         """Every destination's rows for several files (an empty dict for a file without rows)."""
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "") -> dict[str, DeliveryRow]:
+               sop: str = "", route: str = "", keep: bool = False) -> dict[str, DeliveryRow]:
         """Create pending rows for the destinations a file has none for (dropping rows another instance left
-        under the same path) and take over a retry's marked copy; return all rows."""
+        under the same path) and take over a retry's marked copy; return all rows. New rows carry `route`.
+        `keep` (routing): a file that still has rows keeps exactly those destinations; none are added."""
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:
@@ -126,7 +128,7 @@ class Journal(Protocol):
     def prune_instances(self, limit: int = ...) -> int:
         """Drop up to `limit` remembered instances older than the memory; return how many went."""
 
-    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update]) -> None:
+    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update], route: str = "") -> None:
         """Write back rows that went missing under a settled file, with a history line; no counter moves."""
 
     def history(self, path: str) -> list[dict[str, Any]]:
@@ -167,6 +169,9 @@ class Journal(Protocol):
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Number of rows per destination and state."""
+
+    def route_counts(self) -> dict[str, int]:
+        """Files that some destination still owes (pending or waiting), per route name ('' unrouted)."""
 
 
 def open_journal(state_dir: Path, *, readonly: bool = False, instance_days: float = INSTANCE_MEMORY_DAYS) -> Journal:

@@ -44,6 +44,11 @@ class Item:
     # vanish under a file (a `relaypacsd retry` racing a claim of the same name), and no rows is no verdict.
     settled: dict[str, Update] = field(default_factory=dict)
     conflicts: dict[str, dict[str, object]] = field(default_factory=dict)  # per destination, for the sidecar
+    # The routes that matched it, comma-joined ('' when no [[route]] is configured): sidecar, logs, history.
+    route: str = ""
+    # The active destinations it goes to (its route's, or every active one); empty: every active destination.
+    # The file reaches sent/ once each of these confirmed it.
+    targets: frozenset[str] = frozenset()
 
     @property
     def part(self) -> Part:

@@ -4,6 +4,7 @@ error line), and the log lines of one send attempt. fate.py decides; this only s
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from loguru import logger
@@ -33,13 +34,13 @@ def update_for(dest: str, item: Item, result: InstanceResult, fate: Fate, cfg: D
         state = Verdict.DELIVERED.value
         extra = {"sop": item.info.sop_instance_uid, "digest": item.info.digest}
     elif fate.reason is FailReason.UID_CONFLICT:
-        logger.error("PACS forward {} UID conflict: {} uid={}: {}", dest, item.spool.relative(item.path),
-                     item.info.sop_instance_uid, result.reason)
+        logger.error("PACS forward {} UID conflict: {} uid={}{}: {}", dest, item.spool.relative(item.path),
+                     item.info.sop_instance_uid, _routes([item]), result.reason)
     elif fate.verdict is Verdict.FAILED:
         if fate.reason is FailReason.TOO_OLD:
             detail = f"gave up after {cfg.max_age_hours:g} h of retries; last error: {detail}"
-        logger.error("PACS forward {} failed: {} uid={}: {}", dest, item.spool.relative(item.path),
-                     item.info.sop_instance_uid, detail)
+        logger.error("PACS forward {} failed: {} uid={}{}: {}", dest, item.spool.relative(item.path),
+                     item.info.sop_instance_uid, _routes([item]), detail)
         event = "failed"
     else:
         delay = backoff(cfg.retry_delay, attempts, cfg.retry_backoff_max)
@@ -61,7 +62,7 @@ def _record(dest: str, item: Item, result: InstanceResult, fate: Fate, cfg: Deli
     else:
         outcome = history.WAITING
     status = result.http_status if result.http_status is not None else result.reason_code
-    return history.record_of(item.info, item.spool, item.path, time.time(), route=getattr(item, "route", ""),
+    return history.record_of(item.info, item.spool, item.path, time.time(), route=item.route,
                              destination=dest, outcome=outcome, status_code=status, reason=detail,
                              attempt=attempt, duration_ms=duration_ms)
 
@@ -87,9 +88,17 @@ def log_attempt(dest: str, items: list[Item], results: list[InstanceResult], sta
         files = ",".join(str(i.spool.relative(i.path)) for i, _ in pairs)
         uids = ",".join(i.info.sop_instance_uid for i, _ in pairs)
         reason = pairs[0][1].reason
+        routes = _routes(i for i, _ in pairs)
         if outcome.delivered:
-            logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}", dest,
-                        outcome.value, len(pairs), ms, http, files, uids)
+            logger.info("PACS forward {} {}: {} file(s) in {:.0f} ms ({}) files={} uids={}{}", dest,
+                        outcome.value, len(pairs), ms, http, files, uids, routes)
         else:
-            logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} uids={}",
-                           dest, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids)
+            logger.warning("PACS forward {} {}: {} file(s) not delivered (attempt {}, {} ms, {}): {} files={} "
+                           "uids={}{}", dest, outcome.value, len(pairs), attempt, round(ms), http, reason, files, uids,
+                           routes)
+
+
+def _routes(items: Iterable[Item]) -> str:
+    """' routes=mammo,default' naming the routes of these files (each once), '' when none is routed."""
+    names = dict.fromkeys(r for i in items if i.route for r in i.route.split(","))
+    return f" routes={','.join(names)}" if names else ""

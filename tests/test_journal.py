@@ -40,6 +40,7 @@ def test_an_older_journal_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
              Update("/s/sending/a.dcm", "orthanc", "failed", "uid_conflict", "uid_conflict: x")])
     assert j.known_instances("orthanc", ["1.2.4"])["1.2.4"].digest == "d1"
     assert j._exec("SELECT conflicts FROM destinations") == [(1,)]
+    assert j.rows("/s/sending/a.dcm")["orthanc"].route == ""  # the route column (#11) added, empty
     j.close()
 
 
@@ -64,14 +65,19 @@ def test_a_read_only_journal_reads_an_older_file_without_upgrading_it(tmp_path):
     db = sqlite3.connect(tmp_path / "journal.sqlite3")
     db.executescript(OLD_SCHEMA)
     db.execute("INSERT INTO destinations (dest, healthy, last_change, delivered) VALUES ('orthanc', 1, 1, 3)")
+    db.execute("INSERT INTO deliveries (path, dest, sop, state, first_seen, updated) "
+               "VALUES ('/s/sending/a.dcm', 'orthanc', '1.2.3', 'pending', 1, 1)")
     db.commit()
     db.close()
     j = open_journal(tmp_path, readonly=True)
     assert j.destinations()["orthanc"]["conflicts"] == 0 and j.destinations()["orthanc"]["delivered"] == 3
-    assert j.counts() == {}
+    assert j.counts() == {"orthanc": {"pending": 1}}
+    # No route column yet (#11): rows read without one, and no route counted
+    assert j.rows("/s/sending/a.dcm")["orthanc"].route == "" and j.route_counts() == {}
     j.close()
     db = sqlite3.connect(tmp_path / "journal.sqlite3")
     assert "conflicts" not in {r[1] for r in db.execute("PRAGMA table_info(destinations)")}
+    assert "route" not in {r[1] for r in db.execute("PRAGMA table_info(deliveries)")}
     assert db.execute("SELECT name FROM sqlite_master WHERE name = 'instances'").fetchall() == []
     db.close()
 

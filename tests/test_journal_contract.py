@@ -178,6 +178,60 @@ class TestMoves:
         assert "restored" in journal.history("/s/sending/a.dcm")[-1]["detail"]
 
 
+class TestRoutes:
+    """Routing (#11): each row names the routes that gave the file that destination, and a file that has rows
+    keeps its destinations when the routes change (a reload) or the daemon restarts."""
+
+    def test_new_rows_carry_the_route_and_every_read_returns_it(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3", route="research,default")
+        assert {r.route for r in journal.rows("/s/sending/a.dcm").values()} == {"research,default"}
+        assert journal.rows_at("b", ["/s/sending/a.dcm"])["/s/sending/a.dcm"].route == "research,default"
+        assert journal.rows_of(["/s/sending/a.dcm"])["/s/sending/a.dcm"]["a"].route == "research,default"
+        journal.ensure("/s/sending/b.dcm", ["a"])
+        assert journal.rows("/s/sending/b.dcm")["a"].route == ""  # no [[route]] configured
+
+    def test_keep_gives_a_file_with_rows_no_new_destination(self, journal):
+        rows = journal.ensure("/s/sending/a.dcm", ["a"], sop="1.2.3", route="mammo", keep=True)
+        assert states(rows) == {"a": "pending"}
+        journal.update("/s/sending/a.dcm", "a", state="delivered", event="delivered")
+        rows = journal.ensure("/s/sending/a.dcm", ["b", "c"], sop="1.2.3", route="default", keep=True)
+        assert states(rows) == {"a": "delivered"} and rows["a"].route == "mammo"
+        # Without keep (no routes): every active destination, as before routing existed
+        assert states(journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3")) == {"a": "delivered", "b": "pending"}
+
+    def test_keep_routes_a_new_instance_under_a_reused_name_afresh(self, journal):
+        """The old file's destinations are another file's: dropped first, then the new file's routes count."""
+        journal.ensure("/s/sending/IMG.dcm", ["a"], sop="1.2.3", route="mammo", keep=True)
+        rows = journal.ensure("/s/sending/IMG.dcm", ["b"], sop="4.5.6", route="default", keep=True)
+        assert states(rows) == {"b": "pending"} and rows["b"].route == "default"
+
+    def test_keep_with_no_destination_creates_nothing_and_returns_what_is_there(self, journal):
+        assert journal.ensure("/s/sending/a.dcm", [], sop="1.2.3", keep=True) == {}
+        journal.ensure("/s/sending/b.dcm", ["a"], sop="7.7", route="mammo", keep=True)
+        assert states(journal.ensure("/s/sending/b.dcm", [], sop="7.7", keep=True)) == {"a": "pending"}
+
+    def test_the_route_follows_the_file_through_moves_copies_and_restores(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a"], sop="1.2.3", route="mammo")
+        journal.rename("/s/sending/a.dcm", "/s/failed/a.dcm")
+        assert journal.rows("/s/failed/a.dcm")["a"].route == "mammo"
+        assert journal.copy("/s/failed/a.dcm", "/s/sending/a.dcm", "t1")
+        assert journal.rows("/s/sending/a.dcm")["a"].route == "mammo"
+        journal.forget("/s/sending/a.dcm")
+        journal.restore("/s/sending/a.dcm", "1.2.3", 5.0, [Update("/s/sending/a.dcm", "a", "failed", "failed")],
+                        route="mammo")
+        assert journal.rows("/s/sending/a.dcm")["a"].route == "mammo"
+
+    def test_route_counts_are_files_still_owed_per_route(self, opener):
+        journal = opener()
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], route="mammo")
+        journal.ensure("/s/sending/b.dcm", ["a"], route="mammo")
+        journal.ensure("/s/sending/c.dcm", ["a"], route="default")
+        journal.ensure("/s/sending/d.dcm", ["a"])
+        journal.update("/s/sending/c.dcm", "a", state="delivered", event="delivered")
+        assert journal.route_counts() == {"mammo": 2, "": 1}
+        assert opener(readonly=True).route_counts() == {"mammo": 2, "": 1}
+
+
 class TestRetry:
     def test_reset_failed_puts_only_failed_rows_back_to_pending(self, journal):
         key = "/s/failed/a.dcm"

@@ -17,16 +17,17 @@ from relaypacsd.spool import Spool
 from relaypacsd.timefmt import iso_time
 
 
-def _read_journal(state_dir: Path) -> tuple[dict[str, DestinationStats], dict[str, dict[str, int]]]:
-    """Destinations with their counters and per-state counts, read-only (safe while the daemon writes)."""
+def _read_journal(state_dir: Path) -> tuple[dict[str, DestinationStats], dict[str, dict[str, int]], dict[str, int]]:
+    """Destinations with their counters, per-state counts and files waiting per route, read-only (safe while the
+    daemon writes)."""
     try:
         journal = open_journal(state_dir, readonly=True)
     except JournalError:
-        return {}, {}
+        return {}, {}, {}
     try:
-        return journal.destinations(), journal.counts()
+        return journal.destinations(), journal.counts(), journal.route_counts()
     except JournalError:
-        return {}, {}
+        return {}, {}, {}
     finally:
         journal.close()
 
@@ -49,7 +50,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
     state_dir = Path(config.daemon.state_dir)
     roots = [folders_of(Spool(Path(w.path))).to_dict() for w in config.watch]  # as the daemon counts
-    dests, counts = _read_journal(state_dir)
+    dests, counts, by_route = _read_journal(state_dir)
     daemon = _daemon_state(state_dir)
     now = time.time()
     pacs = []
@@ -67,8 +68,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                      "delivered": d.get("delivered", 0), "failed": d.get("failed", 0),
                      "uid_conflicts": d.get("conflicts", 0),
                      "waiting": counts.get(p.name, {}).get("waiting", 0) + counts.get(p.name, {}).get("pending", 0)})
+    active = set(config.delivery.active_pacs) if config.delivery.enabled else set()
+    routes = [{"name": r.name, "match": r.describe(), "to": list(r.to), "continue": r.go_on,
+               "inactive": [d for d in r.to if d not in active],
+               # files in sending/ that some PACS still owes, given by this route (alone or with others)
+               "waiting": sum(n for names, n in by_route.items() if r.name in names.split(","))}
+              for r in config.routes]
     if args.json:
-        print_json({"daemon": daemon, "watch": roots, "pacs": pacs})
+        print_json({"daemon": daemon, "watch": roots, "pacs": pacs, "routes": routes})
         return EXIT_OK
     if daemon["running"]:
         print(f"daemon: running (pid {daemon['pid']}, heartbeat {human_age(daemon['heartbeat_age_seconds'])} ago, "
@@ -87,6 +94,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                       p["delivered"], p["failed"], p["uid_conflicts"], p["waiting"], _short(p["last_error"])] for p in pacs]))
     else:
         print("no active PACS")
+    if routes:
+        print()
+        print(table(["route", "match", "to", "waiting"],
+                    [[r["name"] + (" (continue)" if r["continue"] else ""), _short(r["match"], 60),
+                      ", ".join(d + (" (not active)" if d in r["inactive"] else "") for d in r["to"]), r["waiting"]]
+                     for r in routes]))
     return EXIT_OK
 
 
