@@ -158,7 +158,7 @@ def _lazy(module: str, name: str) -> Command:
 
 
 def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """status, retry, send, query, retrieve, route, verify (docs/commands.md)."""
+    """status, retry, send, query, retrieve, route, verify, history (docs/commands.md)."""
     p = sub.add_parser("status", help="counts per folder, oldest waiting file, each PACS's health (safe while running)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_lazy("status", "cmd_status"))
@@ -207,11 +207,38 @@ def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_lazy("route", "cmd_route"))
 
+    _add_history_command(sub)
+
     p = sub.add_parser("verify", help="is every instance (of a study, or of these files) at every PACS it is routed to?")
     p.add_argument("targets", nargs="+", metavar="STUDY_UID|PATH")
     p.add_argument("--from", dest="source", metavar="NAME", help="the PACS listing the study (default: first active)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_lazy("query", "cmd_verify"))
+
+
+def _add_history_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """history (commands/history.py): every filter given must match; newest first."""
+    from relaypacsd.history import DEFAULT_LIMIT, OUTCOMES
+
+    p = sub.add_parser("history", help="where did a study go: the delivery history, newest first (safe while running)",
+                       description="The delivery history: one record per instance, per PACS, per outcome, newest "
+                                   "first. Every filter given must match. T is ISO 8601 (UTC unless it has an offset) "
+                                   "or a time ago: 30m, 2h, 3d, 1w.")
+    p.add_argument("--study", metavar="UID", help="StudyInstanceUID")
+    p.add_argument("--patient", metavar="ID", help="PatientID")
+    p.add_argument("--accession", metavar="N", help="AccessionNumber")
+    p.add_argument("--sop", metavar="UID", help="SOPInstanceUID")
+    p.add_argument("--file", metavar="NAME", help="the name below sending/ as claimed (CT1/IM0001), or a path in a "
+                                                  "watch root")
+    p.add_argument("--pacs", metavar="NAME", help="the destination")
+    p.add_argument("--outcome", choices=OUTCOMES, metavar="O", help=f"one of {', '.join(OUTCOMES)}")
+    p.add_argument("--since", metavar="T", help="records at or after T")
+    p.add_argument("--until", metavar="T", help="records at or before T")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
+                   help=f"the newest N records (default {DEFAULT_LIMIT}; 0: every match)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table (default), csv (RFC 4180 with a header row, for a spreadsheet) or json")
+    p.set_defaults(func=_lazy("history", "cmd_history"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -351,9 +351,11 @@ class Daemon:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        removed = retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
-        if removed and self.tally is not None:
-            self.tally.count(self.spools, self.stop_event)  # removed per root is not told: walk sent/ again
+        if self.config.delivery.sent_retention_days > 0:
+            removed = retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
+            if removed and self.tally is not None:
+                self.tally.count(self.spools, self.stop_event)  # removed per root is not told: walk sent/ again
+        retention.prune_history(self.journal, self.config.delivery.history_days, self.stop_event)
 
     def _heartbeat_job(self) -> None:
         self.pauses.follow(self.engine.destinations)  # `relaypacsd pause` from another shell: one stat

@@ -21,7 +21,7 @@ from relaypacsd.journal import Journal, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.queues import Destination, Item
-from relaypacsd.records import log_attempt, update_for
+from relaypacsd.records import changed_update, log_attempt, update_for
 from relaypacsd.routing import RouteDecision, Unrouted, inactive_reason, kept_inactive_reason, unmatched_reason
 from relaypacsd.spool import Spool
 
@@ -196,9 +196,11 @@ class Engine:
         cfg = self.config.delivery
         by_part = {item.part: item for item in batch}
         went_down: list[tuple[str, float]] = []
+        last_ms: list[float] = [0.0]  # the last request's: what on_results settles comes from it
 
         def on_attempt(parts: list[Part], results: list[InstanceResult], status: int | None, ms: float,
                        attempt: int, down: str | None) -> None:
+            last_ms[0] = ms
             if down is not None:
                 went_down.append((down, time.monotonic() - ms / 1000))
             self._log_batch(dest, [by_part[p] for p in parts], results, status, ms, attempt)
@@ -208,7 +210,7 @@ class Engine:
             for item, result in pairs:
                 if isinstance(result, Changed):
                     self._drop_changed(item, result)
-            self._record_many(dest, [(i, r) for i, r in pairs if not isinstance(r, Changed)])
+            self._record_many(dest, [(i, r) for i, r in pairs if not isinstance(r, Changed)], last_ms[0])
 
         deliver_parts(UidChecked(self.journal, dest, by_part), list(by_part), cfg.retry_attempts, cfg.retry_delay,
                       self._sleep, on_results, on_attempt=on_attempt,
@@ -230,9 +232,10 @@ class Engine:
 
     # -- outcomes -> states --------------------------------------------------------------------------
 
-    def _record_many(self, dest: Destination, pairs: list[tuple[Item, InstanceResult]]) -> None:
-        """Turn each instance's outcome at one destination into journal state (one commit) and, for the
-        files that have settled everywhere, a folder move."""
+    def _record_many(self, dest: Destination, pairs: list[tuple[Item, InstanceResult]],
+                     duration_ms: float | None = None) -> None:
+        """Turn each instance's outcome at one destination into journal state and history (one commit) and, for
+        the files that have settled everywhere, a folder move. `duration_ms`: the request's that answered."""
         cfg = self.config.delivery
         # The look at which files are still tracked and the commit are one step for _drop_changed: a file
         # dropped in between gets a new version's rows under its name, which this answer must not update.
@@ -241,8 +244,7 @@ class Engine:
                 dropped = [(item, r) for item, r in pairs if self._items.get(item.path) is not item]
                 pairs = [(item, r) for item, r in pairs if self._items.get(item.path) is item]
             # Yet the PACS has those old bytes under the UID now: remembered, so the new version conflicts there.
-            self.journal.remember([Update(str(item.path), dest.name, "delivered", r.outcome.value,
-                                          sop=item.info.sop_instance_uid, digest=item.info.digest)
+            self.journal.remember([changed_update(dest.name, item, r, cfg, duration_ms)
                                    for item, r in dropped if r.outcome.delivered])
             if not pairs:
                 return
@@ -252,9 +254,9 @@ class Engine:
             parked: list[tuple[Item, float]] = []
             for item, result in pairs:
                 row = rows.get(str(item.path))
-                fate = instance_fate(result.outcome, (row.attempts if row else 0) + 1,
-                                     time.monotonic() - item.born, cfg.max_age_hours * 3600)
-                update, delay = update_for(dest.name, item, result, fate, cfg)
+                attempt = (row.attempts if row else 0) + 1
+                fate = instance_fate(result.outcome, attempt, time.monotonic() - item.born, cfg.max_age_hours * 3600)
+                update, delay = update_for(dest.name, item, result, fate, cfg, attempt=attempt, duration_ms=duration_ms)
                 updates.append(update)
                 if delay is None:
                     settled.append((item, update))

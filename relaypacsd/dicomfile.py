@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,15 +28,6 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Values above this stay on disk during validation: pixel data is never loaded here.
 _DEFER = 1024
 _UNDEFINED = 0xFFFFFFFF
-
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-def is_uid(text: str) -> bool:
-    """True for a well-formed DICOM UID: digits and dots, at most 64 characters, no leading zeros."""
-    return (len(text) <= 64 and bool(_UID_RE.match(text))
-            and not any(len(c) > 1 and c.startswith("0") for c in text.split(".")))
 
 
 @dataclass(frozen=True)

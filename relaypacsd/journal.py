@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, TypedDict
 
+from relaypacsd.history import HistoryQuery, HistoryRecord
+
 JOURNAL_FILE = "journal.sqlite3"  # in the state directory
 INSTANCE_MEMORY_DAYS = 365.0
 CONFLICT_EVENT = "uid_conflict"  # Outcome.UID_CONFLICT's value: its history event and its counter
@@ -53,6 +55,7 @@ class Update:
     code: int | None = None
     sop: str = ""     # with a digest, a 'delivered' update is remembered in the lasting instance memory
     digest: str = ""
+    record: HistoryRecord | None = None  # the delivery history's record of this answer, written in the same commit
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,21 @@ class Journal(Protocol):
         """Record a new state for one file at one destination, with a history line."""
 
     def apply(self, updates: list[Update]) -> None:
-        """Record several new states at once (one commit), counting deliveries, failures and UID conflicts."""
+        """Record several new states at once (one commit), counting deliveries, failures and UID conflicts, with
+        each update's history record."""
 
     def remember(self, updates: list[Update]) -> None:
-        """Only the lasting instance memory's part of 'delivered' updates; no row moves."""
+        """Only the lasting instance memory's part of 'delivered' updates (and their history records); no row
+        moves."""
+
+    def record_history(self, records: list[HistoryRecord]) -> None:
+        """Add records to the delivery history (one commit): events no row records (a refusal, a requeue)."""
+
+    def find_history(self, query: HistoryQuery) -> list[HistoryRecord]:
+        """The newest history records matching `query`, newest first (none from a journal without history)."""
+
+    def prune_history(self, before: float, limit: int) -> int:
+        """Drop up to `limit` of the oldest history records older than `before`; return how many went."""
 
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         """What `dest` confirmed earlier under these SOP Instance UIDs."""

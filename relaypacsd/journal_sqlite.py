@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd import sqlite_destinations, sqlite_instances
+from relaypacsd import history_sqlite, sqlite_destinations, sqlite_instances
+from relaypacsd.history_sqlite import HistoryBook, HistoryMethods
 from relaypacsd.journal import CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, KnownInstance, Update
 from relaypacsd.sqlite_db import Database, Statement
 from relaypacsd.sqlite_destinations import DestinationBook
@@ -55,18 +56,19 @@ ADDED_COLUMNS = [
 ROW_COLUMNS = "path, dest, state, attempts, next_try, first_seen, last_error, last_code, route"
 
 
-class SqliteJournal:
+class SqliteJournal(HistoryMethods):
     """Thread-safe access to the journal database in the state directory: the delivery rows and their
     history here; the lasting instance memory and the destinations' health and counters in parts of their own."""
 
     def __init__(self, path: Path, instance_days: float = INSTANCE_MEMORY_DAYS, *, readonly: bool = False):
         self.path = path
         self.instance_days = instance_days
-        self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA, ADDED_COLUMNS,
-                               readonly=readonly)
+        self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA
+                               + history_sqlite.SCHEMA, ADDED_COLUMNS, readonly=readonly)
         self._lock = self._store.lock
         self._instances = InstanceMemory(self._store, instance_days)
         self._destinations = DestinationBook(self._store)
+        self._history = HistoryBook(self._store)
         self._columns = "" if readonly else ROW_COLUMNS  # read-only: looked up at the first query (see _rows)
 
     @property
@@ -154,13 +156,14 @@ class SqliteJournal:
                 failed[u.dest] = failed.get(u.dest, 0) + 1
             stmts += self._instances.statements(u, now)
         stmts += self._destinations.count_statements(delivered, failed, now)
+        stmts += self._history.statements([u.record for u in updates if u.record is not None])
         if stmts:
             self._tx(stmts)
 
     def remember(self, updates: list[Update]) -> None:
-        """Only the lasting memory's part of 'delivered' updates: what a PACS confirmed of a file dropped
-        meanwhile (it changed); its rows are another version's now and must not move."""
-        self._instances.remember(updates)
+        """Only the lasting memory's part of 'delivered' updates (and their history records): what a PACS confirmed
+        of a file dropped meanwhile (it changed); its rows are another version's now and must not move."""
+        self._instances.remember(updates, self._history.statements([u.record for u in updates if u.record]))
 
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         """What `dest` confirmed earlier under these SOP Instance UIDs (the lasting memory), in one query."""

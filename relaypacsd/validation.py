@@ -9,11 +9,11 @@ from typing import Callable
 
 from loguru import logger
 
-from relaypacsd import archive, dicomfile, fate, routing
+from relaypacsd import archive, dicomfile, fate, history, routing
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
 from relaypacsd.dicomfile import DicomInfo
-from relaypacsd.errors import InvalidDicomError, RelayPacsError
+from relaypacsd.errors import InvalidDicomError, JournalError, RelayPacsError
 from relaypacsd.spool import Spool, now_iso, printable, valid_path
 
 
@@ -70,6 +70,7 @@ class Validation:
                 stage, next_step = fate.refusal(exc)
                 new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                     "next_step": next_step})
+                self.record_refusal(spool, path, new, stage, str(exc))
                 self._may_be_empty(spool, path.parent)
                 logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
                                spool.relative(new))
@@ -104,18 +105,38 @@ class Validation:
         try:
             self.engine.submit(path, spool, info, decision)
         except routing.Unrouted as exc:  # no route matched, or none of its PACS is active: failed/, stage routing
-            new = self._refuse(spool, path, exc, _routing_sidecar(info, exc))
+            new = self._refuse(spool, path, exc, _routing_sidecar(info, exc), info=info, route=exc.route)
             self.engine.journal.rename(str(path), str(new))  # rows it kept from before (a retry finds them)
             logger.warning("routing refused {}: {} (moved to failed/{})", rel, exc, spool.relative(new))
 
-    def _refuse(self, spool: Spool, path: Path, exc: RelayPacsError, extra: dict[str, object] | None = None) -> Path:
-        """Move a file that validation or routing refused to failed/ with its sidecar, as fate.refusal says."""
+    def _refuse(self, spool: Spool, path: Path, exc: RelayPacsError, extra: dict[str, object] | None = None, *,
+                info: DicomInfo | None = None, route: str = "") -> Path:
+        """Move a file that validation or routing refused to failed/ with its sidecar, as fate.refusal says, and
+        record the refusal in the delivery history (`info`: what the walk read of a valid instance)."""
         stage, next_step = fate.refusal(exc)
         new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                             "next_step": next_step, **(extra or {})})
+        self.record_refusal(spool, path, new, stage, str(exc), info=info, route=route)
         self.counters["failed"] += 1
         self._may_be_empty(spool, path.parent)
         return new
+
+    def record_refusal(self, spool: Spool, path: Path, new: Path, stage: str, reason: str, *,
+                       info: DicomInfo | None = None, route: str = "") -> None:
+        """Add a refusal to the delivery history: the file claimed as `path`, now `new` in failed/, refused at
+        `stage` (validation, dicomdir, archive, routing) before any PACS saw it."""
+        if self.config.delivery.history_days <= 0:
+            return
+        why = f"{stage}: {reason}"
+        if info is not None:  # routing: what the walk read, not read again
+            record = history.record_of(info, spool, path, time.time(), route=route, outcome=history.REFUSED,
+                                       reason=why)
+        else:
+            record = history.record_of_file(spool, new, time.time(), outcome=history.REFUSED, reason=why, name=path)
+        try:
+            self.engine.journal.record_history([record])
+        except JournalError as exc:  # the file is in failed/ with its sidecar: only the history lacks it
+            logger.warning("delivery history: cannot record the refusal of {}: {}", spool.relative(path), exc)
 
     def _quiet_for(self, path: Path) -> float:
         """Seconds an incomplete file has stayed unchanged (size and mtime) since this daemon first saw it so.

@@ -53,6 +53,7 @@ def test_any_pacs_name_gets_its_environment_variables():
     ({"watch": [{"path": "/a", "observer": "magic"}]}, {}, ["watch[0].observer", "polling"]),
     ({"pacs": {"x": {"url": "ftp://x"}}}, {}, ["pacs.x.url", "http://"]),
     ({"pacs": {"orthanc": {"url": "http://x", "password": 5}}}, {}, ["pacs.orthanc.password", "(hidden)"]),
+    ({"delivery": {"history_days": -1}}, {}, ["delivery.history_days", "0 to 36500 days (0: no history)"]),
 ])
 def test_bad_config_names_the_key_and_the_fix(raw, env, words):
     with pytest.raises(ConfigError) as exc:

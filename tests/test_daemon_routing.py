@@ -209,3 +209,23 @@ def test_a_file_given_every_pacs_before_routes_existed_keeps_them(tmp_path):
     finally:
         daemon.shutdown(timeout=5)
     assert (main.received(sop), breast.received(sop)) == (1, 1) and finished == [("", "sent")]
+
+
+def test_the_history_names_the_route_of_each_delivery_and_an_unmatched_files_refusal(tmp_path):
+    """#12: the route is in each record; a routing refusal is a record without a PACS, with what the walk read."""
+    from relaypacsd.history import HistoryQuery
+
+    daemon, main, breast = make(tmp_path, [MAMMO])
+    daemon.start()
+    try:
+        mg = drop(daemon, "mg.dcm", "MG")
+        ct = drop(daemon, "ct.dcm", "CT")
+        assert wait_until(lambda: count(daemon.spools[0], "sent") == 1 and count(daemon.spools[0], "failed") == 1)
+        found = {r.sop_instance_uid: r for r in daemon.journal.find_history(HistoryQuery())}
+    finally:
+        daemon.shutdown(timeout=5)
+    assert (found[mg].outcome, found[mg].destination, found[mg].route, found[mg].modality) == (
+        "delivered", "breast", "mammo", "MG")
+    assert (found[ct].outcome, found[ct].destination, found[ct].modality, found[ct].file) == (
+        "refused", "", "CT", "ct.dcm")
+    assert found[ct].reason.startswith("routing: no route matches this file")

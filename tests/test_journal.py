@@ -2,6 +2,7 @@
 
 The behaviour every backend shares is in test_journal_contract.py."""
 
+import os
 import sqlite3
 import time
 
@@ -91,3 +92,35 @@ def test_a_missing_or_unreadable_journal_is_a_journal_error(tmp_path):
             j.destinations()
     finally:
         j.close()
+
+
+def _modes(folder):
+    return {f.name: oct(f.stat().st_mode & 0o777) for f in folder.iterdir() if f.name.startswith("journal")}
+
+
+def test_the_journal_is_created_0600_with_its_wal_and_shm_whatever_the_umask(tmp_path):
+    """It holds PatientIDs (the delivery history): nobody but the service's user may read it."""
+    old = os.umask(0o000)
+    try:
+        journal = open_journal(tmp_path / "state")
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")  # the WAL and its index now exist
+        try:
+            assert _modes(tmp_path / "state") == {"journal.sqlite3": "0o600", "journal.sqlite3-wal": "0o600",
+                                                  "journal.sqlite3-shm": "0o600"}
+        finally:
+            journal.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_journal_an_older_release_left_readable_is_made_0600(tmp_path):
+    journal = open_journal(tmp_path)
+    journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")
+    for f in tmp_path.iterdir():
+        f.chmod(0o644)
+    reopened = open_journal(tmp_path)  # while the first still holds the WAL open
+    try:
+        assert set(_modes(tmp_path).values()) == {"0o600"}
+    finally:
+        reopened.close()
+        journal.close()

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
+from relaypacsd.history import HistoryQuery, HistoryRecord
 from relaypacsd.journal import JOURNAL_FILE, Journal, Update
 from relaypacsd.journal_sqlite import SqliteJournal
 
@@ -353,3 +354,78 @@ class TestDestinations:
         assert looking.counts() == {"a": {"pending": 1}} and looking.destinations()["a"]["healthy"] is True
         daemon.update("/s/sending/a.dcm", "a", state="delivered", event="delivered")
         assert looking.counts() == {"a": {"delivered": 1}} and looking.destinations()["a"]["delivered"] == 1
+
+
+def record(t=1000.0, **fields: Any) -> HistoryRecord:
+    """A history record at time `t`, its fields those given and a plain delivery's otherwise."""
+    base: dict[str, Any] = dict(watch="/srv/ct", file="CT1/IM1.dcm", sop_instance_uid="1.2.3.1",
+                                sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_instance_uid="1.2.3.9",
+                                study_instance_uid="1.2.3", patient_id="P1", accession_number="A1", modality="CT",
+                                route="", destination="orthanc", outcome="delivered", status_code=200,
+                                reason="delivered (HTTP 200): stored", bytes=39000, attempt=1, duration_ms=12.5,
+                                user="")
+    return HistoryRecord(t, **{**base, **fields})
+
+
+class TestHistory:
+    def test_records_come_back_whole_newest_first_with_ties_in_the_order_written(self, journal):
+        a, b, c = record(10.0, file="a"), record(20.0, file="b"), record(20.0, file="c", status_code=None,
+                                                                       duration_ms=None, user="alice")
+        journal.record_history([a, b])
+        journal.record_history([c])
+        assert journal.find_history(HistoryQuery()) == [c, b, a]
+
+    def test_the_default_is_the_newest_fifty_and_zero_means_every_match(self, journal):
+        journal.record_history([record(float(i), file=str(i)) for i in range(60)])
+        newest = journal.find_history(HistoryQuery())
+        assert [r.file for r in newest] == [str(i) for i in range(59, 9, -1)]
+        assert len(journal.find_history(HistoryQuery(limit=0))) == 60
+        assert [r.file for r in journal.find_history(HistoryQuery(limit=2))] == ["59", "58"]
+
+    def test_every_filter_given_must_match(self, journal):
+        journal.record_history([
+            record(1.0, study_instance_uid="9.1", file="s"), record(2.0, patient_id="P9", file="p"),
+            record(3.0, accession_number="A9", file="a"), record(4.0, sop_instance_uid="9.2", file="o"),
+            record(5.0, file="CT2/x.dcm"), record(6.0, destination="other", file="d"),
+            record(7.0, outcome="failed", file="f"), record(8.0, file="plain")])
+        only = {"study": "9.1", "patient": "P9", "accession": "A9", "sop": "9.2", "file": "CT2/x.dcm",
+                "pacs": "other", "outcome": "failed"}
+        for name, value in only.items():
+            assert len(journal.find_history(HistoryQuery(**{name: value}))) == 1, name
+        assert journal.find_history(HistoryQuery(pacs="other", outcome="failed")) == []
+        assert len(journal.find_history(HistoryQuery(pacs="orthanc", outcome="delivered", patient="P1"))) == 5
+        assert len(journal.find_history(HistoryQuery(study="", pacs=None))) == 8  # '' and None match anything
+
+    def test_since_and_until_bound_the_time_both_included(self, journal):
+        journal.record_history([record(float(t), file=str(t)) for t in range(10)])
+        found = journal.find_history(HistoryQuery(since=3.0, until=5.0))
+        assert [r.file for r in found] == ["5", "4", "3"]
+
+    def test_apply_writes_each_updates_record_with_its_answer(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3.1")
+        journal.apply([Update("/s/sending/a.dcm", "a", "delivered", "delivered", record=record(5.0)),
+                       Update("/s/sending/a.dcm", "b", "waiting", "transient", "503", 1, 99.0,
+                              record=record(5.0, destination="b", outcome="waiting", status_code=503)),
+                       Update("/s/sending/a.dcm", "c", "failed", "failed")])  # no record: none written
+        assert [(r.destination, r.outcome) for r in journal.find_history(HistoryQuery())] == [
+            ("b", "waiting"), ("orthanc", "delivered")]
+        journal.forget("/s/sending/a.dcm")  # the file reached sent/: its rows go, its history stays
+        assert len(journal.find_history(HistoryQuery(sop="1.2.3.1"))) == 2
+
+    def test_remember_writes_the_records_of_what_it_remembers(self, journal):
+        journal.remember([Update("/s/sending/a.dcm", "orthanc", "delivered", "delivered", sop="1.2.3.1", digest="x",
+                                 record=record(5.0))])
+        assert journal.find_history(HistoryQuery()) == [record(5.0)]
+
+    def test_pruning_drops_the_oldest_records_before_a_time_in_steps(self, journal):
+        journal.record_history([record(float(t), file=str(t)) for t in range(10)])
+        assert journal.prune_history(before=6.0, limit=4) == 4
+        assert journal.prune_history(before=6.0, limit=4) == 2
+        assert journal.prune_history(before=6.0, limit=4) == 0
+        assert [r.file for r in journal.find_history(HistoryQuery())] == ["9", "8", "7", "6"]
+
+    def test_a_read_only_journal_finds_what_the_daemon_records(self, opener):
+        daemon = opener()
+        looking = opener(readonly=True)
+        daemon.record_history([record(5.0)])
+        assert looking.find_history(HistoryQuery(study="1.2.3")) == [record(5.0)]
