@@ -2,7 +2,8 @@
 
 1. Latency: a spool with --sent files in sent/ (100,000 by default) and --failed files with sidecars in
    failed/, a real daemon serving the dashboard (an operator logged in), and every page and API answer asked
-   --rounds times, each time after the dashboard's one-second cache expired (so every answer is computed).
+   --rounds times, each time after the dashboard's one-second cache expired (so every answer is computed),
+   with --history records (1,000,000) in the delivery history.
    The issue's bound: every page under 200 ms.
 2. Overview open: bench/benchmark.py's relaypacsd drain against a real Orthanc, alternately with the
    dashboard off and with it on and the overview "open" (what the page asks every 3 s: /api/status and
@@ -39,7 +40,9 @@ from relaypacsd.localorthanc import LocalOrthanc, free_port  # noqa: E402
 from relaypacsd.web.users import User, hash_password, write_users  # noqa: E402
 
 PAGES = ["/", "/failed", "/config", "/api/status", "/api/charts?span=hour", "/api/charts?span=day",
-         "/api/failed", "/api/config", "/healthz"]
+         "/api/failed", "/api/config", "/healthz", "/history", "/api/history", "/api/history?study=1.2.826.0.1.3680043.10.4242",
+         "/api/history?patient=P04242", "/api/history?outcome=failed&pacs=orthanc", "/timeline?study=1.2.826.0.1.3680043.10.4242",
+         "/api/history?study=1.2.826.0.1.3680043.10.4242&limit=0", "/api/history?format=csv"]
 PASSWORD = "bench-operator-password"
 
 
@@ -57,6 +60,32 @@ def fill(spool: Path, sent: int, failed: int) -> None:
         (spool / "failed" / f"bad{i:05d}.dcm.error.json").write_text(json.dumps({
             "reason": f"orthanc: refused (case {i})", "stage": "delivery", "time": "2026-12-01T10:00:00+00:00",
             "next_step": "fix the cause, then retry", "pacs": {"orthanc": {"state": "failed", "reason_code": "0xC122"}}}))
+
+
+def fill_history(state_dir: Path, n: int) -> None:
+    """`n` delivery history records: 10,000 studies of 100 instances, one record each (a few failed)."""
+    from relaypacsd.history import HistoryRecord
+    from relaypacsd.journal import open_journal
+
+    journal = open_journal(state_dir)
+    now = time.time()
+    try:
+        batch = []
+        for i in range(n):
+            study = i % 10_000
+            batch.append(HistoryRecord(now - (n - i) * 0.03, watch="/srv/ct", file=f"S{study}/IM{i:07d}.dcm",
+                                       sop_instance_uid=f"1.2.826.0.1.3680043.11.{i}",
+                                       study_instance_uid=f"1.2.826.0.1.3680043.10.{study}",
+                                       series_instance_uid=f"1.2.826.0.1.3680043.12.{study}",
+                                       patient_id=f"P{study:05d}", accession_number=f"A{study:06d}", modality="CT",
+                                       destination="orthanc", outcome="failed" if i % 997 == 0 else "delivered",
+                                       status_code=200, bytes=40_000, attempt=1, duration_ms=12.0))
+            if len(batch) == 20_000:
+                journal.record_history(batch)
+                batch = []
+        journal.record_history(batch)
+    finally:
+        journal.close()
 
 
 def start(work: Path, web: str, extra: str = "") -> tuple[subprocess.Popen[bytes], str]:
@@ -91,6 +120,10 @@ def latency(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
     t0 = time.monotonic()
     fill(spool, args.sent, args.failed)
     print(f"spool: {args.sent} files in sent/, {args.failed} in failed/ (made in {time.monotonic() - t0:.1f} s)")
+    if args.history:
+        t0 = time.monotonic()
+        fill_history(work / "state", args.history)
+        print(f"history: {args.history} records (written in {time.monotonic() - t0:.1f} s)")
     users = work / "users.json"
     write_users(users, {"bench": User("bench", "operator", hash_password(PASSWORD))})
     port = free_port()
@@ -215,6 +248,7 @@ def overview_open(args: argparse.Namespace, tmp: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sent", type=int, default=100_000, help="files in sent/ for the latency part")
+    parser.add_argument("--history", type=int, default=1_000_000, help="delivery history records (0: none)")
     parser.add_argument("--failed", type=int, default=500, help="files in failed/ for the latency part")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each part")
     parser.add_argument("--counts", type=int, nargs="+", default=[2000], help="instances per drain")

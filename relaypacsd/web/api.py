@@ -3,19 +3,22 @@ operators with the session's CSRF token in the X-CSRF-Token header."""
 
 from __future__ import annotations
 
+import io
 import json
 from functools import partial
 from typing import Any
 
 import anyio.to_thread
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from relaypacsd.commands.common import UsageError
+from relaypacsd.commands.history import as_dict, write_csv
 from relaypacsd.errors import PauseError
 from relaypacsd.web.access import Access, Level, Verdict
 from relaypacsd.web.openapi import document
-from relaypacsd.web.view import DaemonView
+from relaypacsd.web.view import HISTORY_LIMIT, DaemonView
 
 MAX_BODY = 1 << 20  # bytes of a POST body: a selection of a few thousand ids fits
 FAILED_PAGE = 500  # files in one answer of /api/failed unless ?limit= says otherwise
@@ -57,6 +60,7 @@ class Api:
             Route("/api/pacs/{name}/pause", partial(self.pause, paused=True), methods=["POST"]),
             Route("/api/pacs/{name}/resume", partial(self.pause, paused=False), methods=["POST"]),
             Route("/api/config", self.config),
+            Route("/api/history", self.history),
         ]
 
     def healthz(self, request: Request) -> JSONResponse:
@@ -88,6 +92,22 @@ class Api:
     def failed(self, request: Request) -> JSONResponse:
         verdict = self.access.check(request, Level.FILES)
         return JSONResponse(failed_query(self.view, request.query_params)) if verdict.ok else refusal(verdict)
+
+    def history(self, request: Request) -> Response:
+        """The delivery history with `relaypacsd history`'s filters; ?format=csv downloads it as CSV."""
+        verdict = self.access.check(request, Level.FILES)
+        if not verdict.ok:
+            return refusal(verdict)
+        try:
+            found = self.view.history(request.query_params)
+        except UsageError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        if request.query_params.get("format") == "csv":
+            out = io.StringIO()
+            write_csv(found, out)
+            return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                            headers={"Content-Disposition": 'attachment; filename="relaypacsd-history.csv"'})
+        return JSONResponse({"records": [as_dict(r) for r in found], "limit": HISTORY_LIMIT})
 
     def config(self, request: Request) -> JSONResponse:
         verdict = self.access.check(request, Level.FILES)

@@ -77,6 +77,16 @@ def document() -> dict[str, Any]:
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}, _CSRF],
                 "responses": {"200": _ok("resumed"), "404": _ok("no such active PACS", _ERROR),
                               "409": _ok("not paused", _ERROR), **_REFUSED}}},
+            "/api/history": {"get": {
+                "summary": "the delivery history with the filters of `relaypacsd history`, newest first (a login is needed)",
+                "parameters": [{"name": n, "in": "query", "schema": {"type": "string"}, "description": d} for n, d in (
+                    ("study", "StudyInstanceUID"), ("patient", "PatientID"), ("accession", "AccessionNumber"),
+                    ("sop", "SOPInstanceUID"), ("file", "the name as claimed, below sending/"),
+                    ("pacs", "destination"), ("outcome", "delivered, failed, requeued, ..."),
+                    ("since", "30m, 2h, 3d, 1w ago, or ISO 8601"), ("until", "the same"),
+                    ("limit", "records (200; 0: every match, at most 10,000)"), ("format", "json (default) or csv"))],
+                "responses": {"200": _ok("the records (or text/csv)"), "400": _ok("a filter is wrong", _ERROR),
+                              **_REFUSED}}},
             "/api/config": {"get": {"summary": "the effective configuration, secrets masked (as `config show`)",
                                     "responses": {"200": _ok("source and config"), **_REFUSED}}},
         },

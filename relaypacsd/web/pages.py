@@ -44,6 +44,8 @@ class Pages:
             Route("/", self.overview),
             Route("/failed", self.failed),
             Route("/config", self.config),
+            Route("/history", self.history),
+            Route("/timeline", self.timeline),
             Route("/login", self.login_form, methods=["GET"]),
             Route("/login", self.login, methods=["POST"]),
             Route("/logout", self.logout, methods=["POST"]),
@@ -69,6 +71,21 @@ class Pages:
 
     def failed(self, request: Request) -> Response:
         return self._page(request, Level.FILES, "failed.html", page="failed")
+
+    def history(self, request: Request) -> Response:
+        from relaypacsd.history import OUTCOMES
+
+        return self._page(request, Level.FILES, "history.html", page="history", outcomes=OUTCOMES,
+                          pacs=[p.name for p in self.view.daemon.config.active()])
+
+    def timeline(self, request: Request) -> Response:
+        """One study's, instance's or file's events across every PACS, oldest first."""
+        q = request.query_params
+        what = next(((k, q[k]) for k in ("study", "sop", "file") if q.get(k)), None)
+        if what is None:
+            return self._render(request, "message.html", 400, title="Timeline",
+                                message="name a study (?study=UID), an instance (?sop=UID) or a file (?file=NAME)")
+        return self._page(request, Level.FILES, "timeline.html", page="timeline", kind=what[0], value=what[1])
 
     def config(self, request: Request) -> Response:
         shown = self.view.config()

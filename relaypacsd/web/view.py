@@ -7,14 +7,16 @@ through the library code the command line uses: `requeue.requeue` for a retry, `
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from loguru import logger
 
 from relaypacsd import failures, pauses
+from relaypacsd.commands.common import UsageError
 from relaypacsd.commands.status import daemon_state, pacs_entries
 from relaypacsd.config import to_dict
 from relaypacsd.errors import PauseError, RequeueError
@@ -24,6 +26,9 @@ from relaypacsd.web.samples import Samples
 if TYPE_CHECKING:
     from relaypacsd.daemon import Daemon
 
+HISTORY_FILTERS = ("study", "patient", "accession", "sop", "file", "pacs", "outcome", "since", "until")
+DEFAULT_HISTORY_LIMIT = 200  # records in one answer unless ?limit= says otherwise
+HISTORY_LIMIT = 10_000  # at most, also for limit=0 (a timeline): the CLI's --format csv has no cap
 CACHE = 1.0  # seconds a status document or a failed/ listing is reused
 SAMPLE_EVERY = 10.0  # seconds between the charts' looks
 
@@ -115,6 +120,19 @@ class DaemonView:
                 d.tally.failed_seen(spool, n)
         return found
 
+    def history(self, params: Mapping[str, str]) -> list[Any]:
+        """The history records matching the query string's filters (as `relaypacsd history`'s flags), newest
+        first; UsageError naming the filter that is wrong."""
+        from relaypacsd.commands.history import build_query
+
+        args = argparse.Namespace(**{k: (params.get(k) or None) for k in HISTORY_FILTERS})
+        try:
+            args.limit = int(params.get("limit") or DEFAULT_HISTORY_LIMIT)
+        except ValueError:
+            raise UsageError(f"limit = {params.get('limit')!r}: use a number of records, or 0 for every match") from None
+        args.limit = HISTORY_LIMIT if args.limit == 0 else min(args.limit, HISTORY_LIMIT)
+        return self.daemon.journal.find_history(build_query(args, self.daemon.config, time.time()))
+
     def config(self) -> dict[str, Any]:
         """The effective config, secrets masked (as `config show` prints it)."""
         return {"source": self.daemon.config.source, "config": to_dict(self.daemon.config, mask=True)}
@@ -138,7 +156,7 @@ class DaemonView:
         queued = []
         for spool, path in todo:
             try:
-                done = requeue(spool, d.journal, path)
+                done = requeue(spool, d.journal, path, user=user)  # its history record names the operator
             except RequeueError as exc:
                 problems.append({"id": self._id_of(spools, spool, path), "error": str(exc)})
                 continue

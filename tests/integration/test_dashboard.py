@@ -168,6 +168,16 @@ def test_an_operator_finds_a_refused_file_fixes_the_cause_at_the_pacs_and_retrie
         until(browser, lambda: "no file in failed/" in browser.find_element(By.ID, "failed").text)
         assert "dashboard: olga put 1 failed file(s) back into sending/" in daemon_log(proc)
 
+        # The history says who retried it, and the study's timeline where each instance is now.
+        browser.get(url + "/history?file=b.dcm")
+        until(browser, lambda: "olga" in [td.text for td in browser.find_elements(By.CSS_SELECTOR, '#history [data-field="user"]')],
+              what="the requeue in the history")
+        outcomes = [td.text for td in browser.find_elements(By.CSS_SELECTOR, '#history [data-field="outcome"]')]
+        assert {"uid_conflict", "requeued", "delivered"} <= set(outcomes), outcomes
+        browser.find_element(By.CSS_SELECTOR, '#history [data-field="study"] a').click()
+        until(browser, lambda: cell(browser, '#summary tr[data-pacs="orthanc"]', "outcomes") == "1 delivered",
+              what="the study's timeline")
+
         # Pause: files wait; `status` says so; resume: they go.
         browser.get(url + "/")
         pacs = 'tr[data-pacs="orthanc"]'

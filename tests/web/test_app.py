@@ -268,3 +268,38 @@ def test_the_delivered_chart_counts_every_instance_delivered_since_the_start(ope
     time.sleep(view_module.SAMPLE_EVERY + 1)
     chart = open_client.get("/api/charts?span=hour").json()
     assert sum(v or 0 for v in chart["delivered"]["orthanc"]) == 3, chart
+
+
+def test_the_history_answers_with_the_cli_filters_names_the_operator_of_a_retry_and_downloads_as_csv(client, daemon, pacs):
+    from relaypacsd.outcomes import Outcome
+
+    ok_uid = drop(daemon, "ok.dcm")
+    drop(daemon, "bad.dcm", refused=True)
+    settled(daemon, 1, 1)
+    assert client.get("/api/history").status_code == 401
+    csrf = login(client, "olga")
+    records = client.get(f"/api/history?sop={ok_uid}").json()["records"]
+    assert [(r["destination"], r["outcome"], r["file"]) for r in records] == [("orthanc", "delivered", "ok.dcm")]
+    study = records[0]["study_instance_uid"]
+    assert client.get(f"/api/history?study={study}&pacs=orthanc").json()["records"][0]["sop_instance_uid"] == ok_uid
+    assert client.get("/api/history?study=not-a-uid").status_code == 400
+    assert client.get("/api/history?since=yesterday").status_code == 400
+    pacs.rule = lambda u, n, call: Outcome.DELIVERED
+    f = client.get("/api/failed").json()["files"][0]
+    assert client.post("/api/failed/retry", json={"ids": [f["id"]]}, headers={"X-CSRF-Token": csrf}).status_code == 200
+    settled(daemon, 2, 0)
+    requeued = client.get("/api/history?outcome=requeued").json()["records"]
+    assert [(r["file"], r["user"]) for r in requeued] == [("bad.dcm", "olga")]
+    csv = client.get("/api/history?file=bad.dcm&format=csv")
+    assert csv.headers["content-type"].startswith("text/csv") and "attachment" in csv.headers["content-disposition"]
+    lines = csv.text.split("\r\n")
+    assert lines[0].startswith("time,") and any(",requeued," in line and ",olga" in line for line in lines)
+    for page in ("/history", f"/timeline?study={study}", "/timeline?file=bad.dcm"):
+        assert client.get(page).status_code == 200, page
+    assert client.get("/timeline").status_code == 400
+
+
+def test_without_users_the_history_and_timelines_need_a_login(open_client):
+    for path in ("/history", "/timeline?study=1.2.3", "/api/history"):
+        r = open_client.get(path)
+        assert r.status_code == 403 and "relaypacsd user add" in r.text, path

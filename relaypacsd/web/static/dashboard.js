@@ -215,6 +215,89 @@
     loop(loadFailed);
   }
 
+  /* -- history and timelines -------------------------------------------------------------------------- */
+
+  function when(t) { return t ? t.replace("T", " ").replace("+00:00", "") : ""; }
+
+  function link(text, href) { var a = el("a", {text: text}); a.href = href; return a; }
+
+  function history() {
+    var form = document.getElementById("history-form");
+    var params = new URLSearchParams(location.search);
+    Array.prototype.forEach.call(form.elements, function (f) { if (f.name && params.get(f.name)) f.value = params.get(f.name); });
+
+    function query() {
+      var q = new URLSearchParams();
+      Array.prototype.forEach.call(form.elements, function (f) { if (f.name && f.value) q.set(f.name, f.value); });
+      return q;
+    }
+
+    function load() {
+      var q = query();
+      document.getElementById("csv").href = "/api/history?" + q + (String(q) ? "&" : "") + "format=csv";
+      return getJSON("/api/history?" + q).then(function (r) {
+        document.getElementById("history-count").textContent = "(" + r.records.length + (r.records.length >= 200 ? "+, newest first" : "") + ")";
+        var rows = r.records.map(function (h) {
+          var study = el("td", {"data-field": "study"});
+          if (h.study_instance_uid) study.appendChild(link("timeline", "/timeline?study=" + encodeURIComponent(h.study_instance_uid)));
+          var file = el("td", {"data-field": "file"});
+          if (h.file) file.appendChild(link(h.file, "/timeline?file=" + encodeURIComponent(h.file)));
+          return el("tr", {}, [cell("time", when(h.time)), cell("pacs", h.destination || "-"), cell("outcome", h.outcome),
+            file, cell("modality", h.modality), cell("patient", h.patient_id), cell("accession", h.accession_number),
+            cell("attempt", h.attempt || ""), cell("status", h.status_code === null ? "" : h.status_code),
+            cell("ms", h.duration_ms === null ? "" : Math.round(h.duration_ms)), cell("user", h.user),
+            cell("reason", h.reason, "reason"), study]);
+        });
+        if (!rows.length) rows = [el("tr", {}, [el("td", {colSpan: 13, cls: "muted", text: "no history record matches"})])];
+        document.getElementById("history").replaceChildren.apply(document.getElementById("history"), rows);
+      });
+    }
+
+    form.addEventListener("submit", function (e) {
+      e.preventDefault();
+      historyReplace(query());
+      load().then(stamp, function (err) { notice(err.message, true); });
+    });
+    loop(load);
+  }
+
+  function historyReplace(q) { window.history.replaceState(null, "", "/history" + (String(q) ? "?" + q : "")); }
+
+  function timeline() {
+    var of = document.getElementById("timeline-of");
+    var q = new URLSearchParams();
+    q.set(of.dataset.kind, of.textContent);
+    q.set("limit", "0");
+    loop(function () {
+      return getJSON("/api/history?" + q).then(function (r) {
+        var events = r.records.slice().reverse();
+        var last = {};
+        events.forEach(function (h) { if (h.destination) last[h.sop_instance_uid + " " + h.destination] = h; });
+        var per = {};
+        Object.keys(last).forEach(function (k) {
+          var h = last[k], p = per[h.destination] = per[h.destination] || {n: 0, outcomes: {}};
+          p.n += 1; p.outcomes[h.outcome] = (p.outcomes[h.outcome] || 0) + 1;
+        });
+        var summary = Object.keys(per).sort().map(function (d) {
+          var words = Object.keys(per[d].outcomes).sort().map(function (o) { return per[d].outcomes[o] + " " + o; });
+          return el("tr", {"data-pacs": d}, [cell("pacs", d), cell("instances", per[d].n, "n"), cell("outcomes", words.join(", "))]);
+        });
+        if (!summary.length) summary = [el("tr", {}, [el("td", {colSpan: 3, cls: "muted", text: "no PACS has seen it"})])];
+        document.getElementById("summary").replaceChildren.apply(document.getElementById("summary"), summary);
+        var rows = events.map(function (h) {
+          return el("tr", {}, [cell("time", when(h.time)), cell("pacs", h.destination || "-"), cell("outcome", h.outcome),
+            cell("file", h.file), cell("sop", h.sop_instance_uid), cell("attempt", h.attempt || ""),
+            cell("status", h.status_code === null ? "" : h.status_code),
+            cell("ms", h.duration_ms === null ? "" : Math.round(h.duration_ms)), cell("user", h.user), cell("reason", h.reason, "reason")]);
+        });
+        if (!rows.length) rows = [el("tr", {}, [el("td", {colSpan: 10, cls: "muted", text: "no history record"})])];
+        document.getElementById("timeline").replaceChildren.apply(document.getElementById("timeline"), rows);
+      });
+    });
+  }
+
   if (page === "overview") overview();
   else if (page === "failed") failed();
+  else if (page === "history") history();
+  else if (page === "timeline") timeline();
 })();
