@@ -172,7 +172,9 @@
           box.addEventListener("change", function () { if (box.checked) selected.add(f.id); else selected.delete(f.id); buttons(); });
           tds.push(el("td", {}, [box]));
         }
-        tds.push(cell("file", f.file), cell("stage", f.stage), cell("reason", f.reason, "reason"), cell("code", f.code),
+        var name = el("td", {"data-field": "file"});  // its story across the PACS: the timeline
+        name.appendChild(link(f.file, "/timeline?file=" + encodeURIComponent(f.file)));
+        tds.push(name, cell("stage", f.stage), cell("reason", f.reason, "reason"), cell("code", f.code),
                  cell("next_step", f.next_step), cell("time", f.time.replace("T", " ").replace("+00:00", " UTC")));
         if (operator) {
           var b = el("button", {type: "button", text: "Retry", "data-action": "retry"});
