@@ -78,7 +78,8 @@ def test_an_unmatched_file_fails_at_stage_routing_and_a_retry_routes_it_by_the_n
         assert why["reason"] == 'no route matches this file (mammo: Modality is "CT", not one of "MG", "DBT")'
         assert why["routes"] == [{"route": "mammo", "matched": False,
                                   "failed": 'Modality is "CT", not one of "MG", "DBT"'}]
-        assert "relaypacsd retry FILE" in why["next_step"] and daemon.counters["failed"] == 1
+        # The counter moves just after the file lands in failed/: wait for it rather than race it.
+        assert "relaypacsd retry FILE" in why["next_step"] and wait_until(lambda: daemon.counters["failed"] == 1)
         assert main.calls == breast.calls == []
         # The operator adds a default route and reloads; the retry routes the file again
         fixed = routed_config(tmp_path, [MAMMO, DEFAULT])
@@ -221,6 +222,8 @@ def test_the_history_names_the_route_of_each_delivery_and_an_unmatched_files_ref
         mg = drop(daemon, "mg.dcm", "MG")
         ct = drop(daemon, "ct.dcm", "CT")
         assert wait_until(lambda: count(daemon.spools[0], "sent") == 1 and count(daemon.spools[0], "failed") == 1)
+        # The refusal's record is written just after its move to failed/: wait for it rather than race it.
+        assert wait_until(lambda: {mg, ct} <= {r.sop_instance_uid for r in daemon.journal.find_history(HistoryQuery())})
         found = {r.sop_instance_uid: r for r in daemon.journal.find_history(HistoryQuery())}
     finally:
         daemon.shutdown(timeout=5)
