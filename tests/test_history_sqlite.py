@@ -27,7 +27,7 @@ def test_an_answer_and_its_record_are_one_commit(tmp_path):
 
 
 @pytest.mark.parametrize("field, index", [("study", "study"), ("patient", "patient"), ("accession", "accession"),
-                                          ("sop", "sop"), ("file", "file"), ("pacs", "time"), ("outcome", "time"),
+                                          ("sop", "sop"), ("file", "file"), ("pacs", "time"), ("outcome", "outcome"),
                                           (None, "time")])
 def test_each_lookup_uses_its_index_and_never_sorts(tmp_path, field, index):
     """What keeps `history --study UID` fast with a million records (bench/history.py measures it)."""
