@@ -32,7 +32,10 @@ TOO_OLD = "too_old"                      # still undelivered after delivery.max_
 RETRIES_EXHAUSTED = "retries_exhausted"  # an unclear rejection, every delivery it gets spent
 REFUSED = "refused"                      # refused before any PACS saw it (validation, routing): no destination
 REQUEUED = "requeued"                    # an operator put it back in sending/ (`relaypacsd retry`, the dashboard)
-OUTCOMES = (DELIVERED, DUPLICATE, UID_CONFLICT, WAITING, FAILED, TOO_OLD, RETRIES_EXHAUSTED, REFUSED, REQUEUED)
+PAUSED = "paused"                        # an operator paused the destination (no instance: `relaypacsd pause`)
+RESUMED = "resumed"                      # an operator resumed it
+OUTCOMES = (DELIVERED, DUPLICATE, UID_CONFLICT, WAITING, FAILED, TOO_OLD, RETRIES_EXHAUSTED, REFUSED, REQUEUED,
+            PAUSED, RESUMED)
 
 DEFAULT_LIMIT = 50
 

@@ -13,10 +13,16 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from relaypacsd.errors import PauseError
+from loguru import logger
+
+from relaypacsd.errors import JournalError, PauseError
+from relaypacsd.history import PAUSED, RESUMED, HistoryRecord
 from relaypacsd.timefmt import iso_time
+
+if TYPE_CHECKING:
+    from relaypacsd.journal import Journal
 
 PAUSED_FILE = "paused.json"
 
@@ -43,8 +49,23 @@ def stamp(state_dir: str | Path) -> tuple[int, int] | None:
     return (st.st_mtime_ns, st.st_size)
 
 
-def set_paused(state_dir: str | Path, name: str, paused: bool, by: str) -> dict[str, dict[str, Any]]:
-    """Pause or resume `name` in the file (locked, written atomically); PauseError when it is so already."""
+def set_paused(state_dir: str | Path, name: str, paused: bool, by: str,
+               journal: "Journal | None" = None) -> dict[str, dict[str, Any]]:
+    """Pause or resume `name` in the file (locked, written atomically); PauseError when it is so already.
+    With a journal, the act lands in the delivery history with who did it."""
+    current = _write(state_dir, name, paused, by)
+    if journal is not None:
+        # After the file: the hold is in force whether or not the journal takes the record.
+        try:
+            journal.record_history([HistoryRecord(time=time.time(), destination=name, user=by,
+                                                  outcome=PAUSED if paused else RESUMED)])
+        except JournalError as exc:
+            logger.warning("{} {} by {}: not recorded in the history ({})", "paused" if paused else "resumed",
+                           name, by, exc)
+    return current
+
+
+def _write(state_dir: str | Path, name: str, paused: bool, by: str) -> dict[str, dict[str, Any]]:
     try:
         with _locked(Path(state_dir)):
             current = read_paused(state_dir)

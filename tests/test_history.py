@@ -43,7 +43,7 @@ def test_a_record_never_has_room_for_a_patient_name():
 
 
 def test_the_outcome_names_are_distinct_and_listed():
-    assert len(set(history.OUTCOMES)) == len(history.OUTCOMES) == 9
+    assert len(set(history.OUTCOMES)) == len(history.OUTCOMES) == 11
     assert {history.DELIVERED, history.REFUSED, history.REQUEUED, history.UID_CONFLICT} <= set(history.OUTCOMES)
 
 

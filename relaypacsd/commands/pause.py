@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from pathlib import Path
 
 from relaypacsd.commands.common import EXIT_OK, UsageError, load
+from relaypacsd.journal import open_journal
 from relaypacsd.pauses import read_paused, set_paused
 
 
@@ -19,10 +21,19 @@ def _check(args: argparse.Namespace) -> tuple[str, str]:
     return config.daemon.state_dir, f"{getpass.getuser()} (command line)"
 
 
+def _set(state_dir: str, name: str, paused: bool, who: str) -> None:
+    """The hold in the state file, and in the delivery history with who did it."""
+    journal = open_journal(Path(state_dir))
+    try:
+        set_paused(state_dir, name, paused, who, journal=journal)
+    finally:
+        journal.close()
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
     """Pause one PACS: no new deliveries to it; its files wait and do not expire."""
     state_dir, who = _check(args)
-    set_paused(state_dir, args.name, True, who)
+    _set(state_dir, args.name, True, who)
     print(f"paused {args.name}: the running daemon stops sending to it within a few seconds; "
           f"its files wait in sending/ (`relaypacsd resume {args.name}` resumes)")
     return EXIT_OK
@@ -32,6 +43,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Resume a paused PACS."""
     state_dir, who = _check(args)
     held = read_paused(state_dir).get(args.name, {})
-    set_paused(state_dir, args.name, False, who)
+    _set(state_dir, args.name, False, who)
     print(f"resumed {args.name} (paused by {held.get('by') or 'someone'} since {held.get('since') or '?'})")
     return EXIT_OK

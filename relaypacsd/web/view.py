@@ -181,7 +181,7 @@ class DaemonView:
         if name not in d.engine.destinations:
             active = ", ".join(d.engine.destinations) or "none"
             raise PauseError(f"no active PACS named {name!r} (active: {active})")
-        pauses.set_paused(d.state_dir, name, paused, user)
+        pauses.set_paused(d.state_dir, name, paused, user, journal=d.journal)
         d.pauses.follow(d.engine.destinations)
         self._drop_cache()
         return {"name": name, "paused": paused, "by": user}

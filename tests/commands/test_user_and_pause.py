@@ -59,3 +59,14 @@ def test_pause_and_resume_from_the_command_line_show_in_status(cfg, capsys):
     assert main(["-c", str(cfg), "resume", "orthanc"]) == 0
     assert main(["-c", str(cfg), "pause", "nope"]) == 1
     assert "no active PACS named 'nope'" in capsys.readouterr().err
+
+
+def test_a_pause_and_a_resume_land_in_the_history_with_who_did_them(cfg, tmp_path, capsys):
+    """#13: an action goes through the library code and lands in the history with the user's name."""
+    assert main(["-c", str(cfg), "pause", "orthanc"]) == 0
+    assert main(["-c", str(cfg), "resume", "orthanc"]) == 0
+    capsys.readouterr()
+    assert main(["-c", str(cfg), "history", "--pacs", "orthanc", "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["outcome"] for r in records] == ["resumed", "paused"]  # newest first
+    assert all("command line" in r["user"] for r in records)

@@ -195,6 +195,11 @@ def test_an_operator_pauses_and_resumes_a_pacs_and_its_files_wait_meanwhile(clie
     assert (tmp_path / "state" / "paused.json").exists()  # kept across restarts
     assert client.post("/api/pacs/orthanc/resume", headers={"X-CSRF-Token": csrf}).status_code == 200
     settled(daemon, 1, 0)
+    from relaypacsd.history import HistoryQuery
+
+    acts = [(r.outcome, r.user) for r in daemon.journal.find_history(HistoryQuery(pacs="orthanc"))
+            if r.outcome in ("paused", "resumed")]
+    assert acts == [("resumed", "olga"), ("paused", "olga")]  # in the history with who did them, newest first
 
 
 def test_the_config_page_masks_every_secret(tmp_path, pacs, users_file):
