@@ -3,6 +3,8 @@
 
     .venv/bin/python bench/benchmark.py                          # 500 and 2,000 instances, 3 rounds
     .venv/bin/python bench/benchmark.py --counts 200 --rounds 1  # a quick look
+    .venv/bin/python bench/benchmark.py --routes 5               # also with five [[route]] tables (#11)
+    .venv/bin/python bench/benchmark.py --other-delivery history_days=0  # beside itself without the history
 
 Everything runs on 127.0.0.1: a private Orthanc (DICOMweb plugin) started here, stopped at the end.
 Each sender gets its own freshly generated instances (new UIDs), so nobody is timed on duplicates.
@@ -112,16 +114,38 @@ def run_raw(orthanc: LocalOrthanc, paths: list[Path], batch: int = 50, threads: 
     return time.perf_counter() - started
 
 
-def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING") -> Path:
-    """A default-settings config for the real daemon: spool and state below `work`, `orthanc` its one PACS."""
+# Routes the benchmark's CT files fail, each a different kind of condition; then a default that takes them.
+FAILING_ROUTES = [
+    '[[route]]\nname = "research"\nmatch = { path = "glob:research/**" }\nto = ["orthanc"]\ncontinue = true\n',
+    '[[route]]\nname = "mammo"\nmatch = { Modality = ["MG", "DBT"] }\nto = ["orthanc"]\n',
+    '[[route]]\nname = "brains"\nmatch = { Modality = "MR", StudyDescription = "re:(?i)brain" }\nto = ["orthanc"]\n',
+    '[[route]]\nname = "ultrasound"\nmatch = { StationName = "re:^US-", InstitutionName = ["A", "B"] }\n'
+    'to = ["orthanc"]\n',
+]
+
+
+def routes_toml(n: int) -> str:
+    """`n` [[route]] tables: n-1 that the CT files fail (path, list, regex, two keys), then a default."""
+    if n <= 0:
+        return ""
+    tables = [FAILING_ROUTES[i % len(FAILING_ROUTES)] for i in range(n - 1)]
+    tables = [t.replace('name = "', f'name = "r{i}-', 1) for i, t in enumerate(tables)]
+    return "".join(tables) + '[[route]]\nname = "default"\nto = ["orthanc"]\n'
+
+
+def daemon_config(orthanc: LocalOrthanc, work: Path, log_level: str = "WARNING", routes: int = 0,
+                  delivery: dict[str, str] | None = None) -> Path:
+    """A default-settings config for the real daemon: spool and state below `work`, `orthanc` its one PACS,
+    and `routes` [[route]] tables (routes_toml); `delivery`: [delivery] keys set otherwise (TOML values as text)."""
     user, password = orthanc.auth
     work.mkdir(parents=True, exist_ok=True)
     (work / "pw").write_text(password)
     cfg = work / "relaypacs.toml"
     cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\nlog_level = "{log_level}"\n'
-                   f'[[watch]]\npath = "{work / "spool"}"\n'
+                   + ("[delivery]\n" + "".join(f"{k} = {v}\n" for k, v in delivery.items()) if delivery else "")
+                   + f'[[watch]]\npath = "{work / "spool"}"\n'
                    f'[pacs.orthanc]\ntype = "orthanc"\nurl = "{orthanc.url}"\nusername = "{user}"\n'
-                   f'password_file = "{work / "pw"}"\n')
+                   f'password_file = "{work / "pw"}"\n' + routes_toml(routes))
     return cfg
 
 
@@ -136,12 +160,13 @@ SETTLE_SECONDS = 2.0  # the daemon's default settle time: what a folder moved in
 
 
 def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
-                   python: str = sys.executable, drop: str = "write") -> tuple[float, float, float]:
+                   python: str = sys.executable, drop: str = "write", routes: int = 0,
+                   delivery: dict[str, str] | None = None) -> tuple[float, float, float]:
     """Start the daemon, drop the files into inbox/, time until all are in sent/.
 
     Returns (total, first, the daemon's CPU ms per file over the drain); with drop="rename" both times are
     net of the settle time."""
-    cfg = daemon_config(orthanc, work)
+    cfg = daemon_config(orthanc, work, routes=routes, delivery=delivery)
     credit = SETTLE_SECONDS if drop == "rename" else 0.0
     proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"],
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
@@ -214,35 +239,43 @@ def layouts() -> dict[str, tuple[set[int], set[int]]]:
 
 def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool,
             compare: str | None = None, drop: str = "write",
-            fresh: Callable[[], contextlib.AbstractContextManager[LocalOrthanc]] | None = None) -> dict[str, list[float]]:
+            fresh: Callable[[], contextlib.AbstractContextManager[LocalOrthanc]] | None = None,
+            routes: int = 0, other_delivery: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Run the senders `rounds` times, alternating, each on fresh instances; return their times.
 
     `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other";
-    `fresh`, when given, makes a new Orthanc for each run."""
+    `fresh`, when given, makes a new Orthanc for each run; `routes`: this relaypacsd with that many [[route]]
+    tables runs too, as "routed"; `other_delivery`: the other's [delivery] settings (this checkout's with them
+    alone)."""
     times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
-                                     "curl": []}
-    senders = ("raw", "relay") + (("other",) if compare else ())
+                                     "routed": [], "routed_cpu": [], "curl": []}
+    senders = ("raw", "relay") + (("other",) if compare or other_delivery else ()) + (("routed",) if routes else ())
     for r in range(rounds):
         for sender in senders + (("curl",) if with_curl and r == 0 else ()):
             work = tmp / f"n{count}-{sender}-{r}"
             paths = generate(work / "files", count)
             with (fresh() if fresh else contextlib.nullcontext(orthanc)) as pacs:
-                _run_one(sender, pacs, paths, work, times, compare, drop)
+                _run_one(sender, pacs, paths, work, times, compare, drop, routes, other_delivery)
             shutil.rmtree(work, ignore_errors=True)
     return times
 
 
 def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, times: dict[str, list[float]],
-             compare: str | None, drop: str) -> None:
+             compare: str | None, drop: str, routes: int = 0, other_delivery: dict[str, str] | None = None) -> None:
     """One sender's run on `orthanc`; its figures appended to `times`."""
     if sender == "raw":
         times["raw"].append(run_raw(orthanc, paths))
     elif sender == "curl":
         times["curl"].append(run_curl(orthanc, paths, work))
     elif sender == "other":
-        total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable, drop=drop)
+        total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable, drop=drop,
+                                            delivery=other_delivery)
         times["other"].append(total)
         times["other_cpu"].append(cpu)
+    elif sender == "routed":
+        total, _first, cpu = run_relaypacsd(orthanc, paths, work, drop=drop, routes=routes)
+        times["routed"].append(total)
+        times["routed_cpu"].append(cpu)
     else:
         total, first, cpu = run_relaypacsd(orthanc, paths, work, drop=drop)
         times["relay"].append(total)
@@ -272,7 +305,14 @@ def main() -> int:
     parser.add_argument("--drop", choices=["write", "rename"], default="write",
                         help="files written into inbox/ one by one, or a folder of them renamed into it at once")
     parser.add_argument("--fresh-orthanc", action="store_true", help="a new Orthanc (in /dev/shm) for every run")
+    parser.add_argument("--routes", type=int, default=0, metavar="N", help="also run this relaypacsd with N "
+                        "[[route]] tables (N-1 that the files fail, then a default), alternating with the plain one")
+    parser.add_argument("--other-delivery", metavar="KEY=VALUE", action="append", default=[],
+                        help="[delivery] settings of the other relaypacsd (this checkout's without --compare), e.g. "
+                        "history_days=0 for the cost of the delivery history")
     args = parser.parse_args()
+    other_delivery = dict(kv.split("=", 1) for kv in args.other_delivery) or None
+    compared = args.compare or other_delivery
     rows = []
     everything = os.sched_getaffinity(0)
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -291,7 +331,7 @@ def main() -> int:
                         if args.fresh_orthanc:
                             fresh = functools.partial(_fresh_orthanc, Path(pacs_tmp), orthanc_cpus)
                         t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare,
-                                    args.drop, fresh)
+                                    args.drop, fresh, args.routes, other_delivery)
                         row = {"layout": layout, "n": count, **{k: statistics.median(v) for k, v in t.items() if v}}
                         row["spread"] = min(r / x for r, x in zip(t["raw"], t["relay"])), \
                             max(r / x for r, x in zip(t["raw"], t["relay"]))
@@ -302,10 +342,12 @@ def main() -> int:
                 pin(os.getpid(), everything)
             print(f"(Orthanc holds {orthanc.count_instances()} instances)")
     print()
-    other = " | other relaypacsd / raw | its CPU per file" if args.compare else ""
+    other = " | other relaypacsd / raw | its CPU per file" if compared else ""
+    other += f" | with {args.routes} routes / raw | its CPU per file" if args.routes else ""
     print("| CPUs | instances | one curl per file | raw batched STOW, 4 threads | relaypacsd inbox -> sent "
           f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file{other} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.compare else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if compared else "")
+          + ("---:|---:|" if args.routes else ""))
     for r in rows:
         n = r["n"]
         curl = f"{r['curl']:.1f} s ({n / r['curl']:.0f}/s)" if "curl" in r else "-"
@@ -314,7 +356,8 @@ def main() -> int:
         print(f"| {r['layout']} | {n} | {curl} | {r['raw']:.2f} s ({n / r['raw']:.0f}/s) | {r['relay']:.2f} s "
               f"({n / r['relay']:.0f}/s), first file in sent/ after {r['first']:.2f} s "
               f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} | {r['cpu']:.2f} ms |"
-              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if args.compare else ""))
+              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if compared else "")
+              + (f" {r['raw'] / r['routed']:.2f}x | {r['routed_cpu']:.2f} ms |" if args.routes else ""))
     return 0
 
 

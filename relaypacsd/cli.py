@@ -138,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="exit 0 if the running daemon is alive (Docker HEALTHCHECK, monitoring)")
     p.set_defaults(func=cmd_health)
     _add_operator_commands(sub)
+    from relaypacsd.commands.user import add_parser as add_user_parser  # its own -c on each subcommand
+
+    users = add_user_parser(sub)
     # `relaypacsd init --config X` as well as `relaypacsd -c X init`: after a command, -c sets the same value.
-    for command in [*sub.choices.values(), show]:
+    for command in [c for c in sub.choices.values() if c is not users] + [show]:
         command.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path of relaypacs.toml")
     return parser
 
@@ -155,7 +158,7 @@ def _lazy(module: str, name: str) -> Command:
 
 
 def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """status, retry, send, query, retrieve, verify (docs/commands.md)."""
+    """status, retry, send, query, retrieve, route, verify, history (docs/commands.md)."""
     p = sub.add_parser("status", help="counts per folder, oldest waiting file, each PACS's health (safe while running)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_lazy("status", "cmd_status"))
@@ -164,6 +167,13 @@ def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("files", nargs="*", metavar="FILE", help="files in a failed/ folder")
     p.add_argument("--all", action="store_true", help="every file in every failed/ folder")
     p.set_defaults(func=_lazy("retry", "cmd_retry"))
+
+    p = sub.add_parser("pause", help="hold one PACS: no new deliveries, its files wait in sending/ (kept across restarts)")
+    p.add_argument("name", metavar="NAME", help="an active PACS")
+    p.set_defaults(func=_lazy("pause", "cmd_pause"))
+    p = sub.add_parser("resume", help="release a paused PACS")
+    p.add_argument("name", metavar="NAME", help="an active PACS")
+    p.set_defaults(func=_lazy("pause", "cmd_resume"))
 
     p = sub.add_parser("send", help="one-shot upload of files or folders (recursive); files are not moved")
     p.add_argument("paths", nargs="+", metavar="PATH")
@@ -189,11 +199,46 @@ def _add_operator_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--from", dest="source", metavar="NAME", help="the PACS (default: the first active one)")
     p.set_defaults(func=_lazy("query", "cmd_retrieve"))
 
-    p = sub.add_parser("verify", help="is every instance (of a study, or of these files) at every active PACS?")
+    p = sub.add_parser("route", help="which route each file takes, its PACS, and why the routes before it did not "
+                                     "match (files are not moved)")
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR")
+    p.add_argument("--watch", metavar="ROOT", help="route files outside a watch root as if dropped into ROOT's inbox/ "
+                                                   "(their path below the folder named)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_lazy("route", "cmd_route"))
+
+    _add_history_command(sub)
+
+    p = sub.add_parser("verify", help="is every instance (of a study, or of these files) at every PACS it is routed to?")
     p.add_argument("targets", nargs="+", metavar="STUDY_UID|PATH")
     p.add_argument("--from", dest="source", metavar="NAME", help="the PACS listing the study (default: first active)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_lazy("query", "cmd_verify"))
+
+
+def _add_history_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """history (commands/history.py): every filter given must match; newest first."""
+    from relaypacsd.history import DEFAULT_LIMIT, OUTCOMES
+
+    p = sub.add_parser("history", help="where did a study go: the delivery history, newest first (safe while running)",
+                       description="The delivery history: one record per instance, per PACS, per outcome, newest "
+                                   "first. Every filter given must match. T is ISO 8601 (UTC unless it has an offset) "
+                                   "or a time ago: 30m, 2h, 3d, 1w.")
+    p.add_argument("--study", metavar="UID", help="StudyInstanceUID")
+    p.add_argument("--patient", metavar="ID", help="PatientID")
+    p.add_argument("--accession", metavar="N", help="AccessionNumber")
+    p.add_argument("--sop", metavar="UID", help="SOPInstanceUID")
+    p.add_argument("--file", metavar="NAME", help="the name below sending/ as claimed (CT1/IM0001), or a path in a "
+                                                  "watch root")
+    p.add_argument("--pacs", metavar="NAME", help="the destination")
+    p.add_argument("--outcome", choices=OUTCOMES, metavar="O", help=f"one of {', '.join(OUTCOMES)}")
+    p.add_argument("--since", metavar="T", help="records at or after T")
+    p.add_argument("--until", metavar="T", help="records at or before T")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
+                   help=f"the newest N records (default {DEFAULT_LIMIT}; 0: every match)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table (default), csv (RFC 4180 with a header row, for a spreadsheet) or json")
+    p.set_defaults(func=_lazy("history", "cmd_history"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

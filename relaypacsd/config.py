@@ -11,7 +11,7 @@ import ssl
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
@@ -22,6 +22,9 @@ else:  # pragma: no cover
 import tomli_w
 
 from relaypacsd.errors import ConfigError
+
+if TYPE_CHECKING:  # routing imports pydicom: only a config with [[route]] tables pays for it (see _routes)
+    from relaypacsd.routing import Route
 
 DEFAULT_CONFIG_PATH = Path("/etc/relaypacs/relaypacs.toml")
 PACS_TYPES = ("orthanc", "dcm4chee", "dicomweb")
@@ -103,6 +106,18 @@ class DeliveryConfig:
     workers_per_pacs: int = 4
     sent_retention_days: float = 0.0
     strict_meta_uid: bool = False
+    history_days: float = 365.0  # the delivery history (relaypacsd.history) is kept this long; 0: none kept
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The dashboard and its JSON API, served by the daemon itself (relaypacsd.web); off while port is 0."""
+
+    address: str = "127.0.0.1"
+    port: int = 0
+    users_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,8 @@ class Config:
     pacs: Mapping[str, PacsConfig] = field(default_factory=dict)
     audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = ""
+    routes: tuple["Route", ...] = ()  # [[route]] tables in order; none: every file to every active PACS
+    web: WebConfig = field(default_factory=WebConfig)
 
     def active(self) -> list[PacsConfig]:
         """The PACS that files are forwarded to, in ACTIVE_PACS order."""
@@ -262,7 +279,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str = "") -> Config:
     """Turn parsed TOML plus environment into a validated Config."""
     where = source or "config"
-    _reject_unknown(raw, {"daemon", "journal", "delivery", "watch", "pacs", "audit"}, "", where)
+    _reject_unknown(raw, {"daemon", "journal", "delivery", "watch", "pacs", "audit", "route", "web"}, "", where)
 
     tables = {"daemon": dict(_as_table(raw.get("daemon", {}), "daemon", where)),
               "journal": dict(_as_table(raw.get("journal", {}), "journal", where))}
@@ -271,6 +288,7 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
             tables[table][key] = environ[var].strip()
     daemon = _section(DaemonConfig, tables["daemon"], "daemon", where)
     journal = _section(JournalConfig, tables["journal"], "journal", where)
+    web = _section(WebConfig, raw.get("web", {}), "web", where)
     delivery_raw = dict(_as_table(raw.get("delivery", {}), "delivery", where))
     for var, key in _DELIVERY_ENV.items():
         if var in environ:
@@ -305,10 +323,65 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
     if not delivery.active_pacs:
         delivery = _replace(delivery, active_pacs=tuple(pacs))
     audit = _section(AuditConfig, raw.get("audit", {}), "audit", where)
+    routes = _routes(raw.get("route", []), pacs, where)
     config = Config(daemon=daemon, journal=journal, delivery=delivery, watch=watches, pacs=pacs, audit=audit,
-                    source=source)
+                    source=source, routes=routes, web=web)
     validate(config, where)
     return config
+
+
+_ROUTE_KEYS = {"name", "match", "to", "continue"}
+
+
+def _routes(raw: Any, pacs: Mapping[str, PacsConfig], where: str) -> tuple["Route", ...]:
+    """The [[route]] tables, each checked: a name, known DICOM keywords, valid patterns, configured PACS."""
+    if isinstance(raw, list) and not raw:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{where}: 'route' must be a list of [[route]] tables, each with name, match and to")
+    from relaypacsd import routing  # pydicom's dictionary: only for configs that route
+
+    routes: list[routing.Route] = []
+    for i, table in enumerate(raw):
+        name = table.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: route[{i}] has no name: give it name = \"mammo\" (names show in logs, "
+                              "sidecars and `relaypacsd route`)")
+        label = f"{where}: route {name!r}"
+        if not routing.NAME_RE.match(name):
+            raise ConfigError(f"{label}: use letters, digits, '-', '_' and '.' in a route name (at most 64)")
+        if any(r.name == name for r in routes):
+            raise ConfigError(f"{label}: two routes have this name: give each route its own")
+        for key in table:
+            if key not in _ROUTE_KEYS:
+                hint = difflib.get_close_matches(key, sorted(_ROUTE_KEYS), n=1)
+                raise ConfigError(f"{label}: unknown key {key!r}: " + (f"did you mean {hint[0]!r}?" if hint else
+                                  f"known keys: {', '.join(sorted(_ROUTE_KEYS))}"))
+        go_on = table.get("continue", False)
+        if not isinstance(go_on, bool):
+            raise ConfigError(f"{label}: continue = {go_on!r} must be true or false")
+        to = table.get("to")
+        to = [to] if isinstance(to, str) else to
+        if not isinstance(to, list) or not to or not all(isinstance(d, str) for d in to):
+            raise ConfigError(f"{label}: to must name the PACS it sends to, e.g. to = [\"orthanc\"]")
+        for dest in to:
+            if dest not in pacs:
+                known = ", ".join(sorted(pacs)) or "none"
+                fix = (f"did you mean {dest.lower()!r}? PACS names are lower case" if dest.lower() in pacs else
+                       f"add a [pacs.{dest}] table with a url, or fix the name")
+                raise ConfigError(f"{label}: to names {dest!r}, which is not configured (configured: {known}): {fix}")
+        match = table.get("match", {})
+        if not isinstance(match, dict):
+            raise ConfigError(f"{label}: match must be a table, e.g. match = {{ Modality = [\"MG\", \"DBT\"] }}")
+        try:
+            conditions = tuple(routing.condition(key, value) for key, value in match.items())
+        except routing.BadCondition as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+        if routes and not routes[-1].conditions and not routes[-1].go_on:
+            raise ConfigError(f"{where}: route {routes[-1].name!r} matches every file, so route {name!r} after it "
+                              f"is never tried: put {routes[-1].name!r} last, or give it continue = true")
+        routes.append(routing.Route(name, tuple(dict.fromkeys(to)), conditions, go_on))
+    return tuple(routes)
 
 
 def validate(config: Config, where: str = "config") -> None:
@@ -359,7 +432,38 @@ def validate(config: Config, where: str = "config") -> None:
     _validate_gateways(config, where)
     for p in config.pacs.values():
         _validate_pacs(p, where)
+    _validate_web(config.web, where)
     _validate_audit(config.audit, where)
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses no other machine can reach."""
+    import ipaddress
+
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_web(w: WebConfig, where: str) -> None:
+    """The dashboard's keys: a port, TLS files that exist and go together, never an open address without users."""
+    if not 0 <= w.port <= 65535:
+        raise ConfigError(f"{where}: web.port = {w.port}: use 0 (off) or a port 1-65535")
+    if not w.port:
+        return
+    if bool(w.tls_cert) != bool(w.tls_key) and not _pem_holds_key(w.tls_cert):
+        raise ConfigError(f"{where}: web.tls_cert and web.tls_key go together: set both (or a PEM holding both as tls_cert)")
+    for key in ("tls_cert", "tls_key"):  # users_file is read when the server starts: `user add` creates it
+        if getattr(w, key) and not os.path.isfile(getattr(w, key)):
+            raise ConfigError(f"{where}: web.{key} = {getattr(w, key)!r}: no such file: fix the path")
+    if not w.users_file and not is_loopback(w.address):
+        # Without accounts the dashboard has no login: on a network address anyone could read it.
+        raise ConfigError(f"{where}: web.address = {w.address!r} without web.users_file: the dashboard would be open "
+                          "to the network without a login: add users (`relaypacsd user add NAME --role operator`, "
+                          "then set web.users_file) or use address = \"127.0.0.1\" and an SSH tunnel")
 
 
 # Bounds a sane setup stays far inside: beyond them a value is a typo (and some would exhaust the machine).
@@ -370,9 +474,11 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "delivery.retry_delay": (0.001, 3600, "seconds"),
     "delivery.workers_per_pacs": (1, 64, ""),
     "delivery.batch_max_instances": (1, 10000, ""),
+    "delivery.history_days": (0, 36500, "days (0: no history)"),
     "pacs.connect_timeout": (0.001, 3600, "seconds"),
     "pacs.read_timeout": (0.001, 86400, "seconds"),
     "pacs.dicom_port": (0, 65535, "(0: none)"),
+    "web.port": (0, 65535, "(0: off)"),
     "audit.queue_size": (1, 1_000_000, "messages"),
 }
 _ENV_OF = {"delivery.retry_attempts": "PACS_RETRY_ATTEMPTS", "delivery.retry_delay": "PACS_RETRY_DELAY"}
@@ -383,6 +489,7 @@ def _check_numbers(config: Config, where: str) -> None:
     sections: list[tuple[str, str, Any]] = [("daemon", "daemon", config.daemon), ("delivery", "delivery", config.delivery)]
     sections += [(f"watch[{i}]", "watch", w) for i, w in enumerate(config.watch)]
     sections += [(f"pacs.{p.name}", "pacs", p) for p in config.pacs.values()]
+    sections.append(("web", "web", config.web))
     sections += [("audit", "audit", config.audit)]
     for key, kind, obj in sections:
         for f in fields(obj):
@@ -504,10 +611,11 @@ def _validate_pacs(p: PacsConfig, where: str) -> None:
 
 
 def _validate_audit(a: AuditConfig, where: str) -> None:
-    from relaypacsd.audit_syslog import syslog_target, tls_context
-
     if not a.syslog:
         return
+    # Only now: it imports loguru and ssl, a third of a quick command's start (`history` answers in <200 ms)
+    from relaypacsd.audit_syslog import syslog_target, tls_context
+
     try:
         scheme, _, _ = syslog_target(a.syslog)
     except ValueError as exc:
@@ -676,6 +784,11 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 def to_toml(config: Config, *, mask: bool = True) -> str:
     """The effective config as TOML; secrets are masked unless mask=False (used by `init` only)."""
+    return tomli_w.dumps(to_dict(config, mask=mask))
+
+
+def to_dict(config: Config, *, mask: bool = True) -> dict[str, Any]:
+    """The effective config as plain values (the dashboard shows it); secrets masked unless mask=False."""
 
     def plain(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -698,4 +811,14 @@ def to_toml(config: Config, *, mask: bool = True) -> str:
         "pacs": {name: plain(p, skip=("name",)) for name, p in config.pacs.items()},
         "audit": plain(config.audit),
     }
-    return tomli_w.dumps(doc)
+    if config.routes:
+        doc["route"] = []
+        for r in config.routes:
+            table: dict[str, Any] = {"name": r.name, "to": list(r.to), "continue": r.go_on}
+            if r.conditions:
+                table["match"] = {c.key: c.written if isinstance(c.written, str) else list(c.written)
+                                  for c in r.conditions}
+            doc["route"].append(table)
+    if config.web != WebConfig():  # only when set: `init` and `config show` of a setup without it stay as they were
+        doc["web"] = plain(config.web)
+    return doc

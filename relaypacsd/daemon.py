@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd import auditing, recovery, retention
+from relaypacsd import auditing, recovery, retention, routing
 from relaypacsd import reload as reloading
 from relaypacsd.audit_syslog import AuditCounters
 from relaypacsd.config import Config
@@ -28,14 +28,17 @@ from relaypacsd.nodes import journal_shown, what_to_check
 from relaypacsd.nodes_gateway import Gateway
 from relaypacsd.scanning import Scanner
 from relaypacsd.notify import Notifier
+from relaypacsd.pauses import PauseFollower
 from relaypacsd.senders import build_sender
-from relaypacsd.snapshot import Snapshot, heartbeat_body, systemd_status, take
+from relaypacsd.snapshot import Folders, Snapshot, heartbeat_body, kept_folders, systemd_status, take
 from relaypacsd.spool import Spool
 from relaypacsd.validation import Validation
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
+    from relaypacsd.tally import Tally
+    from relaypacsd.web.server import WebServer
 
 
 class Daemon:
@@ -48,6 +51,8 @@ class Daemon:
         self.on_ready: Callable[[], None] | None = None
         self.notifier = Notifier()
         self.metrics: "Metrics | None" = None
+        self.web: "WebServer | None" = None
+        self.tally: "Tally | None" = None  # the kept folder counts: only while the dashboard runs
         self._senders = senders  # tests inject senders; a reload keeps them
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
@@ -59,6 +64,7 @@ class Daemon:
         self.audit_counters = AuditCounters()  # across reloads, for the metrics
         self.audit = auditing.Auditor(config, self.audit_counters)  # lives across reloads (see reload)
         self._build(config)
+        self.pauses = PauseFollower(self.state_dir)  # state_dir stays across reloads
 
     def _build(self, config: Config) -> None:
         """Create the running pieces (spools, watchers, journal, engine, scheduler) from `config`; start nothing."""
@@ -110,8 +116,14 @@ class Daemon:
         self.gateway.start()  # joins; refuses a spool another node serves with another journal
         self._settle_spools()
         recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
+        if self.config.delivery.enabled:  # the routes, and their PACS that are not active (once per start)
+            for level, line in routing.start_report(self.config.routes, self.engine.destinations):
+                logger.log(level, line)
         if not self.audit.started:  # Application Start once per process, before any transfer
             self.audit.start()
+        self.pauses.follow(self.engine.destinations, force=True)  # before any worker takes a batch
+        if self.tally is not None:
+            self.tally.count(self.spools, self.stop_event)
         self.engine.start()
         # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
         # go on beside the new generation with the old settings.
@@ -142,12 +154,15 @@ class Daemon:
         self._install_signals()
         self._start_metrics()
         try:
+            self._start_web()
             self.start()
             self._main_loop()
         finally:
             self.shutdown()
             if self.metrics is not None:
                 self.metrics.stop_server()
+            if self.web is not None:
+                self.web.stop()
         return 0
 
     def _main_loop(self) -> None:
@@ -227,6 +242,8 @@ class Daemon:
         self.notifier.stopping()
         self._stop_requested.set()
         self._stop_pieces(timeout, leave=True)
+        if self.tally is not None:
+            self.tally.join()
         self.audit.stop()  # Application Stop, and up to 5 s for what the repository has not taken yet
         self._write_heartbeat(stopped=True)
         logger.info("relaypacsd stopped: {} sent, {} failed in this run", self.counters["sent"], self.counters["failed"])
@@ -272,10 +289,34 @@ class Daemon:
         self.engine.on_batch = self.metrics.observe_batch
         self.metrics.watch_audit(lambda: (self.audit_counters, self.audit.pending()))
 
-    def snapshot(self, folders: bool = False) -> Snapshot:
-        """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost)."""
+    def _start_web(self) -> None:
+        """Serve the dashboard on web.address:web.port (off when the port is 0); its counts are kept from now on."""
+        if not self.config.web.port:
+            return
+        from relaypacsd.tally import Tally
+        from relaypacsd.web.server import WebServer
+
+        self.tally = Tally()
+        self.web = WebServer(self, self.config.web)
+        self.web.start()
+
+    def snapshot(self, folders: bool = False, kept: bool = False) -> Snapshot:
+        """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost), `kept`
+        gives the counts kept for the dashboard instead (no walk of sent/)."""
         return take(self.spools, self.engine, self.counters, self.ready.is_set(), self.alive, self.started,
-                    folders=folders, nodes=self.gateway.nodes)
+                    folders=folders, kept=self._kept_folders if kept and self.tally is not None else None,
+                    nodes=self.gateway.nodes)
+
+    def _kept_folders(self) -> tuple[Folders, ...]:
+        assert self.tally is not None
+        held = self.engine.held_by_root()
+        validating = self.intake.pending_paths() | set(self.validation._growing)
+        return tuple(kept_folders(s, w.pending(), held, validating, self.tally) for s, w in zip(self.spools, self.watchers))
+
+    def requeued(self, spool: Spool, path: Path) -> None:
+        """An operator put a failed file back into sending/ (the dashboard): validate and send it now, not at
+        the next sweep."""
+        self._queue_intake(spool, path)
 
     def status_line(self) -> str:
         """One line for `systemctl status`: queue figures and PACS health."""
@@ -319,6 +360,8 @@ class Daemon:
 
     def _on_finished(self, item: Item, folder: str) -> None:
         self.counters[folder] += 1
+        if self.tally is not None and folder == "sent":
+            self.tally.moved_to_sent(item.spool.root)
         if item.path.parent != item.spool.sending:
             self._may_be_empty(item.spool, item.path.parent)
         if item.path.exists():
@@ -334,14 +377,21 @@ class Daemon:
     def _sweep(self) -> None:
         released = self.engine.sweep()
         orphans = self._recover() - self.validation.waiting()
+        if self.tally is not None:
+            self.tally.count_if_due(self.spools, self.stop_event)
         if released or orphans > 0:
             logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
 
     def _retention_job(self) -> None:
-        retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
+        if self.config.delivery.sent_retention_days > 0:
+            removed = retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
+            if removed and self.tally is not None:
+                self.tally.count(self.spools, self.stop_event)  # removed per root is not told: walk sent/ again
+        retention.prune_history(self.journal, self.config.delivery.history_days, self.stop_event)
 
     def _heartbeat_job(self) -> None:
         self.gateway.beat()
+        self.pauses.follow(self.engine.destinations)  # `relaypacsd pause` from another shell: one stat
         self._write_heartbeat()
         if self.notifier.enabled:
             self.notifier.status(self.status_line())

@@ -22,7 +22,8 @@ from relaypacsd.journal import Journal, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.queues import Destination, Item
-from relaypacsd.records import log_attempt, update_for
+from relaypacsd.records import changed_update, log_attempt, update_for
+from relaypacsd.routing import RouteDecision, Unrouted, inactive_reason, kept_inactive_reason, unmatched_reason
 from relaypacsd.spool import Spool
 
 # Names callers and tests import from here, now living in the modules above.
@@ -102,17 +103,43 @@ class Engine:
         with self._items_lock:
             return len(self._items)
 
+    def held_by_root(self) -> dict[Path, tuple[int, float | None]]:
+        """Per watch root: the files known to the engine and the earliest first sighting among them (wall
+        clock): the dashboard's sending/ count and oldest waiting file, without a walk."""
+        out: dict[Path, tuple[int, float | None]] = {}
+        with self._items_lock:
+            items = list(self._items.values())
+        for item in items:
+            n, first = out.get(item.spool.root, (0, None))
+            out[item.spool.root] = (n + 1, item.first_seen if first is None else min(first, item.first_seen))
+        return out
+
     # -- intake ------------------------------------------------------------------------------------
 
-    def submit(self, path: Path, spool: Spool, info: DicomInfo) -> None:
-        """Take a valid file in sending/ and queue it for every destination that has not confirmed it."""
+    def submit(self, path: Path, spool: Spool, info: DicomInfo, route: RouteDecision | None = None) -> None:
+        """Take a valid file in sending/ and queue it for every destination that has not confirmed it: every
+        active one, or with `route` (routing configured) its route's. A file that has journal rows keeps the
+        destinations it was given (a reload's routes apply to files claimed after it); Unrouted when it is
+        left with no active destination (no route matched, or none of its PACS is active)."""
         key = str(path)
-        rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
+        if route is None or not self.destinations:  # PACS_ENABLED=false: validated and parked, as without routes
+            rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
+            targets, name = frozenset(), ""
+        else:
+            rows = self.journal.ensure(key, [d for d in route.destinations if d in self.destinations],
+                                       sop=info.sop_instance_uid, route=route.name, keep=True)
+            targets = frozenset(d for d in rows if d in self.destinations)
+            name = next((r.route for r in rows.values() if r.route), "")  # '' for rows made before routing
+            if not targets:
+                if rows:
+                    raise Unrouted(kept_inactive_reason(name, sorted(rows)), route, name)
+                raise Unrouted(inactive_reason(route) if route.matched else unmatched_reason(route), route)
         now_wall, now_mono = time.time(), time.monotonic()
         first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
         born = now_mono - max(0.0, now_wall - first_seen)
         pending = {d for d, r in rows.items() if d in self.destinations and owed(r.state)}
-        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen)
+        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen,
+                    route=name, targets=targets)
         with self._items_lock:
             if path in self._items:
                 return  # already queued (a rescan of sending/ found it again)
@@ -177,9 +204,11 @@ class Engine:
         cfg = self.config.delivery
         by_part = {item.part: item for item in batch}
         went_down: list[tuple[str, float]] = []
+        last_ms: list[float] = [0.0]  # the last request's: what on_results settles comes from it
 
         def on_attempt(parts: list[Part], results: list[InstanceResult], status: int | None, ms: float,
                        attempt: int, down: str | None) -> None:
+            last_ms[0] = ms
             if down is not None:
                 went_down.append((down, time.monotonic() - ms / 1000))
             self._log_batch(dest, [by_part[p] for p in parts], results, status, ms, attempt)
@@ -189,7 +218,7 @@ class Engine:
             for item, result in pairs:
                 if isinstance(result, Changed):
                     self._drop_changed(item, result)
-            self._record_many(dest, [(i, r) for i, r in pairs if not isinstance(r, Changed)])
+            self._record_many(dest, [(i, r) for i, r in pairs if not isinstance(r, Changed)], last_ms[0])
 
         deliver_parts(UidChecked(self.journal, dest, by_part), list(by_part), cfg.retry_attempts, cfg.retry_delay,
                       self._sleep, on_results, on_attempt=on_attempt,
@@ -211,9 +240,10 @@ class Engine:
 
     # -- outcomes -> states --------------------------------------------------------------------------
 
-    def _record_many(self, dest: Destination, pairs: list[tuple[Item, InstanceResult]]) -> None:
-        """Turn each instance's outcome at one destination into journal state (one commit) and, for the
-        files that have settled everywhere, a folder move."""
+    def _record_many(self, dest: Destination, pairs: list[tuple[Item, InstanceResult]],
+                     duration_ms: float | None = None) -> None:
+        """Turn each instance's outcome at one destination into journal state and history (one commit) and, for
+        the files that have settled everywhere, a folder move. `duration_ms`: the request's that answered."""
         cfg = self.config.delivery
         # The look at which files are still tracked and the commit are one step for _drop_changed: a file
         # dropped in between gets a new version's rows under its name, which this answer must not update.
@@ -222,8 +252,7 @@ class Engine:
                 dropped = [(item, r) for item, r in pairs if self._items.get(item.path) is not item]
                 pairs = [(item, r) for item, r in pairs if self._items.get(item.path) is item]
             # Yet the PACS has those old bytes under the UID now: remembered, so the new version conflicts there.
-            self.journal.remember([Update(str(item.path), dest.name, "delivered", r.outcome.value,
-                                          sop=item.info.sop_instance_uid, digest=item.info.digest)
+            self.journal.remember([changed_update(dest.name, item, r, cfg, duration_ms)
                                    for item, r in dropped if r.outcome.delivered])
             if not pairs:
                 return
@@ -233,9 +262,9 @@ class Engine:
             parked: list[tuple[Item, float]] = []
             for item, result in pairs:
                 row = rows.get(str(item.path))
-                fate = instance_fate(result.outcome, (row.attempts if row else 0) + 1,
-                                     time.monotonic() - item.born, cfg.max_age_hours * 3600)
-                update, delay = update_for(dest.name, item, result, fate, cfg)
+                attempt = (row.attempts if row else 0) + 1
+                fate = instance_fate(result.outcome, attempt, time.monotonic() - item.born, cfg.max_age_hours * 3600)
+                update, delay = update_for(dest.name, item, result, fate, cfg, attempt=attempt, duration_ms=duration_ms)
                 updates.append(update)
                 if delay is None:
                     settled.append((item, update))

@@ -1,15 +1,20 @@
-"""Decide whether a file is a complete DICOM Part-10 instance and read the UIDs delivery needs."""
+"""Decide whether a file is a complete DICOM Part-10 instance and read the UIDs delivery needs (and, on the same
+walk, the top-level attributes routing asks for)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import re
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import pydicom.charset
+import pydicom.datadict
+import pydicom.multival
 import pydicom.valuerep
 from pydicom._uid_dict import UID_dictionary
 from pydicom.errors import InvalidDicomError as _PydicomInvalid
@@ -23,15 +28,6 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Values above this stay on disk during validation: pixel data is never loaded here.
 _DEFER = 1024
 _UNDEFINED = 0xFFFFFFFF
-
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-def is_uid(text: str) -> bool:
-    """True for a well-formed DICOM UID: digits and dots, at most 64 characters, no leading zeros."""
-    return (len(text) <= 64 and bool(_UID_RE.match(text))
-            and not any(len(c) > 1 and c.startswith("0") for c in text.split(".")))
 
 
 @dataclass(frozen=True)
@@ -48,6 +44,14 @@ class DicomInfo:
     # exporters rewrite one and not the other); '' when they agree. Delivery goes by the data set's UID.
     meta_sop_instance_uid: str = ""
     digest: str = ""  # sha256 of the whole file: tells a corrected file with a reused SOPInstanceUID from a copy
+    # Read on every walk, decoded with the file's SpecificCharacterSet ('' when absent; values joined by '\\').
+    patient_id: str = ""
+    accession_number: str = ""
+    modality: str = ""
+    # The top-level attributes `inspect` was asked for (routing), by keyword: each one present in the data set
+    # with its values decoded, one string per value (ImageType ORIGINAL\\PRIMARY: ('ORIGINAL', 'PRIMARY'); an
+    # empty element: ('',)). An attribute the file lacks is not a key.
+    attrs: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
 
 class TruncatedDicom(InvalidDicomError):
@@ -85,10 +89,14 @@ def sop_instance_uid(path: str | os.PathLike[str]) -> str:
         return ""
 
 
-def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False) -> DicomInfo:
+def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False,
+            attributes: Iterable[str] = ()) -> DicomInfo:
     """Validate `path` as a complete Part-10 instance with the required UIDs; raise InvalidDicomError saying why.
 
-    `strict_meta_uid` refuses a file whose meta header names another SOP instance than its data set."""
+    `strict_meta_uid` refuses a file whose meta header names another SOP instance than its data set.
+    `attributes` are DICOM keywords of top-level attributes to read into `DicomInfo.attrs` on the same walk
+    (pixel data is never read: the walk skips it by its length)."""
+    wanted = _wanted(tuple(attributes))
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -105,10 +113,10 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False) -> D
             "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
             "the image files it lists are forwarded as files of their own")
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")).strip() or _IMPLICIT_LE
-    top_level, raw = _check_complete(path, transfer_syntax, size)
+    top_level, uids, texts = _check_complete(path, transfer_syntax, size, wanted)
     values = {}
     for keyword, tag in _REQUIRED_TAGS.items():
-        value = raw.get(tag, "")
+        value = uids.get(tag, "")
         if not value:
             message = (f"required attribute {keyword} is missing or empty: the PACS cannot file this instance; "
                        "fix it at the modality or with a DICOM editor, then resend")
@@ -135,6 +143,10 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False) -> D
         size=size,
         meta_sop_instance_uid=mismatch,
         digest=file_digest(path),
+        patient_id="\\".join(texts.get(_PATIENT_ID, ())),
+        accession_number="\\".join(texts.get(_ACCESSION_NUMBER, ())),
+        modality="\\".join(texts.get(_MODALITY, ())),
+        attrs={keyword: texts[tag] for tag, keyword in wanted.keywords.items() if tag in texts},
     )
 
 
@@ -196,8 +208,122 @@ def _check_bulk_data(sop_class: str, top_level: set[int]) -> None:
 _LONG_VRS = {str(vr).encode() for vr in pydicom.valuerep.EXPLICIT_VR_LENGTH_32}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-_REQUIRED_VALUES = frozenset(_REQUIRED_TAGS.values())
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _MAX_UID_BYTES = 256  # a UI value is at most 64 characters; anything far longer is not a UID
+_MAX_TEXT_BYTES = 65536  # a longer attribute value is not read (a route never matches it)
+_CHARSET, _PATIENT_ID, _ACCESSION_NUMBER, _MODALITY = 0x00080005, 0x00100020, 0x00080050, 0x00080060
+# Read on every walk: the plain fields of DicomInfo, and the character set that decodes them
+_ALWAYS = {_CHARSET: _MAX_TEXT_BYTES, _PATIENT_ID: _MAX_TEXT_BYTES, _ACCESSION_NUMBER: _MAX_TEXT_BYTES,
+           _MODALITY: _MAX_TEXT_BYTES, **dict.fromkeys(_REQUIRED_TAGS.values(), _MAX_UID_BYTES)}
+# VRs whose values cannot be matched as text: bulk data, sequences (routing refuses them as keys)
+UNREADABLE_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"))
+_CHARSET_VRS = frozenset(str(vr) for vr in pydicom.charset.CUSTOMIZABLE_CHARSET_VR)  # SH LO ST LT UC UT PN
+_ONE_VALUE_VRS = frozenset(("ST", "LT", "UT", "UR"))  # a backslash is a character there, not a separator
+_NUMBER_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q", "SV": "q", "AT": "HH"}
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """The tags one walk reads values of: tag -> the most bytes read, and the keywords asked for by tag."""
+
+    caps: Mapping[int, int]
+    keywords: Mapping[int, str]
+    vrs: Mapping[int, str]  # the dictionary VR of each tag (implicit VR files carry none)
+
+
+def attribute_tag(keyword: str) -> tuple[int, str]:
+    """(tag, VR) of a top-level attribute's DICOM keyword; ValueError when it is no keyword pydicom knows."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or pydicom.datadict.repeater_has_keyword(keyword):
+        raise ValueError(f"{keyword!r} is not a DICOM keyword")
+    return tag, str(pydicom.datadict.dictionary_VR(tag)).split(" or ")[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _wanted(attributes: tuple[str, ...]) -> _Wanted:
+    """The tags a walk reads for `attributes` (keywords) besides the ones it always reads. Cached: the daemon
+    asks for the same keywords for every file."""
+    keywords: dict[int, str] = {}
+    vrs = {_CHARSET: "CS", _PATIENT_ID: "LO", _ACCESSION_NUMBER: "SH", _MODALITY: "CS"}
+    for keyword in attributes:
+        tag, vr = attribute_tag(keyword)
+        if vr in UNREADABLE_VRS:  # bulk data (pixel data above all) and sequences are never read here
+            raise ValueError(f"{keyword} (VR {vr}) is bulk data or a sequence: only text and numbers are read")
+        keywords[tag], vrs[tag] = keyword, vr
+    caps = dict(_ALWAYS)
+    for tag in keywords:
+        caps.setdefault(tag, _MAX_TEXT_BYTES)
+    return _Wanted(caps, keywords, vrs)
+
+
+@functools.lru_cache(maxsize=64)
+def _encodings(charset: bytes) -> tuple[str, ...]:
+    """Python codecs for a raw SpecificCharacterSet value (cached: one site sends a handful of them)."""
+    terms = [t.strip("\0 ") for t in charset.decode("latin-1").split("\\")] if charset else []
+    if not terms or not any(terms):
+        return (pydicom.charset.default_encoding,)
+    try:
+        return tuple(pydicom.charset.convert_encodings(terms))
+    except Exception:  # an unknown term: the default repertoire, as pydicom falls back to
+        return (pydicom.charset.default_encoding,)
+
+
+def _decode_text(raw: bytes, encodings: tuple[str, ...]) -> str:
+    """A text value in the file's character set; undecodable bytes become U+FFFD, never an error."""
+    if b"\x1b" in raw:  # ISO 2022 escape sequences switch the character set inside the value
+        try:
+            return pydicom.charset.decode_bytes(raw, list(encodings), pydicom.charset.TEXT_VR_DELIMS)
+        except Exception:
+            pass
+    try:
+        return raw.decode(encodings[0], errors="replace")
+    except LookupError:
+        return raw.decode("latin-1")
+
+
+def _values(vr: str, raw: bytes, encodings: tuple[str, ...], little: bool) -> tuple[str, ...]:
+    """One element's values as text: numbers formatted, text decoded and split at backslashes, padding cut."""
+    if vr in _NUMBER_VRS:
+        code = _NUMBER_VRS[vr]
+        each = struct.calcsize(code)
+        numbers = struct.iter_unpack(("<" if little else ">") + code, raw[:len(raw) - len(raw) % each])
+        if vr == "AT":
+            return tuple(f"({g:04X},{e:04X})" for g, e in numbers)
+        return tuple(str(n[0]) for n in numbers) or ("",)
+    if vr in _CHARSET_VRS:
+        text = _decode_text(raw, encodings)
+        parts = [text] if vr in _ONE_VALUE_VRS or "\\" not in text else text.split("\\")
+        # Leading spaces are part of a text value; a name's trailing empty components (Doe^John^^=) are not.
+        pad = "\0 ^=" if vr == "PN" else "\0 "
+        return tuple(p.rstrip(pad) for p in parts)
+    parts = raw.decode("latin-1").split("\\")  # the default repertoire (ASCII); latin-1 never fails
+    return tuple(p.strip("\0 ") for p in parts)
+
+
+# VRs as a walk meets them (bytes) -> their names; UN and implicit VR files ("??") carry no VR of their own
+_WRITTEN_VRS = {str(vr).encode(): str(vr) for vr in pydicom.valuerep.VR if len(str(vr)) == 2 and str(vr) != "UN"}
+
+
+def _texts(raw: Mapping[int, tuple[bytes, bytes]], wanted: _Wanted, little: bool) -> dict[int, tuple[str, ...]]:
+    """The wanted values a walk met (tag -> (VR as written, bytes)), decoded; the required UIDs only when asked
+    for by keyword (inspect reads them apart). Runs for every file: a few microseconds."""
+    charset = raw.get(_CHARSET)
+    encodings = _encodings(charset[1] if charset else b"")
+    keywords, vrs = wanted.keywords, wanted.vrs
+    out = {}
+    for tag, (written, value) in raw.items():
+        if tag in _REQUIRED_VALUES and tag not in keywords:
+            continue
+        vr = _WRITTEN_VRS.get(written) or vrs.get(tag, "UN")  # without a VR of its own: the dictionary's
+        if vr in _CHARSET_VRS or vr in _NUMBER_VRS:
+            out[tag] = _values(vr, value, encodings, little)
+        elif vr not in UNREADABLE_VRS:  # the default repertoire (ASCII) of CS, DA, UI, ...: the common case, inline
+            text = value.decode("latin-1")
+            out[tag] = (text.strip("\0 "),) if "\\" not in text else tuple(p.strip("\0 ") for p in text.split("\\"))
+    return out
+
+
+_REQUIRED_VALUES = frozenset(_REQUIRED_TAGS.values())
 
 
 class _Truncated(Exception):
@@ -220,10 +346,12 @@ def _all_zero(reader: "_Reader", pos: int) -> bool:
     return True
 
 
-def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[int], dict[int, str]]:
+def _check_complete(path: Path, transfer_syntax: str, size: int, wanted: _Wanted
+                    ) -> tuple[set[int], dict[int, str], dict[int, tuple[str, ...]]]:
     """Walk every element header and require the last element to end exactly at the end of the file.
 
-    Returns the top-level tags seen and the required UIDs' values, read on the way. A pydicom Dataset parse
+    Returns the top-level tags seen, the required UIDs' values and the other wanted values decoded, all read
+    on the way (the walk skips every value it does not want by its length). A pydicom Dataset parse
     is not used for this: it swallows an end-of-file inside the data set and, with large values deferred,
     never reads them, so a clean parse proves nothing about completeness; and building the Dataset cost
     more than half of the daemon's CPU per file, for four strings the walk passes over anyway.
@@ -237,18 +365,18 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
                 found[tag] = str(ds[tag].value).strip() if tag in ds else ""
             except Exception:  # a damaged element decodes lazily and may fail here
                 found[tag] = ""
-        return set(ds.keys()), found
+        return set(ds.keys()), found, _dataset_values(ds, wanted)
     explicit = transfer_syntax != _IMPLICIT_LE
-    little = transfer_syntax != "1.2.840.10008.1.2.2"
+    little = transfer_syntax != _BIG_ENDIAN
     seen: set[int] = set()
-    raw: dict[int, bytes] = {}
+    raw: dict[int, tuple[bytes, bytes]] = {}
     with _Reader(str(path), size) as reader:
         try:
             start = _meta_end(reader)
             if start >= size:
                 raise TruncatedDicom("no data set after the file meta header: the file is truncated or empty; "
                                      "send it again")
-            pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw)
+            pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw, wanted=wanted.caps)
         except _ZeroTail as exc:
             padding = _all_zero(reader, exc.pos)
             raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
@@ -260,7 +388,26 @@ def _check_complete(path: Path, transfer_syntax: str, size: int) -> tuple[set[in
     if pos != size:
         raise TruncatedDicom(f"truncated or damaged: the data set ends at byte {pos} of {size}; send it again")
     # UI values are ASCII padded with NUL (PS3.5 6.2); latin-1 never fails, and junk then fails at the PACS by name
-    return seen, {tag: value.decode("latin-1").strip("\0 ") for tag, value in raw.items()}
+    uids = {tag: raw[tag][1].decode("latin-1").strip("\0 ") for tag in _REQUIRED_VALUES if tag in raw}
+    return seen, uids, _texts(raw, wanted, little)
+
+
+def _dataset_values(ds: pydicom.Dataset, wanted: _Wanted) -> dict[int, tuple[str, ...]]:
+    """The same as `_texts` from a parsed data set (deflated files), decoded by pydicom."""
+    out = {}
+    for tag in wanted.caps:
+        if (tag in _REQUIRED_VALUES and tag not in wanted.keywords) or tag not in ds:
+            continue
+        try:
+            elem = ds[tag]
+            if elem.VR in UNREADABLE_VRS:
+                continue
+            value = elem.value
+        except Exception:  # a damaged element decodes lazily and may fail here: as if absent
+            continue
+        items = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+        out[tag] = tuple("" if v is None else str(v) for v in items) or ("",)
+    return out
 
 
 class _Reader:
@@ -312,10 +459,11 @@ def _meta_end(reader: _Reader) -> int:
 
 
 def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | None, single: bool = False,
-          seen: set[int] | None = None, values: dict[int, bytes] | None = None) -> int:
+          seen: set[int] | None = None, values: dict[int, tuple[bytes, bytes]] | None = None,
+          wanted: Mapping[int, int] | None = None) -> int:
     """Walk elements from `pos`; stop at EOF, or after the delimiter tag `until` (or after one element if
-    `single`). Return the end offset; add the tags met at this level to `seen`, and the values of the
-    required UIDs at this level to `values`."""
+    `single`). Return the end offset; add the tags met at this level to `seen`, and (VR, value) of the
+    `wanted` tags at this level (tag -> the most bytes read) to `values`."""
     header_s, short_s, long_s = (_LE_HEADER, _LE_SHORT, _LE_LONG) if little else (_BE_HEADER, _BE_SHORT, _BE_LONG)
     size = reader.size
     last = -1
@@ -365,9 +513,9 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
             inner_explicit = explicit and vr != b"UN"
             pos = _walk(reader, pos, inner_explicit, little or vr == b"UN", until=_SEQ_END)
         else:
-            if values is not None and tag in _REQUIRED_VALUES and length <= _MAX_UID_BYTES:
+            if values is not None and tag in wanted and length <= wanted[tag]:  # type: ignore[operator]
                 buf, off = reader.view(pos, length)
-                values[tag] = bytes(buf[off:off + length])
+                values[tag] = (vr, bytes(buf[off:off + length]))
             pos = _skip(pos, length, size, tag)
         if single:
             return pos

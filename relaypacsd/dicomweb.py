@@ -23,7 +23,7 @@ import urllib3
 
 from relaypacsd import dicomjson
 from relaypacsd.config import PacsConfig
-from relaypacsd.dicomfile import is_uid
+from relaypacsd.uids import is_uid
 from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, PartChanged
 from relaypacsd.http import env_prefix, log_security_warnings, make_session
 from relaypacsd.models import Part

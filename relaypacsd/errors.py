@@ -78,3 +78,7 @@ class LeaseLost(JournalError):
 
 class NodeConflict(RelayPacsError):
     """Another gateway serves this spool or uses this node's name; the message says which and what to do."""
+
+
+class PauseError(RelayPacsError):
+    """An operator's pause or resume of a PACS that cannot be done (unknown, already so, state dir not writable)."""

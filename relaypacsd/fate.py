@@ -17,6 +17,7 @@ do the journal writes, the moves and the logs (the shape of huey's `Huey._execut
 | some PACS FAILED it                                   | the file goes to failed/                 |
 | an active PACS's verdict is lost (no row, no memory)  | the file stays in sending/               |
 | validation refusal (junk, no UIDs, no Part-10 header) | failed/, stage "validation"              |
+| no route matches, or its PACS are none of them active | failed/, stage "routing"                 |
 | truncated, unchanged for less than the grace          | stays in sending/, looked at again       |
 | DICOMDIR                                              | failed/, stage "dicomdir"                |
 | bad archive                                           | failed/, stage "archive"                 |
@@ -32,8 +33,9 @@ from dataclasses import dataclass
 
 from relaypacsd.archive import BadArchive
 from relaypacsd.dicomfile import DicomDirFound, TruncatedDicom, ZeroTail
-from relaypacsd.errors import InvalidDicomError
+from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.outcomes import Outcome
+from relaypacsd.routing import ROUTING_NEXT_STEP, Unrouted
 
 # How many deliveries an instance with an unclear rejection (0x0110, "200 but not confirmed") gets.
 LIMITED_MAX_DELIVERIES = 3
@@ -120,10 +122,12 @@ def may_still_grow(exc: InvalidDicomError, quiet_s: float, grace_s: float) -> bo
     return isinstance(exc, TruncatedDicom) and quiet_s < grace_s
 
 
-def refusal(exc: InvalidDicomError) -> tuple[str, str]:
-    """The sidecar's (stage, next_step) for a file validation refused: it goes to failed/."""
+def refusal(exc: RelayPacsError) -> tuple[str, str]:
+    """The sidecar's (stage, next_step) for a file validation (or routing) refused: it goes to failed/."""
     if isinstance(exc, BadArchive):
         return "archive", ARCHIVE_NEXT_STEP
+    if isinstance(exc, Unrouted):  # a retry routes it again, by the routes the daemon runs with then
+        return "routing", ROUTING_NEXT_STEP
     stage = "dicomdir" if isinstance(exc, DicomDirFound) else "validation"
     if isinstance(exc, ZeroTail) and exc.padding:
         # Never forwarded as it is: a preallocating writer paused past the grace looks just the same.

@@ -147,17 +147,18 @@ class Finisher:
         for d, u in memory.items():  # a failure in either counts
             if d not in states or u.state == "failed":
                 states[d] = u.state
-        folder = file_fate(states, self.destinations)
+        targets = item.targets or self.destinations  # its route's destinations, or every active one
+        folder = file_fate(states, targets)
         if missing:
             logger.warning("PACS forward: the journal rows of {} for {} went missing after the PACS answered "
                            "(removed by a `relaypacsd retry` racing a claim of this name?); deciding from the "
                            "daemon's memory: {}", item.spool.relative(item.path), ", ".join(u.dest for u in missing),
                            "failed" if folder == "failed" else "delivered")
             if folder != "sent":  # staying in sending/ too: a PACS that confirmed it must not get it again
-                self.journal.restore(key, item.info.sop_instance_uid, item.first_seen, missing)
+                self.journal.restore(key, item.info.sop_instance_uid, item.first_seen, missing, route=item.route)
                 rows[key] = self.journal.rows(key)
         if folder is None:
-            lost = sorted(d for d in self.destinations if d not in states)
+            lost = sorted(d for d in targets if d not in states)
             logger.warning("PACS forward: {} has no journal row for {} and was not settled there by this run: it "
                            "stays in sending/ and the next retry sweep sends it there again (never taken as sent "
                            "without a confirmation)", item.spool.relative(item.path), ", ".join(lost))
@@ -177,6 +178,7 @@ class Finisher:
             "pacs": {d: {"state": r.state, "attempts": r.attempts, "reason_code": hex_code(r.last_code),
                          "error": r.last_error} for d, r in rows.items()},
             "history": self.journal.history(key),
+            **({"route": item.route} if item.route else {}),
             "next_step": "fix the cause, then `relaypacsd retry FILE` sends it again to the PACS that still need it",
         }
         if conflicted:

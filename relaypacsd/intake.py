@@ -35,6 +35,11 @@ class Intake:
             self._paths.add(path)
         self.queue.put((spool, path))
 
+    def pending_paths(self) -> set[Path]:
+        """The files queued or being validated now (a copy)."""
+        with self._lock:
+            return set(self._paths)
+
     def run(self, stop: threading.Event) -> None:
         """A validator thread: validate queued files until `stop` (this generation's) or a stop in the queue."""
         while not stop.is_set() and self.loop():

@@ -38,8 +38,8 @@ class Jobs:
                                next_run_time=datetime.now(timezone.utc), **common)
         self.scheduler.add_job(heartbeat, "interval", seconds=config.daemon.heartbeat_interval,
                                id="heartbeat", misfire_grace_time=5, **common)
-        if d.sent_retention_days > 0:
-            self.scheduler.add_job(retention, "interval", hours=1, id="retention", misfire_grace_time=600, **common)
+        # Always: the delivery history is pruned by it too (sent/ only when sent_retention_days is set).
+        self.scheduler.add_job(retention, "interval", hours=1, id="retention", misfire_grace_time=600, **common)
         self.scheduler.add_listener(_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         self.scheduler.start()
 

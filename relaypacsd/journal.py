@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, TypedDict
 if TYPE_CHECKING:
     from relaypacsd.config import Config, Secret
 
+from relaypacsd.history import HistoryQuery, HistoryRecord
+
 JOURNAL_FILE = "journal.sqlite3"  # in the state directory
 INSTANCE_MEMORY_DAYS = 365.0
 CONFLICT_EVENT = "uid_conflict"  # Outcome.UID_CONFLICT's value: its history event and its counter
@@ -39,6 +41,7 @@ class DeliveryRow:
     first_seen: float
     last_error: str
     last_code: int | None
+    route: str = ""  # the routes that gave the file this destination, comma-joined ('' without [[route]])
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Update:
     code: int | None = None
     sop: str = ""     # with a digest, a 'delivered' update is remembered in the lasting instance memory
     digest: str = ""
+    record: HistoryRecord | None = None  # the delivery history's record of this answer, written in the same commit
 
 
 @dataclass(frozen=True)
@@ -112,19 +116,31 @@ class Journal(Protocol):
         """Every destination's rows for several files (an empty dict for a file without rows)."""
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "") -> dict[str, DeliveryRow]:
+               sop: str = "", route: str = "", keep: bool = False) -> dict[str, DeliveryRow]:
         """Create pending rows for the destinations a file has none for (dropping rows another instance left
-        under the same path) and take over a retry's marked copy; return all rows."""
+        under the same path) and take over a retry's marked copy; return all rows. New rows carry `route`.
+        `keep` (routing): a file that still has rows keeps exactly those destinations; none are added."""
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:
         """Record a new state for one file at one destination, with a history line."""
 
     def apply(self, updates: list[Update]) -> None:
-        """Record several new states at once (one commit), counting deliveries, failures and UID conflicts."""
+        """Record several new states at once (one commit), counting deliveries, failures and UID conflicts, with
+        each update's history record."""
 
     def remember(self, updates: list[Update]) -> None:
-        """Only the lasting instance memory's part of 'delivered' updates; no row moves."""
+        """Only the lasting instance memory's part of 'delivered' updates (and their history records); no row
+        moves."""
+
+    def record_history(self, records: list[HistoryRecord]) -> None:
+        """Add records to the delivery history (one commit): events no row records (a refusal, a requeue)."""
+
+    def find_history(self, query: HistoryQuery) -> list[HistoryRecord]:
+        """The newest history records matching `query`, newest first (none from a journal without history)."""
+
+    def prune_history(self, before: float, limit: int) -> int:
+        """Drop up to `limit` of the oldest history records older than `before`; return how many went."""
 
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         """What `dest` confirmed earlier under these SOP Instance UIDs."""
@@ -132,7 +148,7 @@ class Journal(Protocol):
     def prune_instances(self, limit: int = ...) -> int:
         """Drop up to `limit` remembered instances older than the memory; return how many went."""
 
-    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update]) -> None:
+    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update], route: str = "") -> None:
         """Write back rows that went missing under a settled file, with a history line; no counter moves."""
 
     def history(self, path: str) -> list[dict[str, Any]]:
@@ -173,6 +189,9 @@ class Journal(Protocol):
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Number of rows per destination and state."""
+
+    def route_counts(self) -> dict[str, int]:
+        """Files that some destination still owes (pending or waiting), per route name ('' unrouted)."""
 
     # -- several gateways: nodes, leases and which node owns which file (relaypacsd.nodes) ---------------
 

@@ -42,7 +42,9 @@ class RootKeys:
 
 
 class KeyedJournal:
-    """A journal whose callers speak in paths while its rows are keyed by watch-root names."""
+    """A journal whose callers speak in paths while its rows are keyed by watch-root names. Each method is the
+    Journal protocol's own (see relaypacsd.journal), with paths turned into keys on the way in and back on the
+    way out; what takes no path (health, counters, the delivery history, nodes) passes through."""
 
     def __init__(self, journal: Journal, keys: RootKeys):
         self.inner, self.keys = journal, keys
@@ -69,10 +71,10 @@ class KeyedJournal:
         found = self.inner.rows_of(list(back))
         return {back[k]: {d: dataclasses.replace(r, path=back[k]) for d, r in rows.items()} for k, rows in found.items()}
 
-    def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "") -> dict[str, DeliveryRow]:
+    def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None, sop: str = "",
+               **options: Any) -> dict[str, DeliveryRow]:
         return {d: dataclasses.replace(r, path=path)
-                for d, r in self.inner.ensure(self._k(path), dests, first_seen, sop).items()}
+                for d, r in self.inner.ensure(self._k(path), dests, first_seen, sop, **options).items()}
 
     def update(self, path: str, dest: str, **kwargs: Any) -> None:
         self.inner.update(self._k(path), dest, **kwargs)
@@ -86,8 +88,8 @@ class KeyedJournal:
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         return {s: dataclasses.replace(k, path=self._p(k.path)) for s, k in self.inner.known_instances(dest, sops).items()}
 
-    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update]) -> None:
-        self.inner.restore(self._k(path), sop, first_seen, [self._update(u) for u in updates])
+    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update], **options: Any) -> None:
+        self.inner.restore(self._k(path), sop, first_seen, [self._update(u) for u in updates], **options)
 
     def history(self, path: str) -> list[dict[str, Any]]:
         return self.inner.history(self._k(path))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from relaypacsd import nodes_book, pg_parts
+from relaypacsd import nodes_book, pg_history, pg_parts
+from relaypacsd.history_sqlite import HistoryMethods
 from relaypacsd.config import Secret
 from relaypacsd.journal import CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, KnownInstance, Update
 from relaypacsd.nodes_book import NodeBook, NodeMethods
@@ -30,6 +31,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_code INTEGER,
     updated DOUBLE PRECISION NOT NULL,
     token TEXT NOT NULL DEFAULT '',
+    route TEXT NOT NULL DEFAULT '',  -- the [[route]] names that gave the file this destination
     PRIMARY KEY (path, dest)
 );
 CREATE INDEX IF NOT EXISTS deliveries_dest ON deliveries(dest, state);
@@ -44,7 +46,7 @@ CREATE TABLE IF NOT EXISTS history (
 );
 CREATE INDEX IF NOT EXISTS history_path ON history(path);
 """
-_ROW = "path, dest, state, attempts, next_try, first_seen, last_error, last_code"
+_ROW = "path, dest, state, attempts, next_try, first_seen, last_error, last_code, route"
 _HISTORY = "INSERT INTO history (path, dest, time, event, detail) VALUES (%s, %s, %s, %s, %s)"
 
 
@@ -52,7 +54,7 @@ def _clock(store: PgDatabase) -> float:
     return float(store.query("SELECT extract(epoch from clock_timestamp())::float8")[0][0])
 
 
-class PgJournal(NodeMethods):
+class PgJournal(HistoryMethods, NodeMethods):
     """Thread-safe access to a PostgreSQL journal; reconnects by itself once the server is back."""
 
     shared = True
@@ -62,10 +64,11 @@ class PgJournal(NodeMethods):
         self.url = url
         self.instance_days = instance_days
         self._store = PgDatabase(url, password, readonly=readonly, application=application,
-                                 schema=SCHEMA + pg_parts.SCHEMA + nodes_book.POSTGRES.schema())
+                                 schema=SCHEMA + pg_parts.SCHEMA + pg_history.SCHEMA + nodes_book.POSTGRES.schema())
         self.shown = self._store.shown
         self._instances = pg_parts.PgInstances(self._store, instance_days)
         self._destinations = pg_parts.PgDestinations(self._store)
+        self._history = pg_history.PgHistory(self._store)
         self._nodes = NodeBook(self._store, nodes_book.POSTGRES, lambda: _clock(self._store))
 
     def close(self) -> None:
@@ -83,18 +86,24 @@ class PgJournal(NodeMethods):
         return {r[1]: DeliveryRow(*r) for r in self._exec(f"SELECT {_ROW} FROM deliveries WHERE path = %s", (path,))}
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "") -> dict[str, DeliveryRow]:
-        """Create pending rows for the destinations a file has none for (dropping another instance's rows under
-        the same path first); a fenced node owns the file from now on if nobody does. Returns all rows."""
+               sop: str = "", route: str = "", keep: bool = False) -> dict[str, DeliveryRow]:
+        """Create pending rows (carrying `route`) for the destinations a file has none for (dropping another
+        instance's rows under the same path first); with `keep` (routing) a file that has rows keeps exactly
+        those. A fenced node owns the file from now on if nobody does. Returns all rows."""
         now = time.time()
         seen = first_seen or now
+        dests = list(dests)
         stmts: list[Statement] = []
         if sop:
             stale = "SELECT 1 FROM deliveries WHERE path = %s AND sop != '' AND sop != %s"
             stmts += [(f"DELETE FROM history WHERE path = %s AND EXISTS ({stale})", (path, path, sop)),
                       ("DELETE FROM deliveries WHERE path = %s AND sop != '' AND sop != %s", (path, sop))]
-        stmts += [("INSERT INTO deliveries (path, dest, sop, state, first_seen, updated) VALUES (%s, %s, %s, 'pending', "
-                   "%s, %s) ON CONFLICT (path, dest) DO NOTHING", (path, d, sop, seen, now)) for d in dests]
+        if dests:
+            # One statement: its look at the file's rows (with `keep`) is taken once, before any row is written.
+            keeping = " WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE path = %s)" if keep else ""
+            stmts.append(("INSERT INTO deliveries (path, dest, sop, state, first_seen, updated, route) SELECT %s, d, %s, "
+                          f"'pending', %s, %s, %s FROM unnest(%s::text[]) AS d{keeping} ON CONFLICT (path, dest) DO NOTHING",
+                          (path, sop, seen, now, route, dests) + ((path,) if keep else ())))
         stmts.append(("UPDATE deliveries SET token = '' WHERE path = %s AND token != ''", (path,)))
         self._tx(stmts + self._nodes.own_statements(path))
         return self.rows(path)
@@ -124,12 +133,13 @@ class PgJournal(NodeMethods):
                 failed[u.dest] = failed.get(u.dest, 0) + 1
             stmts += self._instances.statements(u, now)
         stmts += self._destinations.count_statements(delivered, failed, now)
+        stmts += self._history.statements([u.record for u in updates if u.record is not None])
         if stmts:
             self._store.transaction(stmts, self._nodes.guard())  # a node taken over writes nothing: LeaseLost
 
     def remember(self, updates: list[Update]) -> None:
-        """Only the lasting memory's part of 'delivered' updates; no row moves."""
-        self._instances.remember(updates)
+        """Only the lasting memory's part of 'delivered' updates (and their history records); no row moves."""
+        self._instances.remember(updates, self._history.statements([u.record for u in updates if u.record]))
 
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         """What `dest` confirmed earlier under these SOP Instance UIDs."""
@@ -139,18 +149,19 @@ class PgJournal(NodeMethods):
         """Drop up to `limit` remembered instances older than `instance_days`; return how many went."""
         return self._instances.prune(limit)
 
-    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update]) -> None:
+    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update], route: str = "") -> None:
         """Write back rows that went missing under a settled file, with a history line; no counter moves."""
         now = time.time()
         stmts: list[Statement] = []
         for u in updates:
             stmts += [("INSERT INTO deliveries (path, dest, sop, state, attempts, next_try, first_seen, last_error, "
-                       "last_code, updated) VALUES (%s, %s, %s, %s, %s, 0, %s, %s, %s, %s) ON CONFLICT (path, dest) DO "
-                       "UPDATE SET sop = excluded.sop, state = excluded.state, attempts = excluded.attempts, next_try = 0, "
-                       "first_seen = excluded.first_seen, last_error = excluded.last_error, "
-                       "last_code = excluded.last_code, updated = excluded.updated, token = ''",
+                       "last_code, updated, route) VALUES (%s, %s, %s, %s, %s, 0, %s, %s, %s, %s, %s) ON CONFLICT "
+                       "(path, dest) DO UPDATE SET sop = excluded.sop, state = excluded.state, attempts = "
+                       "excluded.attempts, next_try = 0, first_seen = excluded.first_seen, last_error = "
+                       "excluded.last_error, last_code = excluded.last_code, updated = excluded.updated, "
+                       "route = excluded.route, token = ''",
                        (path, u.dest, sop, u.state, u.attempts or 0, first_seen,
-                        u.detail if u.state != "delivered" else "", u.code, now)),
+                        u.detail if u.state != "delivered" else "", u.code, now, route)),
                       (_HISTORY, (path, u.dest, now, u.event, f"(restored from the daemon's memory) {u.detail}"))]
         if stmts:
             self._tx(stmts)
@@ -181,7 +192,7 @@ class PgJournal(NodeMethods):
     def copy(self, old: str, new: str, token: str) -> bool:
         """Give `new` the rows and history of `old` too, marked with `token`, only when `new` holds none: the look
         and the write under one table lock (a retry is rare), so a node's claim there is never replaced."""
-        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated"
+        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated, route"
         found = self._store.transaction([
             ("LOCK TABLE deliveries IN SHARE ROW EXCLUSIVE MODE", ()),
             ("DELETE FROM history WHERE path = %s AND NOT EXISTS (SELECT 1 FROM deliveries WHERE path = %s)", (new, new)),
@@ -254,3 +265,8 @@ class PgJournal(NodeMethods):
         for dest, state, n in self._exec("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
             out.setdefault(dest, {})[state] = n
         return out
+
+    def route_counts(self) -> dict[str, int]:
+        """Files that some destination still owes (pending or waiting), per route name ('' unrouted)."""
+        return dict(self._exec("SELECT route, COUNT(DISTINCT path) FROM deliveries WHERE state IN ('pending', "
+                               "'waiting') GROUP BY route"))

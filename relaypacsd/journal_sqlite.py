@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd import nodes_book, sqlite_destinations, sqlite_instances
+from relaypacsd import history_sqlite, nodes_book, sqlite_destinations, sqlite_instances
+from relaypacsd.history_sqlite import HistoryBook, HistoryMethods
 from relaypacsd.journal import CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, KnownInstance, Update
 from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.sqlite_db import Database, Statement
@@ -49,10 +50,14 @@ ADDED_COLUMNS = [
     # A `relaypacsd retry` marks the rows it copies ahead of a file, so it can take back exactly those.
     ("deliveries", "token", "TEXT NOT NULL DEFAULT ''"),
     ("history", "token", "TEXT NOT NULL DEFAULT ''"),
+    # The routes that gave a file this destination ([[route]] names, comma-joined): a restart keeps them.
+    ("deliveries", "route", "TEXT NOT NULL DEFAULT ''"),
 ]
+# A DeliveryRow's columns, in its order
+ROW_COLUMNS = "path, dest, state, attempts, next_try, first_seen, last_error, last_code, route"
 
 
-class SqliteJournal(NodeMethods):
+class SqliteJournal(HistoryMethods, NodeMethods):
     """Thread-safe access to the journal database in the state directory: the delivery rows and their
     history here; the lasting instance memory, the destinations' health and counters, and the nodes and
     file ownership (one node here: relaypacsd.nodes_spool refuses a second) in parts of their own."""
@@ -61,15 +66,26 @@ class SqliteJournal(NodeMethods):
         self.path = path
         self.instance_days = instance_days
         self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA
-                               + nodes_book.SQLITE.schema(), ADDED_COLUMNS, readonly=readonly)
+                               + history_sqlite.SCHEMA + nodes_book.SQLITE.schema(), ADDED_COLUMNS, readonly=readonly)
         self._lock = self._store.lock
         self._instances = InstanceMemory(self._store, instance_days)
         self._destinations = DestinationBook(self._store)
+        self._history = HistoryBook(self._store)
+        self._columns = "" if readonly else ROW_COLUMNS  # read-only: looked up at the first query (see _rows)
         self._nodes = NodeBook(self._store, nodes_book.SQLITE, time.time, shared=False)
 
     @property
     def _db(self) -> Any:
         return self._store.db
+
+    @property
+    def _rows(self) -> str:
+        """The SELECT list of a DeliveryRow. A command that only looks at a journal no daemon has upgraded yet
+        reads its rows without routes (asked at the first query: opening never reads the file)."""
+        if not self._columns:
+            self._columns = (ROW_COLUMNS if self._store.has_column("deliveries", "route")
+                             else ROW_COLUMNS.replace("route", "'' AS route"))
+        return self._columns
 
     def close(self) -> None:
         """Close the database."""
@@ -83,25 +99,35 @@ class SqliteJournal(NodeMethods):
 
     def rows(self, path: str) -> dict[str, DeliveryRow]:
         """Every destination's row for one file."""
-        found = self._exec("SELECT path, dest, state, attempts, next_try, first_seen, last_error, last_code "
-                           "FROM deliveries WHERE path = ?", (path,))
+        found = self._exec(f"SELECT {self._rows} FROM deliveries WHERE path = ?", (path,))
         return {r[1]: DeliveryRow(*r) for r in found}
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "") -> dict[str, DeliveryRow]:
-        """Create pending rows for the destinations a file has none for; return all rows.
+               sop: str = "", route: str = "", keep: bool = False) -> dict[str, DeliveryRow]:
+        """Create pending rows (carrying `route`) for the destinations a file has none for; return all rows.
+        With `keep` (routing), a file that has rows keeps exactly those: none are added, so a reload's new
+        routes never change where a file in sending/ goes.
 
         Rows left under the same path by another instance (a modality reusing IMG0001.dcm) are dropped
         first: they must never make a new file look delivered."""
         now = time.time()
         seen = first_seen or now
+        dests = list(dests)
         stmts: list[Statement] = []
         if sop:
             stale = "SELECT 1 FROM deliveries WHERE path = ? AND sop != '' AND sop != ?"
             stmts += [(f"DELETE FROM history WHERE path = ? AND EXISTS ({stale})", (path, path, sop)),
                       ("DELETE FROM deliveries WHERE path = ? AND sop != '' AND sop != ?", (path, sop))]
-        stmts += [("INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated) "
-                   "VALUES (?, ?, ?, 'pending', ?, ?)", (path, d, sop, seen, now)) for d in dests]
+        if keep and dests:
+            # One statement: its look at the file's rows is taken once, before any of them is written.
+            values = ", ".join("(?)" for _ in dests)
+            stmts.append((f"INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated, route) "
+                          f"SELECT ?, column1, ?, 'pending', ?, ?, ? FROM (VALUES {values}) "
+                          "WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE path = ?)",
+                          (path, sop, seen, now, route, *dests, path)))
+        elif dests:
+            stmts += [("INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated, route) "
+                       "VALUES (?, ?, ?, 'pending', ?, ?, ?)", (path, d, sop, seen, now, route)) for d in dests]
         # Rows a retry copied here are now this file's: the retry must no longer take them back (uncopy).
         stmts.append(("UPDATE deliveries SET token = '' WHERE path = ? AND token != ''", (path,)))
         self._tx(stmts + self._nodes.own_statements(path))
@@ -133,13 +159,14 @@ class SqliteJournal(NodeMethods):
                 failed[u.dest] = failed.get(u.dest, 0) + 1
             stmts += self._instances.statements(u, now)
         stmts += self._destinations.count_statements(delivered, failed, now)
+        stmts += self._history.statements([u.record for u in updates if u.record is not None])
         if stmts:
             self._store.transaction(stmts, self._nodes.guard())  # a node taken over writes nothing: LeaseLost
 
     def remember(self, updates: list[Update]) -> None:
-        """Only the lasting memory's part of 'delivered' updates: what a PACS confirmed of a file dropped
-        meanwhile (it changed); its rows are another version's now and must not move."""
-        self._instances.remember(updates)
+        """Only the lasting memory's part of 'delivered' updates (and their history records): what a PACS confirmed
+        of a file dropped meanwhile (it changed); its rows are another version's now and must not move."""
+        self._instances.remember(updates, self._history.statements([u.record for u in updates if u.record]))
 
     def known_instances(self, dest: str, sops: Iterable[str]) -> dict[str, KnownInstance]:
         """What `dest` confirmed earlier under these SOP Instance UIDs (the lasting memory), in one query."""
@@ -149,16 +176,16 @@ class SqliteJournal(NodeMethods):
         """Drop up to `limit` remembered instances older than `instance_days`; return how many went."""
         return self._instances.prune(limit)
 
-    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update]) -> None:
+    def restore(self, path: str, sop: str, first_seen: float, updates: list[Update], route: str = "") -> None:
         """Write back rows that went missing under a file the engine settled (from its memory), with a history
         line, so its sidecar and a later `relaypacsd retry` know what each PACS said. No counter moves."""
         now = time.time()
         stmts: list[Statement] = []
         for u in updates:
             stmts += [("INSERT OR REPLACE INTO deliveries (path, dest, sop, state, attempts, next_try, first_seen, "
-                       "last_error, last_code, updated) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                       "last_error, last_code, updated, route) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
                        (path, u.dest, sop, u.state, u.attempts or 0, first_seen,
-                        u.detail if u.state != "delivered" else "", u.code, now)),
+                        u.detail if u.state != "delivered" else "", u.code, now, route)),
                       ("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
                        (path, u.dest, now, u.event, f"(restored from the daemon's memory) {u.detail}"))]
         if stmts:
@@ -169,9 +196,8 @@ class SqliteJournal(NodeMethods):
         out: dict[str, DeliveryRow] = {}
         for i in range(0, len(paths), 500):  # SQLite's parameter limit
             chunk = paths[i:i + 500]
-            found = self._exec("SELECT path, dest, state, attempts, next_try, first_seen, last_error, last_code "
-                               f"FROM deliveries WHERE dest = ? AND path IN ({','.join('?' * len(chunk))})",
-                               [dest, *chunk])
+            found = self._exec(f"SELECT {self._rows} FROM deliveries WHERE dest = ? "
+                               f"AND path IN ({','.join('?' * len(chunk))})", [dest, *chunk])
             out.update({r[0]: DeliveryRow(*r) for r in found})
         return out
 
@@ -191,7 +217,7 @@ class SqliteJournal(NodeMethods):
         `old` keeps its own until the file has landed. Only when `new` holds no rows: one look-and-write
         transaction, so rows a daemon writes there meanwhile (a file it claimed) are never replaced.
         Returns False, copying nothing, when `new` is taken."""
-        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated"
+        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated, route"
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")  # the look and the write under one write lock
             try:
@@ -239,8 +265,8 @@ class SqliteJournal(NodeMethods):
         out: dict[str, dict[str, DeliveryRow]] = {p: {} for p in paths}
         for i in range(0, len(paths), 500):  # SQLite's parameter limit
             chunk = paths[i:i + 500]
-            found = self._exec("SELECT path, dest, state, attempts, next_try, first_seen, last_error, last_code "
-                               f"FROM deliveries WHERE path IN ({','.join('?' * len(chunk))})", chunk)
+            found = self._exec(f"SELECT {self._rows} FROM deliveries WHERE path IN ({','.join('?' * len(chunk))})",
+                               chunk)
             for r in found:
                 out[r[0]][r[1]] = DeliveryRow(*r)
         return out
@@ -290,3 +316,9 @@ class SqliteJournal(NodeMethods):
             out.setdefault(dest, {})[state] = n
         return out
 
+    def route_counts(self) -> dict[str, int]:
+        """Files that some destination still owes (pending or waiting), per route name ('' unrouted)."""
+        if "''" in self._rows:  # read-only on a journal older than routing: no route recorded anywhere
+            return {}
+        return dict(self._exec("SELECT route, COUNT(DISTINCT path) FROM deliveries "
+                               "WHERE state IN ('pending', 'waiting') GROUP BY route"))

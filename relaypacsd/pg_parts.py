@@ -61,10 +61,10 @@ class PgInstances:
             stmts.append((_PRUNE, (now - self.instance_days * 86400, PRUNE_STEP)))
         return stmts
 
-    def remember(self, updates: list[Update]) -> None:
-        """Only the lasting memory's part of 'delivered' updates."""
+    def remember(self, updates: list[Update], also: list[Statement] | None = None) -> None:
+        """Only the lasting memory's part of 'delivered' updates (and `also`, in the same commit)."""
         now = time.time()
-        stmts = [s for u in updates for s in self.statements(u, now)]
+        stmts = [s for u in updates for s in self.statements(u, now)] + (also or [])
         if stmts:
             self.store.transaction(stmts)
 

@@ -44,6 +44,11 @@ class Item:
     # vanish under a file (a `relaypacsd retry` racing a claim of the same name), and no rows is no verdict.
     settled: dict[str, Update] = field(default_factory=dict)
     conflicts: dict[str, dict[str, object]] = field(default_factory=dict)  # per destination, for the sidecar
+    # The routes that matched it, comma-joined ('' when no [[route]] is configured): sidecar, logs, history.
+    route: str = ""
+    # The active destinations it goes to (its route's, or every active one); empty: every active destination.
+    # The file reaches sent/ once each of these confirmed it.
+    targets: frozenset[str] = frozenset()
 
     @property
     def part(self) -> Part:
@@ -63,6 +68,7 @@ class Destination:
         self.cond = threading.Condition()
         self.healthy = True
         self.down_reason = ""
+        self.paused_by: str | None = None  # an operator's hold (relaypacsd.pauses): no new batch while set
         self.back_at = 0.0  # monotonic time it was last found back up
         self.recorded = False  # this run's health is in the journal (its row starts "unknown")
         self.threads: list[threading.Thread] = []
@@ -103,7 +109,8 @@ class Destination:
         cfg = self.engine.config.delivery
         with self.cond:
             while True:
-                while not stop.is_set() and (not self.ready or not self.healthy or not self.engine.may_send()):
+                while not stop.is_set() and (not self.ready or not self.healthy or self.paused_by is not None
+                                             or not self.engine.may_send()):
                     # No timeout: put, release_due, set_health and Engine.stop all notify. An idle worker that
                     # woke twice a second only to find nothing was most of an idle daemon's CPU.
                     self.cond.wait()
@@ -118,7 +125,7 @@ class Destination:
                     if remaining <= 0:
                         break
                     self.cond.wait(remaining)
-                if self.ready and self.healthy and self.engine.may_send():
+                if self.ready and self.healthy and self.paused_by is None and self.engine.may_send():
                     first = next((i for i in self.ready if not self._held(i)), None)
                     if first is not None:
                         break
@@ -185,10 +192,31 @@ class Destination:
             logger.error("PACS {} at {} is DOWN, deliveries paused, files wait in sending/: {}",
                          self.name, self.sender.target, reason)
 
+    @property
+    def paused(self) -> bool:
+        return self.paused_by is not None
+
+    def set_paused(self, paused: bool, by: str = "") -> None:
+        """Hold the queue (no new batch; requests in flight end) or release it; logged once per change."""
+        with self.cond:
+            if paused == self.paused:
+                return
+            self.paused_by = by if paused else None
+            self.cond.notify_all()
+        if paused:
+            logger.warning("PACS {} paused by {}: no new deliveries; its files wait in sending/ (they do not "
+                           "expire while paused); `relaypacsd resume {}` resumes", self.name, by or "an operator",
+                           self.name)
+        else:
+            logger.info("PACS {} resumed{}: deliveries go on", self.name, f" by {by}" if by else "")
+
     def take_expired(self, now: float, max_age: float) -> list[Item]:
         """Take out the items too old to wait longer (fate.too_old): the parked ones and, while the PACS is
-        down, the ready ones (a PACS that stays down gets no delivery attempt, so their age counts here)."""
+        down, the ready ones (a PACS that stays down gets no delivery attempt, so their age counts here). None
+        while paused: an operator's hold is no reason to fail a file."""
         with self.cond:
+            if self.paused_by is not None:
+                return []
             expired = [item for item in self.waiting if too_old(now - item.born, max_age)]
             for item in expired:
                 del self.waiting[item]

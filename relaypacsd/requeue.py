@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from relaypacsd.errors import RequeueError
+from relaypacsd.errors import JournalError, RequeueError
+from relaypacsd.history import REQUEUED, record_of_file
 from relaypacsd.journal import Journal
-from relaypacsd.spool import Spool, clashed, sidecar_path
+from relaypacsd.spool import Spool, clashed, read_sidecar, sidecar_path
 
 
 @dataclass(frozen=True)
@@ -24,19 +26,20 @@ class Requeued:
     warnings: list[str] = field(default_factory=list)
 
 
-def requeue(spool: Spool, journal: Journal | None, path: Path) -> Requeued:
-    """Move the failed file `path` back to sending/ (with its journal rows when there is a journal).
+def requeue(spool: Spool, journal: Journal | None, path: Path, user: str = "") -> Requeued:
+    """Move the failed file `path` back to sending/ (with its journal rows, and a delivery history record naming
+    the operator `user`, when there is a journal).
 
     Raises RequeueError when it cannot be moved; the file then stays in failed/ with its rows."""
     try:
         if journal is None:
             return Requeued(spool.requeue(path))
-        return _requeue_with_rows(spool, journal, path)
+        return _requeue_with_rows(spool, journal, path, user)
     except OSError as exc:
         raise RequeueError(f"{path}: cannot move it back to sending/ ({exc})") from exc
 
 
-def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> Requeued:
+def _requeue_with_rows(spool: Spool, journal: Journal, path: Path, user: str = "") -> Requeued:
     """Move a failed file back to sending/ with its journal rows.
 
     Once the file is in sending/, a running daemon may take it at once and must find 'delivered' rows there
@@ -48,6 +51,10 @@ def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> Requeued:
     The copy carries a token of this retry: when the name turns out taken, only the copy is taken back, never
     rows the daemon wrote there meanwhile for a file it claimed under that name."""
     key = str(path)
+    # Read here, before the move: once in sending/, the daemon may take it on at once.
+    was = (read_sidecar(path) or {}).get("reason", "")
+    record = record_of_file(spool, path, time.time(), outcome=REQUEUED, user=user,
+                            reason=f"back to sending/ by {user or 'an operator'}" + (f"; was: {was}" if was else ""))
     reset = journal.reset_failed(key)
     wanted = spool.sending / spool.relative(path)
     token = secrets.token_hex(8)
@@ -68,6 +75,11 @@ def _requeue_with_rows(spool: Spool, journal: Journal, path: Path) -> Requeued:
         break
     journal.forget(key)
     warnings = []
+    try:  # a record per PACS that gets the file again; one without a PACS for a file no PACS saw (a refusal)
+        journal.record_history([replace(record, file=str(spool.relative(target)), destination=d)
+                                for d in (reset or [""])])
+    except JournalError as exc:  # the file is back in sending/ with its rows: only the history lacks the retry
+        warnings.append(f"the delivery history could not record this retry ({exc})")
     try:
         sidecar_path(path).unlink(missing_ok=True)
     except OSError as exc:  # the file is back in sending/ with its rows: only the old reason stays behind

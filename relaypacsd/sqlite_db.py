@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ class Database:
     def _open(self, schema: str, added_columns: list[tuple[str, str, str]]) -> sqlite3.Connection:
         """Open for the daemon: create the database or upgrade an older one in place."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private(self.path)
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash; only an OS crash may lose the last commits,
@@ -81,6 +83,23 @@ class Database:
     def has_column(self, table: str, column: str) -> bool:
         """Whether `table` has `column` (a journal opened read-only may be older than this code)."""
         return column in {r[1] for r in self.query(f"PRAGMA table_info({table})")}
+
+
+def _private(path: Path) -> None:
+    """Create the database file 0600 (it holds PatientIDs; SQLite gives its -wal and -shm files the database's
+    mode), and take group and other access away from one an older release created."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        try:
+            if os.stat(f"{path}{suffix}").st_mode & 0o077:
+                os.chmod(f"{path}{suffix}", 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _add_columns(db: sqlite3.Connection, added_columns: list[tuple[str, str, str]]) -> None:

@@ -9,10 +9,11 @@ from typing import Callable
 
 from loguru import logger
 
-from relaypacsd import archive, dicomfile, fate
+from relaypacsd import archive, dicomfile, fate, history, routing
 from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
-from relaypacsd.errors import InvalidDicomError
+from relaypacsd.dicomfile import DicomInfo
+from relaypacsd.errors import InvalidDicomError, JournalError, RelayPacsError
 from relaypacsd.spool import Spool, now_iso, printable, valid_path
 
 
@@ -29,6 +30,8 @@ class Validation:
         self._may_be_empty = emptied  # a folder a move out of it may have emptied
         self._growing: dict[Path, float] = {}  # truncated files that may still grow -> unchanged since (monotonic)
         self._grown: dict[Path, tuple[int, int]] = {}  # their (size, mtime) when last looked at
+        self._routes = config.routes  # [[route]]: none routes every file to every active PACS
+        self._attributes = routing.keywords(config.routes)  # what the walk reads for them
 
     def waiting(self) -> int:
         """How many truncated files wait in sending/ for their grace."""
@@ -67,12 +70,14 @@ class Validation:
                 stage, next_step = fate.refusal(exc)
                 new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
                                                     "next_step": next_step})
+                self.record_refusal(spool, path, new, stage, str(exc))
                 self._may_be_empty(spool, path.parent)
                 logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
                                spool.relative(new))
                 return
         try:
-            info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid)
+            info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid,
+                                     attributes=self._attributes)
         except FileNotFoundError:
             return
         except InvalidDicomError as exc:
@@ -86,11 +91,7 @@ class Validation:
                                 "for {:.0f} s", spool.relative(path), grace)
                 return
             self._forget_growing(path)
-            stage, next_step = fate.refusal(exc)
-            new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
-                                                "next_step": next_step})
-            self.counters["failed"] += 1
-            self._may_be_empty(spool, path.parent)
+            new = self._refuse(spool, path, exc)
             # No PACS saw it: say what refused it ("PACS forward" is for what a PACS did).
             logger.warning("validation refused {}: {} (moved to failed/{})", spool.relative(path), exc,
                            spool.relative(new))
@@ -100,7 +101,42 @@ class Validation:
             logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
                            "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
                            "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
-        self.engine.submit(path, spool, info)
+        decision = routing.decide(self._routes, info.attrs, str(spool.root), rel.as_posix()) if self._routes else None
+        try:
+            self.engine.submit(path, spool, info, decision)
+        except routing.Unrouted as exc:  # no route matched, or none of its PACS is active: failed/, stage routing
+            new = self._refuse(spool, path, exc, _routing_sidecar(info, exc), info=info, route=exc.route)
+            self.engine.journal.rename(str(path), str(new))  # rows it kept from before (a retry finds them)
+            logger.warning("routing refused {}: {} (moved to failed/{})", rel, exc, spool.relative(new))
+
+    def _refuse(self, spool: Spool, path: Path, exc: RelayPacsError, extra: dict[str, object] | None = None, *,
+                info: DicomInfo | None = None, route: str = "") -> Path:
+        """Move a file that validation or routing refused to failed/ with its sidecar, as fate.refusal says, and
+        record the refusal in the delivery history (`info`: what the walk read of a valid instance)."""
+        stage, next_step = fate.refusal(exc)
+        new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
+                                            "next_step": next_step, **(extra or {})})
+        self.record_refusal(spool, path, new, stage, str(exc), info=info, route=route)
+        self.counters["failed"] += 1
+        self._may_be_empty(spool, path.parent)
+        return new
+
+    def record_refusal(self, spool: Spool, path: Path, new: Path, stage: str, reason: str, *,
+                       info: DicomInfo | None = None, route: str = "") -> None:
+        """Add a refusal to the delivery history: the file claimed as `path`, now `new` in failed/, refused at
+        `stage` (validation, dicomdir, archive, routing) before any PACS saw it."""
+        if self.config.delivery.history_days <= 0:
+            return
+        why = f"{stage}: {reason}"
+        if info is not None:  # routing: what the walk read, not read again
+            record = history.record_of(info, spool, path, time.time(), route=route, outcome=history.REFUSED,
+                                       reason=why)
+        else:
+            record = history.record_of_file(spool, new, time.time(), outcome=history.REFUSED, reason=why, name=path)
+        try:
+            self.engine.journal.record_history([record])
+        except JournalError as exc:  # the file is in failed/ with its sidecar: only the history lacks it
+            logger.warning("delivery history: cannot record the refusal of {}: {}", spool.relative(path), exc)
 
     def _quiet_for(self, path: Path) -> float:
         """Seconds an incomplete file has stayed unchanged (size and mtime) since this daemon first saw it so.
@@ -122,3 +158,15 @@ class Validation:
     def _forget_growing(self, path: Path) -> None:
         self._growing.pop(path, None)
         self._grown.pop(path, None)
+
+
+def _routing_sidecar(info: DicomInfo, exc: routing.Unrouted) -> dict[str, object]:
+    """What a routing refusal's sidecar adds: the instance (start-up follows rows by it), its route, each route
+    tried."""
+    extra: dict[str, object] = {"sop_instance_uid": info.sop_instance_uid,
+                                "study_instance_uid": info.study_instance_uid}
+    if exc.route:
+        extra["route"] = exc.route
+    if exc.decision is not None:
+        extra["routes"] = [t.to_dict() for t in exc.decision.tried]
+    return extra

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 PASSWORD = "s3cr3t-Pa55-word"
 
@@ -35,6 +35,9 @@ class Answer:
     body: bytes | dict | list = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+
+
+Responder = Callable[[Received], Answer]  # what CannedServer answers a request with
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -42,3 +42,24 @@ def write_study(folder: Path, count: int, template: Path = CT_SMALL, prefix: str
     sops = [write_instance(folder / f"{prefix}{i:05d}.dcm", template, study_uid=study, series_uid=series)
             for i in range(count)]
     return study, sops
+
+
+# SOP classes by modality for write_tagged: the sample's pixel data stays, the class and Modality change
+MODALITY_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
+                    "MG": "1.2.840.10008.5.1.4.1.1.1.2", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+                    "US": "1.2.840.10008.5.1.4.1.1.6.1", "CR": "1.2.840.10008.5.1.4.1.1.1"}
+
+
+def write_tagged(path: Path, modality: str, charset: str = "ISO_IR 192", template: Path = CT_SMALL,
+                 **attributes: str) -> str:
+    """Write one fresh instance of `modality` (its SOP class too) whose text is encoded in `charset`, with the
+    top-level `attributes` given by keyword (StudyDescription="Gehirn für Kinder"); return its SOPInstanceUID."""
+    ds = fresh(template)
+    ds.Modality = modality
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MODALITY_CLASSES[modality]
+    ds.SpecificCharacterSet = charset
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)  # pydicom encodes the text in the data set's character set
+    return str(ds.SOPInstanceUID)

@@ -7,7 +7,12 @@ import time
 
 from relaypacsd.config import build_config
 from relaypacsd.daemon import Daemon
+from relaypacsd.delivery import Engine
+from relaypacsd.dicomfile import inspect
+from relaypacsd.journal import open_journal
 from relaypacsd.outcomes import InstanceResult, Outcome
+from relaypacsd.spool import Spool
+from tests.dicomfactory import write_study
 
 
 class ScriptedPacs:
@@ -63,6 +68,27 @@ def gated(pacs):
     gate, send = threading.Event(), pacs.send
     pacs.send = lambda parts: (gate.wait(10), send(parts))[1]
     return gate
+
+
+def engine_setup(tmp_path, senders, n=4, **delivery):
+    """An Engine (not started) for `senders` (ScriptedPacs), its spool with `n` instances of one study in
+    inbox/, and their SOP Instance UIDs."""
+    delivery = {"retry_delay": 0.01, "retry_attempts": 3, "workers_per_pacs": 1, **delivery}
+    config = build_config({"watch": [{"path": str(tmp_path / "root")}], "delivery": delivery,
+                           "pacs": {s.name: {"url": s.target} for s in senders}}, {})
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    study, sops = write_study(spool.inbox, n)
+    journal = open_journal(tmp_path / "state")
+    engine = Engine(config, journal, {s.name: s for s in senders})
+    return engine, spool, sops
+
+
+def submit_all(engine, spool):
+    """Claim every file in inbox/ and hand it to the engine, validated."""
+    for f in list(spool.files("inbox")):
+        claimed = spool.claim(f)
+        engine.submit(claimed, spool, inspect(claimed))
 
 
 def make_daemon(tmp_path, pacs):

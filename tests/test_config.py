@@ -53,6 +53,7 @@ def test_any_pacs_name_gets_its_environment_variables():
     ({"watch": [{"path": "/a", "observer": "magic"}]}, {}, ["watch[0].observer", "polling"]),
     ({"pacs": {"x": {"url": "ftp://x"}}}, {}, ["pacs.x.url", "http://"]),
     ({"pacs": {"orthanc": {"url": "http://x", "password": 5}}}, {}, ["pacs.orthanc.password", "(hidden)"]),
+    ({"delivery": {"history_days": -1}}, {}, ["delivery.history_days", "0 to 36500 days (0: no history)"]),
 ])
 def test_bad_config_names_the_key_and_the_fix(raw, env, words):
     with pytest.raises(ConfigError) as exc:
@@ -120,13 +121,14 @@ def test_example_config_parses_and_documents_every_key():
     from dataclasses import fields
     from pathlib import Path
 
-    from relaypacsd.config import AuditConfig, DaemonConfig, DeliveryConfig, JournalConfig, PacsConfig, WatchConfig
+    from relaypacsd.config import (AuditConfig, DaemonConfig, DeliveryConfig, JournalConfig, PacsConfig, WatchConfig,
+                                   WebConfig)
 
     example = Path(__file__).resolve().parent.parent / "relaypacs.toml.example"
     config = load_config(example, {})
     assert config.watch and config.pacs["orthanc"].url
     text = example.read_text()
-    for cls in (DaemonConfig, DeliveryConfig, JournalConfig, WatchConfig, PacsConfig, AuditConfig):
+    for cls in (DaemonConfig, DeliveryConfig, JournalConfig, WatchConfig, PacsConfig, AuditConfig, WebConfig):
         for f in fields(cls):
             if f.name != "name" or cls is WatchConfig:
                 assert f"\n{f.name} = " in text, f"{cls.__name__}.{f.name} is not documented in relaypacs.toml.example"

@@ -480,3 +480,35 @@ def test_a_move_to_failed_killed_between_its_link_and_its_unlink_leaves_one_fail
     assert [p.name for p in spool.files("failed")] == ["bad.dcm"] and read_sidecar(spool.failed / "bad.dcm")
     assert os.stat(spool.failed / "bad.dcm").st_nlink == 1
     assert sorted(p.name for p in spool.failed.iterdir()) == ["bad.dcm", "bad.dcm" + SIDECAR_SUFFIX]
+
+
+def test_every_refusal_is_in_the_delivery_history_without_a_pacs(tmp_path):
+    """Junk, an instance without a required UID, a DICOMDIR, a bad archive: each refused before any PACS saw
+    it, each with its stage in the record's reason and whatever identifies it."""
+    from relaypacsd.history import HistoryQuery
+    from tests.dicomfactory import DICOMDIR, fresh
+
+    daemon = make_daemon(tmp_path, ScriptedPacs("orthanc"))
+    spool = daemon.spools[0]
+    spool.prepare()
+    (spool.sending / "bad.dcm").write_bytes(b"not dicom" * 30)
+    ds = fresh()
+    del ds.SeriesInstanceUID
+    ds.PatientID = "P-77"
+    (spool.sending / "CT1").mkdir()
+    ds.save_as(spool.sending / "CT1" / "noseries.dcm", enforce_file_format=True)
+    (spool.sending / "DICOMDIR").write_bytes(DICOMDIR.read_bytes())
+    (spool.sending / "bad.zip").write_bytes(b"PK\x03\x04 but no archive after it")
+    try:
+        for name in ("bad.dcm", "CT1/noseries.dcm", "DICOMDIR", "bad.zip"):
+            daemon._validate(spool, spool.sending / name)
+        found = {r.file: r for r in daemon.journal.find_history(HistoryQuery())}
+    finally:
+        daemon.journal.close()
+    assert set(found) == {"bad.dcm", "CT1/noseries.dcm", "DICOMDIR", "bad.zip"}
+    assert {(r.outcome, r.destination, r.watch) for r in found.values()} == {("refused", "", str(spool.root))}
+    assert found["bad.dcm"].reason.startswith("validation: not a DICOM file")
+    assert found["DICOMDIR"].reason.startswith("dicomdir: ") and found["bad.zip"].reason.startswith("archive: ")
+    noseries = found["CT1/noseries.dcm"]
+    assert "SeriesInstanceUID is missing" in noseries.reason and noseries.reason.startswith("validation: ")
+    assert (noseries.sop_instance_uid, noseries.patient_id, noseries.modality) == (ds.SOPInstanceUID, "P-77", "CT")

@@ -15,34 +15,15 @@ import pydicom
 from loguru import logger
 
 import relaypacsd.queues
-from relaypacsd.config import build_config
-from relaypacsd.delivery import Engine, backoff, deliver_parts
+from relaypacsd.delivery import backoff, deliver_parts
 from relaypacsd.dicomfile import inspect
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
-from relaypacsd.journal import open_journal
 from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
 from relaypacsd.spool import Spool, sidecar_path
 from tests.dicomfactory import write_study
-from tests.helpers import ScriptedPacs, count, gated, wait_until
-
-
-def setup(tmp_path, senders, n=4, **delivery):
-    delivery = {"retry_delay": 0.01, "retry_attempts": 3, "workers_per_pacs": 1, **delivery}
-    config = build_config({"watch": [{"path": str(tmp_path / "root")}], "delivery": delivery,
-                           "pacs": {s.name: {"url": s.target} for s in senders}}, {})
-    spool = Spool(tmp_path / "root")
-    spool.prepare()
-    study, sops = write_study(spool.inbox, n)
-    journal = open_journal(tmp_path / "state")
-    engine = Engine(config, journal, {s.name: s for s in senders})
-    return engine, spool, sops
-
-
-def submit_all(engine, spool):
-    for f in list(spool.files("inbox")):
-        claimed = spool.claim(f)
-        engine.submit(claimed, spool, inspect(claimed))
+from tests.helpers import ScriptedPacs, count, gated, submit_all, wait_until
+from tests.helpers import engine_setup as setup
 
 
 def break_moves(monkeypatch, folder, times, error):
@@ -330,9 +311,9 @@ def test_files_of_the_batch_that_found_the_pacs_down_go_as_soon_as_it_is_back(tm
     engine, spool, sops = setup(tmp_path, [pacs], n=3, retry_sweep_interval=3600)
     record = engine._record_many
 
-    def slow_record(dest, pairs):  # widen the window between "down" and "parked"
+    def slow_record(dest, pairs, *more):  # widen the window between "down" and "parked"
         time.sleep(0.3)
-        record(dest, pairs)
+        record(dest, pairs, *more)
 
     engine._record_many = slow_record
     submit_all(engine, spool)

@@ -1,5 +1,6 @@
 """Validation: real pydicom samples, generated files, truncations, junk and DICOMDIR."""
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def test_uids_read_by_the_walk_match_pydicom_for_every_sample_pydicom_ships():
         assert (info.sop_class_uid, info.sop_instance_uid, info.study_instance_uid, info.series_instance_uid) == (
             ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID), name
         assert info.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, name
+        # The history's identifying attributes, read on the same walk (PatientID may be any text)
+        assert (info.patient_id, info.accession_number, info.modality) == tuple(
+            str(ds.get(k, "") or "").strip("\0 ") for k in ("PatientID", "AccessionNumber", "Modality")), name
         accepted += 1
     assert accepted >= 50  # pydicom 3.0 ships 56 complete Part-10 instances with all four UIDs
 
@@ -266,3 +270,18 @@ def test_a_preamble_starting_like_a_zip_is_still_dicom(tmp_path):
     assert (tmp_path / "polyglot.dcm").read_bytes()[:4] == b"PK\x03\x04"
     assert not is_zip(tmp_path / "polyglot.dcm")
     assert inspect(tmp_path / "polyglot.dcm").sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_the_walk_reads_patient_id_accession_and_modality_for_the_history(tmp_path):
+    """Read on the validation's walk, never PatientName; a UTF-8 PatientID stays readable, an absent one is ''."""
+    ds = fresh(CT_SMALL)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientID, ds.AccessionNumber, ds.Modality = "PAT-Ä1", "ACC42", "CT"
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    info = inspect(tmp_path / "a.dcm")
+    assert (info.patient_id, info.accession_number, info.modality) == ("PAT-Ä1", "ACC42", "CT")
+    assert not [f.name for f in dataclasses.fields(info) if "name" in f.name.lower()]
+    del ds.PatientID, ds.AccessionNumber
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    info = inspect(tmp_path / "b.dcm")
+    assert (info.patient_id, info.accession_number, info.modality) == ("", "", "CT")

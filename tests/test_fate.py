@@ -24,6 +24,7 @@ from relaypacsd.fate import (
     truncation_grace,
 )
 from relaypacsd.outcomes import Outcome
+from relaypacsd.routing import ROUTING_NEXT_STEP, Unrouted
 
 MAX_AGE = 72 * 3600.0
 YOUNG, OLD = 60.0, MAX_AGE + 1
@@ -88,6 +89,7 @@ def test_a_truncated_file_waits_for_the_grace_of_at_least_five_settle_times():
     (ZeroTail("zeros", 100, padding=False), "validation", RETRY_NEXT_STEP),
     (DicomDirFound("index"), "dicomdir", RETRY_NEXT_STEP),
     (BadArchive("traversal"), "archive", "fix the archive, or unzip it into inbox/ yourself"),
+    (Unrouted("no route matches this file"), "routing", ROUTING_NEXT_STEP),  # #11: a retry routes it again
 ])
 def test_each_refusal_names_its_stage_and_next_step(exc, stage, next_step):
     assert refusal(exc) == (stage, next_step)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from relaypacsd.errors import LeaseLost
+from relaypacsd.history import HistoryQuery, HistoryRecord
 from relaypacsd.journal import JOURNAL_FILE, Journal, Update
 from relaypacsd.journal_sqlite import SqliteJournal
 
@@ -185,6 +186,60 @@ class TestMoves:
         assert journal.sop_of("/s/sending/a.dcm") == "1.2.3"
         assert journal.destinations()["orthanc"]["failed"] == 1
         assert "restored" in journal.history("/s/sending/a.dcm")[-1]["detail"]
+
+
+class TestRoutes:
+    """Routing (#11): each row names the routes that gave the file that destination, and a file that has rows
+    keeps its destinations when the routes change (a reload) or the daemon restarts."""
+
+    def test_new_rows_carry_the_route_and_every_read_returns_it(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3", route="research,default")
+        assert {r.route for r in journal.rows("/s/sending/a.dcm").values()} == {"research,default"}
+        assert journal.rows_at("b", ["/s/sending/a.dcm"])["/s/sending/a.dcm"].route == "research,default"
+        assert journal.rows_of(["/s/sending/a.dcm"])["/s/sending/a.dcm"]["a"].route == "research,default"
+        journal.ensure("/s/sending/b.dcm", ["a"])
+        assert journal.rows("/s/sending/b.dcm")["a"].route == ""  # no [[route]] configured
+
+    def test_keep_gives_a_file_with_rows_no_new_destination(self, journal):
+        rows = journal.ensure("/s/sending/a.dcm", ["a"], sop="1.2.3", route="mammo", keep=True)
+        assert states(rows) == {"a": "pending"}
+        journal.update("/s/sending/a.dcm", "a", state="delivered", event="delivered")
+        rows = journal.ensure("/s/sending/a.dcm", ["b", "c"], sop="1.2.3", route="default", keep=True)
+        assert states(rows) == {"a": "delivered"} and rows["a"].route == "mammo"
+        # Without keep (no routes): every active destination, as before routing existed
+        assert states(journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3")) == {"a": "delivered", "b": "pending"}
+
+    def test_keep_routes_a_new_instance_under_a_reused_name_afresh(self, journal):
+        """The old file's destinations are another file's: dropped first, then the new file's routes count."""
+        journal.ensure("/s/sending/IMG.dcm", ["a"], sop="1.2.3", route="mammo", keep=True)
+        rows = journal.ensure("/s/sending/IMG.dcm", ["b"], sop="4.5.6", route="default", keep=True)
+        assert states(rows) == {"b": "pending"} and rows["b"].route == "default"
+
+    def test_keep_with_no_destination_creates_nothing_and_returns_what_is_there(self, journal):
+        assert journal.ensure("/s/sending/a.dcm", [], sop="1.2.3", keep=True) == {}
+        journal.ensure("/s/sending/b.dcm", ["a"], sop="7.7", route="mammo", keep=True)
+        assert states(journal.ensure("/s/sending/b.dcm", [], sop="7.7", keep=True)) == {"a": "pending"}
+
+    def test_the_route_follows_the_file_through_moves_copies_and_restores(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a"], sop="1.2.3", route="mammo")
+        journal.rename("/s/sending/a.dcm", "/s/failed/a.dcm")
+        assert journal.rows("/s/failed/a.dcm")["a"].route == "mammo"
+        assert journal.copy("/s/failed/a.dcm", "/s/sending/a.dcm", "t1")
+        assert journal.rows("/s/sending/a.dcm")["a"].route == "mammo"
+        journal.forget("/s/sending/a.dcm")
+        journal.restore("/s/sending/a.dcm", "1.2.3", 5.0, [Update("/s/sending/a.dcm", "a", "failed", "failed")],
+                        route="mammo")
+        assert journal.rows("/s/sending/a.dcm")["a"].route == "mammo"
+
+    def test_route_counts_are_files_still_owed_per_route(self, opener):
+        journal = opener()
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], route="mammo")
+        journal.ensure("/s/sending/b.dcm", ["a"], route="mammo")
+        journal.ensure("/s/sending/c.dcm", ["a"], route="default")
+        journal.ensure("/s/sending/d.dcm", ["a"])
+        journal.update("/s/sending/c.dcm", "a", state="delivered", event="delivered")
+        assert journal.route_counts() == {"mammo": 2, "": 1}
+        assert opener(readonly=True).route_counts() == {"mammo": 2, "": 1}
 
 
 class TestRetry:
@@ -425,3 +480,78 @@ class TestNodes:
         b.forget("ct/sending/2.dcm")
         assert a.owners(["ct/sending/zip/1.dcm", "ct/failed/zip/1.dcm", "ct/sending/2.dcm"]) == {}
         assert a.node("a").files == 0
+
+
+def record(t=1000.0, **fields: Any) -> HistoryRecord:
+    """A history record at time `t`, its fields those given and a plain delivery's otherwise."""
+    base: dict[str, Any] = dict(watch="/srv/ct", file="CT1/IM1.dcm", sop_instance_uid="1.2.3.1",
+                                sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_instance_uid="1.2.3.9",
+                                study_instance_uid="1.2.3", patient_id="P1", accession_number="A1", modality="CT",
+                                route="", destination="orthanc", outcome="delivered", status_code=200,
+                                reason="delivered (HTTP 200): stored", bytes=39000, attempt=1, duration_ms=12.5,
+                                user="")
+    return HistoryRecord(t, **{**base, **fields})
+
+
+class TestHistory:
+    def test_records_come_back_whole_newest_first_with_ties_in_the_order_written(self, journal):
+        a, b, c = record(10.0, file="a"), record(20.0, file="b"), record(20.0, file="c", status_code=None,
+                                                                       duration_ms=None, user="alice")
+        journal.record_history([a, b])
+        journal.record_history([c])
+        assert journal.find_history(HistoryQuery()) == [c, b, a]
+
+    def test_the_default_is_the_newest_fifty_and_zero_means_every_match(self, journal):
+        journal.record_history([record(float(i), file=str(i)) for i in range(60)])
+        newest = journal.find_history(HistoryQuery())
+        assert [r.file for r in newest] == [str(i) for i in range(59, 9, -1)]
+        assert len(journal.find_history(HistoryQuery(limit=0))) == 60
+        assert [r.file for r in journal.find_history(HistoryQuery(limit=2))] == ["59", "58"]
+
+    def test_every_filter_given_must_match(self, journal):
+        journal.record_history([
+            record(1.0, study_instance_uid="9.1", file="s"), record(2.0, patient_id="P9", file="p"),
+            record(3.0, accession_number="A9", file="a"), record(4.0, sop_instance_uid="9.2", file="o"),
+            record(5.0, file="CT2/x.dcm"), record(6.0, destination="other", file="d"),
+            record(7.0, outcome="failed", file="f"), record(8.0, file="plain")])
+        only = {"study": "9.1", "patient": "P9", "accession": "A9", "sop": "9.2", "file": "CT2/x.dcm",
+                "pacs": "other", "outcome": "failed"}
+        for name, value in only.items():
+            assert len(journal.find_history(HistoryQuery(**{name: value}))) == 1, name
+        assert journal.find_history(HistoryQuery(pacs="other", outcome="failed")) == []
+        assert len(journal.find_history(HistoryQuery(pacs="orthanc", outcome="delivered", patient="P1"))) == 5
+        assert len(journal.find_history(HistoryQuery(study="", pacs=None))) == 8  # '' and None match anything
+
+    def test_since_and_until_bound_the_time_both_included(self, journal):
+        journal.record_history([record(float(t), file=str(t)) for t in range(10)])
+        found = journal.find_history(HistoryQuery(since=3.0, until=5.0))
+        assert [r.file for r in found] == ["5", "4", "3"]
+
+    def test_apply_writes_each_updates_record_with_its_answer(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3.1")
+        journal.apply([Update("/s/sending/a.dcm", "a", "delivered", "delivered", record=record(5.0)),
+                       Update("/s/sending/a.dcm", "b", "waiting", "transient", "503", 1, 99.0,
+                              record=record(5.0, destination="b", outcome="waiting", status_code=503)),
+                       Update("/s/sending/a.dcm", "c", "failed", "failed")])  # no record: none written
+        assert [(r.destination, r.outcome) for r in journal.find_history(HistoryQuery())] == [
+            ("b", "waiting"), ("orthanc", "delivered")]
+        journal.forget("/s/sending/a.dcm")  # the file reached sent/: its rows go, its history stays
+        assert len(journal.find_history(HistoryQuery(sop="1.2.3.1"))) == 2
+
+    def test_remember_writes_the_records_of_what_it_remembers(self, journal):
+        journal.remember([Update("/s/sending/a.dcm", "orthanc", "delivered", "delivered", sop="1.2.3.1", digest="x",
+                                 record=record(5.0))])
+        assert journal.find_history(HistoryQuery()) == [record(5.0)]
+
+    def test_pruning_drops_the_oldest_records_before_a_time_in_steps(self, journal):
+        journal.record_history([record(float(t), file=str(t)) for t in range(10)])
+        assert journal.prune_history(before=6.0, limit=4) == 4
+        assert journal.prune_history(before=6.0, limit=4) == 2
+        assert journal.prune_history(before=6.0, limit=4) == 0
+        assert [r.file for r in journal.find_history(HistoryQuery())] == ["9", "8", "7", "6"]
+
+    def test_a_read_only_journal_finds_what_the_daemon_records(self, opener):
+        daemon = opener()
+        looking = opener(readonly=True)
+        daemon.record_history([record(5.0)])
+        assert looking.find_history(HistoryQuery(study="1.2.3")) == [record(5.0)]

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from relaypacsd.errors import RequeueError
+from relaypacsd.history import HistoryQuery
 from relaypacsd.journal import Journal, open_journal
 from relaypacsd.requeue import requeue
 from relaypacsd.spool import Spool, sidecar_path, write_sidecar
+from tests.dicomfactory import write_instance
 from tests.helpers import refuse_sidecar_removal
 
 
@@ -64,3 +66,32 @@ def test_a_file_that_cannot_be_moved_raises_our_error_naming_it(tmp_path, with_j
     finally:
         journal.close()
     assert str(bad) in str(caught.value)
+
+
+def test_a_retry_is_in_the_history_naming_the_operator_and_each_pacs_that_gets_it_again(tmp_path):
+    spool, journal, bad = _failed(tmp_path)
+    sop = write_instance(bad)  # a real instance: its record names it
+    try:
+        requeue(spool, journal, bad, user="alice")
+        found = journal.find_history(HistoryQuery())
+    finally:
+        journal.close()
+    assert [(r.destination, r.outcome, r.user, r.file, r.sop_instance_uid) for r in found] == [
+        ("orthanc", "requeued", "alice", "sub/bad.dcm", sop)]  # not "other": it has the file
+    assert found[0].reason == "back to sending/ by alice; was: PACS refused it"
+
+
+def test_a_refused_file_retried_gets_one_record_without_a_pacs_and_a_failed_move_none(tmp_path):
+    spool, journal, bad = _failed(tmp_path)
+    refused = spool.failed / "junk.bin"
+    refused.write_bytes(b"junk")  # validation refused it: no rows
+    try:
+        requeue(spool, journal, refused)
+        bad.unlink()
+        with pytest.raises(RequeueError):
+            requeue(spool, journal, bad, user="bob")
+        found = journal.find_history(HistoryQuery())
+    finally:
+        journal.close()
+    assert [(r.destination, r.file, r.user, r.reason) for r in found] == [
+        ("", "junk.bin", "", "back to sending/ by an operator")]

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relaypacsd import dicomfile, dicomjson
-from relaypacsd.commands.common import (EXIT_FAIL, EXIT_OK, Progress, UsageError, check_uid, expand_paths, load,
-                                        pick_pacs, print_json, table)
+from relaypacsd import dicomfile, dicomjson, routing
+from relaypacsd.commands.common import (EXIT_FAIL, EXIT_OK, Progress, UsageError, check_uid, expand_paths_from, load,
+                                        pick_pacs, place, print_json, table)
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomweb import DicomWebClient
 from relaypacsd.errors import DestinationProblem, InvalidDicomError
@@ -154,8 +154,8 @@ def _study_instances(client: DicomWebClient, study: str) -> list[dict]:
         raise
 
 
-def _instances_of(args: argparse.Namespace, config: Any) -> list[tuple[str, str, str]]:
-    """(study UID, SOP UID, label) for every instance to verify."""
+def _instances_of(args: argparse.Namespace, config: Any) -> list[tuple[str, str, str, tuple[str, ...] | None]]:
+    """(study UID, SOP UID, label, the PACS it is routed to or None for every active one) per instance."""
     targets = args.targets
     if len(targets) == 1 and not Path(targets[0]).exists() and re.match(r"^[0-9.]+$", targets[0]):
         study = check_uid(targets[0], "study UID")
@@ -164,52 +164,74 @@ def _instances_of(args: argparse.Namespace, config: Any) -> list[tuple[str, str,
         if not found:
             raise UsageError(f"study {study} not found at {first.name}: nothing to verify "
                              "(check the UID with `relaypacsd query --study-uid`)")
-        return sorted({(study, _text(ds, "00080018"), "-") for ds in found if _text(ds, "00080018")})
+        if config.routes:  # a PACS's listing has no files to route by
+            print("note: a study UID is checked at every active PACS, whatever the routes say; name the files "
+                  "(verify PATH...) to check each at the PACS its route gives", file=sys.stderr)
+        return sorted({(study, _text(ds, "00080018"), "-", None) for ds in found if _text(ds, "00080018")})
     out = []
-    for path in expand_paths(targets):
+    roots = [Path(w.path) for w in config.watch]
+    for path, base in expand_paths_from(targets):
         try:
-            info = dicomfile.inspect(path)
+            info = dicomfile.inspect(path, attributes=routing.keywords(config.routes))
         except InvalidDicomError as exc:
             print(f"skip {path}: {exc}", file=sys.stderr)
             continue
-        out.append((info.study_instance_uid, info.sop_instance_uid, str(path)))
+        dests = None
+        if config.routes:  # by the routes configured now: where the daemon sends such a file
+            decision = routing.decide(config.routes, info.attrs, *place(path, base, roots))
+            dests = tuple(d for d in decision.destinations if d in config.delivery.active_pacs)
+            if not dests:
+                print(f"no PACS for {path}: " + (routing.unmatched_reason(decision) if not decision.matched
+                                                  else routing.inactive_reason(decision)), file=sys.stderr)
+        out.append((info.study_instance_uid, info.sop_instance_uid, str(path), dests))
     if not out:
         raise UsageError("no DICOM instance among the paths given: nothing to verify")
     return out
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """For each instance, check it is at EVERY active PACS (QIDO-RS); exit 0 only if all are."""
+    """For each instance, check it is at every active PACS it is routed to (every one without [[route]]
+    tables) with QIDO-RS; '-' where it is not routed. Exit 0 only if none is missing and every file has a PACS."""
     config = load(args)
     instances = _instances_of(args, config)
     pacs_list = config.active()
     if not pacs_list:
         raise UsageError("no active PACS to verify against: set ACTIVE_PACS / ORTHANC_URL")
+
+    def wanted(dests: tuple[str, ...] | None, name: str) -> bool:
+        return dests is None or name in dests
+
     present: dict[str, set[tuple[str, str]]] = {}
     for pacs in pacs_list:
         client = _client(pacs)
         have: set[tuple[str, str]] = set()
-        for study in sorted({s for s, _, _ in instances}):
+        mine = [(s, u) for s, u, _, dests in instances if wanted(dests, pacs.name)]
+        for study in sorted({s for s, _ in mine}):
             found = _study_instances(client, study)
             have |= {(study, _text(ds, "00080018")) for ds in found}
-        for study, sop, _ in instances:  # a server may cap QIDO results: ask for each one not listed
+        for study, sop in mine:  # a server may cap QIDO results: ask for each one not listed
             if (study, sop) not in have and client.instance_exists(study, sop):
                 have.add((study, sop))
         present[pacs.name] = have
     rows, missing = [], 0
-    for study, sop, label in instances:
-        marks = ["yes" if (study, sop) in present[p.name] else "MISSING" for p in pacs_list]
+    for study, sop, label, dests in instances:
+        marks = [("yes" if (study, sop) in present[p.name] else "MISSING") if wanted(dests, p.name) else "-"
+                 for p in pacs_list]
         missing += marks.count("MISSING")
         rows.append([sop, label, *marks])
+    homeless = sum(1 for *_, dests in instances if dests == ())
     if args.json:
         print_json([{"sop_instance_uid": r[0], "file": r[1], **dict(zip([p.name for p in pacs_list], r[2:]))}
                     for r in rows])
     else:
         print(table(["SOPInstanceUID", "file", *[p.name for p in pacs_list]], rows))
         for p in pacs_list:
-            n = sum(1 for s, u, _ in instances if (s, u) in present[p.name])
-            print(f"{p.name}: {n}/{len(instances)} instance(s) present")
-    if missing:
-        print(f"NOT COMPLETE: {missing} instance/PACS pair(s) missing", file=sys.stderr)
+            routed = [(s, u) for s, u, _, dests in instances if wanted(dests, p.name)]
+            n = sum(1 for key in routed if key in present[p.name])
+            there = " (those routed there)" if config.routes else ""
+            print(f"{p.name}: {n}/{len(routed)} instance(s) present{there}")
+    if missing or homeless:
+        print(f"NOT COMPLETE: {missing} instance/PACS pair(s) missing"
+              + (f", {homeless} file(s) routed to no active PACS" if homeless else ""), file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 from pathlib import Path
 
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, load, short
@@ -43,6 +45,14 @@ def _todo(args: argparse.Namespace, spools: list[Spool]) -> list[tuple[Spool, Pa
     return todo
 
 
+def operator_name() -> str:
+    """Who runs the command, for the delivery history: the user behind sudo, else the login name."""
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (OSError, KeyError):  # no name for this uid (a container's): the uid says who
+        return f"uid {os.getuid()}"
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Move failed files back to sending/ and reset their 'failed' journal rows to 'pending'."""
     config = load(args)
@@ -57,7 +67,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         for spool, path in todo:
             reason = (read_sidecar(path) or {}).get("reason", "")
             try:
-                done = requeue(spool, journal, path)
+                done = requeue(spool, journal, path, user=operator_name())
             except RequeueError as exc:
                 errors += 1
                 print(f"FAIL {exc}")

@@ -27,7 +27,7 @@ from relaypacsd.spool import Spool, write_sidecar
 from tests.commands.helpers import clean_env, write_config
 from tests.helpers import refuse_sidecar_removal
 
-COMMANDS = ["status", "retry", "send", "query", "retrieve", "verify", "check", "init"]
+COMMANDS = ["status", "retry", "send", "query", "retrieve", "verify", "check", "init", "history"]
 
 
 @pytest.fixture(autouse=True)

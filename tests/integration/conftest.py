@@ -98,3 +98,34 @@ def rsyslog(tmp_path_factory: pytest.TempPathFactory, rsyslog_certs: Path) -> It
         yield server
     finally:
         server.stop()
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _no_browser(message: str) -> None:
+    # Like the Orthanc fixtures: a dashboard suite that did not run must never look green in CI.
+    _not_installed(RuntimeError(f"{message} (apt-get install chromium chromium-driver)"), "headless Chromium")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium driven by selenium through Debian's chromedriver (no download of either)."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            _no_browser(f"{path} is missing")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as exc:
+        _no_browser(str(exc))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--window-size=1280,1000", "--disable-gpu",
+                "--disable-dev-shm-usage", "--no-first-run", "--lang=en-US"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -50,6 +50,20 @@ def heartbeat_time(tmp_path: Path) -> float:
         return 0.0
 
 
+def journal_rows(tmp_path: Path) -> int:
+    """How many delivery rows the daemon's journal holds (read-only, beside the running daemon)."""
+    from relaypacsd.journal import open_journal
+
+    try:
+        journal = open_journal(tmp_path / "state", readonly=True)
+    except Exception:  # not created yet
+        return 0
+    try:
+        return sum(sum(states.values()) for states in journal.counts().values())
+    finally:
+        journal.close()
+
+
 def restart(server: LocalOrthanc) -> LocalOrthanc:
     """The same PACS back on its ports, with its data."""
     return LocalOrthanc(server.workdir, http_port=server.http_port, dicom_port=server.dicom_port,
@@ -70,6 +84,9 @@ def test_a_clock_step_forward_fails_no_file_that_waited_seconds(tmp_path, orthan
         wait_for(lambda: "is DOWN" in daemon_log(proc), message=lambda: daemon_log(proc)[-2000:])
         sop = write_instance(tmp_path / "spool" / "inbox" / "img.dcm")
         wait_for(lambda: files_in(tmp_path / "spool", "sending"), message=lambda: daemon_log(proc)[-2000:])
+        # Validated and queued before the step (a loaded machine may validate it later): the age of a file
+        # stepped over between its claim and its validation is read from its ctime, the wall clock's.
+        wait_for(lambda: journal_rows(tmp_path) > 0, message=lambda: daemon_log(proc)[-2000:])
         before = heartbeat_time(tmp_path)
         step(offset, 2 * 3600)
         wait_for(lambda: heartbeat_time(tmp_path) > before + 3600, message="the daemon's clock did not step")
