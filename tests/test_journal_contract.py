@@ -390,6 +390,7 @@ class TestNodes:
         """On a share a claim is link + unlink: two nodes could both 'win' one file. The reservation decides."""
         a, b = opener(), opener()
         a.join("a", "h", 1, 0)
+        time.sleep(0.02)  # b's heartbeat the later: a's files must not be counted as b's (a race seen in CI)
         b.join("b", "h", 2, 0)
         assert a.reserve("a", 1, ["ct/inbox/1", "ct/inbox/2"], 30) == {"ct/inbox/1", "ct/inbox/2"}
         assert b.reserve("b", 1, ["ct/inbox/2", "ct/inbox/3"], 30) == {"ct/inbox/3"}
