@@ -187,7 +187,8 @@ def test_postgresql_away_mid_run_pauses_claims_and_loses_nothing(tmp_path, share
         pg.destroy()
     for proc in procs:
         away = log_lines(proc, "cannot be reached")
-        assert len(away) == 1, away
+        # The whole log on failure: a second outage line was seen once in CI under heavy load (not reproduced).
+        assert len(away) == 1, "\n".join(daemon_log(proc).splitlines()[-80:])
         assert "postgresql://relaypacs@127.0.0.1" in away[0] and "pg_hba.conf" in away[0] and "inbox/" in away[0]
         assert len(log_lines(proc, "reachable again")) == 1
         assert "Traceback" not in daemon_log(proc)
