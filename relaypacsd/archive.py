@@ -25,10 +25,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from relaypacsd.dicomfile import ZIP_MAGIC
 from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.spool import Spool, _same_file, fsync_dir, rename_noreplace, sync_dirs
 
-ZIP_MAGIC = b"PK\x03\x04"
 TEMP_PREFIX = ".relaypacs-unzip-"
 MANIFEST = ".relaypacs-manifest.json"  # in the temp folder: the zip's place, relative to sending/
 SOURCE = ".relaypacs-source.zip"  # the zip, once moved into the temp folder: the unpack is committed
