@@ -8,7 +8,7 @@ put in one of the stages of the README's profile table.
 The layout is bench/benchmark.py's issue #15 one: a private Orthanc on 127.0.0.1 with its storage in
 /dev/shm, the files copied into a folder beside inbox/ and renamed into it at once, the daemon with default
 settings (a subprocess). py-spy (`py-spy record --format raw --nonblocking`) samples only threads that run
-(idle waits are not CPU), 250 times a second; a sample's stage is that of the innermost frame that names
+(idle waits are not CPU), 250 times a second by default; a sample's stage is that of the innermost frame that names
 one (see STAGES). The daemon's own CPU per file (utime + stime) is printed beside it, so the sampled shares
 can be read as microseconds per file. py-spy's own sampling costs the daemon a little: compare CPU per
 file with bench/benchmark.py's, not with this.
@@ -76,6 +76,7 @@ def user_system(pid: int) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--keep", type=Path, help="also write py-spy's raw stacks here")
     parser.add_argument("--all-threads", action="store_true", help="sample every running thread, not only the "
                         "one holding the GIL (counts GIL waits and system calls as well)")
@@ -103,7 +104,7 @@ def main() -> int:
                 os.sync()
                 raw = work / "stacks.txt"
                 GIL = [] if args.all_threads else ["--gil"]
-                spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--rate", "250", "--format", "raw",
+                spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--rate", str(args.rate), "--format", "raw",
                                         *GIL, "--nonblocking", "--output", str(raw)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # py-spy attaches

@@ -60,12 +60,12 @@ class Scanner:
             # and the first files reach validation without waiting for a large burst.
             for i in range(0, len(ready), CLAIM_GROUP):
                 group = ready[i:i + CLAIM_GROUP]
-                allowed = set(group) if node is None else node.reserve(group)  # not reserved: another node's now
+                allowed = None if node is None else node.reserve(group)  # not reserved: another node's now
                 # Stopped (also after a tick that hung past a reload): claim nothing more.
-                claimed = [m for m in (self.claim(p) for p in group if p in allowed and not stop.is_set()) if m]
+                claimed = [m for m in (self.claim(p) for p in group if (allowed is None or p in allowed) and not stop.is_set()) if m]
                 sync_dirs(claimed)
                 if node is not None:
-                    node.claimed(allowed, claimed)
+                    node.claimed(group if allowed is None else allowed, claimed)
                 for moved in claimed:
                     self._queue(spool, moved)
             # Idle (nothing settling), sleep until the next rescan: any event wakes the scanner then.

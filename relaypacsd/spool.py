@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -104,21 +105,27 @@ class Spool:
 
     root: Path
 
-    @property
+    # Cached: these are read several times per file, and each `root / name` built a new Path.
+    @functools.cached_property
     def inbox(self) -> Path:
         return self.root / "inbox"
 
-    @property
+    @functools.cached_property
     def sending(self) -> Path:
         return self.root / "sending"
 
-    @property
+    @functools.cached_property
     def sent(self) -> Path:
         return self.root / "sent"
 
-    @property
+    @functools.cached_property
     def failed(self) -> Path:
         return self.root / "failed"
+
+    @functools.cached_property
+    def _prefixes(self) -> tuple[tuple[str, int], ...]:
+        """(folder path + separator, its length) of the four folders."""
+        return tuple((text, len(text)) for text in (os.path.join(self.root, name) + os.sep for name in FOLDERS))
 
     def prepare(self) -> None:
         """Create the four folders and refuse a layout that would need copies instead of renames."""
@@ -143,10 +150,11 @@ class Spool:
         # String prefixes, not Path.relative_to: this runs several times per file, and relative_to
         # raised and caught a ValueError for every folder that did not match.
         text = os.fspath(path)
-        for name in FOLDERS:
-            folder = os.path.join(self.root, name)
-            if text.startswith(folder) and text[len(folder):len(folder) + 1] in (os.sep, ""):
-                return Path(text[len(folder) + 1:] or ".")
+        for prefix, n in self._prefixes:
+            if text.startswith(prefix):
+                return Path(text[n:] or ".")
+            if text == prefix[:-1]:
+                return Path(".")
         raise ValueError(f"{path} is not inside watch root {self.root}")
 
     def claim(self, path: Path, *, sync: bool = True) -> Path | None:

@@ -347,3 +347,17 @@ def test_a_folder_gone_before_its_event_is_handled_is_not_reported_unreadable(tm
     finally:
         logger.remove(sink)
     assert lines == []
+
+
+@pytest.mark.parametrize("extra", [(), ("*.raw", "SCRATCH*"), ("[ab]?.dcm",)])
+def test_the_compiled_ignore_patterns_say_what_fnmatch_says(extra):
+    """is_ignored runs per event: its one regular expression must agree with fnmatch over each pattern."""
+    import fnmatch
+
+    from relaypacsd.watcher import DEFAULT_IGNORE, is_ignored
+
+    names = ["IMG.dcm", "img.PART", ".hidden", "x.tmp", "~lock", "a~", "Thumbs.db", "THUMBS.DB", "b.raw", "c.RAW",
+             "scratch1", "ab.dcm", "a1.dcm", "cc.dcm", "file.dcm.relaypacs.json", "x.part.dcm", "new\nline.part", ""]
+    for name in names:
+        expected = any(fnmatch.fnmatchcase(name.lower(), pat.lower()) for pat in DEFAULT_IGNORE + extra)
+        assert is_ignored(name, extra) is expected, name
