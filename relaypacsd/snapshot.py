@@ -51,7 +51,7 @@ class DestinationState:
     target: str
     healthy: bool
     down_reason: str  # "" while up
-    queued: int  # files queued, waiting for a retry or in a request
+    queued: int  # files queued, waiting for a retry or in a request (in the backlog too)
     paused_by: str | None = None  # an operator's hold (relaypacsd.pauses)
 
 
@@ -70,6 +70,7 @@ class Snapshot:
     roots: tuple[str, ...]
     destinations: tuple[DestinationState, ...]
     folders: tuple[Folders, ...] = ()
+    backlog: int = 0  # of in_flight, files waiting in the journal's backlog, outside the engine's active window
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (the dashboard's and the heartbeat's source)."""
@@ -116,7 +117,8 @@ def take(spools: Iterable[Spool], engine: "Engine", counters: Mapping[str, int],
                     ready=ready, alive=ready and alive(), in_flight=engine.in_flight(),
                     sent=counters.get("sent", 0), failed=counters.get("failed", 0),
                     roots=tuple(str(s.root) for s in spools), destinations=dests,
-                    folders=tuple(folders_of(s) for s in spools) if folders else (kept() if kept else ()))
+                    folders=tuple(folders_of(s) for s in spools) if folders else (kept() if kept else ()),
+                    backlog=engine.backlog())
 
 
 def systemd_status(snap: Snapshot) -> str:
