@@ -238,3 +238,38 @@ def test_a_file_parked_for_a_distant_retry_makes_room_and_comes_back_when_due(tm
     finally:
         engine.stop()
     assert tries[first] == 2 and all(n == 1 for u, n in tries.items() if u != first)
+
+
+class RoundJournal:
+    """A journal whose backlog is empty; while the first refill round asks it, a second PACS comes back."""
+
+    def __init__(self, window_box: list, up: dict[str, bool]):
+        self.box, self.up, self.asked = window_box, up, []
+
+    def take_backlog(self, dest, before, limit):
+        self.asked.append((dest, before))
+        if len(self.asked) == 1:  # mid-round: b returns, and its return asks for a look (as the engine does)
+            self.up["b"] = True
+            self.box[0].poke(ahead=True)
+        return []
+
+
+def test_a_look_asked_for_during_a_dry_round_is_not_lost():
+    """A round that found nothing proves the backlog dry only if no look was asked for meanwhile: a PACS that
+    came back during it was not among those the round asked, and its files must not wait for the next sweep."""
+    import time
+
+    from relaypacsd.window import AHEAD
+
+    up = {"a": True, "b": False}
+    box: list[Window] = []
+    journal = RoundJournal(box, up)
+    window = Window(8, journal, lambda: dict(up), lambda page, ahead: None)
+    box.append(window)
+    window.start()  # at start it looks once (what the last run left)
+    try:
+        assert wait_until(lambda: any(d == "b" for d, _ in journal.asked), timeout=3)
+        [before] = [t for d, t in journal.asked if d == "b"]
+        assert before > time.time() + AHEAD / 2  # b's files go now, however far ahead their next try was
+    finally:
+        window.stop()
