@@ -20,14 +20,15 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from relaypacsd.dicomfile import ZIP_MAGIC
 from relaypacsd.errors import InvalidDicomError, RelayPacsError
 from relaypacsd.spool import Spool, _same_file, fsync_dir, rename_noreplace, sync_dirs
 
-ZIP_MAGIC = b"PK\x03\x04"
 TEMP_PREFIX = ".relaypacs-unzip-"
 MANIFEST = ".relaypacs-manifest.json"  # in the temp folder: the zip's place, relative to sending/
 SOURCE = ".relaypacs-source.zip"  # the zip, once moved into the temp folder: the unpack is committed
@@ -174,17 +175,32 @@ def unpack_to_sending(spool: Spool, zip_path: Path, limits: Limits = Limits()) -
     return moved
 
 
-def resume_unpacks(spool: Spool) -> list[Path]:
+def resume_unpacks(spool: Spool, quiet_for: float = 0.0) -> list[Path]:
     """At start-up: finish the unpacks a crash interrupted after their commit, drop the others (their zip is
-    still in sending/ and is unpacked again). Returns the members moved to sending/ now."""
+    still in sending/ and is unpacked again). Returns the members moved to sending/ now. With several gateways
+    on the spool, an unpack touched in the last `quiet_for` seconds may be another node's, under way: left."""
     moved: list[Path] = []
     for entry in os.scandir(spool.root):
         if entry.name.startswith(TEMP_PREFIX) and entry.is_dir(follow_symlinks=False):
             tmp = Path(entry.path)
+            if quiet_for and _touched_within(tmp, quiet_for):
+                continue
             if (tmp / SOURCE).exists():
                 moved += _finish_unpack(spool, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
     return moved
+
+
+def _touched_within(tmp: Path, seconds: float) -> bool:
+    """True when anything below `tmp` changed in the last `seconds` (by the share's clock, as the files say)."""
+    newest = 0.0
+    for dirpath, _dirs, names in os.walk(tmp):
+        for name in [".", *names]:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:
+                continue
+    return time.time() - newest < seconds
 
 
 def _write_manifest(tmp: Path, zip_rel: Path) -> None:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from relaypacsd.errors import DestinationProblem, PacsError, PacsUnreachable, RelayPacsError
+from relaypacsd.errors import DestinationProblem, JournalError, PacsError, PacsUnreachable, RelayPacsError
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 
@@ -56,6 +56,8 @@ def send_safely(sender: Sender, parts: list[Part]) -> tuple[list[InstanceResult]
     except PacsError as exc:
         outcome = Outcome.TRANSIENT if exc.transient else Outcome.PERMANENT
         return results_for_error(uids, outcome, str(exc), exc.status), exc.status, None
+    except JournalError:  # the journal, not the file (the UID check reads it): the caller pauses and reports it
+        raise
     except (OSError, RelayPacsError) as exc:  # the file vanished, changed or became unreadable under us
         return _file_trouble(parts, exc), None, None
     problem = next((r for r in results if r.outcome is Outcome.DESTINATION), None)

@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+import socket
 import ssl
 import sys
 from dataclasses import dataclass, field, fields
@@ -71,6 +72,21 @@ class DaemonConfig:
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
     heartbeat_interval: float = 5.0
+    node: str = ""  # this gateway's name, unique on the spool; "" = the host name (see Config.node)
+    lease_seconds: float = 30.0  # a node silent this long is presumed dead; its files are taken over
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """Where the delivery memory lives: SQLite in state_dir (one gateway), or a shared PostgreSQL (several)."""
+
+    url: str = ""  # "" = SQLite; "postgresql://relaypacs@db.example.org/relaypacs" for several gateways
+    password_file: str = ""
+
+    @property
+    def shared(self) -> bool:
+        """True for a database that several gateways share (PostgreSQL)."""
+        return bool(self.url)
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class WatchConfig:
     """One watch root: its inbox/, sending/, sent/ and failed/ live beneath `path`."""
 
     path: str = ""
+    name: str = ""  # stable across nodes (hosts may mount the share elsewhere); default: the path's last part
     observer: str = "auto"
     settle_seconds: float = 2.0
     poll_interval: float = 1.0
@@ -180,6 +197,7 @@ class Config:
     """The effective configuration: file, then environment, validated."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     watch: tuple[WatchConfig, ...] = ()
     pacs: Mapping[str, PacsConfig] = field(default_factory=dict)
@@ -191,6 +209,11 @@ class Config:
     def active(self) -> list[PacsConfig]:
         """The PACS that files are forwarded to, in ACTIVE_PACS order."""
         return [self.pacs[n] for n in self.delivery.active_pacs]
+
+    @property
+    def node(self) -> str:
+        """This gateway's node name: daemon.node, else the host name (read when asked: build_config stays pure)."""
+        return self.daemon.node or socket.gethostname()
 
 
 # Keys the operators' environment already uses, mapped to [delivery].
@@ -210,6 +233,10 @@ _PACS_ENV_SUFFIXES = {
     "TYPE": "type",
 }
 _SECRET_FILES = {"password_file": "password", "token_file": "token", "client_secret_file": "client_secret"}
+# Variables that set the gateways' keys (Docker: one image, each container its own node name).
+_JOURNAL_ENV = {"RELAYPACS_JOURNAL_URL": ("journal", "url"), "RELAYPACS_JOURNAL_PASSWORD_FILE": ("journal", "password_file"),
+                "RELAYPACS_NODE": ("daemon", "node")}
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # node and watch-root names: they key the journal's rows
 # Names whose environment variables are honoured even when no file mentions them.
 _WELL_KNOWN_PACS = ("orthanc", "dcm4chee")
 
@@ -253,9 +280,15 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str = "") -> Config:
     """Turn parsed TOML plus environment into a validated Config."""
     where = source or "config"
-    _reject_unknown(raw, {"daemon", "delivery", "watch", "pacs", "audit", "route", "web"}, "", where)
+    _reject_unknown(raw, {"daemon", "journal", "delivery", "watch", "pacs", "audit", "route", "web"}, "", where)
 
-    daemon = _section(DaemonConfig, raw.get("daemon", {}), "daemon", where)
+    tables = {"daemon": dict(_as_table(raw.get("daemon", {}), "daemon", where)),
+              "journal": dict(_as_table(raw.get("journal", {}), "journal", where))}
+    for var, (table, key) in _JOURNAL_ENV.items():
+        if var in environ:
+            tables[table][key] = environ[var].strip()
+    daemon = _section(DaemonConfig, tables["daemon"], "daemon", where)
+    journal = _section(JournalConfig, tables["journal"], "journal", where)
     web = _section(WebConfig, raw.get("web", {}), "web", where)
     delivery_raw = dict(_as_table(raw.get("delivery", {}), "delivery", where))
     for var, key in _DELIVERY_ENV.items():
@@ -268,7 +301,7 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
         watch_raw = [watch_raw]
     if not isinstance(watch_raw, list):
         raise ConfigError(f"{where}: 'watch' must be a list of [[watch]] tables, each with path = \"/srv/relaypacs/...\"")
-    watches = tuple(_section(WatchConfig, w, f"watch[{i}]", where) for i, w in enumerate(watch_raw))
+    watches = tuple(_named(_section(WatchConfig, w, f"watch[{i}]", where)) for i, w in enumerate(watch_raw))
 
     pacs_raw = {name: dict(_as_table(tbl, f"pacs.{name}", where)) for name, tbl in _as_table(raw.get("pacs", {}), "pacs", where).items()}
     names = list(pacs_raw)
@@ -292,8 +325,8 @@ def build_config(raw: Mapping[str, Any], environ: Mapping[str, str], source: str
         delivery = _replace(delivery, active_pacs=tuple(pacs))
     audit = _section(AuditConfig, raw.get("audit", {}), "audit", where)
     routes = _routes(raw.get("route", []), pacs, where)
-    config = Config(daemon=daemon, delivery=delivery, watch=watches, pacs=pacs, audit=audit, source=source,
-                    routes=routes, web=web)
+    config = Config(daemon=daemon, journal=journal, delivery=delivery, watch=watches, pacs=pacs, audit=audit,
+                    source=source, routes=routes, web=web)
     validate(config, where)
     return config
 
@@ -397,6 +430,7 @@ def validate(config: Config, where: str = "config") -> None:
     paths = [os.path.abspath(w.path) for w in config.watch]
     if len(set(paths)) != len(paths):
         raise ConfigError(f"{where}: two [[watch]] tables have the same path: give each watch root its own folder")
+    _validate_gateways(config, where)
     for p in config.pacs.values():
         _validate_pacs(p, where)
     _validate_web(config.web, where)
@@ -436,6 +470,7 @@ def _validate_web(w: WebConfig, where: str) -> None:
 # Bounds a sane setup stays far inside: beyond them a value is a typo (and some would exhaust the machine).
 _LIMITS: dict[str, tuple[float, float, str]] = {
     "daemon.heartbeat_interval": (0.1, 3600, "seconds"),
+    "daemon.lease_seconds": (1, 86400, "seconds"),
     "delivery.retry_attempts": (1, 100, ""),
     "delivery.retry_delay": (0.001, 3600, "seconds"),
     "delivery.workers_per_pacs": (1, 64, ""),
@@ -469,6 +504,58 @@ def _check_numbers(config: Config, where: str) -> None:
             low, high, unit = _LIMITS.get(f"{kind}.{f.name}", (-math.inf, math.inf, ""))
             if not low <= value <= high:
                 raise ConfigError(f"{where}: {key}.{f.name}{env} = {value:g}: use {low:g} to {high:g} {unit}".rstrip())
+
+
+def _named(w: WatchConfig) -> WatchConfig:
+    """A watch root without a name gets its path's last part (/srv/relaypacs/ct -> ct)."""
+    return w if w.name else _replace(w, name=os.path.basename(w.path.rstrip("/")))
+
+
+def _validate_gateways(config: Config, where: str) -> None:
+    """[journal], daemon.node and lease_seconds, and the watch roots' names (the journal's keys)."""
+    d, j = config.daemon, config.journal
+    if d.node and not re.fullmatch(NAME_PATTERN, d.node):
+        raise ConfigError(f"{where}: daemon.node (or RELAYPACS_NODE) = {d.node!r}: use letters, digits, '.', '_' or "
+                          "'-' (up to 64), unique among the gateways of one spool")
+    if d.lease_seconds < 2 * d.heartbeat_interval:
+        raise ConfigError(f"{where}: daemon.lease_seconds = {d.lease_seconds:g}: must be at least twice "
+                          f"daemon.heartbeat_interval ({d.heartbeat_interval:g} s), or a live node looks dead between "
+                          "two heartbeats")
+    seen: dict[str, int] = {}
+    for i, w in enumerate(config.watch):
+        if not re.fullmatch(NAME_PATTERN, w.name):
+            raise ConfigError(f"{where}: watch[{i}].name = {w.name!r}: use letters, digits, '.', '_' or '-' (up to "
+                              "64); the same name for this root on every gateway")
+        if w.name in seen:
+            raise ConfigError(f"{where}: watch[{i}].name = {w.name!r} is watch[{seen[w.name]}]'s name too (names "
+                              "default to the path's last part): give each [[watch]] its own name = \"...\"")
+        seen[w.name] = i
+    if j.url:
+        _check_journal_url(j.url, where)
+    if j.password_file and not j.url:
+        raise ConfigError(f"{where}: journal.password_file is set but journal.url is empty (SQLite needs no "
+                          "password): set url = \"postgresql://USER@HOST/DB\" or remove password_file")
+
+
+def _check_journal_url(url: str, where: str) -> None:
+    """postgresql:// with a host or a socket, and no password in it (it would be printed wherever the URL is)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("postgresql", "postgres"):
+        start = f"it starts with {scheme!r}://" if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,9}", scheme) else \
+            "it has no scheme"
+        raise ConfigError(f"{where}: journal.url: must start with postgresql:// ({start}); leave it empty for the "
+                          "SQLite journal of one gateway")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{where}: journal.url: not a valid URL (the port must be a number from 1 to 65535): use "
+                          "postgresql://USER@HOST:5432/DB") from None
+    if parts.password:
+        raise ConfigError(f"{where}: journal.url holds a password: remove it from the URL and put it in the file "
+                          "named by journal.password_file")
+    if not parts.path.strip("/"):
+        raise ConfigError(f"{where}: journal.url names no database: use postgresql://USER@HOST/DB")
 
 
 def _check_url(url: str, key: str, where: str, env: str = "",
@@ -577,6 +664,24 @@ def resolve_secret(p: PacsConfig, name: str) -> Secret:
         raise ConfigError(f"pacs.{p.name}.{file_key} = {path!r}: not text: write the {name} into it as plain text") from None
     if not secret:
         raise ConfigError(f"pacs.{p.name}.{file_key} = {path!r}: the file is empty: write the {name} into it")
+    return Secret(secret)
+
+
+def journal_password(journal: JournalConfig) -> Secret:
+    """The PostgreSQL journal's password from journal.password_file (empty: libpq's own ways, e.g. ~/.pgpass)."""
+    if not journal.password_file:
+        return Secret("")
+    try:
+        secret = Path(journal.password_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"journal.password_file = {journal.password_file!r}: cannot read it ({exc.strerror}): fix the "
+                          "path or its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"journal.password_file = {journal.password_file!r}: not text: write the password into it "
+                          "as plain text") from None
+    if not secret:
+        raise ConfigError(f"journal.password_file = {journal.password_file!r}: the file is empty: write the database "
+                          "password into it")
     return Secret(secret)
 
 
@@ -702,6 +807,7 @@ def to_dict(config: Config, *, mask: bool = True) -> dict[str, Any]:
 
     doc: dict[str, Any] = {
         "daemon": plain(config.daemon),
+        "journal": plain(config.journal),
         "delivery": plain(config.delivery),
         "watch": [plain(w) for w in config.watch],
         "pacs": {name: plain(p, skip=("name",)) for name, p in config.pacs.items()},

@@ -22,8 +22,10 @@ from relaypacsd.folders import EmptiedFolders
 from relaypacsd.heartbeat import write_heartbeat
 from relaypacsd.intake import VALIDATOR, Intake
 from relaypacsd.jobs import Jobs
-from relaypacsd.journal import open_journal
+from relaypacsd.journal import journal_for
 from relaypacsd.models import Sender
+from relaypacsd.nodes import journal_shown, what_to_check
+from relaypacsd.nodes_gateway import Gateway
 from relaypacsd.scanning import Scanner
 from relaypacsd.untracked import UntrackedScan
 from relaypacsd.notify import Notifier
@@ -55,6 +57,7 @@ class Daemon:
         self._senders = senders  # tests inject senders; a reload keeps them
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
+        self._let_go_requested = threading.Event()
         self._wake = threading.Event()
         # Interrupted unpacks are finished once per watch root and process: at a reload, a validator of the
         # old generation may still be unpacking into its temp folder.
@@ -75,8 +78,11 @@ class Daemon:
         self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
         self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
         try:
-            self.journal = open_journal(self.state_dir)
+            self.journal = journal_for(config)
         except JournalError as exc:
+            if config.journal.url:
+                raise ConfigError(f"journal.url = {journal_shown(config)}: cannot use the journal ({exc}): "
+                                  f"{what_to_check(config)}") from None
             raise ConfigError(f"daemon.state_dir = {str(self.state_dir)!r}: cannot keep the journal there ({exc}): "
                               "make the folder writable by the service user") from None
         if senders is None:
@@ -85,6 +91,7 @@ class Daemon:
         self.engine = Engine(config, self.journal, senders, spools=self.spools, revalidate=self._queue_intake)
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
+        self.gateway = Gateway(config, self.journal, self.spools, self.engine, self._request_let_go)
         if self.audit.enabled:
             self.engine.on_settled = lambda dest, settled: self.audit.settled(dest, settled)
         self.folders = EmptiedFolders(self._settle)  # removed at the next sweep once quiet
@@ -95,10 +102,11 @@ class Daemon:
                                      self._may_be_empty)
         self._growing, self._grown = self.validation._growing, self.validation._grown  # tests look at them
         self.intake = Intake(lambda spool, path: self._validate(spool, path))
+        self.intake.on_journal_error = self.gateway.node.journal_failed
         self._intake = self.intake.queue  # tests look at (and count) the queue itself
         self.untracked = UntrackedScan(self.spools, self.engine.known, self.journal.backlogged, self._queue_claimed,
-                                       self.stop_event, self.validation.waiting)
-        self.scanners = [Scanner(s, w, self.stop_event, self._queue_claimed, self._may_be_empty)
+                                       self.stop_event, self.validation.waiting, self.gateway.node.mine)
+        self.scanners = [Scanner(s, w, self.stop_event, self._queue_claimed, self._may_be_empty, self.gateway.node)
                          for s, w in zip(self.spools, self.watchers)]
         self._threads: list[threading.Thread] = []
         self.jobs = Jobs()
@@ -108,7 +116,8 @@ class Daemon:
     def start(self) -> None:
         """Prepare spools, recover sending/, start watchers, workers and jobs."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        recovery.prepare_spools(self.spools, self.journal, self._unpacks_resumed, self._may_be_empty)
+        self.gateway.start()  # joins; refuses a spool another node serves with another journal
+        self._settle_spools()
         recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
         if self.config.delivery.enabled:  # the routes, and their PACS that are not active (once per start)
             for level, line in routing.start_report(self.config.routes, self.engine.destinations):
@@ -172,6 +181,10 @@ class Daemon:
                 self._reload_requested.clear()
                 self.reload()
                 clock = (time.time(), time.monotonic())
+            if self._let_go_requested.is_set() and not self._stop_requested.is_set():
+                self._let_go_requested.clear()
+                self._restart(self.config)  # joins again, holding none of the files it lost
+                clock = (time.time(), time.monotonic())
 
     def request_stop(self) -> None:
         """Ask the daemon to stop (safe from a signal handler: only sets flags)."""
@@ -198,6 +211,14 @@ class Daemon:
             return False
         old = self.config
         logger.info("reload of {}: stopping the pieces; files in flight stay in sending/", source)
+        self._restart(new, lambda: setattr(self, "audit", auditing.follow(self.audit, old, new)))
+        self.audit.config_reloaded(old, new)
+        logger.info("reload of {} done", source)
+        return True
+
+    def _restart(self, config: Config, before_build: Callable[[], None] = lambda: None) -> None:
+        """Stop this generation's pieces and start new ones with `config` (a reload; letting go of a lost lease).
+        `before_build` runs once the old pieces stopped (the audit follows a reload there: the new engine reports to it)."""
         self.ready.clear()
         # Wait for every request in flight to end, however long its timeouts allow: a new engine started
         # beside one would send the same files again, and the old answer could no longer be recorded.
@@ -205,19 +226,24 @@ class Daemon:
                                                self.config.daemon.heartbeat_interval)
         self._stop_pieces(timeout=reloading.longest_request(self.config), give_up=waiting,
                           threads_timeout=reloading.UNPACK_WAIT)
-        self.audit = auditing.follow(self.audit, old, new)  # before _build: the new engine reports to it
-        self._build(new)
+        before_build()
+        self._build(config)
         self.start()
-        self.audit.config_reloaded(old, new)
-        logger.info("reload of {} done", source)
-        return True
+
+    def _request_let_go(self) -> None:
+        """This node lost its lease (relaypacsd.nodes): the main loop restarts the pieces with nothing held."""
+        self._let_go_requested.set()
+        self._wake.set()
+
+    def _settle_spools(self) -> None:
+        self.gateway.settle(self._unpacks_resumed, self._may_be_empty)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop claiming, let batches in flight finish, stop jobs; unfinished files stay in sending/."""
         logger.info("relaypacsd stopping: no new files are claimed; batches in flight finish")
         self.notifier.stopping()
         self._stop_requested.set()
-        self._stop_pieces(timeout)
+        self._stop_pieces(timeout, leave=True)
         if self.tally is not None:
             self.tally.join()
         self.audit.stop()  # Application Stop, and up to 5 s for what the repository has not taken yet
@@ -229,7 +255,7 @@ class Daemon:
         self.notifier.feed_watchdog(alive)
 
     def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
-                     threads_timeout: float = 5.0) -> None:
+                     threads_timeout: float = 5.0, leave: bool = False) -> None:
         """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/.
         `timeout` bounds the wait for requests in flight, `threads_timeout` the wait for a validation (or
         unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
@@ -242,6 +268,8 @@ class Daemon:
         self.jobs.shutdown()
         self.engine.stop(timeout=timeout, give_up=give_up)
         reloading.wait_for_threads(self._threads, threads_timeout, give_up)
+        if leave:  # a stop, not a reload: other nodes may take this one's files at once
+            self.gateway.stop()
         self.journal.close()
 
     def _install_signals(self) -> None:
@@ -279,7 +307,8 @@ class Daemon:
         """This daemon's state now, for every reporter; `folders` walks each spool (a scrape's cost), `kept`
         gives the counts kept for the dashboard instead (no walk of sent/)."""
         return take(self.spools, self.engine, self.counters, self.ready.is_set(), self.alive, self.started,
-                    folders=folders, kept=self._kept_folders if kept and self.tally is not None else None)
+                    folders=folders, kept=self._kept_folders if kept and self.tally is not None else None,
+                    nodes=self.gateway.nodes)
 
     def _kept_folders(self) -> tuple[Folders, ...]:
         assert self.tally is not None
@@ -355,6 +384,9 @@ class Daemon:
     # -- scheduled jobs --------------------------------------------------------------------------------
 
     def _sweep_job(self) -> None:
+        self.gateway.sweep(self._sweep, self._settle_spools)
+
+    def _sweep(self) -> None:
         released = self.engine.sweep()
         self._housekeeping()
         if self.tally is not None:
@@ -371,6 +403,7 @@ class Daemon:
         retention.prune_history(self.journal, self.config.delivery.history_days, self.stop_event)
 
     def _heartbeat_job(self) -> None:
+        self.gateway.beat()
         self.pauses.follow(self.engine.destinations)  # `relaypacsd pause` from another shell: one stat
         self._write_heartbeat()
         if self.notifier.enabled:

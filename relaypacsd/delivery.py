@@ -15,6 +15,7 @@ from relaypacsd.batches import Changed, backoff, deliver_parts, send_safely
 from relaypacsd.config import Config
 from relaypacsd.conflicts import CONFLICT_NEXT_STEP, UidChecked
 from relaypacsd.dicomfile import DicomInfo
+from relaypacsd.errors import JournalError
 from relaypacsd.fate import instance_fate
 from relaypacsd.finishing import Finisher
 from relaypacsd.holding import Holder
@@ -55,6 +56,10 @@ class Engine:
         self.on_changed: Callable[[Item, bool], None] | None = None
         # Observer of every send attempt (metrics): (destination, items, results, HTTP status, ms, attempt).
         self.on_batch: Callable[[Destination, list[Item], list[InstanceResult], int | None, float, int], None] | None = None
+        # Several gateways (relaypacsd.nodes): no batch leaves while the journal is away or this node's lease is not
+        # fresh (the answer could not be recorded); a journal error is reported once, by the node.
+        self.may_send: Callable[[], bool] = lambda: True
+        self.on_journal_error: Callable[[JournalError], None] | None = None
         # Observer of each batch's settled instances (audit messages): (destination, [(item, its update)]).
         self.on_settled: Callable[[Destination, list[tuple[Item, Update]]], None] | None = None
 
@@ -158,9 +163,12 @@ class Engine:
                 continue
             try:
                 self._deliver(dest, batch)
-            except Exception:  # a bug must not kill the worker: the files wait for the sweep
-                logger.exception("PACS forward {}: unexpected error; {} file(s) wait for the retry sweep",
-                                 dest.name, len(batch))
+            except Exception as exc:  # a bug must not kill the worker: the files wait for the sweep
+                if isinstance(exc, JournalError) and self.on_journal_error is not None:
+                    self.on_journal_error(exc)  # the answer is not recorded: sent again later (a duplicate)
+                else:
+                    logger.exception("PACS forward {}: unexpected error; {} file(s) wait for the retry sweep",
+                                     dest.name, len(batch))
                 for item in batch:
                     with item.lock:  # only what this PACS still owes: never a file it already confirmed
                         owed = not item.done and dest.name in item.pending
@@ -320,6 +328,11 @@ class Engine:
             if self.stop_event.is_set():
                 return
             dest.set_health(healthy, reason)
+
+    def wake_all(self) -> None:
+        """The journal is usable again (relaypacsd.nodes): workers held back look at their queues."""
+        for dest in self.destinations.values():
+            dest.wake()
 
     def on_destination_back(self, dest: Destination) -> None:
         """A destination came back: everything waiting for it goes now, not at its next sweep (in the backlog

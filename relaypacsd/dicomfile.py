@@ -71,6 +71,13 @@ class DicomDirFound(InvalidDicomError):
     """The file is a DICOMDIR (an index of a media set), which is never sent as an instance."""
 
 
+class ArchiveFound(InvalidDicomError):
+    """The file is a zip archive (a study exported as one), whose members are validated one by one instead."""
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # a zip's local file header
+
+
 def is_dicomdir(path: str | os.PathLike[str]) -> bool:
     """True when the file's meta header says Media Storage Directory (DICOMDIR)."""
     try:
@@ -98,22 +105,29 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False,
     (pixel data is never read: the walk skips it by its length)."""
     wanted = _wanted(tuple(attributes))
     path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise InvalidDicomError("empty file (0 bytes): the sender wrote nothing; send the image again from the modality")
-    try:
-        # pydicom judges the Part-10 envelope: preamble, 'DICM', the file meta group and its transfer syntax.
-        meta = pydicom.filereader.read_file_meta_info(path)
-    except _PydicomInvalid:
-        raise InvalidDicomError(_no_part10_reason(path)) from None
-    except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
-        raise InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; send it again") from None
-    if str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS:
-        raise DicomDirFound(
-            "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
-            "the image files it lists are forwarded as files of their own")
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "")).strip() or _IMPLICIT_LE
-    top_level, uids, texts = _check_complete(path, transfer_syntax, size, wanted)
+    with _Reader(str(path)) as reader:
+        size = reader.size
+        if size == 0:
+            raise InvalidDicomError("empty file (0 bytes): the sender wrote nothing; send the image again from the "
+                                    "modality")
+        head = reader.buf[:132]
+        if head[:4] == ZIP_MAGIC and head[128:132] != b"DICM":
+            # The preamble is free for applications (PS3.10 7.1): a DICOM/zip polyglot is DICOM, by 'DICM'.
+            raise ArchiveFound("a zip archive, not a DICOM file (dropped into inbox/, the daemon unpacks it and "
+                               "forwards its members)")
+        plain = _plain_meta(reader)
+        if plain is None:  # anything unusual in the file meta: pydicom judges it, and says why
+            meta, data_start = _pydicom_meta(path), None
+        else:
+            meta, data_start = plain
+        if meta.get("MediaStorageSOPClassUID", "") == DICOMDIR_CLASS:
+            raise DicomDirFound(
+                "this is a DICOMDIR (the index of a CD/DVD/USB media set), not an image: it is never sent; "
+                "the image files it lists are forwarded as files of their own")
+        transfer_syntax = meta.get("TransferSyntaxUID", "").strip() or _IMPLICIT_LE
+        top_level, uids, texts = _check_complete(reader, path, transfer_syntax, wanted, data_start)
+        # sha256 of the bytes just walked when the whole file was read at once, else one sequential read
+        digest = hashlib.sha256(reader.buf).hexdigest() if reader.whole else file_digest(path)
     values = {}
     for keyword, tag in _REQUIRED_TAGS.items():
         value = uids.get(tag, "")
@@ -127,7 +141,7 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False,
             raise InvalidDicomError(message)
         values[keyword] = value
     _check_bulk_data(values["SOPClassUID"], top_level)
-    media_sop = str(meta.get("MediaStorageSOPInstanceUID", "")).strip("\0 ")
+    media_sop = meta.get("MediaStorageSOPInstanceUID", "").strip("\0 ")
     mismatch = media_sop if media_sop and media_sop != values["SOPInstanceUID"] else ""
     if mismatch and strict_meta_uid:
         raise InvalidDicomError(
@@ -142,12 +156,64 @@ def inspect(path: str | os.PathLike[str], *, strict_meta_uid: bool = False,
         transfer_syntax_uid=transfer_syntax,
         size=size,
         meta_sop_instance_uid=mismatch,
-        digest=file_digest(path),
+        digest=digest,
         patient_id="\\".join(texts.get(_PATIENT_ID, ())),
         accession_number="\\".join(texts.get(_ACCESSION_NUMBER, ())),
         modality="\\".join(texts.get(_MODALITY, ())),
         attrs={keyword: texts[tag] for tag, keyword in wanted.keywords.items() if tag in texts},
     )
+
+
+_META_UIDS = {0x00020002: "MediaStorageSOPClassUID", 0x00020003: "MediaStorageSOPInstanceUID",
+              0x00020010: "TransferSyntaxUID"}
+_META_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length: file meta is explicit VR little endian
+
+
+def _plain_meta(reader: "_Reader") -> tuple[dict[str, str], int] | None:
+    """The file meta's three UIDs and where the data set starts, read from the first window, when the meta is
+    plain: 'DICM', then group 0002 elements with known VRs, all within the window, the three as UI values. None
+    otherwise: pydicom judges the rest (it also reads implicit VR meta headers, and its errors say what is
+    wrong)."""
+    buf, size = reader.buf, reader.size
+    if buf[128:132] != b"DICM":
+        return None
+    pos, found = 132, {}
+    while pos + 8 <= size:
+        if pos + 12 > len(buf):
+            return None
+        group, element, vr, length = _META_HEADER.unpack_from(buf, pos)
+        if group != 0x0002:
+            break
+        if vr in _LONG_VRS:
+            length = _LE_LONG.unpack_from(buf, pos + 8)[0]
+            pos += 12
+        elif vr in _KNOWN_VRS:
+            pos += 8
+        else:
+            return None
+        end = pos + length
+        if end > len(buf):
+            return None  # beyond the window or the file (or undefined length): pydicom's to judge
+        keyword = _META_UIDS.get((group << 16) | element)
+        if keyword is not None:
+            value = buf[pos:end].decode("latin-1").rstrip("\0 ")  # as pydicom reads UI: trailing padding cut
+            if vr != b"UI" or "\\" in value:
+                return None
+            found[keyword] = value
+        pos = end
+    return found, pos
+
+
+def _pydicom_meta(path: Path) -> dict[str, str]:
+    """The file meta's three UIDs as pydicom reads them; InvalidDicomError saying why it cannot."""
+    try:
+        # pydicom judges the Part-10 envelope: preamble, 'DICM', the file meta group and its transfer syntax.
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except _PydicomInvalid:
+        raise InvalidDicomError(_no_part10_reason(path)) from None
+    except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
+        raise InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; send it again") from None
+    return {keyword: str(meta.get(keyword, "")) for keyword in _META_UIDS.values()}
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -205,7 +271,11 @@ def _check_bulk_data(sop_class: str, top_level: set[int]) -> None:
 
 
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2), as pydicom knows them
-_LONG_VRS = {str(vr).encode() for vr in pydicom.valuerep.EXPLICIT_VR_LENGTH_32}
+_LONG_VRS = frozenset(str(vr).encode() for vr in pydicom.valuerep.EXPLICIT_VR_LENGTH_32)
+_KNOWN_VRS = frozenset(str(vr).encode() for vr in pydicom.valuerep.VR if len(str(vr)) == 2) - _LONG_VRS
+# Any two capital letters read as a VR with a 16-bit length (a VR newer than pydicom's list is still walked
+# right); one set lookup per element instead of two method calls.
+_SHORT_VRS = frozenset(bytes((a, b)) for a in range(65, 91) for b in range(65, 91)) - _LONG_VRS
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -346,7 +416,7 @@ def _all_zero(reader: "_Reader", pos: int) -> bool:
     return True
 
 
-def _check_complete(path: Path, transfer_syntax: str, size: int, wanted: _Wanted
+def _check_complete(reader: "_Reader", path: Path, transfer_syntax: str, wanted: _Wanted, data_start: int | None
                     ) -> tuple[set[int], dict[int, str], dict[int, tuple[str, ...]]]:
     """Walk every element header and require the last element to end exactly at the end of the file.
 
@@ -368,23 +438,23 @@ def _check_complete(path: Path, transfer_syntax: str, size: int, wanted: _Wanted
         return set(ds.keys()), found, _dataset_values(ds, wanted)
     explicit = transfer_syntax != _IMPLICIT_LE
     little = transfer_syntax != _BIG_ENDIAN
+    size = reader.size
     seen: set[int] = set()
     raw: dict[int, tuple[bytes, bytes]] = {}
-    with _Reader(str(path), size) as reader:
-        try:
-            start = _meta_end(reader)
-            if start >= size:
-                raise TruncatedDicom("no data set after the file meta header: the file is truncated or empty; "
-                                     "send it again")
-            pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw, wanted=wanted.caps)
-        except _ZeroTail as exc:
-            padding = _all_zero(reader, exc.pos)
-            raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
-                           f"preallocated and never filled{' or padded with zeros' if padding else ''})",
-                           exc.pos, padding) from None
-        except _Truncated as exc:
-            raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "
-                                 "send it again") from None
+    try:
+        start = _meta_end(reader) if data_start is None else data_start
+        if start >= size:
+            raise TruncatedDicom("no data set after the file meta header: the file is truncated or empty; "
+                                 "send it again")
+        pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw, wanted=wanted.caps)
+    except _ZeroTail as exc:
+        padding = _all_zero(reader, exc.pos)
+        raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
+                       f"preallocated and never filled{' or padded with zeros' if padding else ''})",
+                       exc.pos, padding) from None
+    except _Truncated as exc:
+        raise TruncatedDicom(f"truncated: {exc} (the file was cut off while being written or copied); "
+                             "send it again") from None
     if pos != size:
         raise TruncatedDicom(f"truncated or damaged: the data set ends at byte {pos} of {size}; send it again")
     # UI values are ASCII padded with NUL (PS3.5 6.2); latin-1 never fails, and junk then fails at the PACS by name
@@ -411,14 +481,21 @@ def _dataset_values(ds: pydicom.Dataset, wanted: _Wanted) -> dict[int, tuple[str
 
 
 class _Reader:
-    """Reads element headers through a 64 KiB window: one pread per window instead of a seek per element."""
+    """An open file read in one pread when small (up to WHOLE), else through a 64 KiB window: one pread per
+    window instead of a seek per element."""
 
     WINDOW = 65536
+    WHOLE = 1 << 20  # most CT, MR and US instances: walked and hashed from memory, the file read once
 
-    def __init__(self, path: str, size: int):
+    def __init__(self, path: str):
         self.fd = os.open(path, os.O_RDONLY)
-        self.size = size
-        self.start, self.buf = 0, b""
+        try:
+            self.size = os.fstat(self.fd).st_size
+            self.start, self.buf = 0, os.pread(self.fd, self.size if self.size <= self.WHOLE else self.WINDOW, 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.whole = len(self.buf) == self.size  # False too when the file shrank since: the walk says where
 
     def __enter__(self) -> "_Reader":
         return self
@@ -432,6 +509,7 @@ class _Reader:
             raise _Truncated(f"the file ends inside an element header at byte {pos}")
         off = pos - self.start
         if off < 0 or off + n > len(self.buf):
+            self.whole = False  # the buffer no longer holds the whole file
             self.start, self.buf = pos, os.pread(self.fd, max(self.WINDOW, n), pos)
             off = 0
             if len(self.buf) < n:  # the file shrank under us
@@ -439,12 +517,12 @@ class _Reader:
         return self.buf, off
 
 
-_LE_HEADER = struct.Struct("<HHI")
-_BE_HEADER = struct.Struct(">HHI")
-_LE_SHORT = struct.Struct("<H")
-_BE_SHORT = struct.Struct(">H")
-_LE_LONG = struct.Struct("<I")
-_BE_LONG = struct.Struct(">I")
+_HEADERS = {(True, True): struct.Struct("<HH2sH"), (True, False): struct.Struct(">HH2sH"),
+            (False, True): struct.Struct("<HHI"), (False, False): struct.Struct(">HHI")}
+_ITEM_HEADERS = {True: struct.Struct("<I"), False: struct.Struct(">I")}  # the 32-bit length at byte 4
+_LONGS = {True: struct.Struct("<I"), False: struct.Struct(">I")}  # the 32-bit length at byte 8, after the VR
+_LE_HEADER = _HEADERS[False, True]
+_LE_LONG = _LONGS[True]
 
 
 def _meta_end(reader: _Reader) -> int:
@@ -464,59 +542,79 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
     """Walk elements from `pos`; stop at EOF, or after the delimiter tag `until` (or after one element if
     `single`). Return the end offset; add the tags met at this level to `seen`, and (VR, value) of the
     `wanted` tags at this level (tag -> the most bytes read) to `values`."""
-    header_s, short_s, long_s = (_LE_HEADER, _LE_SHORT, _LE_LONG) if little else (_BE_HEADER, _BE_SHORT, _BE_LONG)
+    # This loop runs for every element of every file (about 260 in a small CT): it is written for the
+    # interpreter, every check that can be hoisted out of it is, and the header is unpacked in one call.
+    header_s = _HEADERS[explicit, little]  # (group, element, VR, 16-bit length) or (group, element, 32-bit length)
+    item_s, long_s = _ITEM_HEADERS[little], _LONGS[little]
     size = reader.size
-    last = -1
+    if wanted is None or values is None:
+        wanted = {}
+    buf, start = reader.buf, reader.start
+    end_of_buf = start + len(buf)
     while True:
-        if until is None and pos == size:
+        if pos == size and until is None:
             return pos
-        # The window check inline: a method call per element was a third of the walk's time.
-        buf, off = reader.buf, pos - reader.start
-        if off < 0 or off + 12 > len(buf):
+        if pos + 12 > end_of_buf:  # the window check inline: a method call per element was a third of the walk
             buf, off = reader.view(pos, 8)
-        group, element, implicit_length = header_s.unpack_from(buf, off)
-        tag = (group << 16) | element
-        if group == 0xFFFE:  # item and delimiter tags are always implicit: 4-byte length
+            start = reader.start
+            end_of_buf = start + len(buf)
+        off = pos - start
+        if explicit:
+            group, element, vr, length = header_s.unpack_from(buf, off)
+            if group == 0xFFFE:  # item and delimiter tags are always implicit: 4-byte length
+                length = item_s.unpack_from(buf, off + 4)[0]
+        else:
+            group, element, length = header_s.unpack_from(buf, off)
+            vr = b"??"
+        if group == 0xFFFE:
+            tag = (group << 16) | element
             pos += 8
             if tag == until:
                 return pos
             if tag == _ITEM:
-                if implicit_length == _UNDEFINED:
+                if length == _UNDEFINED:
                     pos = _walk(reader, pos, explicit, little, until=_ITEM_END)
                 else:
-                    pos = _skip(pos, implicit_length, size, tag)
+                    pos = _skip(pos, length, size, tag)
                 continue
             raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos}")
+        tag = (group << 16) | element
         if seen is not None:
             # A file preallocated at full size and not yet filled reads on as zeros: tag (0000,0000) after the
             # elements before it. Only that signature counts: tags merely out of order or repeated (some
             # anonymizers append elements) are read by every PACS and were always forwarded.
-            if group == 0 and tag <= last:
+            if group == 0 and seen and max(seen) >= tag:
                 raise _ZeroTail(pos)
-            last = max(last, tag)
             seen.add(tag)
-        vr = buf[off + 4:off + 6]
-        if explicit and vr in _LONG_VRS:
-            if off + 12 > len(buf):
+        if vr in _SHORT_VRS:
+            pos += 8
+        elif explicit and vr in _LONG_VRS:
+            if pos + 12 > end_of_buf:
                 buf, off = reader.view(pos, 12)
+                start = reader.start
+                end_of_buf = start + len(buf)
             length = long_s.unpack_from(buf, off + 8)[0]
             pos += 12
-        elif explicit and vr.isalpha() and vr.isupper():
-            length = short_s.unpack_from(buf, off + 6)[0]
-            pos += 8
-        else:
-            vr = b"SQ" if implicit_length == _UNDEFINED else b"??"
-            length = implicit_length
+        else:  # implicit VR, or an explicit file's element that carries none (read as implicit)
+            if explicit:
+                length = item_s.unpack_from(buf, off + 4)[0]
+            vr = b"SQ" if length == _UNDEFINED else b"??"
             pos += 8
         if length == _UNDEFINED:
             # an undefined-length UN holds an implicit little-endian sequence
-            inner_explicit = explicit and vr != b"UN"
-            pos = _walk(reader, pos, inner_explicit, little or vr == b"UN", until=_SEQ_END)
+            pos = _walk(reader, pos, explicit and vr != b"UN", little or vr == b"UN", until=_SEQ_END)
         else:
-            if values is not None and tag in wanted and length <= wanted[tag]:  # type: ignore[operator]
-                buf, off = reader.view(pos, length)
-                values[tag] = (vr, bytes(buf[off:off + length]))
-            pos = _skip(pos, length, size, tag)
+            if tag in wanted and length <= wanted[tag]:
+                if pos + length > end_of_buf:
+                    buf, off = reader.view(pos, length)
+                    start = reader.start
+                    end_of_buf = start + len(buf)
+                value_at = pos - start
+                values[tag] = (vr, bytes(buf[value_at:value_at + length]))  # type: ignore[index]
+            end = pos + length
+            if end > size:
+                raise _Truncated(f"element ({group:04X},{element:04X}) needs {end} bytes but the file has {size}")
+            pos = end
         if single:
             return pos
 

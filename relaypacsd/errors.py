@@ -68,5 +68,17 @@ class JournalError(RelayPacsError):
     """The journal (the delivery memory in the state directory) cannot be opened or read."""
 
 
+class JournalBusy(JournalError):
+    """A row the journal needs is locked by another node's transaction (a node paused mid-transaction): later."""
+
+
+class LeaseLost(JournalError):
+    """This node was presumed dead and another node took its files over: it must let go of them."""
+
+
+class NodeConflict(RelayPacsError):
+    """Another gateway serves this spool or uses this node's name; the message says which and what to do."""
+
+
 class PauseError(RelayPacsError):
     """An operator's pause or resume of a PACS that cannot be done (unknown, already so, state dir not writable)."""

@@ -13,6 +13,7 @@ from loguru import logger
 from relaypacsd.batches import hex_code
 from relaypacsd.conflicts import CONFLICT_NEXT_STEP
 from relaypacsd.fate import file_fate
+from relaypacsd.errors import JournalError
 from relaypacsd.journal import DeliveryRow, Journal
 from relaypacsd.queues import Destination, Item
 from relaypacsd.spool import now_iso, sync_dirs
@@ -31,6 +32,10 @@ class Finisher:
         self._finished = finished  # one item moved to its folder ('sent' or 'failed')
         self._queue: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Several gateways (relaypacsd.nodes): a move waits while this node's lease is not fresh or the journal is
+        # away; False (lost, stopping) means let go, moving nothing: a node taken over never moves another's file.
+        self.may_move: Callable[[], bool] = lambda: True
+        self.on_journal_error: Callable[[JournalError], None] | None = None
 
     def start(self) -> None:
         """Start the finishing thread ("finish")."""
@@ -68,9 +73,16 @@ class Finisher:
                     break
                 last = more is None
                 group.extend(more or [])
-            if group:
+            if group and not self.may_move():
+                self._untrack(group)  # they stay in sending/: this node's next run (or their new owner) takes them
+            elif group:
                 try:
                     self.finish(group)
+                except JournalError as exc:  # away: said once by the node; the sweep takes them up again
+                    if self.on_journal_error is None:
+                        raise
+                    self.on_journal_error(exc)
+                    self._untrack(group)
                 except Exception:  # e.g. the journal failed: untracked, the sweep takes them up again
                     logger.exception("finishing {} settled file(s) failed; the next retry sweep takes them up",
                                      len(group))

@@ -9,6 +9,7 @@ from typing import Callable
 
 from loguru import logger
 
+from relaypacsd.errors import JournalError
 from relaypacsd.spool import Spool
 
 VALIDATORS = 2  # validation threads per generation
@@ -28,6 +29,7 @@ class Intake:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self.limit = limit
+        self.on_journal_error: Callable[[JournalError], None] | None = None  # the journal away: said once elsewhere
 
     def put(self, spool: Spool, path: Path, stop: threading.Event | None = None) -> None:
         """Queue `path` for validation unless it is queued or being validated already. With `stop` (a scanner's),
@@ -59,6 +61,11 @@ class Intake:
         spool, path = job
         try:
             self._validate(spool, path)
+        except JournalError as exc:
+            if self.on_journal_error is None:
+                logger.exception("validation of {} failed unexpectedly; it stays in sending/ for the next sweep", path)
+            else:
+                self.on_journal_error(exc)  # it stays in sending/, this node's: the sweep takes it up again
         except Exception:
             logger.exception("validation of {} failed unexpectedly; it stays in sending/ for the next sweep", path)
         finally:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    from relaypacsd.config import Config, Secret
 
 from relaypacsd.history import HistoryQuery, HistoryRecord
 
@@ -104,6 +107,23 @@ class DestinationStats(TypedDict):
     delivered: int
     failed: int
     conflicts: int
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One gateway as the journal knows it (times by the journal's clock, seconds since the epoch)."""
+
+    name: str
+    host: str
+    pid: int
+    epoch: int          # its incarnation: a takeover or a new start bumps it, fencing the old one out
+    started: float
+    heartbeat: float
+    silent: float       # seconds since its last heartbeat, by the journal's clock
+    stopped: bool       # it said goodbye (a clean stop): its files may be taken over at once
+    taken_by: str       # the node that took its files over ('' while it holds its lease)
+    files: int          # files in sending/ it owns
+    health: dict[str, Any]  # its own view of each PACS: {pacs: {"healthy": bool, "reason": str}}
 
 
 class Journal(Protocol):
@@ -224,9 +244,77 @@ class Journal(Protocol):
     def route_counts(self) -> dict[str, int]:
         """Files that some destination still owes (pending or waiting), per route name ('' unrouted)."""
 
+    # -- several gateways: nodes, leases and which node owns which file (relaypacsd.nodes) ---------------
 
-def open_journal(state_dir: Path, *, readonly: bool = False, instance_days: float = INSTANCE_MEMORY_DAYS) -> Journal:
-    """The journal in `state_dir`; `readonly` for a command that only looks (no upgrade, no writes)."""
+    identity: str  # this journal's id (made once, kept in it): gateways on one spool must share one journal
+    shared: bool  # True when several gateways may use it at once (PostgreSQL)
+
+    def clock(self) -> float:
+        """The journal's time (the database server's for a shared journal), for leases all nodes agree on."""
+
+    def node(self, name: str) -> NodeState | None:
+        """One node's state, or None when it never joined."""
+
+    def nodes(self) -> list[NodeState]:
+        """Every node that ever joined, with the files it owns."""
+
+    def join(self, name: str, host: str, pid: int, expect_epoch: int) -> int | None:
+        """Start a new incarnation of `name` (its files stay its own); None when its epoch is no longer
+        `expect_epoch` (0: it never joined) because another process joined or took it over meanwhile."""
+
+    def beat(self, name: str, epoch: int, health: dict[str, Any]) -> bool:
+        """Renew the lease of this incarnation with its view of each PACS; False when it was taken over."""
+
+    def leave(self, name: str, epoch: int) -> None:
+        """A clean stop: the node's files may be taken over at once."""
+
+    def fence(self, name: str, epoch: int) -> None:
+        """From now on, `apply` and the ownership writes run only while `name` is at `epoch`
+        (else LeaseLost, nothing written); `ensure` makes an unowned file this node's."""
+
+    def take_over(self, name: str, epoch: int, lease: float) -> dict[str, int]:
+        """Take over every other node silent for `lease` seconds (or stopped): its files become ours and it is
+        fenced out. Returns the nodes taken over, with how many files each held."""
+
+    def reserve(self, name: str, epoch: int, keys: list[str], lease: float) -> set[str]:
+        """Before claiming files from inbox/: the keys this node may claim (no other node reserved them in the
+        last `lease` seconds). On a share where a claim is link + unlink, two nodes could both 'win' one."""
+
+    def claimed(self, name: str, reserved: list[str], owned: list[str]) -> None:
+        """After the claims: the reservations go and this node owns the files it moved into sending/."""
+
+    def owners(self, keys: list[str]) -> dict[str, str]:
+        """The owning node of each of these files that has one."""
+
+    def adopt(self, name: str, epoch: int, keys: list[str], grace: float) -> list[str]:
+        """Files in sending/ that nobody owns (their claimer died before saying so): the first look marks
+        them, a look `grace` seconds later (0: at once) makes them ours. Returns those now ours."""
+
+
+def open_journal(state_dir: Path, *, readonly: bool = False, instance_days: float = INSTANCE_MEMORY_DAYS,
+                 url: str = "", password: "Secret | None" = None, application: str = "relaypacsd") -> Journal:
+    """The journal: SQLite in `state_dir` unless `url` names a PostgreSQL database (several gateways);
+    `readonly` for a command that only looks (no upgrade, no writes)."""
+    if url:
+        from relaypacsd.config import Secret
+        from relaypacsd.journal_pg import PgJournal
+
+        return PgJournal(url, password or Secret(""), instance_days, readonly=readonly, application=application)
     from relaypacsd.journal_sqlite import SqliteJournal  # the backend builds on this module's types
 
     return SqliteJournal(state_dir / JOURNAL_FILE, readonly=readonly, instance_days=instance_days)
+
+
+def journal_for(config: "Config", *, readonly: bool = False) -> Journal:
+    """The journal `config` names: SQLite in state_dir (one gateway: rows keyed by this host's paths), or the
+    shared PostgreSQL journal of [journal] url, whose rows are keyed by watch-root names (relaypacsd.journal_keys),
+    since the gateways sharing it may mount the spool at different paths."""
+    from relaypacsd.config import journal_password
+
+    inner = open_journal(Path(config.daemon.state_dir), readonly=readonly, url=config.journal.url,
+                         password=journal_password(config.journal), application=f"relaypacsd {config.node}")
+    if not config.journal.url:
+        return inner
+    from relaypacsd.journal_keys import KeyedJournal, RootKeys
+
+    return KeyedJournal(inner, RootKeys((w.path, w.name) for w in config.watch))  # type: ignore[return-value]

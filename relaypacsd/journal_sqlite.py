@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd import history_sqlite, sqlite_backlog, sqlite_destinations, sqlite_instances
+from relaypacsd import history_sqlite, nodes_book, sqlite_backlog, sqlite_destinations, sqlite_instances
 from relaypacsd.history_sqlite import HistoryBook, HistoryMethods
 from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, FileFacts,
                                 KnownInstance, Update)
+from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.sqlite_backlog import Backlog, BacklogMethods
 from relaypacsd.sqlite_db import Database, Statement
 from relaypacsd.sqlite_destinations import DestinationBook
@@ -58,21 +59,24 @@ ADDED_COLUMNS = [
 ROW_COLUMNS = sqlite_backlog.ROW_COLUMNS
 
 
-class SqliteJournal(HistoryMethods, BacklogMethods):
+class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
     """Thread-safe access to the journal database in the state directory: the delivery rows and their
-    history here; the lasting instance memory and the destinations' health and counters in parts of their own."""
+    history here; the lasting instance memory, the destinations' health and counters, and the nodes and
+    file ownership (one node here: relaypacsd.nodes_spool refuses a second) in parts of their own."""
 
     def __init__(self, path: Path, instance_days: float = INSTANCE_MEMORY_DAYS, *, readonly: bool = False):
         self.path = path
         self.instance_days = instance_days
         self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA
-                               + history_sqlite.SCHEMA, ADDED_COLUMNS, readonly=readonly, indexes=sqlite_backlog.INDEXES)
+                               + history_sqlite.SCHEMA + nodes_book.SQLITE.schema(), ADDED_COLUMNS, readonly=readonly,
+                               indexes=sqlite_backlog.INDEXES)
         self._lock = self._store.lock
         self._instances = InstanceMemory(self._store, instance_days)
         self._destinations = DestinationBook(self._store)
         self._history = HistoryBook(self._store)
         self._backlog = Backlog(self._store)
         self._columns = "" if readonly else ROW_COLUMNS  # read-only: looked up at the first query (see _rows)
+        self._nodes = NodeBook(self._store, nodes_book.SQLITE, time.time, shared=False)
 
     @property
     def _db(self) -> Any:
@@ -136,7 +140,7 @@ class SqliteJournal(HistoryMethods, BacklogMethods):
         else:  # the same one statement: every row of the file (at any PACS) holds its facts and one mark
             stmts.append((f"UPDATE deliveries SET token = '', {sqlite_backlog.SET_FACTS}, backlog = ? WHERE path = ?",
                           (*sqlite_backlog.values_of(facts), int(backlog), path)))
-        self._tx(stmts)
+        self._tx(stmts + self._nodes.own_statements(path))
         return self.rows(path)
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
@@ -167,7 +171,7 @@ class SqliteJournal(HistoryMethods, BacklogMethods):
         stmts += self._destinations.count_statements(delivered, failed, now)
         stmts += self._history.statements([u.record for u in updates if u.record is not None])
         if stmts:
-            self._tx(stmts)
+            self._store.transaction(stmts, self._nodes.guard())  # a node taken over writes nothing: LeaseLost
 
     def remember(self, updates: list[Update]) -> None:
         """Only the lasting memory's part of 'delivered' updates (and their history records): what a PACS confirmed
@@ -217,7 +221,7 @@ class SqliteJournal(HistoryMethods, BacklogMethods):
         self._tx([("DELETE FROM deliveries WHERE path = ?", (new,)), ("DELETE FROM history WHERE path = ?", (new,)),
                   # Out of the backlog: a file in failed/ is never taken in, even once a retry resets its rows.
                   ("UPDATE deliveries SET path = ?, backlog = 0 WHERE path = ?", (new, old)),
-                  ("UPDATE history SET path = ? WHERE path = ?", (new, old))])
+                  ("UPDATE history SET path = ? WHERE path = ?", (new, old))] + self._nodes.release_statements([old, new]))
 
     def copy(self, old: str, new: str, token: str) -> bool:
         """Give `new` the rows and history of `old` as well (a file about to move there), marked with `token`;
@@ -256,7 +260,7 @@ class SqliteJournal(HistoryMethods, BacklogMethods):
         for path in paths:
             stmts += [("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))]
         if stmts:
-            self._tx(stmts)
+            self._tx(stmts + self._nodes.release_statements(paths))
 
     def sop_of(self, path: str) -> str:
         """The SOP Instance UID the rows of `path` are about ('' when unknown)."""

@@ -51,6 +51,8 @@ class _SpoolCollector(Collector):
         yield up
         yield queued
 
+        yield from _node_metrics(snap)
+
         in_flight = GaugeMetricFamily(f"{PREFIX}_in_flight", "Files known to the delivery engine, not yet settled")
         in_flight.add_metric([], snap.in_flight)
         yield in_flight
@@ -66,6 +68,23 @@ class _SpoolCollector(Collector):
         settled.add_metric(["sent"], snap.sent)
         settled.add_metric(["failed"], snap.failed)
         yield settled
+
+
+def _node_metrics(snap: Snapshot) -> Iterator[Any]:
+    """Every gateway of the spool as the journal knows it: up, heartbeat age, files held, PACS as it sees them."""
+    up = GaugeMetricFamily(f"{PREFIX}_node_up", "1 while a gateway of this spool holds its lease", labels=["node", "host"])
+    age = GaugeMetricFamily(f"{PREFIX}_node_heartbeat_age_seconds", "Seconds since each gateway's last heartbeat",
+                            labels=["node"])
+    files = GaugeMetricFamily(f"{PREFIX}_node_files", "Files in sending/ each gateway holds", labels=["node"])
+    pacs = GaugeMetricFamily(f"{PREFIX}_node_destination_up", "Each PACS's health as each gateway sees it",
+                             labels=["node", "pacs"])
+    for node in snap.nodes:
+        up.add_metric([node["name"], node["host"]], 1.0 if node["state"] == "alive" else 0.0)
+        age.add_metric([node["name"]], node["heartbeat_age_seconds"])
+        files.add_metric([node["name"]], node["files"])
+        for name, health in node["pacs"].items():
+            pacs.add_metric([node["name"], name], 1.0 if health["healthy"] else 0.0)
+    yield from (up, age, files, pacs)
 
 
 class _AuditCollector(Collector):

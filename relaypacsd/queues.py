@@ -13,7 +13,7 @@ from loguru import logger
 
 from relaypacsd.config import PacsConfig
 from relaypacsd.dicomfile import DicomInfo
-from relaypacsd.errors import PacsError
+from relaypacsd.errors import JournalError, PacsError
 from relaypacsd.fate import too_old
 from relaypacsd.grouping import fill_batch
 from relaypacsd.journal import Update
@@ -109,7 +109,8 @@ class Destination:
         cfg = self.engine.config.delivery
         with self.cond:
             while True:
-                while not stop.is_set() and (not self.ready or not self.healthy or self.paused_by is not None):
+                while not stop.is_set() and (not self.ready or not self.healthy or self.paused_by is not None
+                                             or not self.engine.may_send()):
                     # No timeout: put, release_due, set_health and Engine.stop all notify. An idle worker that
                     # woke twice a second only to find nothing was most of an idle daemon's CPU.
                     self.cond.wait()
@@ -124,7 +125,7 @@ class Destination:
                     if remaining <= 0:
                         break
                     self.cond.wait(remaining)
-                if self.ready and self.healthy and self.paused_by is None:
+                if self.ready and self.healthy and self.paused_by is None and self.engine.may_send():
                     first = next((i for i in self.ready if not self._held(i)), None)
                     if first is not None:
                         break
@@ -174,8 +175,14 @@ class Destination:
                 self.back_at = time.monotonic()
             self.cond.notify_all()
             if changed or not self.recorded:  # under the lock: the journal's health never disagrees with this one's
-                self.engine.journal.set_health(self.name, healthy, reason)
-                self.recorded = True
+                try:
+                    self.engine.journal.set_health(self.name, healthy, reason)
+                    self.recorded = True
+                except JournalError as exc:  # the journal away: recorded at the next probe
+                    self.recorded = False
+                    if self.engine.on_journal_error is None:
+                        raise
+                    self.engine.on_journal_error(exc)
         if not changed:
             return
         if healthy:

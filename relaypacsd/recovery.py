@@ -17,20 +17,21 @@ FAILED_ROWS_INTERVAL = 3600.0  # seconds between looks for journal rows of files
 PAGE = 1000  # paths read from the journal at once
 
 
-def repair_spool(spool: Spool) -> None:
-    """Create the spool's folders and finish what an interrupted run left half done in them."""
+def repair_spool(spool: Spool, quiet_for: float = 0.0) -> None:
+    """Create the spool's folders and finish what an interrupted run left half done in them (with several
+    gateways, only what stayed untouched for `quiet_for` seconds: the rest may be another node's, under way)."""
     spool.prepare()
-    for path in spool.clean_after_crash():
+    for path in spool.clean_after_crash(quiet_for):
         logger.info("removed {} left in failed/ by an interrupted run", path.name)
     for path in spool.finish_interrupted_claims():
         logger.info("{} was claimed by an interrupted run: its second name in inbox/ went (one file, "
                     "in sending/)", spool.relative(path))
 
 
-def resume_unpacks(spool: Spool) -> bool:
+def resume_unpacks(spool: Spool, quiet_for: float = 0.0) -> bool:
     """Finish the zip unpacks an earlier run left half done; False (logged) if that failed, to try again later."""
     try:
-        moved = archive.resume_unpacks(spool)
+        moved = archive.resume_unpacks(spool, quiet_for)
     except OSError as exc:
         logger.error("finishing an interrupted zip unpack in {} failed ({}); its files stay in {}/{}* "
                      "until the next start: check that folder's permissions and free space",
@@ -42,16 +43,21 @@ def resume_unpacks(spool: Spool) -> bool:
     return True
 
 
-def settle_journal(journal: Journal, spool: Spool) -> None:
+def settle_journal(journal: Journal, spool: Spool,
+                   others: Callable[[list[str]], set[str]] = lambda keys: set()) -> None:
     """Rows left under sending/ by a run killed between a file's move and its journal update: follow the
     file into failed/, or forget them once it is in sent/. Only on evidence, the same SOP Instance UID
     under that name or one a clash gave it (a~1.dcm): names are reused, and a file merely out of sight
-    (a share not mounted yet) keeps its rows, or a PACS that has it would get it again."""
+    (a share not mounted yet) keeps its rows, or a PACS that has it would get it again. Rows of files another
+    gateway owns (`others`) are its own to settle: it may be moving that file right now."""
     namesakes = Namesakes()
-    for key in _paths_under(journal, str(spool.sending)):
-        path = Path(key)
-        if path.exists():
+    # Paged (a million rows in sending/ is a backlog, not a crash): only the gone are kept, usually none.
+    gone = [key for key in _paths_under(journal, str(spool.sending)) if not os.path.exists(key)]
+    theirs = others(gone) if gone else set()
+    for key in gone:
+        if key in theirs:
             continue
+        path = Path(key)
         sop = journal.sop_of(key)
         if not sop:
             continue
@@ -115,15 +121,17 @@ def _namesakes(namesakes: Namesakes, spool: Spool, path: Path) -> list[Path]:
 
 
 def prepare_spools(spools: list[Spool], journal: Journal, unpacks_resumed: set[Path],
-                   may_be_empty: Callable[[Spool, Path, float], None]) -> None:
+                   may_be_empty: Callable[[Spool, Path, float], None],
+                   others: Callable[[list[str]], set[str]] = lambda keys: set(), quiet_for: float = 0.0) -> None:
     """Before a generation starts: half-done moves and unpacks finished (unpacks once per root and process: a
-    validator of an old generation may still be unpacking), stale rows settled, empty study folders marked."""
+    validator of an old generation may still be unpacking), stale rows settled, empty study folders marked.
+    With several gateways: rows of files `others` own, and leftovers younger than `quiet_for` s, are left."""
     for spool in spools:
-        repair_spool(spool)
-        if spool.root not in unpacks_resumed and resume_unpacks(spool):
+        repair_spool(spool, quiet_for)
+        if spool.root not in unpacks_resumed and resume_unpacks(spool, quiet_for):
             unpacks_resumed.add(spool.root)
     for spool in spools:  # before recovery: stale rows must not make a new file look sent
-        settle_journal(journal, spool)
+        settle_journal(journal, spool, others)
         # Empty study folders an earlier run (or generation) left (each also costs an inotify watch): those quiet
         # go at the first sweep, the others later (the pruning keeps them queued).
         for folder in ("inbox", "sending"):

@@ -36,7 +36,16 @@ def read_new_config(current: Config) -> Config | None:
             logger.warning("reload: daemon.{} changed; it takes effect at the next restart", key)
     # The journal stays where it is: a new one elsewhere would forget which PACS confirmed what (and an
     # unusable folder would end the daemon after its pieces had stopped, not refuse the reload).
-    return dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, state_dir=current.daemon.state_dir))
+    # So do the journal, this node's name and the watch roots' names (its keys): changed, they need a restart.
+    if new.journal != current.journal or new.node != current.node or \
+            [w.name for w in new.watch] != [w.name for w in current.watch][:len(new.watch)]:
+        logger.warning("reload: [journal], daemon.node or a [[watch]] name changed; that takes effect at the next "
+                       "restart (the files this node holds are keyed by them)")
+    names = {w.path: w.name for w in current.watch}
+    watch = tuple(dataclasses.replace(w, name=names.get(w.path, w.name)) for w in new.watch)
+    return dataclasses.replace(new, journal=current.journal, watch=watch,
+                               daemon=dataclasses.replace(new.daemon, state_dir=current.daemon.state_dir,
+                                                          node=current.daemon.node))
 
 
 def longest_request(config: Config) -> float:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd.errors import RelayPacsError
+from relaypacsd.errors import JournalError, RelayPacsError
 from relaypacsd.spool import Spool, printable, sync_dirs, valid_path
 from relaypacsd.watcher import InboxWatcher
 
+if TYPE_CHECKING:
+    from relaypacsd.nodes import Node
+
 TICK = 0.2  # seconds between looks at the watcher's candidates when no event says a file is complete
 GATHER = 0.005  # after such an event, the rest of a burst arrives for this long: claims stay grouped
-CLAIM_GROUP = 32  # files claimed per directory fsync
+CLAIM_GROUP = 32  # files claimed per directory fsync (and per journal round trip of a shared journal)
+AWAY_TICK = 1.0  # seconds between looks while the journal is away
 
 
 class Scanner:
@@ -23,10 +27,12 @@ class Scanner:
     One per root: a share that hangs (a hard NFS mount) must not stop the others."""
 
     def __init__(self, spool: Spool, watcher: InboxWatcher, stop: threading.Event,
-                 queue: Callable[[Spool, Path], None], emptied: Callable[[Spool, Path], None]):
+                 queue: Callable[[Spool, Path], None], emptied: Callable[[Spool, Path], None],
+                 node: "Node | None" = None):
         self.spool, self.watcher, self.stop = spool, watcher, stop
         self._queue = queue  # hands a claimed file to validation
         self._emptied = emptied  # a folder a claim may have emptied
+        self.node = node  # several gateways: who may claim what (relaypacsd.nodes); None: everything is ours
 
     def initialize(self) -> None:
         """Start the watcher's events."""
@@ -45,19 +51,32 @@ class Scanner:
 
     def loop(self) -> float:
         """One look: claim what is settled and queue it; return the seconds to wait for the next look."""
-        spool, stop = self.spool, self.stop
+        spool, stop, node = self.spool, self.stop, self.node
+        if node is not None and not node.usable():
+            return AWAY_TICK  # the journal away or the lease not fresh: files wait in inbox/, events queue up
         try:
             ready = self.watcher.tick()
             # Claim in small groups: one fsync per directory and group, before anything is sent,
             # and the first files reach validation without waiting for a large burst.
             for i in range(0, len(ready), CLAIM_GROUP):
+                group = ready[i:i + CLAIM_GROUP]
+                allowed = None if node is None else node.reserve(group)  # not reserved: another node's now
                 # Stopped (also after a tick that hung past a reload): claim nothing more.
-                claimed = [m for m in (self.claim(p) for p in ready[i:i + CLAIM_GROUP] if not stop.is_set()) if m]
+                claimed = [m for m in (self.claim(p) for p in group if (allowed is None or p in allowed) and not stop.is_set()) if m]
                 sync_dirs(claimed)
+                if node is not None:
+                    node.claimed(group if allowed is None else allowed, claimed)
                 for moved in claimed:
                     self._queue(spool, moved)
             # Idle (nothing settling), sleep until the next rescan: any event wakes the scanner then.
             return self.watcher.idle_wait(TICK)
+        except JournalError as exc:
+            if node is None:
+                logger.exception("watch {}: scan failed; retrying", spool.inbox)
+                return TICK
+            # Claimed files not yet recorded as ours stay in sending/; they are taken up after a lease (nodes.grace).
+            node.journal_failed(exc)
+            return AWAY_TICK
         except Exception:
             logger.exception("watch {}: scan failed; retrying", spool.inbox)
             return TICK

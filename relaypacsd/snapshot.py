@@ -71,6 +71,7 @@ class Snapshot:
     destinations: tuple[DestinationState, ...]
     folders: tuple[Folders, ...] = ()
     backlog: int = 0  # of in_flight, files waiting in the journal's backlog, outside the engine's active window
+    nodes: tuple[dict[str, Any], ...] = ()  # every gateway of the spool (nodes.describe_nodes), with the folders
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (the dashboard's and the heartbeat's source)."""
@@ -78,6 +79,7 @@ class Snapshot:
         doc["roots"] = list(self.roots)
         doc["destinations"] = [asdict(d) for d in self.destinations]
         doc["folders"] = [f.to_dict() for f in self.folders]
+        doc["nodes"] = list(self.nodes)
         return doc
 
 
@@ -103,7 +105,8 @@ def kept_folders(spool: Spool, inbox: int, held: Mapping[Path, tuple[int, float 
 
 def take(spools: Iterable[Spool], engine: "Engine", counters: Mapping[str, int], ready: bool,
          alive: Callable[[], bool], started: float, folders: bool = False,
-         kept: Callable[[], tuple[Folders, ...]] | None = None) -> Snapshot:
+         kept: Callable[[], tuple[Folders, ...]] | None = None,
+         nodes: Callable[[], tuple[dict[str, Any], ...]] = lambda: ()) -> Snapshot:
     """The state of one daemon from its pieces; `started` is its start in monotonic time.
 
     `alive` is only asked once ready: while a reload rebuilds the pieces, their threads are not a verdict.
@@ -118,7 +121,7 @@ def take(spools: Iterable[Spool], engine: "Engine", counters: Mapping[str, int],
                     sent=counters.get("sent", 0), failed=counters.get("failed", 0),
                     roots=tuple(str(s.root) for s in spools), destinations=dests,
                     folders=tuple(folders_of(s) for s in spools) if folders else (kept() if kept else ()),
-                    backlog=engine.backlog())
+                    backlog=engine.backlog(), nodes=nodes() if folders else ())
 
 
 def systemd_status(snap: Snapshot) -> str:

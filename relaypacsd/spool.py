@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -104,21 +105,27 @@ class Spool:
 
     root: Path
 
-    @property
+    # Cached: these are read several times per file, and each `root / name` built a new Path.
+    @functools.cached_property
     def inbox(self) -> Path:
         return self.root / "inbox"
 
-    @property
+    @functools.cached_property
     def sending(self) -> Path:
         return self.root / "sending"
 
-    @property
+    @functools.cached_property
     def sent(self) -> Path:
         return self.root / "sent"
 
-    @property
+    @functools.cached_property
     def failed(self) -> Path:
         return self.root / "failed"
+
+    @functools.cached_property
+    def _prefixes(self) -> tuple[tuple[str, int], ...]:
+        """(folder path + separator, its length) of the four folders."""
+        return tuple((text, len(text)) for text in (os.path.join(self.root, name) + os.sep for name in FOLDERS))
 
     def prepare(self) -> None:
         """Create the four folders and refuse a layout that would need copies instead of renames."""
@@ -143,10 +150,11 @@ class Spool:
         # String prefixes, not Path.relative_to: this runs several times per file, and relative_to
         # raised and caught a ValueError for every folder that did not match.
         text = os.fspath(path)
-        for name in FOLDERS:
-            folder = os.path.join(self.root, name)
-            if text.startswith(folder) and text[len(folder):len(folder) + 1] in (os.sep, ""):
-                return Path(text[len(folder) + 1:] or ".")
+        for prefix, n in self._prefixes:
+            if text.startswith(prefix):
+                return Path(text[n:] or ".")
+            if text == prefix[:-1]:
+                return Path(".")
         raise ValueError(f"{path} is not inside watch root {self.root}")
 
     def claim(self, path: Path, *, sync: bool = True) -> Path | None:
@@ -194,15 +202,19 @@ class Spool:
             pass
         return moved
 
-    def clean_after_crash(self) -> list[Path]:
+    def clean_after_crash(self, quiet_for: float = 0.0) -> list[Path]:
         """Remove what a crash can leave behind in failed/: half-written sidecar temp files, and sidecars
-        whose file never arrived (the sidecar goes first; the file is still in sending/ and is retried)."""
+        whose file never arrived (the sidecar goes first; the file is still in sending/ and is retried).
+        With several gateways on the spool, one younger than `quiet_for` s may be another node's move, under way."""
         removed = []
+        limit = time.time() - quiet_for
         for dirpath, _dirnames, filenames in os.walk(self.failed):
             for name in filenames:
                 path = Path(dirpath) / name
                 stale_temp = name.startswith(".relaypacs-") and name.endswith(".tmp")
                 orphan = name.endswith(SIDECAR_SUFFIX) and not path.with_name(name[:-len(SIDECAR_SUFFIX)]).exists()
+                if (stale_temp or orphan) and quiet_for and _mtime(path) > limit:
+                    continue
                 if stale_temp or orphan:
                     try:
                         path.unlink()
@@ -299,6 +311,7 @@ class Spool:
                 if sync:
                     fsync_dir(wanted.parent)
                 return wanted
+        parents = 0
         for attempt in range(1000):
             # Without a sidecar, try the name itself first: renameat2 refuses a taken name, and the free
             # name is the common case. After a clash, or with a sidecar to place, probe for a free name.
@@ -312,8 +325,12 @@ class Spool:
                     sidecar_path(dest).unlink(missing_ok=True)
                 if isinstance(exc, FileExistsError):
                     continue  # taken, or another process took it between our check and the rename
-                if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and not os.path.isdir(dest.parent):
-                    wanted = self._make_parent(wanted)  # the first file of a subfolder
+                if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and (
+                        not os.path.isdir(dest.parent) or parents < 5):
+                    # The first file of a subfolder; or another gateway on the share made that folder just after
+                    # our move missed it, or removed it as emptied just before: make it (again) and move.
+                    parents += 1
+                    wanted = self._make_parent(wanted)
                     continue
                 if exc.errno == errno.ENAMETOOLONG and fit_name(wanted.stem, wanted.suffix) != wanted.name:
                     wanted = wanted.with_name(fit_name(wanted.stem, wanted.suffix))  # the suffix stays
@@ -323,7 +340,8 @@ class Spool:
                     # the folder gets a free name instead, sent/CT1~1/IM0001.
                     wanted = self._free_folders(wanted)
                     continue
-                if isinstance(exc, FileNotFoundError) and missing_ok and not os.path.lexists(src):
+                if isinstance(exc, FileNotFoundError) and missing_ok and (not os.path.lexists(src) or parents >= 5):
+                    # Gone (another gateway took it: a share's cache may still show it for a moment): not ours.
                     return None
                 if exc.errno == errno.EXDEV:
                     raise SpoolError(f"{src} -> {dest}: crosses filesystems; keep the watch root on one "
@@ -398,6 +416,13 @@ class Spool:
             if not found and current != top:
                 empty.append(Path(current))
         return sorted(empty, key=lambda p: len(p.parts), reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd.errors import JournalError
+from relaypacsd.errors import JournalError, LeaseLost
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -67,17 +67,22 @@ class Database:
             except sqlite3.Error as exc:
                 raise JournalError(f"{self.path}: {exc}") from exc
 
-    def transaction(self, statements: list[Statement]) -> None:
-        """Run statements in one transaction: all or nothing."""
+    def transaction(self, statements: list[Statement], guard: Statement | None = None) -> list[tuple[Any, ...]]:
+        """Run statements in one transaction: all or nothing; return the last one's rows (RETURNING).
+        A `guard` that finds no row (a node fenced out: relaypacsd.nodes_book) rolls back with LeaseLost."""
+        rows: list[tuple[Any, ...]] = []
         with self.lock:
             self.db.execute("BEGIN")
             try:
+                if guard is not None and not self.db.execute(*guard).fetchall():
+                    raise LeaseLost(f"{self.path}: this node was taken over by another one")
                 for sql, args in statements:
-                    self.db.execute(sql, args)
+                    rows = self.db.execute(sql, args).fetchall()
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+        return rows
 
     def has_column(self, table: str, column: str) -> bool:
         """Whether `table` has `column` (a journal opened read-only may be older than this code)."""

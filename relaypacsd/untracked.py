@@ -31,12 +31,16 @@ class UntrackedScan:
 
     def __init__(self, spools: list[Spool], known: Callable[[Path], bool],
                  backlogged: Callable[[Iterable[str]], set[str]], queue: Callable[[Spool, Path], None],
-                 stop: threading.Event, growing: Callable[[], int] = lambda: 0):
+                 stop: threading.Event, growing: Callable[[], int] = lambda: 0,
+                 mine: Callable[[list[Path]], list[Path]] = lambda paths: paths):
         self.spools, self.stop = spools, stop
         self._known = known  # held in the engine's window
         self._backlogged = backlogged  # waiting in the journal's backlog
         self._queue = queue  # to validation (waits while the intake is full)
         self._growing = growing  # truncated files waiting their grace: found at every pass, not news
+        # Of the untracked, those this node owns (nodes.Node.mine): with several gateways on the spool another
+        # node's files are its own to send (the 70 s outage bug: each node sent all 200); a dead one's, taken over.
+        self._mine = mine
         self._asked = threading.Event()
         self._asked.set()  # the first pass at once: files an earlier run left in sending/
         self.passes = 0
@@ -94,9 +98,9 @@ class UntrackedScan:
         # A name that is not valid UTF-8 has no rows (validation renames it first): never asked about.
         waiting = self._backlogged([str(p) for p in paths if _utf8(str(p))])
         count = 0
-        for path in paths:
+        for path in self._mine([p for p in paths if str(p) not in waiting]):
             # Known again: the refill took it from the backlog between the two looks.
-            if str(path) not in waiting and not self._known(path) and not self.stop.is_set():
+            if not self._known(path) and not self.stop.is_set():
                 self._queue(spool, path)
                 count += 1
         return count

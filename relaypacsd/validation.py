@@ -52,33 +52,13 @@ class Validation:
                 if renamed.parent != path.parent:
                     self._may_be_empty(spool, path.parent)
             return
-        if archive.is_zip(path):  # unpacked into sending/<name>/..., the archive itself goes to sent/
-            try:
-                members = archive.unpack_to_sending(spool, path)
-                for member in members:
-                    self._queue_intake(spool, member)
-                if members:
-                    folder = Path(os.path.commonpath([str(m.parent) for m in members]))
-                    logger.info("unpacked {} into {}: {} file(s)", spool.relative(path),
-                                spool.relative(folder), len(members))
-                self._may_be_empty(spool, path.parent)
-                return
-            except archive.UnpackInterrupted as exc:
-                logger.error("unpack: {}", exc)
-                return
-            except archive.BadArchive as exc:
-                stage, next_step = fate.refusal(exc)
-                new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
-                                                    "next_step": next_step})
-                self.record_refusal(spool, path, new, stage, str(exc))
-                self._may_be_empty(spool, path.parent)
-                logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
-                               spool.relative(new))
-                return
         try:
             info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid,
                                      attributes=self._attributes)
         except FileNotFoundError:
+            return
+        except dicomfile.ArchiveFound:  # unpacked into sending/<name>/..., the archive itself goes to sent/
+            self._unpack(spool, path)
             return
         except InvalidDicomError as exc:
             grace = fate.truncation_grace(self._settle.get(spool.root, 2.0))
@@ -108,6 +88,28 @@ class Validation:
             new = self._refuse(spool, path, exc, _routing_sidecar(info, exc), info=info, route=exc.route)
             self.engine.journal.rename(str(path), str(new))  # rows it kept from before (a retry finds them)
             logger.warning("routing refused {}: {} (moved to failed/{})", rel, exc, spool.relative(new))
+
+    def _unpack(self, spool: Spool, path: Path) -> None:
+        """Unpack a zip into sending/<name>/... and queue its members; a bad archive goes to failed/."""
+        try:
+            members = archive.unpack_to_sending(spool, path)
+            for member in members:
+                self._queue_intake(spool, member)
+            if members:
+                folder = Path(os.path.commonpath([str(m.parent) for m in members]))
+                logger.info("unpacked {} into {}: {} file(s)", spool.relative(path),
+                            spool.relative(folder), len(members))
+            self._may_be_empty(spool, path.parent)
+        except archive.UnpackInterrupted as exc:
+            logger.error("unpack: {}", exc)
+        except archive.BadArchive as exc:
+            stage, next_step = fate.refusal(exc)
+            new = spool.finish(path, "failed", {"reason": str(exc), "stage": stage, "time": now_iso(),
+                                                "next_step": next_step})
+            self.record_refusal(spool, path, new, stage, str(exc))
+            self._may_be_empty(spool, path.parent)
+            logger.warning("validation refused archive {}: {} (moved to failed/{})", spool.relative(path), exc,
+                           spool.relative(new))
 
     def _refuse(self, spool: Spool, path: Path, exc: RelayPacsError, extra: dict[str, object] | None = None, *,
                 info: DicomInfo | None = None, route: str = "") -> Path:

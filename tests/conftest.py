@@ -33,3 +33,40 @@ def canned() -> Iterator[CannedServer]:
         yield server
     finally:
         server.stop()
+
+
+def server_missing(what: str, error: Exception) -> None:
+    """A real server the test needs is not installed: FAIL under CI (a skipped suite must never look green)."""
+    import os
+
+    message = f"real {what} unavailable: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["LocalPostgres"]:
+    """One private PostgreSQL for the session (trust auth, 127.0.0.1 only); tests reset it as they need."""
+    from tests.localpostgres import LocalPostgres, PostgresNotInstalled
+
+    try:
+        server = LocalPostgres()
+    except PostgresNotInstalled as exc:
+        server_missing("PostgreSQL", exc)
+    try:
+        server.init()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def clean_postgres(postgres: "LocalPostgres") -> "LocalPostgres":
+    """The session PostgreSQL with no tables: a new journal."""
+    postgres.reset()
+    return postgres
+
+
+if False:  # typing only
+    from tests.localpostgres import LocalPostgres  # noqa: F401

@@ -121,15 +121,16 @@ def test_example_config_parses_and_documents_every_key():
     from dataclasses import fields
     from pathlib import Path
 
-    from relaypacsd.config import AuditConfig, DaemonConfig, DeliveryConfig, PacsConfig, WatchConfig, WebConfig
+    from relaypacsd.config import (AuditConfig, DaemonConfig, DeliveryConfig, JournalConfig, PacsConfig, WatchConfig,
+                                   WebConfig)
 
     example = Path(__file__).resolve().parent.parent / "relaypacs.toml.example"
     config = load_config(example, {})
     assert config.watch and config.pacs["orthanc"].url
     text = example.read_text()
-    for cls in (DaemonConfig, DeliveryConfig, WatchConfig, PacsConfig, AuditConfig, WebConfig):
+    for cls in (DaemonConfig, DeliveryConfig, JournalConfig, WatchConfig, PacsConfig, AuditConfig, WebConfig):
         for f in fields(cls):
-            if f.name != "name":
+            if f.name != "name" or cls is WatchConfig:
                 assert f"\n{f.name} = " in text, f"{cls.__name__}.{f.name} is not documented in relaypacs.toml.example"
 
 
@@ -137,6 +138,48 @@ def test_credentials_in_the_url_are_refused_without_echoing_them():
     with pytest.raises(ConfigError) as exc:
         build_config(WATCH, {"ORTHANC_URL": "http://admin:hunter2@pacs:8042"})
     assert "ORTHANC_USERNAME" in str(exc.value) and "hunter2" not in str(exc.value)
+
+
+class TestGateways:
+    """[journal], daemon.node, lease_seconds and watch names (issue #14): one line naming the key and the fix."""
+
+    def test_defaults_are_one_gateway_on_sqlite_named_after_the_host(self):
+        import socket
+
+        config = build_config({"watch": [{"path": "/srv/relaypacs/ct/"}]}, {})
+        assert (config.journal.url, config.journal.shared, config.daemon.lease_seconds) == ("", False, 30.0)
+        assert config.node == socket.gethostname() and config.watch[0].name == "ct"
+
+    def test_a_postgresql_journal_node_and_names_from_the_file_or_the_environment(self):
+        raw = {"watch": [{"path": "/mnt/share/ct", "name": "ct-share"}], "daemon": {"node": "gw-a", "lease_seconds": 20},
+               "journal": {"url": "postgresql://relaypacs@db.example.org/relaypacs", "password_file": "/run/pw"}}
+        config = build_config(raw, {})
+        assert (config.node, config.watch[0].name, config.journal.shared) == ("gw-a", "ct-share", True)
+        env = {"RELAYPACS_NODE": "gw-b", "RELAYPACS_JOURNAL_URL": "postgresql://other@db/relaypacs"}
+        config = build_config(raw, env)
+        assert (config.node, config.journal.url) == ("gw-b", "postgresql://other@db/relaypacs")
+        assert "[journal]" in to_toml(config)
+
+    @pytest.mark.parametrize("raw, words", [
+        ({"journal": {"url": "mysql://db/x"}}, ["journal.url", "postgresql://", "'mysql'"]),
+        ({"journal": {"url": "postgresql://u:hunter2@db/x"}}, ["journal.url holds a password", "password_file"]),
+        ({"journal": {"url": "postgresql://u@db"}}, ["journal.url names no database"]),
+        ({"journal": {"url": "postgresql://u@db:99999/x"}}, ["journal.url", "port"]),
+        ({"journal": {"password_file": "/run/pw"}}, ["journal.password_file", "journal.url is empty"]),
+        ({"journal": {"uri": "x"}}, ["journal.uri", "did you mean 'url'"]),
+        ({"daemon": {"node": "gw a"}}, ["daemon.node", "letters"]),
+        ({"daemon": {"lease_seconds": 4, "heartbeat_interval": 5}}, ["daemon.lease_seconds", "twice"]),
+        ({"watch": [{"path": "/a/ct"}, {"path": "/b/ct"}]}, ["watch[1].name = 'ct'", "watch[0]", "own name"]),
+        ({"watch": [{"path": "/a/ct", "name": "c/t"}]}, ["watch[0].name", "same name for this root"]),
+    ])
+    def test_bad_gateway_keys_name_the_key_and_the_fix(self, raw, words):
+        raw = {"watch": [{"path": "/srv/relaypacs/ct"}], **raw}
+        with pytest.raises(ConfigError) as exc:
+            build_config(raw, {})
+        message = str(exc.value)
+        assert "\n" not in message and "hunter2" not in message
+        for word in words:
+            assert word in message, message
 
 
 def test_audit_is_off_by_default_and_takes_a_syslog_url():

@@ -285,3 +285,81 @@ def test_the_walk_reads_patient_id_accession_and_modality_for_the_history(tmp_pa
     ds.save_as(tmp_path / "b.dcm", enforce_file_format=True)
     info = inspect(tmp_path / "b.dcm")
     assert (info.patient_id, info.accession_number, info.modality) == ("", "", "CT")
+
+
+def test_a_small_file_is_read_once_and_hashed_from_those_bytes(tmp_path, monkeypatch):
+    """Validation is most of the daemon's CPU per file: a small instance is read with one pread, and its digest is
+    of the bytes walked, not of a second read."""
+    import hashlib
+    import os as real_os
+
+    import relaypacsd.dicomfile as dicomfile
+
+    path = tmp_path / "ct.dcm"
+    write_instance(path)
+    reads = []
+    real_pread = real_os.pread
+    monkeypatch.setattr(dicomfile.os, "pread", lambda fd, n, pos: reads.append((n, pos)) or real_pread(fd, n, pos))
+    monkeypatch.setattr(dicomfile, "file_digest", lambda p: pytest.fail("the file was read a second time"))
+    monkeypatch.setattr(pydicom.filereader, "read_file_meta_info", lambda p: pytest.fail("pydicom read it again"))
+    info = inspect(path)
+    assert reads == [(path.stat().st_size, 0)]
+    assert info.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_file_larger_than_one_read_is_walked_in_windows_and_hashed_whole(tmp_path):
+    """Past WHOLE bytes the walk reads windows and the digest is a sequential read of the whole file."""
+    import hashlib
+
+    from relaypacsd.dicomfile import _Reader
+
+    ds = fresh()
+    ds.Rows, ds.Columns = 1024, 1024
+    ds.PixelData = bytes(range(256)) * (1024 * 1024 * 2 // 256)
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size > _Reader.WHOLE
+    info = inspect(path)
+    assert info.sop_instance_uid == ds.SOPInstanceUID
+    assert info.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", GOOD + ["rtplan.dcm", "ExplVR_BigEnd.dcm", "rtdose.dcm"])
+def test_the_meta_header_read_by_hand_says_what_pydicom_says(name):
+    """The plain file meta is parsed without pydicom; where it is parsed, the three UIDs are pydicom's."""
+    from relaypacsd.dicomfile import _plain_meta, _pydicom_meta, _Reader
+
+    path = Path(get_testdata_file(name))
+    with _Reader(str(path)) as reader:
+        plain = _plain_meta(reader)
+    assert plain is not None, "a plain meta header fell back to pydicom"
+    assert plain[0] == _pydicom_meta(path)
+
+
+def test_an_implicit_vr_meta_header_falls_back_to_pydicom_and_still_passes(tmp_path):
+    """A file meta written implicit VR (wrong, but some old writers do) is not plain: pydicom reads it."""
+    from relaypacsd.dicomfile import _plain_meta, _Reader
+
+    raw = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    meta = pydicom.filebase.DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, True
+    pydicom.filewriter.write_dataset(meta, ds.file_meta)
+    start = 144 + struct.unpack_from("<I", raw, 140)[0]  # after the meta, by its group length
+    path = tmp_path / "implicit-meta.dcm"
+    path.write_bytes(raw[:132] + meta.getvalue() + raw[start:])
+    with _Reader(str(path)) as reader:
+        assert _plain_meta(reader) is None
+    assert inspect(path).sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_a_zip_is_told_apart_by_the_same_read(tmp_path):
+    """A zip dropped into the inbox is recognised by inspect itself (validation unpacks it)."""
+    import zipfile
+
+    from relaypacsd.dicomfile import ArchiveFound
+
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as archive:
+        archive.write(get_testdata_file("CT_small.dcm"), "CT_small.dcm")
+    with pytest.raises(ArchiveFound, match="zip archive"):
+        inspect(tmp_path / "study.zip")

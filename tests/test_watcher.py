@@ -370,3 +370,17 @@ def test_a_huge_inbox_is_taken_on_in_bounded_steps_and_every_file_once(tmp_path,
         seen += ready
         now += 1.5  # the settle time passes; the hourly rescan does not come
     assert sorted(seen) == sorted(files)  # each exactly once
+
+
+@pytest.mark.parametrize("extra", [(), ("*.raw", "SCRATCH*"), ("[ab]?.dcm",)])
+def test_the_compiled_ignore_patterns_say_what_fnmatch_says(extra):
+    """is_ignored runs per event: its one regular expression must agree with fnmatch over each pattern."""
+    import fnmatch
+
+    from relaypacsd.watcher import DEFAULT_IGNORE, is_ignored
+
+    names = ["IMG.dcm", "img.PART", ".hidden", "x.tmp", "~lock", "a~", "Thumbs.db", "THUMBS.DB", "b.raw", "c.RAW",
+             "scratch1", "ab.dcm", "a1.dcm", "cc.dcm", "file.dcm.relaypacs.json", "x.part.dcm", "new\nline.part", ""]
+    for name in names:
+        expected = any(fnmatch.fnmatchcase(name.lower(), pat.lower()) for pat in DEFAULT_IGNORE + extra)
+        assert is_ignored(name, extra) is expected, name

@@ -19,7 +19,7 @@ from relaypacsd.commands.common import EXIT_OK, RelayPacsError, UsageError, chec
 from relaypacsd.config import Config
 from relaypacsd.errors import JournalError
 from relaypacsd.history import HistoryQuery, HistoryRecord, parse_time
-from relaypacsd.journal import JOURNAL_FILE, open_journal
+from relaypacsd.journal import JOURNAL_FILE, journal_for, open_journal
 from relaypacsd.spool import FOLDERS
 from relaypacsd.timefmt import iso_time
 
@@ -30,7 +30,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     """Print the newest history records matching the filters, newest first."""
     config = load(args)
     query = build_query(args, config, time.time())
-    found = read(Path(config.daemon.state_dir), query)
+    found = read(Path(config.daemon.state_dir), query, config)
     if args.format == "csv":
         write_csv(found, sys.stdout)
     elif args.format == "json":
@@ -76,12 +76,15 @@ def claim_name(text: str, config: Config) -> str:
     return text
 
 
-def read(state_dir: Path, query: HistoryQuery) -> list[HistoryRecord]:
-    """The records, read-only; RelayPacsError with the fix when there is no journal to read."""
-    if not (state_dir / JOURNAL_FILE).exists():
+def read(state_dir: Path, query: HistoryQuery, config: Config | None = None) -> list[HistoryRecord]:
+    """The records, read-only; RelayPacsError with the fix when there is no journal to read. A config naming a
+    shared PostgreSQL journal ([journal] url, #14) reads that one."""
+    shared = config is not None and bool(config.journal.url)
+    if not shared and not (state_dir / JOURNAL_FILE).exists():
         raise RelayPacsError(f"no journal in {state_dir} (daemon.state_dir): has relaypacsd run with this config?")
     try:
-        journal = open_journal(state_dir, readonly=True)
+        journal = journal_for(config, readonly=True) if shared and config is not None else \
+            open_journal(state_dir, readonly=True)
     except JournalError as exc:
         raise RelayPacsError(f"cannot read the journal: {exc} (run as the service's user, or root)") from None
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, load, short
 from relaypacsd.errors import RequeueError
-from relaypacsd.journal import open_journal
+from relaypacsd.journal import journal_for
 from relaypacsd.requeue import requeue
 from relaypacsd.spool import Spool, read_sidecar
 
@@ -61,7 +61,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         print("nothing to retry: no file in failed/")
         return EXIT_OK
     state_dir = Path(config.daemon.state_dir)
-    journal = open_journal(state_dir) if state_dir.is_dir() else None
+    journal = journal_for(config) if state_dir.is_dir() or config.journal.url else None
     errors = 0
     try:
         for spool, path in todo:

@@ -10,26 +10,32 @@ from typing import Any, Mapping
 from relaypacsd.commands.common import EXIT_OK, human_age, load, print_json, table
 from relaypacsd.commands.common import short as _short
 from relaypacsd.config import Config
-from relaypacsd.errors import JournalError
+from relaypacsd.errors import ConfigError, JournalError
 from relaypacsd.heartbeat import process_gone, read_heartbeat
-from relaypacsd.journal import DestinationStats, open_journal
+from relaypacsd.journal import DestinationStats, journal_for
+from relaypacsd.nodes import describe_nodes
 from relaypacsd.pauses import read_paused
 from relaypacsd.snapshot import folders_of
 from relaypacsd.spool import Spool
 from relaypacsd.timefmt import iso_time
 
 
-def _read_journal(state_dir: Path) -> tuple[dict[str, DestinationStats], dict[str, dict[str, int]], dict[str, int]]:
-    """Destinations with their counters, per-state counts and files waiting per route, read-only (safe while the
-    daemon writes)."""
+def _read_journal(config: Config) -> tuple[dict[str, DestinationStats], dict[str, dict[str, int]], dict[str, int],
+                                          list[dict[str, Any]]]:
+    """Destinations with their counters, per-state counts, files waiting per route and the spool's nodes (#14),
+    read-only (safe while daemons write); from [journal] url when set, else SQLite in state_dir."""
     try:
-        journal = open_journal(state_dir, readonly=True)
-    except JournalError:
-        return {}, {}, {}
+        journal = journal_for(config, readonly=True)
+    except (JournalError, ConfigError):
+        return {}, {}, {}, []
     try:
-        return journal.destinations(), journal.counts(), journal.route_counts()
+        try:
+            nodes = describe_nodes(journal.nodes(), config.daemon.lease_seconds)
+        except JournalError:  # a journal no daemon of this version has opened yet
+            nodes = []
+        return journal.destinations(), journal.counts(), journal.route_counts(), nodes
     except JournalError:
-        return {}, {}, {}
+        return {}, {}, {}, []
     finally:
         journal.close()
 
@@ -76,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
     state_dir = Path(config.daemon.state_dir)
     roots = [folders_of(Spool(Path(w.path))).to_dict() for w in config.watch]  # as the daemon counts
-    dests, counts, by_route = _read_journal(state_dir)
+    dests, counts, by_route, nodes = _read_journal(config)
     daemon = daemon_state(state_dir)
     now = time.time()
     pacs = pacs_entries(config, dests, counts, bool(daemon["running"]), read_paused(state_dir), now)
@@ -87,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                "waiting": sum(n for names, n in by_route.items() if r.name in names.split(","))}
               for r in config.routes]
     if args.json:
-        print_json({"daemon": daemon, "watch": roots, "pacs": pacs, "routes": routes})
+        print_json({"daemon": daemon, "watch": roots, "pacs": pacs, "routes": routes, "nodes": nodes})
         return EXIT_OK
     if daemon["running"]:
         print(f"daemon: running (pid {daemon['pid']}, heartbeat {human_age(daemon['heartbeat_age_seconds'])} ago, "
@@ -112,7 +118,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                     [[r["name"] + (" (continue)" if r["continue"] else ""), _short(r["match"], 60),
                       ", ".join(d + (" (not active)" if d in r["inactive"] else "") for d in r["to"]), r["waiting"]]
                      for r in routes]))
+    if nodes:
+        print()
+        names = sorted({d for n in nodes for d in n["pacs"]})
+        print(table(["node", "host", "state", "last heartbeat", "files held", *(f"{d} (as it sees it)" for d in names)],
+                    [[n["name"], n["host"], n["state"], human_age(round(n["heartbeat_age_seconds"])) + " ago", n["files"],
+                      *(_node_health(n, d) for d in names)] for n in nodes]))
     return EXIT_OK
+
+
+def _node_health(node: dict[str, Any], dest: str) -> str:
+    health = node["pacs"].get(dest)
+    if health is None:
+        return "-"
+    return "up" if health["healthy"] else f"DOWN: {_short(health['reason'], 40)}"
 
 
 def _health_text(p: dict[str, Any]) -> str:

@@ -79,7 +79,11 @@ class DaemonView:
             state = live.get(entry["name"])
             if state is not None:  # the engine's own view, newer than the journal's by a probe at most
                 entry["queued"] = state.queued
-        return {"daemon": daemon, "watch": [f.to_dict() for f in snap.folders], "pacs": pacs,
+        try:
+            nodes = list(d.gateway.nodes())  # every gateway of the spool, as `status` shows them (#14)
+        except Exception:  # a reload replaces the gateway under us for a moment
+            nodes = []
+        return {"daemon": daemon, "watch": [f.to_dict() for f in snap.folders], "pacs": pacs, "nodes": nodes,
                 "gateway": {"version": snap.version, "uptime_seconds": round(snap.uptime_seconds),
                             "ready": snap.ready, "alive": snap.alive, "in_flight": snap.in_flight,
                             "sent_this_run": snap.sent, "failed_this_run": snap.failed, "time": snap.time}}

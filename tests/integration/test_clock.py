@@ -32,7 +32,10 @@ def faketime_env(offset_file: Path) -> dict[str, str]:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     offset_file.write_text("+0\n")
-    return {"LD_PRELOAD": _LIBS[0], "FAKETIME_TIMESTAMP_FILE": str(offset_file), "FAKETIME_NO_CACHE": "1",
+    # Read the offset at most once a second, not at every clock call: with FAKETIME_NO_CACHE each time() opened
+    # and read the file, and a daemon that asks the time often (history, nodes, logs) slowed until its jobs
+    # overran their 1 s intervals and the test's waits ran out (seen in CI). A step lands within a second.
+    return {"LD_PRELOAD": _LIBS[0], "FAKETIME_TIMESTAMP_FILE": str(offset_file), "FAKETIME_CACHE_DURATION": "1",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,10 @@ def test_the_read_only_overview_shows_what_the_folders_hold_and_nothing_per_file
         until(browser, lambda: cell(browser, pacs, "health").startswith("up") and cell(browser, pacs, "delivered") == "6",
               what="the PACS row")
         assert cell(browser, pacs, "waiting") == "0" and set(sops) <= clean_orthanc.list_instance_uids()
+        # #14: the spool's gateways (this one), with its view of the PACS once its heartbeat brought it
+        node = f'tr[data-node="{socket.gethostname()}"]'
+        until(browser, lambda: cell(browser, node, "state") == "alive" and "orthanc up" in cell(browser, node, "pacs"),
+              what="the gateway's row")
         assert browser.find_element(By.ID, "read-only").text == "read-only"
         assert "junk.dcm" not in browser.page_source
         browser.get(url + "/failed")

@@ -63,6 +63,9 @@ def test_the_status_document_has_the_shape_of_status_json_and_counts_what_the_fo
     pacs = doc["pacs"][0]
     assert pacs["name"] == "orthanc" and pacs["health"] == "up" and pacs["delivered"] == 3 and pacs["failed"] == 1
     assert pacs["paused"] is False and doc["daemon"]["running"] is True
+    # #14: every gateway of the spool, as `status --json` shows them (one here: this daemon on SQLite)
+    # (each PACS as the node sees it comes with its heartbeat, every heartbeat_interval)
+    assert [(n["name"], n["state"]) for n in doc["nodes"]] == [(daemon.config.node, "alive")]
 
 
 def test_with_users_everything_but_healthz_and_the_login_needs_a_session(client):

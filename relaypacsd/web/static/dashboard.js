@@ -113,6 +113,14 @@
       });
       if (!rows.length) rows = [el("tr", {}, [el("td", {colSpan: 9, text: "no active PACS", cls: "muted"})])];
       document.getElementById("pacs").replaceChildren.apply(document.getElementById("pacs"), rows);
+      var nodes = (st.nodes || []).map(function (n) {
+        var seen = Object.keys(n.pacs || {}).map(function (d) { return d + " " + (n.pacs[d].healthy ? "up" : "DOWN"); });
+        return el("tr", {"data-node": n.name}, [cell("name", n.name), cell("host", n.host), cell("state", n.state),
+          cell("heartbeat", age(n.heartbeat_age_seconds) + " ago"), cell("files", n.files, "n"),
+          cell("pacs", seen.join(", "))]);
+      });
+      if (!nodes.length) nodes = [el("tr", {}, [el("td", {colSpan: 6, text: "no node has written a heartbeat yet", cls: "muted"})])];
+      document.getElementById("nodes").replaceChildren.apply(document.getElementById("nodes"), nodes);
       MiniChart.line(document.getElementById("chart-delivered"), ch.times, ch.delivered);
       MiniChart.line(document.getElementById("chart-waiting"), ch.times, ch.waiting);
     });

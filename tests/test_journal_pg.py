@@ -1,0 +1,69 @@
+"""What only the PostgreSQL journal does: a password that never shows, reconnecting once the server is back,
+a read-only view. The behaviour every backend shares is in test_journal_contract.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from relaypacsd.config import Secret
+from relaypacsd.errors import JournalError
+
+
+@pytest.fixture(scope="module")
+def locked_postgres():
+    """A private server that wants a password (scram-sha-256)."""
+    from tests.conftest import server_missing
+    from tests.localpostgres import LocalPostgres, PostgresNotInstalled
+
+    try:
+        server = LocalPostgres(password="pg-t0p-secret")
+    except PostgresNotInstalled as exc:
+        server_missing("PostgreSQL", exc)
+    try:
+        server.init()
+        yield server
+    finally:
+        server.destroy()
+
+
+def test_the_password_opens_the_journal_and_a_wrong_one_is_refused_without_showing_it(locked_postgres):
+    from relaypacsd.journal_pg import PgJournal
+
+    journal = PgJournal(locked_postgres.url, Secret("pg-t0p-secret"))
+    journal.set_health("orthanc", True)
+    journal.close()
+    with pytest.raises(JournalError) as exc:
+        PgJournal(locked_postgres.url, Secret("wrong-pw-123"))
+    text = str(exc.value)
+    assert "password authentication failed" in text and "wrong-pw-123" not in text and "pg-t0p-secret" not in text
+    assert text.startswith(locked_postgres.url) and "\n" not in text
+
+
+def test_the_journal_reconnects_once_the_server_is_back(locked_postgres):
+    from relaypacsd.journal_pg import PgJournal
+
+    journal = PgJournal(locked_postgres.url, Secret("pg-t0p-secret"))
+    try:
+        journal.ensure("ct/sending/a.dcm", ["orthanc"], sop="1.2")
+        locked_postgres.stop("immediate")
+        with pytest.raises(JournalError) as exc:
+            journal.rows("ct/sending/a.dcm")
+        assert "pg-t0p-secret" not in str(exc.value)
+        with pytest.raises(JournalError):  # still away: a quick refusal, not a hang
+            journal.counts()
+        locked_postgres.start()
+        assert journal.rows("ct/sending/a.dcm")["orthanc"].state == "pending"  # nothing lost
+    finally:
+        journal.close()
+
+
+def test_a_read_only_journal_writes_nothing(locked_postgres):
+    from relaypacsd.journal_pg import PgJournal
+
+    PgJournal(locked_postgres.url, Secret("pg-t0p-secret")).close()  # the schema
+    looking = PgJournal(locked_postgres.url, Secret("pg-t0p-secret"), readonly=True)
+    try:
+        with pytest.raises(JournalError, match="read-only"):
+            looking.set_health("orthanc", False, "x")
+    finally:
+        looking.close()
