@@ -106,6 +106,7 @@ class Daemon:
         self._intake = self.intake.queue  # tests look at (and count) the queue itself
         self.untracked = UntrackedScan(self.spools, self.engine.known, self.journal.backlogged, self._queue_claimed,
                                        self.stop_event, self.validation.waiting, self.gateway.node.mine)
+        self.untracked.on_journal_error = self.gateway.node.journal_failed
         self.scanners = [Scanner(s, w, self.stop_event, self._queue_claimed, self._may_be_empty, self.gateway.node)
                          for s, w in zip(self.spools, self.watchers)]
         self._threads: list[threading.Thread] = []

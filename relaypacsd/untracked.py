@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 from loguru import logger
 
+from relaypacsd.errors import JournalError
 from relaypacsd.spool import Spool
 
 CHUNK = 500  # files looked up in the journal at once
@@ -41,6 +42,7 @@ class UntrackedScan:
         # Of the untracked, those this node owns (nodes.Node.mine): with several gateways on the spool another
         # node's files are its own to send (the 70 s outage bug: each node sent all 200); a dead one's, taken over.
         self._mine = mine
+        self.on_journal_error: Callable[[JournalError], None] | None = None  # the node's (see window.Window)
         self._asked = threading.Event()
         self._asked.set()  # the first pass at once: files an earlier run left in sending/
         self.passes = 0
@@ -64,7 +66,14 @@ class UntrackedScan:
             started = time.monotonic()
             try:
                 found = self.scan()
-            except Exception:  # e.g. the journal failed: the next sweep asks again
+            except JournalError as exc:
+                if self.on_journal_error is None:
+                    logger.error("looking for untracked files in sending/ failed ({}); the next retry sweep looks "
+                                 "again", exc)
+                else:
+                    self.on_journal_error(exc)  # one line per outage; the next sweep asks again
+                found = 0
+            except Exception:  # a bug: the next sweep asks again
                 logger.exception("looking for untracked files in sending/ failed; the next retry sweep looks again")
                 found = 0
             # Wall time, waits for validation included: they are the work this pass caused.

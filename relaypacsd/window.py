@@ -62,6 +62,9 @@ class Window:
         self._counts: dict[str, int] = {}  # files in the backlog per PACS: counted at each sweep, adjusted between
         self._under: dict[Path, tuple[int, float | None]] = {}  # per watch root: files, earliest first sighting
         self._turn = 0
+        # Several gateways (relaypacsd.nodes): a journal error is the node's to report, once per outage, and a lost
+        # lease is learnt there too; alone, the refill says it itself.
+        self.on_journal_error: Callable[[JournalError], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -194,7 +197,10 @@ class Window:
             try:
                 self.refill()
             except JournalError as exc:
-                logger.error("taking files from the backlog failed ({}); trying again in {:.0f} s", exc, ERROR_PAUSE)
+                if self.on_journal_error is None:
+                    logger.error("taking files from the backlog failed ({}); trying again in {:.0f} s", exc, ERROR_PAUSE)
+                else:
+                    self.on_journal_error(exc)
                 self._stop.wait(ERROR_PAUSE)
             except Exception:  # a bug must not end the thread: the files wait in sending/ with their rows
                 logger.exception("taking files from the backlog failed unexpectedly")

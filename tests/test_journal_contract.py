@@ -211,12 +211,6 @@ def waiting(journal, path, dests=("orthanc",), sop="1.2.3", **kw):
 class TestBacklog:
     """What the engine needs to keep only an active window of files in memory (#14 item 7)."""
 
-    @pytest.fixture(params=["sqlite"])  # PostgreSQL's backlog comes in the next commit (the merge brought it)
-    def opener(self, request, tmp_path):
-        journal = SqliteJournal(tmp_path / "state" / JOURNAL_FILE)
-        yield lambda **options: journal
-        journal.close()
-
     def test_a_file_is_taken_from_the_backlog_once_with_its_facts_and_rows(self, journal):
         waiting(journal, "/s/sending/a.dcm", ("orthanc", "other"), first_seen=5.0)
         [taken] = journal.take_backlog("orthanc", time.time(), 10)
@@ -592,6 +586,39 @@ class TestNodes:
         b.forget("ct/sending/2.dcm")
         assert a.owners(["ct/sending/zip/1.dcm", "ct/failed/zip/1.dcm", "ct/sending/2.dcm"]) == {}
         assert a.node("a").files == 0
+
+    def test_a_node_takes_from_the_backlog_only_its_own_files_and_a_taker_those_of_the_dead(self, opener):
+        """Each file sent once per PACS by one node (#14): a node's window takes in only what it owns."""
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        b.join("b", "h", 2, 0)
+        a.fence("a", 1)
+        b.fence("b", 1)
+        a.claimed("a", [], ["ct/sending/a1.dcm"])
+        b.claimed("b", [], ["ct/sending/b1.dcm", "ct/sending/b2.dcm"])
+        waiting(a, "ct/sending/a1.dcm", sop="1.1")
+        waiting(b, "ct/sending/b1.dcm", sop="2.1")
+        waiting(b, "ct/sending/b2.dcm", sop="2.2")
+        everything = {"ct/sending/a1.dcm", "ct/sending/b1.dcm", "ct/sending/b2.dcm"}
+        # Any node's untracked scan must leave a file in anyone's backlog alone.
+        assert a.backlogged(sorted(everything)) == everything
+        if not a.shared:  # alone on its spool (SQLite) a node owns every file
+            assert {t.path for t in a.take_backlog("orthanc", time.time(), 10)} == everything
+            return
+        assert a.backlog_counts(["orthanc"]) == {"orthanc": 1} and b.backlog_counts(["orthanc"]) == {"orthanc": 2}
+        assert a.backlog_under("ct/sending") == (1, a.rows("ct/sending/a1.dcm")["orthanc"].first_seen)
+        assert [t.path for t in a.take_backlog("orthanc", time.time(), 10)] == ["ct/sending/a1.dcm"]
+        assert [t.path for t in b.take_backlog("orthanc", time.time(), 1)] == ["ct/sending/b1.dcm"]
+        time.sleep(0.5)  # b falls silent with b2 in its backlog
+        a.beat("a", 1, {})
+        assert a.take_over("a", 1, 0.4) == {"b": 2}
+        assert a.backlog_counts(["orthanc"]) == {"orthanc": 1}
+        with pytest.raises(LeaseLost):  # b, fenced out, takes nothing and marks nothing
+            b.take_backlog("orthanc", time.time(), 10)
+        with pytest.raises(LeaseLost):
+            b.to_backlog(["ct/sending/b1.dcm"])
+        assert [t.path for t in a.take_backlog("orthanc", time.time(), 10)] == ["ct/sending/b2.dcm"]
+        assert a.backlogged(sorted(everything)) == set()
 
 
 def record(t=1000.0, **fields: Any) -> HistoryRecord:
