@@ -4,6 +4,8 @@
     nice .venv/bin/python bench/backlog.py                   # 1,000,000 files (about 4 GB in /dev/shm, minutes)
     .venv/bin/python bench/backlog.py --files 100000         # a quicker look
     .venv/bin/python bench/backlog.py --files 100000 --python /work/main/.venv/bin/python   # another checkout
+    nice .venv/bin/python bench/backlog.py --postgres                                        # the shared journal
+    .venv/bin/python bench/backlog.py --journal-url postgresql://relaypacs@db/relaypacs      # an existing one
 
 1. N small CT instances (2 KB each, 500 to a study folder) are written straight into sending/, as a crashed
    or stopped gateway leaves them: one file made with pydicom, then copied with a new SOPInstanceUID (and a
@@ -17,6 +19,11 @@
 4. Orthanc starts again on the same ports. Measured: seconds until the daemon logs the PACS reachable again,
    until the first file is in sent/, and the rate over the first `--rate-seconds` of the drain (from the
    heartbeat's sent counter); with `--drain`, until every file is in sent/, and Orthanc's instance count.
+
+The journal is SQLite in the state dir unless `--postgres` (a private PostgreSQL started as the tests start
+theirs, tests/localpostgres.py: initdb and pg_ctl in a temporary directory, listening on 127.0.0.1 only, fsync
+off, removed afterwards) or `--journal-url` (an existing database with no tables; the run's journal is left in it). The
+daemon's RSS is measured, not the server's.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -95,8 +103,17 @@ def memory_kb(pid: int) -> tuple[int, int]:
     return values.get("VmHWM", 0), values.get("VmRSS", 0)
 
 
-def journaled(state: Path) -> int:
-    """Files with journal rows (read-only, beside the running daemon)."""
+def journaled(state: Path, url: str = "") -> int:
+    """Files with journal rows (read-only, beside the running daemon). PostgreSQL: the rows (one PACS here, so
+    a row per file), not COUNT(DISTINCT): a million-row sort every look would load the server being measured."""
+    if url:
+        import psycopg
+
+        try:
+            with psycopg.connect(url, connect_timeout=5) as db:
+                return int(db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0])
+        except psycopg.Error:
+            return 0
     try:
         db = sqlite3.connect(f"file:{state / 'journal.sqlite3'}?mode=ro", uri=True, timeout=5)
         try:
@@ -128,13 +145,14 @@ def pick_dir(count: int) -> str | None:
     return "/dev/shm" if st.f_bavail * st.f_frsize > count * FILE_BYTES * 1.5 + 2**30 else None
 
 
-def write_config(work: Path, orthanc: LocalOrthanc, health: float, window: int | None) -> Path:
+def write_config(work: Path, orthanc: LocalOrthanc, health: float, window: int | None, url: str = "") -> Path:
     user, password = orthanc.auth
     (work / "pw").write_text(password)
     cfg = work / "relaypacs.toml"
     window_line = f"active_window = {window}\n" if window else ""
+    journal = f'[journal]\nurl = "{url}"\n' if url else ""
     cfg.write_text(f'[daemon]\nstate_dir = "{work / "state"}"\nlog_level = "INFO"\nlog_file = "{work / "daemon.log"}"\n'
-                   f'heartbeat_interval = 1.0\n[delivery]\nhealth_interval = {health}\n{window_line}'
+                   f'heartbeat_interval = 1.0\nnode = "bench"\n{journal}[delivery]\nhealth_interval = {health}\n{window_line}'
                    f'[[watch]]\npath = "{work / "spool"}"\n'
                    f'[pacs.orthanc]\ntype = "orthanc"\nurl = "{orthanc.url}"\nusername = "{user}"\n'
                    f'password_file = "{work / "pw"}"\nconnect_timeout = 2\n')
@@ -170,29 +188,65 @@ def stop_daemon(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run(args: argparse.Namespace, work: Path, pacs_dir: Path) -> dict:
+def private_postgres() -> Any:
+    """A private PostgreSQL, as the tests start theirs (127.0.0.1 only, trust auth, in a temp dir)."""
+    from tests.localpostgres import LocalPostgres
+
+    return LocalPostgres().init()
+
+
+def require_empty(url: str) -> None:
+    """An operator's database must hold no tables: the run's journal is throwaway, and nothing is dropped."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as db:
+        tables = db.execute("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+                            ).fetchone()[0]
+    if tables:
+        raise SystemExit(f"--journal-url: the database holds {tables} table(s); give the benchmark an empty one")
+
+
+def own_files(url: str, count: int, node: str = "bench", root: str = "spool", per_study: int = 500) -> None:
+    """The shared journal's side of files a stopped node left in sending/: its ownership rows (a node owns what
+    it claimed; files nobody owns would wait a lease and two looks of the untracked scan before any node takes
+    them, which is the crash case, not this one). The tables are the daemon's own (made by opening the journal)."""
+    import psycopg
+
+    from relaypacsd.journal_pg import PgJournal
+
+    PgJournal(url).close()
+    now = time.time()
+    with psycopg.connect(url, connect_timeout=5) as db:
+        with db.cursor().copy("COPY owners (key, node, kind, since) FROM STDIN") as copy:
+            for i in range(count):
+                copy.write_row((f"{root}/sending/study{i // per_study:05d}/im{i:07d}.dcm", node, "owned", now))
+
+
+def run(args: argparse.Namespace, work: Path, pacs_dir: Path, url: str = "") -> dict:
     spool = work / "spool"
     started = time.monotonic()
     size = generate(spool / "sending", args.files)
     made = time.monotonic() - started
     print(f"{args.files} files of {size} bytes written in {made:.0f} s", flush=True)
+    if url:
+        own_files(url, args.files)
     orthanc = LocalOrthanc(pacs_dir / "orthanc", username="relaypacs").start()
     ports, auth = (orthanc.http_port, orthanc.dicom_port), (orthanc.username, orthanc.password)
     orthanc.stop()  # the PACS is away
-    cfg = write_config(work, orthanc, args.health_interval, args.window)
+    cfg = write_config(work, orthanc, args.health_interval, args.window, url)
     state, log = work / "state", work / "daemon.log"
     # cwd: `python -m` puts it first on sys.path, and from a checkout it would run that checkout's relaypacsd.
     proc = start_daemon(args.python, cfg, work)
     back: LocalOrthanc | None = None
-    out: dict = {"files": args.files}
+    out: dict = {"files": args.files, "journal": "PostgreSQL" if url else "SQLite"}
     try:
         look = Sampler(proc, state)
         t0 = time.monotonic()
-        while journaled(state) < args.files:
+        while journaled(state, url) < args.files:
             look.look()
             if time.monotonic() - t0 > args.timeout:
-                raise RuntimeError(f"only {journaled(state)} of {args.files} files journaled after {args.timeout} s")
-            time.sleep(1.0)
+                raise RuntimeError(f"only {journaled(state, url)} of {args.files} files journaled after {args.timeout} s")
+            time.sleep(2.0 if url else 1.0)
         out["taken_in_s"] = time.monotonic() - t0
         print(f"all journaled after {out['taken_in_s']:.0f} s; peak RSS so far {look.hwm / 1024:.0f} MB", flush=True)
         settle = time.monotonic() + args.settle
@@ -264,17 +318,32 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=7200.0)
     parser.add_argument("--dir", help="where the spool goes (default: /dev/shm if it has room)")
     parser.add_argument("--python", default=sys.executable, help="the Python of the relaypacsd to run")
+    parser.add_argument("--postgres", action="store_true", help="journal in a private PostgreSQL started for the run")
+    parser.add_argument("--journal-url", default="", help="journal in this PostgreSQL (an empty database)")
     args = parser.parse_args()
+    server = private_postgres() if args.postgres else None
+    try:
+        return measure(args, server.url if server is not None else args.journal_url, server is None)
+    finally:
+        if server is not None:
+            server.destroy()
+
+
+def measure(args: argparse.Namespace, url: str, existing: bool) -> int:
+    """One run (`url`: the PostgreSQL journal, '' for SQLite; `existing`: a database of the operator's)."""
+    if url and existing:
+        require_empty(url)
     base = args.dir or pick_dir(args.files)
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="relaypacs-backlog-", dir=base) as tmp, \
             tempfile.TemporaryDirectory(prefix="relaypacs-backlog-pacs-", dir=shm) as pacs_tmp:
         print(f"spool in {tmp}", flush=True)
         try:
-            out = run(args, Path(tmp), Path(pacs_tmp))
+            out = run(args, Path(tmp), Path(pacs_tmp), url)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # a million files: before the context's own cleanup
     print()
+    print(f"journal: {out['journal']}")
     print("| files waiting | peak RSS while waiting | peak RSS after the drain's start | PACS back -> daemon sees it "
           "| PACS back -> first file in sent/ | drain rate, first %.0f s |" % args.rate_seconds
           + (" whole drain | Orthanc holds |" if args.drain else ""))
