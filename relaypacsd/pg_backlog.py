@@ -32,6 +32,9 @@ CREATE INDEX IF NOT EXISTS deliveries_backlog ON deliveries(dest, next_try, firs
 WAITING = f"d.backlog = 1 AND d.{OWED}"
 # Of this node's files only (when fenced): the owners row its claim, adoption or takeover wrote.
 MINE = " AND EXISTS (SELECT 1 FROM owners o WHERE o.key = d.path AND o.node = ? AND o.kind = 'owned')"
+# Does any other node own a file? Two ranges of owners' node index around this node's name ('' is a 'seen' row's).
+OTHERS_OWN = ("SELECT 1 FROM (SELECT kind FROM owners WHERE node > '' AND node < ? UNION ALL "
+              "SELECT kind FROM owners WHERE node > ?) o WHERE o.kind = 'owned' LIMIT 1")
 # A folder's paths, in byte order whatever the database's collation (journal_pg's C-collated path index).
 IN_FOLDER = 'd.path COLLATE "C" >= ? AND d.path COLLATE "C" < ?'
 
@@ -61,6 +64,14 @@ class PgBacklog:
         """The ownership condition and its argument once this journal is fenced (a node's), else nothing."""
         me = self.nodes.me
         return ("", ()) if me is None else (MINE, (me[0],))
+
+    def _mine_if_shared(self) -> tuple[str, tuple[Any, ...]]:
+        """The ownership condition for the figures, only while another node owns files: alone, every file in
+        the backlog is this node's (its ensure made it so), and a million-row count need not join owners."""
+        me = self.nodes.me
+        if me is None or not self.store.query(POSTGRES.sql(OTHERS_OWN), (me[0], me[0])):
+            return "", ()
+        return MINE, (me[0],)
 
     def take(self, dest: str, before: float, limit: int) -> list[Backlogged]:
         """Up to `limit` of this node's files owed to `dest` and due there by `before`, in order, with every row
@@ -99,7 +110,7 @@ class PgBacklog:
     def counts(self, dests: Iterable[str]) -> dict[str, int]:
         """This node's files in the backlog per destination owed them."""
         wanted = sorted(set(dests))
-        mine, arg = self._mine()
+        mine, arg = self._mine_if_shared()
         found = dict(self.store.query(POSTGRES.sql(
             f"SELECT d.dest, COUNT(*) FROM deliveries d WHERE {WAITING} AND d.dest = ANY(?){mine} GROUP BY d.dest"),
             (wanted, *arg))) if wanted else {}
@@ -108,7 +119,7 @@ class PgBacklog:
     def under(self, folder: str) -> tuple[int, float | None]:
         """This node's files in the backlog beneath `folder` and their earliest first sighting."""
         prefix = folder.rstrip("/") + "/"
-        mine, arg = self._mine()
+        mine, arg = self._mine_if_shared()
         found = self.store.query(POSTGRES.sql(
             f"SELECT COUNT(DISTINCT d.path), MIN(d.first_seen) FROM deliveries d WHERE {WAITING} AND {IN_FOLDER}{mine}"),
             (prefix, prefix[:-1] + "0", *arg))
