@@ -118,8 +118,11 @@ class PgJournal(HistoryMethods, NodeMethods, BacklogMethods):
         else:  # the same one statement: every row of the file (at any PACS) holds its facts and one mark
             stmts.append((nodes_book.POSTGRES.sql(f"UPDATE deliveries SET token = '', {SET_FACTS}, backlog = ? "
                                                   "WHERE path = ?"), (*values_of(facts), int(backlog), path)))
-        self._tx(stmts + self._nodes.own_statements(path))
-        return self.rows(path)
+        # The rows read in the same message and transaction: one round trip less per file claimed (the intake
+        # waits on the journal's one connection, not on its CPU).
+        found = self._store.transaction(stmts + self._nodes.own_statements(path)
+                                        + [(f"SELECT {_ROW} FROM deliveries WHERE path = %s", (path,))])
+        return {r[1]: DeliveryRow(*r) for r in found}
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:
