@@ -168,7 +168,9 @@ def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
     net of the settle time."""
     cfg = daemon_config(orthanc, work, routes=routes, delivery=delivery)
     credit = SETTLE_SECONDS if drop == "rename" else 0.0
-    proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"],
+    # cwd: `python -m` puts it first on sys.path: run from a checkout, --compare's Python would import this
+    # checkout's relaypacsd, not its own.
+    proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"], cwd=work,
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
     try:
         inbox, sent = work / "spool" / "inbox", work / "spool" / "sent"

@@ -106,6 +106,7 @@ class DeliveryConfig:
     workers_per_pacs: int = 4
     sent_retention_days: float = 0.0
     strict_meta_uid: bool = False
+    active_window: int = 20000  # files held in memory; the rest wait in sending/ with their journal rows
     history_days: float = 365.0  # the delivery history (relaypacsd.history) is kept this long; 0: none kept
 
 
@@ -474,6 +475,7 @@ _LIMITS: dict[str, tuple[float, float, str]] = {
     "delivery.retry_delay": (0.001, 3600, "seconds"),
     "delivery.workers_per_pacs": (1, 64, ""),
     "delivery.batch_max_instances": (1, 10000, ""),
+    "delivery.active_window": (1, 999_999, "files"),
     "delivery.history_days": (0, 36500, "days (0: no history)"),
     "pacs.connect_timeout": (0.001, 3600, "seconds"),
     "pacs.read_timeout": (0.001, 86400, "seconds"),

@@ -27,6 +27,7 @@ from relaypacsd.models import Sender
 from relaypacsd.nodes import journal_shown, what_to_check
 from relaypacsd.nodes_gateway import Gateway
 from relaypacsd.scanning import Scanner
+from relaypacsd.untracked import UntrackedScan
 from relaypacsd.notify import Notifier
 from relaypacsd.pauses import PauseFollower
 from relaypacsd.senders import build_sender
@@ -87,7 +88,7 @@ class Daemon:
         if senders is None:
             active = config.active() if config.delivery.enabled else []
             senders = {p.name: build_sender(p) for p in active}
-        self.engine = Engine(config, self.journal, senders)
+        self.engine = Engine(config, self.journal, senders, spools=self.spools, revalidate=self._queue_intake)
         self.engine.on_finished = self._on_finished
         self.engine.on_changed = self._on_changed
         self.gateway = Gateway(config, self.journal, self.spools, self.engine, self._request_let_go)
@@ -103,7 +104,10 @@ class Daemon:
         self.intake = Intake(lambda spool, path: self._validate(spool, path))
         self.intake.on_journal_error = self.gateway.node.journal_failed
         self._intake = self.intake.queue  # tests look at (and count) the queue itself
-        self.scanners = [Scanner(s, w, self.stop_event, self._queue_intake, self._may_be_empty, self.gateway.node)
+        self.untracked = UntrackedScan(self.spools, self.engine.known, self.journal.backlogged, self._queue_claimed,
+                                       self.stop_event, self.validation.waiting, self.gateway.node.mine)
+        self.untracked.on_journal_error = self.gateway.node.journal_failed
+        self.scanners = [Scanner(s, w, self.stop_event, self._queue_claimed, self._may_be_empty, self.gateway.node)
                          for s, w in zip(self.spools, self.watchers)]
         self._threads: list[threading.Thread] = []
         self.jobs = Jobs()
@@ -130,9 +134,8 @@ class Daemon:
         for name in range(self.intake.validators):
             self._spawn(lambda intake=self.intake, stop=self.stop_event: intake.run(stop), f"{VALIDATOR}{name}")
         self.deleted_failures.look()  # the first look (see there)
-        recovered = self._recover()
-        if recovered:
-            logger.info("recovered {} file(s) left in sending/ by the previous run", recovered)
+        self._housekeeping()
+        self._spawn(self.untracked.run, "untracked")  # its first pass: what an earlier run left in sending/
         for scanner in self.scanners:
             scanner.initialize()
         for i, scanner in enumerate(self.scanners):
@@ -262,6 +265,7 @@ class Daemon:
         self.intake.shutdown()
         for scanner in self.scanners:
             scanner.shutdown()
+        self.untracked.shutdown()
         self.jobs.shutdown()
         self.engine.stop(timeout=timeout, give_up=give_up)
         reloading.wait_for_threads(self._threads, threads_timeout, give_up)
@@ -343,12 +347,21 @@ class Daemon:
     def _validate(self, spool: Spool, path: Path) -> None:
         self.validation.validate(spool, path)
 
+    def _queue_claimed(self, spool: Spool, path: Path) -> None:
+        # A scanner's or the untracked scan's: waits while the intake is full, so a huge inbox or sending/ is
+        # taken in as fast as validation goes.
+        self.intake.put(spool, path, stop=self.stop_event)
+
     def _recover(self) -> int:
-        """Queue every file in sending/ that nobody tracks: after a crash, or a file missed for any reason.
-        Also, at each sweep, the light housekeeping: emptied study folders, rows of deleted failures."""
+        """The light housekeeping of each sweep, and one pass of the untracked scan now (tests; the daemon's
+        own passes run on the "untracked" thread)."""
+        self._housekeeping()
+        return self.untracked.scan()
+
+    def _housekeeping(self) -> None:
+        """Emptied study folders; rows of deleted failures (hourly)."""
         self.folders.prune()
         self.deleted_failures.look_if_due()
-        return recovery.queue_untracked(self.spools, self.engine.known, self._queue_intake, self.gateway.node.mine)
 
     def _on_changed(self, item: Item, gone: bool) -> None:
         """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
@@ -376,11 +389,12 @@ class Daemon:
 
     def _sweep(self) -> None:
         released = self.engine.sweep()
-        orphans = self._recover() - self.validation.waiting()
+        self._housekeeping()
         if self.tally is not None:
             self.tally.count_if_due(self.spools, self.stop_event)
-        if released or orphans > 0:
-            logger.info("retry sweep: {} file(s) due again, {} found in sending/ without a task", released, orphans)
+        self.untracked.request()  # files in sending/ without a task: found and logged by its thread
+        if released:
+            logger.info("retry sweep: {} file(s) due again", released)
 
     def _retention_job(self) -> None:
         if self.config.delivery.sent_retention_days > 0:

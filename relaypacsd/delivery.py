@@ -15,16 +15,18 @@ from relaypacsd.batches import Changed, backoff, deliver_parts, send_safely
 from relaypacsd.config import Config
 from relaypacsd.conflicts import CONFLICT_NEXT_STEP, UidChecked
 from relaypacsd.dicomfile import DicomInfo
-from relaypacsd.fate import instance_fate, owed
 from relaypacsd.errors import JournalError
+from relaypacsd.fate import instance_fate
 from relaypacsd.finishing import Finisher
+from relaypacsd.holding import Holder
 from relaypacsd.journal import Journal, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.queues import Destination, Item
 from relaypacsd.records import changed_update, log_attempt, update_for
-from relaypacsd.routing import RouteDecision, Unrouted, inactive_reason, kept_inactive_reason, unmatched_reason
+from relaypacsd.routing import RouteDecision
 from relaypacsd.spool import Spool
+from relaypacsd.window import Window
 
 # Names callers and tests import from here, now living in the modules above.
 __all__ = ["Engine", "Item", "Destination", "Changed", "backoff", "deliver_parts", "send_safely", "CONFLICT_NEXT_STEP"]
@@ -34,14 +36,19 @@ class Engine:
     """Wires destinations, journal and spool moves: makes the journal writes and folder moves that fate.py decides."""
 
     def __init__(self, config: Config, journal: Journal, senders: dict[str, Sender],
-                 sleep: Callable[[float], bool] | None = None):
+                 sleep: Callable[[float], bool] | None = None, spools: list[Spool] | None = None,
+                 revalidate: Callable[[Spool, Path], None] | None = None):
         self.config = config
         self.journal = journal
         self.stop_event = threading.Event()
         self.destinations = {name: Destination(config.pacs[name], s, self) for name, s in senders.items()}
         self._sleep = sleep or self.stop_event.wait
-        self._items: dict[Path, Item] = {}
-        self._items_lock = threading.Lock()
+        # The files held in memory, at most delivery.active_window; the others wait in the journal's backlog.
+        self.holder = Holder(self, spools or [], revalidate)
+        self.window = Window(config.delivery.active_window, journal,
+                             lambda: {n: d.healthy for n, d in self.destinations.items()}, self.holder.take_in)
+        self._items = self.window.items
+        self._items_lock = self.window.lock
         self._recording = threading.Lock()  # see _record_many
         self.finisher = Finisher(journal, self.destinations, self._untrack, self._finished)
         self.on_finished: Callable[[Item, str], None] | None = None
@@ -62,6 +69,7 @@ class Engine:
         """Start the finishing thread and the workers of every destination."""
         self.journal.begin_run(self.destinations)  # status: health unknown until this run finds out
         self.finisher.start()
+        self.window.start()
         for dest in self.destinations.values():
             for i in range(self.config.delivery.workers_per_pacs):
                 t = threading.Thread(target=self._worker, args=(dest,), name=f"deliver-{dest.name}-{i}", daemon=True)
@@ -73,6 +81,7 @@ class Engine:
         stopping) until they end, `timeout` s pass or give_up() says so (it is called every 0.2 s). Their
         files stay in sending/ if abandoned. Returns True when every worker has ended."""
         self.stop_event.set()
+        self.window.stop()  # nothing more is taken in from the backlog
         for dest in self.destinations.values():
             dest.wake()
         started = time.monotonic()
@@ -96,17 +105,21 @@ class Engine:
     def alive(self) -> bool:
         """True while every worker thread and the finishing thread run."""
         return (all(t.is_alive() for d in self.destinations.values() for t in d.threads)
-                and self.finisher.alive())
+                and self.finisher.alive() and self.window.alive())
 
     def in_flight(self) -> int:
-        """Files known to the engine and not yet in sent/ or failed/."""
-        with self._items_lock:
-            return len(self._items)
+        """Files known to the engine and not yet in sent/ or failed/: those held, and those in the backlog."""
+        return self.window.held() + self.window.waiting()
+
+    def backlog(self) -> int:
+        """Files waiting in the journal's backlog, outside the active window (counted at each sweep)."""
+        return self.window.waiting()
 
     def held_by_root(self) -> dict[Path, tuple[int, float | None]]:
-        """Per watch root: the files known to the engine and the earliest first sighting among them (wall
-        clock): the dashboard's sending/ count and oldest waiting file, without a walk."""
-        out: dict[Path, tuple[int, float | None]] = {}
+        """Per watch root: the files known to the engine, held or in the backlog (as counted at the last sweep),
+        and the earliest first sighting among them (wall clock): the dashboard's sending/ count and oldest
+        waiting file, without a walk."""
+        out: dict[Path, tuple[int, float | None]] = dict(self.window.under())
         with self._items_lock:
             items = list(self._items.values())
         for item in items:
@@ -118,52 +131,17 @@ class Engine:
 
     def submit(self, path: Path, spool: Spool, info: DicomInfo, route: RouteDecision | None = None) -> None:
         """Take a valid file in sending/ and queue it for every destination that has not confirmed it: every
-        active one, or with `route` (routing configured) its route's. A file that has journal rows keeps the
-        destinations it was given (a reload's routes apply to files claimed after it); Unrouted when it is
-        left with no active destination (no route matched, or none of its PACS is active)."""
-        key = str(path)
-        if route is None or not self.destinations:  # PACS_ENABLED=false: validated and parked, as without routes
-            rows = self.journal.ensure(key, self.destinations, sop=info.sop_instance_uid)
-            targets, name = frozenset(), ""
-        else:
-            rows = self.journal.ensure(key, [d for d in route.destinations if d in self.destinations],
-                                       sop=info.sop_instance_uid, route=route.name, keep=True)
-            targets = frozenset(d for d in rows if d in self.destinations)
-            name = next((r.route for r in rows.values() if r.route), "")  # '' for rows made before routing
-            if not targets:
-                if rows:
-                    raise Unrouted(kept_inactive_reason(name, sorted(rows)), route, name)
-                raise Unrouted(inactive_reason(route) if route.matched else unmatched_reason(route), route)
-        now_wall, now_mono = time.time(), time.monotonic()
-        first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
-        born = now_mono - max(0.0, now_wall - first_seen)
-        pending = {d for d, r in rows.items() if d in self.destinations and owed(r.state)}
-        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen,
-                    route=name, targets=targets)
-        with self._items_lock:
-            if path in self._items:
-                return  # already queued (a rescan of sending/ found it again)
-            self._items[path] = item
-        if not self.destinations:
-            return  # PACS_ENABLED=false: validated and parked in sending/
-        if not pending:
-            item.done = True
-            self._hand_over([item])
-            return
-        for name in pending:
-            row = rows[name]
-            at = now_mono + max(0.0, row.next_try - now_wall) if row.state == "waiting" else 0.0
-            self.destinations[name].put(item, at)
+        active one, or with `route` (routing configured) its route's; when the active window is full, or files
+        wait in the backlog before it, it waits there (holding.Holder). Unrouted when it is left with no active
+        destination."""
+        self.holder.submit(path, spool, info, route)
 
     def known(self, path: Path) -> bool:
-        """True if the engine already tracks this file."""
-        with self._items_lock:
-            return path in self._items
+        """True if the engine holds this file in its window (one in the backlog is only in the journal)."""
+        return self.window.known(path)
 
     def _untrack(self, items: list[Item]) -> None:
-        with self._items_lock:
-            for item in items:
-                self._items.pop(item.path, None)
+        self.window.remove(items)
 
     def _finished(self, item: Item, folder: str) -> None:
         if self.on_finished:
@@ -279,16 +257,20 @@ class Engine:
         for item, delay in parked:
             if not item.done:  # dropped meanwhile (changed in sending/): it must not come back
                 dest.put(item, time.monotonic() + delay)
-        finishing = []
+        finishing, owed_elsewhere = [], []
         for item, update in settled:
             with item.lock:
                 item.settled[dest.name] = update
                 item.pending.discard(dest.name)
+                if item.pending and not item.done:
+                    owed_elsewhere.append(item)
                 if item.pending or item.done:
                     continue
                 item.done = True
             finishing.append(item)
         self._hand_over(finishing)
+        if owed_elsewhere:  # owed only to PACS that are down: they wait in the backlog for their return
+            self.let_go(owed_elsewhere)
 
     def _drop_changed(self, item: Item, result: Changed) -> None:
         """Take a file that changed or vanished since its validation out of every queue and the journal, and
@@ -305,6 +287,7 @@ class Engine:
             self.journal.forget(str(item.path))
             if self._items.get(item.path) is item:
                 del self._items[item.path]
+        self.window.remove([])  # room for the refill
         what = "was removed" if result.gone else "changed"
         then = "forgotten" if result.gone else "it is validated again"
         logger.warning("{} {} in sending/ after validation ({}): not sent; {}", item.spool.relative(item.path),
@@ -328,7 +311,15 @@ class Engine:
                                                                None, None, why)) for item in expired])
             if dest.healthy:
                 released += dest.release_due()
+        self.window.recount(self.holder.spools)
+        if self.window.wanted():  # held files no PACS can send soon make room for those one can
+            self.let_go(list(self._items.values()))
+        self.window.poke()  # files in the backlog whose next try has come
         return released
+
+    def let_go(self, items: list[Item]) -> int:
+        """Put held files that no PACS can send soon back in the backlog (holding.Holder.let_go)."""
+        return self.holder.let_go(items)
 
     def probe(self) -> None:
         """Probe every destination once and update its health (not once stopping: the journal may be closed)."""
@@ -344,5 +335,7 @@ class Engine:
             dest.wake()
 
     def on_destination_back(self, dest: Destination) -> None:
-        """A destination came back: everything waiting for it goes now, not at its next sweep."""
+        """A destination came back: everything waiting for it goes now, not at its next sweep (in the backlog
+        too: the refill takes those due later as well)."""
         dest.release_due(everything=True)
+        self.window.poke(ahead=True)

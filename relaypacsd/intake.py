@@ -13,23 +13,31 @@ from relaypacsd.errors import JournalError
 from relaypacsd.spool import Spool
 
 VALIDATORS = 2  # validation threads per generation
+LIMIT = 1000  # files queued or being validated before a scanner waits: a huge inbox or sending/ is taken in
+# as fast as validation goes, not listed into memory first
 VALIDATOR = "validate-"  # thread name prefix: a reload waits for these (an unpack) the longest
 
 
 class Intake:
     """One generation's validation queue (huey's BaseProcess shape: loop / shutdown; `run` repeats loop)."""
 
-    def __init__(self, validate: Callable[[Spool, Path], None], validators: int = VALIDATORS):
+    def __init__(self, validate: Callable[[Spool, Path], None], validators: int = VALIDATORS, limit: int = LIMIT):
         self.queue: "queue.Queue[tuple[Spool, Path] | None]" = queue.Queue()  # None: a validator's stop
         self.validators = validators
         self._validate = validate
         self._paths: set[Path] = set()  # queued or being validated: not queued again
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self.limit = limit
         self.on_journal_error: Callable[[JournalError], None] | None = None  # the journal away: said once elsewhere
 
-    def put(self, spool: Spool, path: Path) -> None:
-        """Queue `path` for validation unless it is queued or being validated already."""
+    def put(self, spool: Spool, path: Path, stop: threading.Event | None = None) -> None:
+        """Queue `path` for validation unless it is queued or being validated already. With `stop` (a scanner's),
+        first wait while `limit` files are queued, until there is room or `stop` is set. Validators queue
+        without waiting (a zip's members): they are the ones who make room."""
         with self._lock:
+            while stop is not None and len(self._paths) >= self.limit and not stop.is_set() and path not in self._paths:
+                self._room.wait(0.5)
             if path in self._paths:
                 return
             self._paths.add(path)
@@ -63,6 +71,7 @@ class Intake:
         finally:
             with self._lock:
                 self._paths.discard(path)
+                self._room.notify()
         return True
 
     def shutdown(self) -> None:

@@ -70,6 +70,33 @@ class KnownInstance:
     time: float
 
 
+@dataclass(frozen=True)
+class FileFacts:
+    """What delivery and its records read of a validated file, kept with its rows: a file outside the engine's
+    active window is taken in again from the journal without being read (its SOP Instance UID is the rows'
+    `sop`). The history holds the same PatientIDs (the journal file is 0600)."""
+
+    sop_class: str
+    study: str
+    series: str
+    size: int
+    digest: str
+    patient_id: str = ""
+    accession: str = ""
+    modality: str = ""
+
+
+@dataclass(frozen=True)
+class Backlogged:
+    """A file taken from the backlog: its SOP Instance UID, what delivery needs of it (None for rows written
+    before the journal kept it: the file is validated again) and every destination's row."""
+
+    path: str
+    sop: str
+    facts: FileFacts | None
+    rows: dict[str, DeliveryRow]
+
+
 class DestinationStats(TypedDict):
     """One destination's health and counters, as `status` shows them (times in seconds since the epoch)."""
 
@@ -116,10 +143,34 @@ class Journal(Protocol):
         """Every destination's rows for several files (an empty dict for a file without rows)."""
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "", route: str = "", keep: bool = False) -> dict[str, DeliveryRow]:
+               sop: str = "", route: str = "", keep: bool = False, facts: FileFacts | None = None,
+               backlog: bool = False) -> dict[str, DeliveryRow]:
         """Create pending rows for the destinations a file has none for (dropping rows another instance left
         under the same path) and take over a retry's marked copy; return all rows. New rows carry `route`.
-        `keep` (routing): a file that still has rows keeps exactly those destinations; none are added."""
+        `keep` (routing): a file that still has rows keeps exactly those destinations; none are added. With
+        `facts`, every row of the file keeps them, and its place in the backlog (`backlog`: it waits outside
+        the active window)."""
+
+    # The backlog: valid files in sending/ that no engine holds in memory (its active window is full). They wait
+    # with their rows, marked, and are taken in page by page as the window drains (Postfix's incoming queue).
+
+    def take_backlog(self, dest: str, before: float, limit: int) -> list[Backlogged]:
+        """Take out of the backlog up to `limit` files owed to `dest` whose next try there is due by `before`
+        (wall clock), earliest first, then in the order they came, each with all its rows: no longer marked,
+        a file is taken once."""
+
+    def to_backlog(self, paths: Iterable[str]) -> None:
+        """Put files back in the backlog (the engine lets go of them; their rows say when each is due)."""
+
+    def backlogged(self, paths: Iterable[str]) -> set[str]:
+        """Those of `paths` that wait in the backlog, owed to some destination."""
+
+    def backlog_counts(self, dests: Iterable[str]) -> dict[str, int]:
+        """Files waiting in the backlog per destination that is owed them (due or not)."""
+
+    def backlog_under(self, folder: str) -> tuple[int, float | None]:
+        """Files waiting in the backlog beneath `folder`, and the earliest first sighting among them (wall clock;
+        None when there are none): the dashboard's sending/ figures."""
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:
@@ -169,8 +220,8 @@ class Journal(Protocol):
     def sop_of(self, path: str) -> str:
         """The SOP Instance UID the rows of `path` are about ('' when unknown)."""
 
-    def paths_under(self, folder: str) -> list[str]:
-        """Every file path with rows, beneath `folder`."""
+    def paths_under(self, folder: str, after: str = "", limit: int = 0) -> list[str]:
+        """File paths with rows beneath `folder`, in order; a page of `limit` (0: all) of those after `after`."""
 
     def reset_failed(self, path: str, reason: str = "operator retry") -> list[str]:
         """Operator retry: 'failed' rows back to 'pending'; return the destinations reset."""

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd.journal import DeliveryRow, Journal, KnownInstance, Update
+from relaypacsd.journal import Backlogged, DeliveryRow, Journal, KnownInstance, Update
 
 
 class RootKeys:
@@ -109,14 +109,30 @@ class KeyedJournal:
     def sop_of(self, path: str) -> str:
         return self.inner.sop_of(self._k(path))
 
-    def paths_under(self, folder: str) -> list[str]:
-        return [self._p(k) for k in self.inner.paths_under(self._k(folder))]
+    def paths_under(self, folder: str, after: str = "", limit: int = 0) -> list[str]:
+        return [self._p(k) for k in self.inner.paths_under(self._k(folder), self._k(after) if after else "", limit)]
 
     def reset_failed(self, path: str, reason: str = "operator retry") -> list[str]:
         return self.inner.reset_failed(self._k(path), reason)
 
     def conflicted(self, path: str) -> set[str]:
         return self.inner.conflicted(self._k(path))
+
+    # -- the backlog, in paths too ----------------------------------------------------------------------
+
+    def take_backlog(self, dest: str, before: float, limit: int) -> list[Backlogged]:
+        return [dataclasses.replace(b, path=self._p(b.path), rows={d: self._row(r) for d, r in b.rows.items()})
+                for b in self.inner.take_backlog(dest, before, limit)]
+
+    def to_backlog(self, paths: Iterable[str]) -> None:
+        self.inner.to_backlog([self._k(p) for p in paths])
+
+    def backlogged(self, paths: Iterable[str]) -> set[str]:
+        back = {self._k(p): p for p in paths}
+        return {back[k] for k in self.inner.backlogged(list(back))}
+
+    def backlog_under(self, folder: str) -> tuple[int, float | None]:
+        return self.inner.backlog_under(self._k(folder))
 
     # -- ownership, in paths too -------------------------------------------------------------------
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from relaypacsd import nodes_book, pg_history, pg_parts
+from relaypacsd import nodes_book, pg_backlog, pg_history, pg_parts
 from relaypacsd.history_sqlite import HistoryMethods
 from relaypacsd.config import Secret
-from relaypacsd.journal import CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, KnownInstance, Update
+from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, FileFacts,
+                                KnownInstance, Update)
 from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.pg_db import PgDatabase, Statement
+from relaypacsd.sqlite_backlog import FACTS, SET_FACTS, BacklogMethods, values_of
 from relaypacsd.timefmt import iso_time
 
 SCHEMA = """
@@ -35,6 +37,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (path, dest)
 );
 CREATE INDEX IF NOT EXISTS deliveries_dest ON deliveries(dest, state);
+-- Paths in byte order whatever the database's collation: a folder is one range of it (paths_under's pages).
+CREATE INDEX IF NOT EXISTS deliveries_path_c ON deliveries((path COLLATE "C"));
 CREATE TABLE IF NOT EXISTS history (
     id BIGSERIAL PRIMARY KEY,
     path TEXT NOT NULL,
@@ -46,6 +50,7 @@ CREATE TABLE IF NOT EXISTS history (
 );
 CREATE INDEX IF NOT EXISTS history_path ON history(path);
 """
+PATH_RANGE = 'path COLLATE "C" >= %s AND path COLLATE "C" < %s'  # a folder's paths: see paths_under
 _ROW = "path, dest, state, attempts, next_try, first_seen, last_error, last_code, route"
 _HISTORY = "INSERT INTO history (path, dest, time, event, detail) VALUES (%s, %s, %s, %s, %s)"
 
@@ -54,7 +59,7 @@ def _clock(store: PgDatabase) -> float:
     return float(store.query("SELECT extract(epoch from clock_timestamp())::float8")[0][0])
 
 
-class PgJournal(HistoryMethods, NodeMethods):
+class PgJournal(HistoryMethods, NodeMethods, BacklogMethods):
     """Thread-safe access to a PostgreSQL journal; reconnects by itself once the server is back."""
 
     shared = True
@@ -64,12 +69,14 @@ class PgJournal(HistoryMethods, NodeMethods):
         self.url = url
         self.instance_days = instance_days
         self._store = PgDatabase(url, password, readonly=readonly, application=application,
-                                 schema=SCHEMA + pg_parts.SCHEMA + pg_history.SCHEMA + nodes_book.POSTGRES.schema())
+                                 schema=SCHEMA + pg_parts.SCHEMA + pg_history.SCHEMA + nodes_book.POSTGRES.schema()
+                                 + pg_backlog.SCHEMA)
         self.shown = self._store.shown
         self._instances = pg_parts.PgInstances(self._store, instance_days)
         self._destinations = pg_parts.PgDestinations(self._store)
         self._history = pg_history.PgHistory(self._store)
         self._nodes = NodeBook(self._store, nodes_book.POSTGRES, lambda: _clock(self._store))
+        self._backlog = pg_backlog.PgBacklog(self._store, self._nodes)
 
     def close(self) -> None:
         """Close the connection."""
@@ -86,10 +93,12 @@ class PgJournal(HistoryMethods, NodeMethods):
         return {r[1]: DeliveryRow(*r) for r in self._exec(f"SELECT {_ROW} FROM deliveries WHERE path = %s", (path,))}
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "", route: str = "", keep: bool = False) -> dict[str, DeliveryRow]:
+               sop: str = "", route: str = "", keep: bool = False, facts: FileFacts | None = None,
+               backlog: bool = False) -> dict[str, DeliveryRow]:
         """Create pending rows (carrying `route`) for the destinations a file has none for (dropping another
         instance's rows under the same path first); with `keep` (routing) a file that has rows keeps exactly
-        those. A fenced node owns the file from now on if nobody does. Returns all rows."""
+        those. With `facts`, every row of the file keeps them and the backlog mark (`backlog`). A fenced node
+        owns the file from now on if nobody does. Returns all rows."""
         now = time.time()
         seen = first_seen or now
         dests = list(dests)
@@ -104,9 +113,16 @@ class PgJournal(HistoryMethods, NodeMethods):
             stmts.append(("INSERT INTO deliveries (path, dest, sop, state, first_seen, updated, route) SELECT %s, d, %s, "
                           f"'pending', %s, %s, %s FROM unnest(%s::text[]) AS d{keeping} ON CONFLICT (path, dest) DO NOTHING",
                           (path, sop, seen, now, route, dests) + ((path,) if keep else ())))
-        stmts.append(("UPDATE deliveries SET token = '' WHERE path = %s AND token != ''", (path,)))
-        self._tx(stmts + self._nodes.own_statements(path))
-        return self.rows(path)
+        if facts is None:
+            stmts.append(("UPDATE deliveries SET token = '' WHERE path = %s AND token != ''", (path,)))
+        else:  # the same one statement: every row of the file (at any PACS) holds its facts and one mark
+            stmts.append((nodes_book.POSTGRES.sql(f"UPDATE deliveries SET token = '', {SET_FACTS}, backlog = ? "
+                                                  "WHERE path = ?"), (*values_of(facts), int(backlog), path)))
+        # The rows read in the same message and transaction: one round trip less per file claimed (the intake
+        # waits on the journal's one connection, not on its CPU).
+        found = self._store.transaction(stmts + self._nodes.own_statements(path)
+                                        + [(f"SELECT {_ROW} FROM deliveries WHERE path = %s", (path,))])
+        return {r[1]: DeliveryRow(*r) for r in found}
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:
@@ -186,13 +202,15 @@ class PgJournal(HistoryMethods, NodeMethods):
     def rename(self, old: str, new: str) -> None:
         """Follow a file that moved out of sending/ (or back); rows of a file once at `new` go; nobody owns it."""
         self._tx([("DELETE FROM deliveries WHERE path = %s", (new,)), ("DELETE FROM history WHERE path = %s", (new,)),
-                  ("UPDATE deliveries SET path = %s WHERE path = %s", (new, old)),
+                  # Out of the backlog: a file in failed/ is never taken in, even once a retry resets its rows.
+                  ("UPDATE deliveries SET path = %s, backlog = 0 WHERE path = %s", (new, old)),
                   ("UPDATE history SET path = %s WHERE path = %s", (new, old))] + self._nodes.release_statements([old, new]))
 
     def copy(self, old: str, new: str, token: str) -> bool:
         """Give `new` the rows and history of `old` too, marked with `token`, only when `new` holds none: the look
         and the write under one table lock (a retry is rare), so a node's claim there is never replaced."""
-        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated, route"
+        # Not the backlog mark: a retried file is validated again, and its submission places it.
+        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated, route, " + ", ".join(FACTS)
         found = self._store.transaction([
             ("LOCK TABLE deliveries IN SHARE ROW EXCLUSIVE MODE", ()),
             ("DELETE FROM history WHERE path = %s AND NOT EXISTS (SELECT 1 FROM deliveries WHERE path = %s)", (new, new)),
@@ -221,10 +239,16 @@ class PgJournal(HistoryMethods, NodeMethods):
         found = self._exec("SELECT sop FROM deliveries WHERE path = %s AND sop != '' LIMIT 1", (path,))
         return found[0][0] if found else ""
 
-    def paths_under(self, folder: str) -> list[str]:
-        """Every file path with rows, beneath `folder`."""
+    def paths_under(self, folder: str, after: str = "", limit: int = 0) -> list[str]:
+        """File paths with rows beneath `folder`, in order; a page of `limit` (0: all) of those after `after`.
+
+        A range of the byte-ordered path index (every path below the folder sorts between "folder/" and
+        "folder0" in the C collation, whatever the database's own), so a page costs its own rows."""
         prefix = folder.rstrip("/") + "/"
-        return [r[0] for r in self._exec("SELECT DISTINCT path FROM deliveries WHERE starts_with(path, %s)", (prefix,))]
+        page = " LIMIT %s" if limit else ""
+        return [r[0] for r in self._exec(
+            f'SELECT DISTINCT path COLLATE "C" FROM deliveries WHERE {PATH_RANGE} AND path COLLATE "C" > %s '
+            f'ORDER BY 1{page}', (prefix, prefix[:-1] + "0", after, *((limit,) if limit else ())))]
 
     def reset_failed(self, path: str, reason: str = "operator retry") -> list[str]:
         """Operator retry: 'failed' rows back to 'pending' (fresh attempts and age); 'delivered' rows stay; a

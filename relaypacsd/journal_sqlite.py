@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd import history_sqlite, nodes_book, sqlite_destinations, sqlite_instances
+from relaypacsd import history_sqlite, nodes_book, sqlite_backlog, sqlite_destinations, sqlite_instances
 from relaypacsd.history_sqlite import HistoryBook, HistoryMethods
-from relaypacsd.journal import CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, KnownInstance, Update
+from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, FileFacts,
+                                KnownInstance, Update)
 from relaypacsd.nodes_book import NodeBook, NodeMethods
+from relaypacsd.sqlite_backlog import Backlog, BacklogMethods
 from relaypacsd.sqlite_db import Database, Statement
 from relaypacsd.sqlite_destinations import DestinationBook
 from relaypacsd.sqlite_instances import InstanceMemory
@@ -52,12 +54,12 @@ ADDED_COLUMNS = [
     ("history", "token", "TEXT NOT NULL DEFAULT ''"),
     # The routes that gave a file this destination ([[route]] names, comma-joined): a restart keeps them.
     ("deliveries", "route", "TEXT NOT NULL DEFAULT ''"),
-]
+] + sqlite_backlog.ADDED_COLUMNS
 # A DeliveryRow's columns, in its order
-ROW_COLUMNS = "path, dest, state, attempts, next_try, first_seen, last_error, last_code, route"
+ROW_COLUMNS = sqlite_backlog.ROW_COLUMNS
 
 
-class SqliteJournal(HistoryMethods, NodeMethods):
+class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
     """Thread-safe access to the journal database in the state directory: the delivery rows and their
     history here; the lasting instance memory, the destinations' health and counters, and the nodes and
     file ownership (one node here: relaypacsd.nodes_spool refuses a second) in parts of their own."""
@@ -66,11 +68,13 @@ class SqliteJournal(HistoryMethods, NodeMethods):
         self.path = path
         self.instance_days = instance_days
         self._store = Database(path, SCHEMA + sqlite_instances.SCHEMA + sqlite_destinations.SCHEMA
-                               + history_sqlite.SCHEMA + nodes_book.SQLITE.schema(), ADDED_COLUMNS, readonly=readonly)
+                               + history_sqlite.SCHEMA + nodes_book.SQLITE.schema(), ADDED_COLUMNS, readonly=readonly,
+                               indexes=sqlite_backlog.INDEXES)
         self._lock = self._store.lock
         self._instances = InstanceMemory(self._store, instance_days)
         self._destinations = DestinationBook(self._store)
         self._history = HistoryBook(self._store)
+        self._backlog = Backlog(self._store)
         self._columns = "" if readonly else ROW_COLUMNS  # read-only: looked up at the first query (see _rows)
         self._nodes = NodeBook(self._store, nodes_book.SQLITE, time.time, shared=False)
 
@@ -103,10 +107,12 @@ class SqliteJournal(HistoryMethods, NodeMethods):
         return {r[1]: DeliveryRow(*r) for r in found}
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
-               sop: str = "", route: str = "", keep: bool = False) -> dict[str, DeliveryRow]:
+               sop: str = "", route: str = "", keep: bool = False, facts: FileFacts | None = None,
+               backlog: bool = False) -> dict[str, DeliveryRow]:
         """Create pending rows (carrying `route`) for the destinations a file has none for; return all rows.
         With `keep` (routing), a file that has rows keeps exactly those: none are added, so a reload's new
-        routes never change where a file in sending/ goes.
+        routes never change where a file in sending/ goes. With `facts`, every row of the file keeps them and
+        the backlog mark (`backlog`), in the statement that takes over a retry's copy.
 
         Rows left under the same path by another instance (a modality reusing IMG0001.dcm) are dropped
         first: they must never make a new file look delivered."""
@@ -129,7 +135,11 @@ class SqliteJournal(HistoryMethods, NodeMethods):
             stmts += [("INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated, route) "
                        "VALUES (?, ?, ?, 'pending', ?, ?, ?)", (path, d, sop, seen, now, route)) for d in dests]
         # Rows a retry copied here are now this file's: the retry must no longer take them back (uncopy).
-        stmts.append(("UPDATE deliveries SET token = '' WHERE path = ? AND token != ''", (path,)))
+        if facts is None:
+            stmts.append(("UPDATE deliveries SET token = '' WHERE path = ? AND token != ''", (path,)))
+        else:  # the same one statement: every row of the file (at any PACS) holds its facts and one mark
+            stmts.append((f"UPDATE deliveries SET token = '', {sqlite_backlog.SET_FACTS}, backlog = ? WHERE path = ?",
+                          (*sqlite_backlog.values_of(facts), int(backlog), path)))
         self._tx(stmts + self._nodes.own_statements(path))
         return self.rows(path)
 
@@ -209,7 +219,8 @@ class SqliteJournal(HistoryMethods, NodeMethods):
     def rename(self, old: str, new: str) -> None:
         """Follow a file that moved (sending/ -> failed/ and back); rows of a file once at `new` go."""
         self._tx([("DELETE FROM deliveries WHERE path = ?", (new,)), ("DELETE FROM history WHERE path = ?", (new,)),
-                  ("UPDATE deliveries SET path = ? WHERE path = ?", (new, old)),
+                  # Out of the backlog: a file in failed/ is never taken in, even once a retry resets its rows.
+                  ("UPDATE deliveries SET path = ?, backlog = 0 WHERE path = ?", (new, old)),
                   ("UPDATE history SET path = ? WHERE path = ?", (new, old))] + self._nodes.release_statements([old, new]))
 
     def copy(self, old: str, new: str, token: str) -> bool:
@@ -217,7 +228,9 @@ class SqliteJournal(HistoryMethods, NodeMethods):
         `old` keeps its own until the file has landed. Only when `new` holds no rows: one look-and-write
         transaction, so rows a daemon writes there meanwhile (a file it claimed) are never replaced.
         Returns False, copying nothing, when `new` is taken."""
-        cols = "dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated, route"
+        # Not the backlog mark: a retried file is validated again, and its submission places it.
+        cols = ("dest, sop, state, attempts, next_try, first_seen, last_error, last_code, updated, route, "
+                + ", ".join(sqlite_backlog.FACTS))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")  # the look and the write under one write lock
             try:
@@ -254,11 +267,18 @@ class SqliteJournal(HistoryMethods, NodeMethods):
         found = self._exec("SELECT sop FROM deliveries WHERE path = ? AND sop != '' LIMIT 1", (path,))
         return found[0][0] if found else ""
 
-    def paths_under(self, folder: str) -> list[str]:
-        """Every file path with rows, beneath `folder`."""
+    def paths_under(self, folder: str, after: str = "", limit: int = 0) -> list[str]:
+        """File paths with rows beneath `folder`, in order; a page of `limit` (0: all) of those after `after`.
+
+        A range of the primary key (every path below the folder sorts between "folder/" and "folder0"), so a
+        page costs its own rows, not a walk of the table."""
         prefix = folder.rstrip(os.sep) + os.sep
-        return [r[0] for r in self._exec("SELECT DISTINCT path FROM deliveries WHERE substr(path, 1, ?) = ?",
-                                         (len(prefix), prefix))]
+        end = prefix[:-1] + chr(ord(os.sep) + 1)
+        page = " LIMIT ?" if limit else ""
+        return [r[0] for r in self._exec(f"SELECT DISTINCT path FROM deliveries WHERE path >= ? AND path < ? "
+                                         f"AND path > ? ORDER BY path{page}",
+                                         (prefix, end, after, *((limit,) if limit else ())))]
+
 
     def rows_of(self, paths: list[str]) -> dict[str, dict[str, DeliveryRow]]:
         """Every destination's rows for several files, in one query."""

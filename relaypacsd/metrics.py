@@ -56,6 +56,10 @@ class _SpoolCollector(Collector):
         in_flight = GaugeMetricFamily(f"{PREFIX}_in_flight", "Files known to the delivery engine, not yet settled")
         in_flight.add_metric([], snap.in_flight)
         yield in_flight
+        backlog = GaugeMetricFamily(f"{PREFIX}_backlog", "Of those, files waiting in the journal's backlog, outside "
+                                    "the engine's active window (delivery.active_window)")
+        backlog.add_metric([], snap.backlog)
+        yield backlog
         alive = GaugeMetricFamily(f"{PREFIX}_alive", "1 while every watcher, worker and job thread runs")
         alive.add_metric([], 1.0 if snap.alive else 0.0)
         yield alive

@@ -35,6 +35,7 @@ class Gateway:
         engine.may_send = self.node.usable
         engine.on_journal_error = self.node.journal_failed
         engine.finisher.on_journal_error = self.node.journal_failed
+        engine.window.on_journal_error = self.node.journal_failed  # the refill's take from the backlog
         engine.finisher.may_move = lambda: self.node.wait_usable(engine.stop_event)
         self.started = PROCESS_STARTED
         self._marker_trouble = False

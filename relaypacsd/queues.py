@@ -252,8 +252,10 @@ class Destination:
         return True, ""
 
     def queued(self) -> int:
+        """Files for this PACS: ready, waiting for a retry, in a request, and in the backlog."""
         with self.cond:
-            return len(self.ready) + len(self.waiting) + self.busy
+            held = len(self.ready) + len(self.waiting) + self.busy
+        return held + self.engine.window.waiting(self.name)
 
 
 def _info(item: Item) -> DicomInfo:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from loguru import logger
 
@@ -14,6 +14,7 @@ from relaypacsd.journal import Journal
 from relaypacsd.spool import Namesakes, Spool, read_sidecar, unclashed
 
 FAILED_ROWS_INTERVAL = 3600.0  # seconds between looks for journal rows of files deleted from failed/
+PAGE = 1000  # paths read from the journal at once
 
 
 def repair_spool(spool: Spool, quiet_for: float = 0.0) -> None:
@@ -50,7 +51,8 @@ def settle_journal(journal: Journal, spool: Spool,
     (a share not mounted yet) keeps its rows, or a PACS that has it would get it again. Rows of files another
     gateway owns (`others`) are its own to settle: it may be moving that file right now."""
     namesakes = Namesakes()
-    gone = [key for key in journal.paths_under(str(spool.sending)) if not os.path.exists(key)]
+    # Paged (a million rows in sending/ is a backlog, not a crash): only the gone are kept, usually none.
+    gone = [key for key in _paths_under(journal, str(spool.sending)) if not os.path.exists(key)]
     theirs = others(gone) if gone else set()
     for key in gone:
         if key in theirs:
@@ -94,13 +96,21 @@ class DeletedFailures:
         """Forget the rows of files missing at two looks an hour apart (start-up makes the first). One look is
         no proof: a share not mounted yet hides failed/, and a file back in sight without its rows would be
         sent again to the PACS that confirmed it. One stat per row."""
-        missing = {key for spool in self.spools for key in self.journal.paths_under(str(spool.failed))
+        missing = {key for spool in self.spools for key in _paths_under(self.journal, str(spool.failed))
                    if not os.path.lexists(key)}
         gone, self._missing = missing & self._missing, missing - self._missing
         if gone:
             self.journal.forget(*gone)
             logger.info("journal: forgot {} file(s) deleted from failed/", len(gone))
         return len(gone)
+
+
+def _paths_under(journal: Journal, folder: str) -> Iterator[str]:
+    """Every path with rows beneath `folder`, a page at a time: a million rows are never one list."""
+    after = ""
+    while page := journal.paths_under(folder, after=after, limit=PAGE):
+        yield from page
+        after = page[-1]
 
 
 def _namesakes(namesakes: Namesakes, spool: Spool, path: Path) -> list[Path]:
@@ -127,35 +137,6 @@ def prepare_spools(spools: list[Spool], journal: Journal, unpacks_resumed: set[P
         for folder in ("inbox", "sending"):
             for empty in spool.empty_folders(folder):
                 may_be_empty(spool, empty, float("-inf"))  # their mtime says since when
-
-
-UNTRACKED_GROUP = 500  # files in sending/ looked up in the journal at once (owners), never all in memory
-
-
-def queue_untracked(spools: list[Spool], known: Callable[[Path], bool], queue: Callable[[Spool, Path], None],
-                    mine: Callable[[list[Path]], list[Path]] = lambda paths: paths) -> int:
-    """Queue for validation every file in sending/ that the engine does not track (after a crash, or missed) and
-    this node owns (`mine`: with several gateways, another node's files are its own; a dead one's, taken over)."""
-    count = 0
-    for spool in spools:
-        group: list[Path] = []
-        for path in spool.files("sending"):
-            if not known(path):
-                group.append(path)
-            if len(group) >= UNTRACKED_GROUP:
-                count += _queue_mine(spool, group, mine, queue)
-                group = []
-        if group:
-            count += _queue_mine(spool, group, mine, queue)
-    return count
-
-
-def _queue_mine(spool: Spool, group: list[Path], mine: Callable[[list[Path]], list[Path]],
-                queue: Callable[[Spool, Path], None]) -> int:
-    found = mine(group)
-    for path in found:
-        queue(spool, path)
-    return len(found)
 
 
 def warn_if_nothing_forwards(enabled: bool, any_destination: bool) -> None:

@@ -51,7 +51,7 @@ class DestinationState:
     target: str
     healthy: bool
     down_reason: str  # "" while up
-    queued: int  # files queued, waiting for a retry or in a request
+    queued: int  # files queued, waiting for a retry or in a request (in the backlog too)
     paused_by: str | None = None  # an operator's hold (relaypacsd.pauses)
 
 
@@ -70,6 +70,7 @@ class Snapshot:
     roots: tuple[str, ...]
     destinations: tuple[DestinationState, ...]
     folders: tuple[Folders, ...] = ()
+    backlog: int = 0  # of in_flight, files waiting in the journal's backlog, outside the engine's active window
     nodes: tuple[dict[str, Any], ...] = ()  # every gateway of the spool (nodes.describe_nodes), with the folders
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def take(spools: Iterable[Spool], engine: "Engine", counters: Mapping[str, int],
                     sent=counters.get("sent", 0), failed=counters.get("failed", 0),
                     roots=tuple(str(s.root) for s in spools), destinations=dests,
                     folders=tuple(folders_of(s) for s in spools) if folders else (kept() if kept else ()),
-                    nodes=nodes() if folders else ())
+                    backlog=engine.backlog(), nodes=nodes() if folders else ())
 
 
 def systemd_status(snap: Snapshot) -> str:

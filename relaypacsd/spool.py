@@ -227,7 +227,7 @@ class Spool:
         """At start-up: a claim by the link fallback (`_link_noreplace`) killed between its link and its unlink
         left one file under two names, inbox/ and sending/; its inbox/ name goes now, or it is sent twice."""
         removed = []
-        for path in self.files("sending"):
+        for path in self.walk("sending"):  # a million files waiting: never a list of them
             twin = self.inbox / self.relative(path)
             try:
                 if os.lstat(path).st_nlink > 1 and _same_file(path, twin):
@@ -247,6 +247,26 @@ class Spool:
                     continue
                 yield Path(dirpath) / name
 
+    def walk(self, folder: str) -> Iterator[Path]:
+        """The files of `files()`, in directory order: one entry at a time, so a flat folder of a million files
+        costs no list of their names (files() sorts each folder's names, and os.walk lists them first)."""
+        folders = [str(self.root / folder)]
+        while folders:
+            try:
+                with os.scandir(folders.pop()) as entries:
+                    for entry in entries:
+                        try:
+                            is_dir = entry.is_dir()
+                        except OSError:
+                            continue
+                        if is_dir:
+                            if not entry.is_symlink():  # as os.walk: a link to a folder is not followed
+                                folders.append(entry.path)
+                        elif not entry.name.endswith(SIDECAR_SUFFIX) and not entry.name.startswith(".relaypacs-"):
+                            yield Path(entry.path)
+            except OSError:
+                continue
+
     def stats(self) -> tuple[dict[str, int], float | None]:
         """Files per folder, and the age in seconds of the oldest file waiting (inbox/ or sending/), counted
         from its arrival in its folder (see `age_seconds`)."""
@@ -255,7 +275,7 @@ class Spool:
         now = time.time()
         for folder in FOLDERS:
             counts[folder] = 0
-            for path in self.files(folder):
+            for path in self.walk(folder):
                 counts[folder] += 1
                 if folder in ("inbox", "sending"):
                     age = age_seconds(path, now)
@@ -379,8 +399,23 @@ class Spool:
 
     def empty_folders(self, folder: str) -> list[Path]:
         """Every empty folder below one of the four folders (at start-up: those earlier runs left), deepest first."""
-        return [Path(dirpath) for dirpath, dirnames, filenames in os.walk(self.root / folder, topdown=False)
-                if not dirnames and not filenames and Path(dirpath) != self.root / folder]
+        # scandir, one entry at a time: os.walk would list each folder's files, a million in a flat sending/.
+        top = str(self.root / folder)
+        folders, empty = [top], []
+        while folders:
+            current = folders.pop()
+            found = False
+            try:
+                with os.scandir(current) as entries:
+                    for entry in entries:
+                        found = True
+                        if entry.is_dir(follow_symlinks=False):
+                            folders.append(entry.path)
+            except OSError:
+                continue
+            if not found and current != top:
+                empty.append(Path(current))
+        return sorted(empty, key=lambda p: len(p.parts), reverse=True)
 
 
 def _mtime(path: Path) -> float:

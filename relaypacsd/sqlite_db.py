@@ -16,16 +16,18 @@ Statement = tuple[str, tuple[Any, ...]]
 class Database:
     """A connection used by several threads under one lock; every error becomes a JournalError."""
 
-    def __init__(self, path: Path, schema: str, added_columns: list[tuple[str, str, str]], *, readonly: bool = False):
+    def __init__(self, path: Path, schema: str, added_columns: list[tuple[str, str, str]], *, readonly: bool = False,
+                 indexes: str = ""):
         self.path = path
         self.lock = threading.Lock()
         try:
-            self.db = self._open_readonly() if readonly else self._open(schema, added_columns)
+            self.db = self._open_readonly() if readonly else self._open(schema, added_columns, indexes)
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(str(exc)) from exc
 
-    def _open(self, schema: str, added_columns: list[tuple[str, str, str]]) -> sqlite3.Connection:
-        """Open for the daemon: create the database or upgrade an older one in place."""
+    def _open(self, schema: str, added_columns: list[tuple[str, str, str]], indexes: str) -> sqlite3.Connection:
+        """Open for the daemon: create the database or upgrade an older one in place (`indexes` once the added
+        columns are there: an index may cover them)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _private(self.path)
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -35,6 +37,8 @@ class Database:
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(schema)
         _add_columns(db, added_columns)
+        if indexes:
+            db.executescript(indexes)
         return db
 
     def _open_readonly(self) -> sqlite3.Connection:

@@ -37,6 +37,11 @@ REMOTE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "9p", "ceph", "glus
 # deletes and builds a Python event for each: a fifth of the daemon's CPU went there under load.
 # Writes (IN_MODIFY, one per write() call) are kept although they cost the most: they are what tells a
 # writer that pauses longer than the settle time from a finished file when the create came late.
+# Files a rescan takes on as candidates at most: each is stat'ed at every tick until it settles, and a huge
+# inbox (a million files copied in while the daemon was stopped) must neither be held in memory at once nor
+# make every tick stat it all. Once claims have made room, the walk goes on (from the top: what was claimed is
+# gone, what is a candidate already is passed over).
+CANDIDATES = 10000
 EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
 
 
@@ -202,6 +207,7 @@ class InboxWatcher:
     _next_rescan: float = field(init=False, default=0.0)
     _warned: set[str] = field(init=False, default_factory=set)
     _idle: threading.Event = field(init=False, default_factory=threading.Event)
+    _more: bool = field(init=False, default=False)  # the last walk stopped at CANDIDATES: files are left unseen
     _prefix: str = field(init=False, default="")  # the inbox's path and a separator: names below it are relative
 
     def __post_init__(self) -> None:
@@ -259,6 +265,8 @@ class InboxWatcher:
         if now >= self._next_rescan:
             self._rescan(now)
             self._next_rescan = now + self.config.rescan_interval
+        elif self._more and len(self._candidates) < CANDIDATES // 2:
+            self._rescan(now)  # the rest of a huge inbox, now that claims have made room
         ready: list[Path] = []
         for path, cand in list(self._candidates.items()):
             key = self._key(path)
@@ -316,13 +324,31 @@ class InboxWatcher:
             cand.closed_key = None  # written again after a close (reopened to append): that close is void
 
     def _rescan(self, now: float, top: Path | None = None) -> None:
-        """The source of truth: events are hints, a directory walk finds whatever they missed."""
-        for dirpath, dirnames, filenames in os.walk(top or self.inbox, onerror=self._unreadable):
-            dirnames[:] = [d for d in dirnames if not is_ignored(d, self.config.ignore)]
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                if path not in self._candidates and not is_ignored(name, self.config.ignore):
-                    self._note(path, "seen", None, now)
+        """The source of truth: events are hints, a directory walk finds whatever they missed (up to CANDIDATES
+        files taken on; the walk reads one entry at a time, so a flat folder of a million is never listed)."""
+        self._more = False
+        folders = [str(top or self.inbox)]
+        while folders:
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        try:
+                            is_dir = entry.is_dir()
+                        except OSError:
+                            continue
+                        if is_ignored(entry.name, self.config.ignore):
+                            continue
+                        if is_dir:
+                            if not entry.is_symlink():  # as os.walk: a link to a folder is not followed
+                                folders.append(entry.path)
+                        elif entry.path not in self._candidates:
+                            if len(self._candidates) >= CANDIDATES:
+                                self._more = True
+                                return
+                            self._note(entry.path, "seen", None, now)
+            except OSError as exc:
+                self._unreadable(exc)
 
     def _unreadable(self, exc: OSError) -> None:
         """A folder the walk cannot list: its files would wait unseen, so say so (once per folder)."""

@@ -11,6 +11,7 @@ from loguru import logger
 from relaypacsd import requeue
 from relaypacsd.config import build_config
 from relaypacsd.daemon import Daemon
+from relaypacsd.errors import PacsUnreachable
 from relaypacsd.outcomes import Outcome
 from tests.dicomfactory import write_tagged
 from tests.helpers import ScriptedPacs, count, wait_until
@@ -232,3 +233,29 @@ def test_the_history_names_the_route_of_each_delivery_and_an_unmatched_files_ref
     assert (found[ct].outcome, found[ct].destination, found[ct].modality, found[ct].file) == (
         "refused", "", "CT", "ct.dcm")
     assert found[ct].reason.startswith("routing: no route matches this file")
+
+
+def test_routed_files_waiting_in_the_backlog_keep_their_route_and_reach_only_its_pacs(tmp_path):
+    """A window of 2 and 8 routed files, both PACS away: the 6 in the journal's backlog are taken in with their
+    route and their destinations (#14 item 7), each file once to its route's PACS only."""
+    daemon, main, breast = make(tmp_path, [MAMMO, DEFAULT], active_window=2)
+    for pacs in (main, breast):
+        pacs.probe_error = PacsUnreachable(f"PACS {pacs.name!r} unreachable: connection refused")
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+    daemon.start()
+    try:
+        sops = {name: drop(daemon, name, "MG" if i % 2 else "CT") for i, name in enumerate(f"f{i}.dcm" for i in range(8))}
+        assert wait_until(lambda: len(daemon.journal.paths_under(str(daemon.spools[0].sending))) == 8)
+        assert daemon.engine.window.held() == 2 and (main.calls, breast.calls) == ([], [])
+        for pacs in (main, breast):
+            pacs.probe_error = None
+            daemon.engine.destinations[pacs.name].set_health(True)  # as the next probe finds
+        assert wait_until(lambda: count(daemon.spools[0], "sent") == 8)
+    finally:
+        daemon.shutdown(timeout=5)
+        logger.remove(sink)
+    for i, name in enumerate(sorted(sops, key=lambda n: int(n[1:-4]))):
+        to, other = (breast, main) if i % 2 else (main, breast)
+        assert (to.received(sops[name]), other.received(sops[name])) == (1, 0), name
+    assert sum("routes=mammo" in line and "PACS forward breast delivered" in line for line in lines) >= 1

@@ -14,7 +14,7 @@ import pytest
 
 from relaypacsd.errors import LeaseLost
 from relaypacsd.history import HistoryQuery, HistoryRecord
-from relaypacsd.journal import JOURNAL_FILE, Journal, Update
+from relaypacsd.journal import JOURNAL_FILE, FileFacts, Journal, Update
 from relaypacsd.journal_sqlite import SqliteJournal
 
 
@@ -186,6 +186,111 @@ class TestMoves:
         assert journal.sop_of("/s/sending/a.dcm") == "1.2.3"
         assert journal.destinations()["orthanc"]["failed"] == 1
         assert "restored" in journal.history("/s/sending/a.dcm")[-1]["detail"]
+
+
+    def test_paths_under_comes_in_pages_in_order(self, journal):
+        """Start-up repair reads the rows of a million waiting files page by page, never all at once."""
+        names = [f"/s/sending/{n}.dcm" for n in ("a", "b/c", "b/d", "e")]
+        for name in reversed(names):
+            journal.ensure(name, ["x", "y"])
+        journal.ensure("/s/sending0/z.dcm", ["x"])  # sorts right after the folder's range
+        assert journal.paths_under("/s/sending", limit=3) == names[:3]
+        assert journal.paths_under("/s/sending", after=names[2], limit=3) == names[3:]
+        assert journal.paths_under("/s/sending", after=names[3], limit=3) == []
+
+
+FACTS = FileFacts(sop_class="1.2.840.10008.5.1.4.1.1.2", study="1.2.840.9", series="1.2.840.9.1", size=2082,
+                  digest="ab" * 32, patient_id="P-1", accession="A-1", modality="CT")
+
+
+def waiting(journal, path, dests=("orthanc",), sop="1.2.3", **kw):
+    """A validated file left outside the active window: rows with facts, in the backlog."""
+    return journal.ensure(path, list(dests), sop=sop, facts=kw.pop("facts", FACTS), backlog=True, **kw)
+
+
+class TestBacklog:
+    """What the engine needs to keep only an active window of files in memory (#14 item 7)."""
+
+    def test_a_file_is_taken_from_the_backlog_once_with_its_facts_and_rows(self, journal):
+        waiting(journal, "/s/sending/a.dcm", ("orthanc", "other"), first_seen=5.0)
+        [taken] = journal.take_backlog("orthanc", time.time(), 10)
+        assert (taken.path, taken.sop, taken.facts) == ("/s/sending/a.dcm", "1.2.3", FACTS)
+        assert states(taken.rows) == {"orthanc": "pending", "other": "pending"}
+        assert taken.rows["orthanc"].first_seen == 5.0
+        assert journal.take_backlog("orthanc", time.time(), 10) == []
+        assert journal.take_backlog("other", time.time(), 10) == []  # one file, one mark: taken for both
+
+    def test_files_come_due_first_then_in_the_order_they_came_within_the_limit(self, journal):
+        for n in ("c", "a", "d", "b"):
+            waiting(journal, f"/s/sending/{n}.dcm")
+        journal.apply([Update("/s/sending/d.dcm", "orthanc", "waiting", "transient", next_try=100.0),
+                       Update("/s/sending/a.dcm", "orthanc", "waiting", "transient", next_try=time.time() + 3600)])
+        page = journal.take_backlog("orthanc", time.time(), 2)
+        assert [b.path for b in page] == ["/s/sending/c.dcm", "/s/sending/b.dcm"]  # never tried: next_try 0
+        assert [b.path for b in journal.take_backlog("orthanc", time.time(), 10)] == ["/s/sending/d.dcm"]
+        assert journal.take_backlog("orthanc", time.time(), 10) == []  # a.dcm is not due yet
+        assert [b.path for b in journal.take_backlog("orthanc", time.time() + 7200, 10)] == ["/s/sending/a.dcm"]
+
+    def test_only_files_still_owed_there_are_taken_and_counted(self, journal):
+        waiting(journal, "/s/sending/a.dcm", ("orthanc", "other"))
+        waiting(journal, "/s/sending/b.dcm", ("orthanc",))
+        journal.apply([Update("/s/sending/a.dcm", "orthanc", "delivered", "delivered"),
+                       Update("/s/sending/b.dcm", "orthanc", "failed", "failed")])
+        assert journal.backlog_counts(["orthanc", "other", "none"]) == {"orthanc": 0, "other": 1, "none": 0}
+        assert journal.backlogged(["/s/sending/a.dcm", "/s/sending/b.dcm", "/s/x.dcm"]) == {"/s/sending/a.dcm"}
+        assert journal.take_backlog("orthanc", time.time(), 10) == []
+        [taken] = journal.take_backlog("other", time.time(), 10)
+        assert states(taken.rows) == {"orthanc": "delivered", "other": "pending"}
+
+    def test_files_in_the_window_are_not_in_the_backlog_until_put_back(self, journal):
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3", facts=FACTS, backlog=False)
+        waiting(journal, "/s/sending/b.dcm")
+        assert journal.backlogged(["/s/sending/a.dcm", "/s/sending/b.dcm"]) == {"/s/sending/b.dcm"}
+        assert journal.backlog_counts(["orthanc"]) == {"orthanc": 1}
+        journal.to_backlog(["/s/sending/a.dcm"])
+        journal.to_backlog([])
+        assert journal.backlog_counts(["orthanc"]) == {"orthanc": 2}
+        assert {b.path for b in journal.take_backlog("orthanc", time.time(), 10)} == {"/s/sending/a.dcm",
+                                                                                      "/s/sending/b.dcm"}
+
+    def test_ensure_of_a_file_again_places_it_and_updates_its_facts(self, journal):
+        waiting(journal, "/s/sending/a.dcm", ("orthanc", "other"))
+        newer = FileFacts(sop_class="1.2.840.10008.5.1.4.1.1.4", study="1.2.840.10", series="1.2.840.10.1", size=4000,
+                          digest="cd" * 32)
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3", facts=newer, backlog=False)
+        assert journal.backlogged(["/s/sending/a.dcm"]) == set()  # at the inactive PACS too: one mark per file
+        journal.to_backlog(["/s/sending/a.dcm"])
+        [taken] = journal.take_backlog("other", time.time(), 10)
+        assert taken.facts == newer
+
+    def test_a_taken_file_keeps_its_route_and_the_dashboard_counts_the_backlog_per_folder(self, journal):
+        waiting(journal, "/s/sending/a.dcm", ("a", "b"), first_seen=7.0, route="mammo", keep=True)
+        waiting(journal, "/s/sending/x/b.dcm", ("a",), sop="4.5.6", first_seen=5.0)
+        waiting(journal, "/s/sending2/c.dcm", ("a",), sop="7.8.9", first_seen=1.0)  # another root
+        journal.ensure("/s/sending/d.dcm", ["a"], sop="9.9", facts=FACTS, backlog=False, first_seen=0.5)  # held
+        assert journal.backlog_under("/s/sending") == (2, 5.0)
+        assert journal.backlog_under("/s/inbox") == (0, None)
+        taken = {b.path: b for b in journal.take_backlog("a", time.time(), 10)}
+        assert {r.route for r in taken["/s/sending/a.dcm"].rows.values()} == {"mammo"}
+
+    def test_rows_without_facts_are_taken_as_such(self, journal):
+        """Rows an older journal wrote know no study, size or digest: the file must be read again."""
+        journal.ensure("/s/sending/a.dcm", ["orthanc"], sop="1.2.3")
+        journal.to_backlog(["/s/sending/a.dcm"])
+        [taken] = journal.take_backlog("orthanc", time.time(), 10)
+        assert taken.facts is None and taken.sop == "1.2.3"
+
+    def test_moved_or_forgotten_files_leave_the_backlog_and_a_copy_is_not_in_it(self, journal):
+        waiting(journal, "/s/sending/a.dcm")
+        waiting(journal, "/s/sending/b.dcm")
+        journal.update("/s/sending/a.dcm", "orthanc", state="failed", event="failed")
+        journal.rename("/s/sending/a.dcm", "/s/failed/a.dcm")
+        journal.forget("/s/sending/b.dcm")
+        assert journal.backlog_counts(["orthanc"]) == {"orthanc": 0}
+        journal.reset_failed("/s/failed/a.dcm")
+        assert journal.backlog_counts(["orthanc"]) == {"orthanc": 0}  # never taken from failed/
+        assert journal.copy("/s/failed/a.dcm", "/s/sending/a.dcm", "t1")
+        assert journal.backlogged(["/s/sending/a.dcm"]) == set()  # a retried file is validated again first
 
 
 class TestRoutes:
@@ -481,6 +586,39 @@ class TestNodes:
         b.forget("ct/sending/2.dcm")
         assert a.owners(["ct/sending/zip/1.dcm", "ct/failed/zip/1.dcm", "ct/sending/2.dcm"]) == {}
         assert a.node("a").files == 0
+
+    def test_a_node_takes_from_the_backlog_only_its_own_files_and_a_taker_those_of_the_dead(self, opener):
+        """Each file sent once per PACS by one node (#14): a node's window takes in only what it owns."""
+        a, b = opener(), opener()
+        a.join("a", "h", 1, 0)
+        b.join("b", "h", 2, 0)
+        a.fence("a", 1)
+        b.fence("b", 1)
+        a.claimed("a", [], ["ct/sending/a1.dcm"])
+        b.claimed("b", [], ["ct/sending/b1.dcm", "ct/sending/b2.dcm"])
+        waiting(a, "ct/sending/a1.dcm", sop="1.1")
+        waiting(b, "ct/sending/b1.dcm", sop="2.1")
+        waiting(b, "ct/sending/b2.dcm", sop="2.2")
+        everything = {"ct/sending/a1.dcm", "ct/sending/b1.dcm", "ct/sending/b2.dcm"}
+        # Any node's untracked scan must leave a file in anyone's backlog alone.
+        assert a.backlogged(sorted(everything)) == everything
+        if not a.shared:  # alone on its spool (SQLite) a node owns every file
+            assert {t.path for t in a.take_backlog("orthanc", time.time(), 10)} == everything
+            return
+        assert a.backlog_counts(["orthanc"]) == {"orthanc": 1} and b.backlog_counts(["orthanc"]) == {"orthanc": 2}
+        assert a.backlog_under("ct/sending") == (1, a.rows("ct/sending/a1.dcm")["orthanc"].first_seen)
+        assert [t.path for t in a.take_backlog("orthanc", time.time(), 10)] == ["ct/sending/a1.dcm"]
+        assert [t.path for t in b.take_backlog("orthanc", time.time(), 1)] == ["ct/sending/b1.dcm"]
+        time.sleep(0.5)  # b falls silent with b2 in its backlog
+        a.beat("a", 1, {})
+        assert a.take_over("a", 1, 0.4) == {"b": 2}
+        assert a.backlog_counts(["orthanc"]) == {"orthanc": 1}
+        with pytest.raises(LeaseLost):  # b, fenced out, takes nothing and marks nothing
+            b.take_backlog("orthanc", time.time(), 10)
+        with pytest.raises(LeaseLost):
+            b.to_backlog(["ct/sending/b1.dcm"])
+        assert [t.path for t in a.take_backlog("orthanc", time.time(), 10)] == ["ct/sending/b2.dcm"]
+        assert a.backlogged(sorted(everything)) == set()
 
 
 def record(t=1000.0, **fields: Any) -> HistoryRecord:

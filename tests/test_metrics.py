@@ -27,7 +27,7 @@ def _fake_snapshot(tmp_path):
     spool.prepare()
     dest = SimpleNamespace(name="pacs1", healthy=False, down_reason="refused", queued=lambda: 3,
                            sender=SimpleNamespace(target="http://127.0.0.1:1/dicom-web"))
-    engine = SimpleNamespace(destinations={"pacs1": dest}, in_flight=lambda: 2)
+    engine = SimpleNamespace(destinations={"pacs1": dest}, in_flight=lambda: 2, backlog=lambda: 1)
     ready = threading.Event()
     ready.set()
     return (lambda: take([spool], engine, {"sent": 4, "failed": 1}, ready.is_set(), lambda: True, time.monotonic(),
@@ -56,6 +56,7 @@ def test_spool_gauges_and_health(tmp_path, monkeypatch):
     assert s[("relaypacsd_destination_up", (("pacs", "pacs1"),))] == 0
     assert s[("relaypacsd_destination_queued", (("pacs", "pacs1"),))] == 3
     assert s[("relaypacsd_files_settled_total", (("folder", "sent"),))] == 4
+    assert s[("relaypacsd_in_flight", ())] == 2 and s[("relaypacsd_backlog", ())] == 1
     dest.healthy = True  # read at scrape time
     assert _samples(m)[("relaypacsd_destination_up", (("pacs", "pacs1"),))] == 1
 

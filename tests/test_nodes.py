@@ -121,7 +121,7 @@ class TestNode:
         node = Node(_config(tmp_path), journal)
         node.join()
         paths = [tmp_path / "spool" / "sending" / f"{i}.dcm" for i in range(3)]
-        assert node.mine(paths) == paths and node.reserve(paths) == set(paths)
+        assert node.mine(paths) == paths and node.reserve(paths) is None  # None: every one of them
 
 
 def test_nodes_as_status_and_the_metrics_show_them(tmp_path, journal):
@@ -272,9 +272,11 @@ def test_status_shows_every_node_and_its_view_of_each_pacs(tmp_path, capsys):
 
 
 def test_a_sweep_queues_only_this_nodes_files_and_adopts_the_unowned_after_a_grace(tmp_path):
-    """recovery.queue_untracked with a shared journal's ownership (the 70 s outage bug: each node took all)."""
-    from relaypacsd import recovery
+    """The untracked scan with a shared journal's ownership (the 70 s outage bug: each node took all)."""
+    import threading
+
     from relaypacsd.spool import Spool
+    from relaypacsd.untracked import UntrackedScan
 
     spool = Spool(tmp_path / "spool")
     spool.prepare()
@@ -285,5 +287,7 @@ def test_a_sweep_queues_only_this_nodes_files_and_adopts_the_unowned_after_a_gra
                               adopt=lambda name, epoch, keys, grace: [])
     node = Node(_config(tmp_path), journal)  # type: ignore[arg-type]
     queued = []
-    assert recovery.queue_untracked([spool], lambda p: False, lambda s, p: queued.append(p.name), node.mine) == 1
+    scan = UntrackedScan([spool], lambda p: False, lambda keys: set(), lambda s, p: queued.append(p.name),
+                         threading.Event(), mine=node.mine)
+    assert scan.scan() == 1
     assert queued == ["mine.dcm"]

@@ -35,7 +35,7 @@ class _QuietPacs:
 def _engine(healthy: bool = True, in_flight: int = 0):
     dest = SimpleNamespace(name="pacs1", healthy=healthy, down_reason="" if healthy else "connection refused",
                            queued=lambda: 3, sender=SimpleNamespace(target="http://127.0.0.1:1/dicom-web"))
-    return SimpleNamespace(destinations={"pacs1": dest}, in_flight=lambda: in_flight)
+    return SimpleNamespace(destinations={"pacs1": dest}, in_flight=lambda: in_flight, backlog=lambda: 0)
 
 
 def _daemon(tmp_path: Path) -> Daemon:

@@ -224,3 +224,18 @@ def test_oldest_waiting_counts_from_the_arrival_not_from_a_copied_mtime(tmp_path
     counts, oldest = s.stats()
     assert counts["sending"] == 1 and oldest is not None and oldest < 60
     assert spool_mod.age_seconds(tmp_path / "gone.dcm") is None
+
+
+def test_walk_finds_what_files_finds_without_listing_a_folder(tmp_path):
+    """walk() is files() in directory order, one entry at a time (a million files in a flat sending/, #14)."""
+    spool = Spool(tmp_path / "root")
+    spool.prepare()
+    for rel in ("a.dcm", "s1/b.dcm", "s1/s2/c.dcm", "s3/d.dcm"):
+        (spool.sending / rel).parent.mkdir(parents=True, exist_ok=True)
+        (spool.sending / rel).write_bytes(b"x")
+    (spool.sending / "a.dcm.error.json").write_text("{}")
+    (spool.sending / ".relaypacs-tmp").write_text("")
+    (spool.sending / "empty").mkdir()
+    (spool.sending / "link").symlink_to(spool.sending / "s1")  # a link to a folder is not followed
+    assert sorted(spool.walk("sending")) == list(spool.files("sending"))
+    assert spool.empty_folders("sending") == [spool.sending / "empty"]

@@ -349,6 +349,29 @@ def test_a_folder_gone_before_its_event_is_handled_is_not_reported_unreadable(tm
     assert lines == []
 
 
+def test_a_huge_inbox_is_taken_on_in_bounded_steps_and_every_file_once(tmp_path, monkeypatch):
+    """A million files copied in while the daemon was stopped: a rescan takes on at most CANDIDATES of them
+    (each is stat'ed at every tick until it settles), and walks on once claims have made room (#14 item 7)."""
+    monkeypatch.setattr("relaypacsd.watcher.CANDIDATES", 10)
+    w = make(tmp_path, settle=1, rescan_interval=3600)
+    files = set()
+    for i in range(35):
+        f = w.inbox / f"s{i % 3}" / f"im{i}.dcm"
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"x")
+        files.add(f)
+    seen: list[Path] = []
+    now = 100.0
+    for _ in range(20):
+        ready = w.tick(now=now)
+        assert w.pending() <= 10
+        for f in ready:  # claimed: gone from the inbox
+            f.unlink()
+        seen += ready
+        now += 1.5  # the settle time passes; the hourly rescan does not come
+    assert sorted(seen) == sorted(files)  # each exactly once
+
+
 @pytest.mark.parametrize("extra", [(), ("*.raw", "SCRATCH*"), ("[ab]?.dcm",)])
 def test_the_compiled_ignore_patterns_say_what_fnmatch_says(extra):
     """is_ignored runs per event: its one regular expression must agree with fnmatch over each pattern."""

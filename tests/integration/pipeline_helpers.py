@@ -25,12 +25,15 @@ def pacs_table(server: LocalOrthanc, *, type: str = "orthanc", **extra: Any) -> 
 
 
 def make_config(root: Path, pacs: dict[str, dict[str, Any]], *, watch: dict[str, Any] | None = None,
-                env: dict[str, str] | None = None, **delivery: Any) -> Config:
-    """A validated Config with one watch root and fast timers."""
-    raw = {"daemon": {"state_dir": str(root / "state"), "heartbeat_interval": 1.0},
-           "delivery": {**FAST, **delivery},
-           "watch": [{"path": str(root / "spool"), "settle_seconds": 0.3, "poll_interval": 0.2, **(watch or {})}],
-           "pacs": pacs}
+                env: dict[str, str] | None = None, journal: dict[str, Any] | None = None, **delivery: Any) -> Config:
+    """A validated Config with one watch root and fast timers (`journal`: its [journal] table, e.g. a url)."""
+    raw: dict[str, Any] = {"daemon": {"state_dir": str(root / "state"), "heartbeat_interval": 1.0},
+                           "delivery": {**FAST, **delivery},
+                           "watch": [{"path": str(root / "spool"), "settle_seconds": 0.3, "poll_interval": 0.2,
+                                      **(watch or {})}],
+                           "pacs": pacs}
+    if journal is not None:
+        raw["journal"] = journal
     return build_config(raw, env or {})
 
 

@@ -51,6 +51,40 @@ def test_a_pacs_outage_with_two_gateways_sends_each_file_once(tmp_path, share, c
     assert all(log_lines(p, "delivered") for p in procs), "both nodes took part"
 
 
+def _backlog_of(postgres, node: str) -> int:
+    """How many files wait in `node`'s backlog (outside its active window), by the journal."""
+    out = postgres.psql("SELECT COUNT(DISTINCT d.path) FROM deliveries d JOIN owners o ON o.key = d.path "
+                        f"WHERE d.backlog = 1 AND o.node = '{node}' AND o.kind = 'owned'").strip()
+    return int(out or 0)
+
+
+def test_an_outage_longer_than_two_windows_with_a_node_killed_sends_each_file_once(tmp_path, share, counting_orthanc,
+                                                                                   clean_postgres):
+    """#14 item 7 with several gateways: windows of 20, 200 files waiting through an outage, most of them in the
+    nodes' backlogs; one node is killed with files in its backlog, the other takes them over with their rows
+    and sends them; each file arrives once."""
+    procs = start_nodes(_nodes(tmp_path, share, counting_orthanc, clean_postgres, active_window=20))
+    survivor, killed = procs
+    try:
+        counting_orthanc.stop()
+        sops = drop(share, 200)
+        wait_for(lambda: len(list((share.spool / "sending").rglob("*.dcm"))) == 200, timeout=30)
+        wait_for(lambda: _backlog_of(clean_postgres, "gw-b") > 0 and _backlog_of(clean_postgres, "gw-a") > 0,
+                 timeout=20, message=lambda: "\n".join(daemon_log(p)[-2500:] for p in procs))
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        wait_for(lambda: log_lines(survivor, "took over its"), timeout=30,
+                 message=lambda: daemon_log(survivor)[-2500:])
+        counting_orthanc.restart()
+        all_sent(share, 200, [survivor])
+    finally:
+        for proc in procs:
+            stop_daemon(proc)
+    received = counting_orthanc.received()
+    assert sorted(received) == sorted(sops) and set(received.values()) == {1}, received.most_common(3)
+    assert_each_file_once(share, 200)
+
+
 def _status(config) -> dict:
     """`relaypacsd status --json` of one node's config, as an operator runs it."""
     import json

@@ -1,0 +1,137 @@
+"""What the engine holds: valid files submitted by validation or taken from the journal's backlog, each queued
+at the PACS that owe it, and the files it lets go back to the backlog. The window (window.py) says how many
+may be held; this says what becomes of each file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from relaypacsd.dicomfile import DicomInfo
+from relaypacsd.eviction import let_go
+from relaypacsd.fate import owed
+from relaypacsd.journal import Backlogged, DeliveryRow, FileFacts
+from relaypacsd.queues import Item
+from relaypacsd.routing import RouteDecision, Unrouted, inactive_reason, kept_inactive_reason, unmatched_reason
+from relaypacsd.spool import Spool
+from relaypacsd.window import Admission
+
+if TYPE_CHECKING:
+    from relaypacsd.delivery import Engine
+
+
+class Holder:
+    """The engine's side of the window: submissions, take-ins from the backlog, let-gos."""
+
+    def __init__(self, engine: "Engine", spools: list[Spool], revalidate: Callable[[Spool, Path], None] | None):
+        self.engine = engine
+        self.spools = spools  # where files taken from the backlog live
+        self._revalidate = revalidate  # a file the backlog cannot describe (rows of an older journal) is read again
+
+    def submit(self, path: Path, spool: Spool, info: DicomInfo, route: RouteDecision | None = None) -> None:
+        """Hold a valid file in sending/ and queue it for every destination that has not confirmed it: every
+        active one, or with `route` (routing configured) its route's. A file that has journal rows keeps the
+        destinations it was given (a reload's routes apply to files claimed after it); Unrouted when it is
+        left with no active destination (no route matched, or none of its PACS is active). When the active
+        window is full, or files wait in the backlog before it, it waits there (its rows say so)."""
+        window, dests = self.engine.window, self.engine.destinations
+        admission = window.admit(path)
+        facts = FileFacts(info.sop_class_uid, info.study_instance_uid, info.series_instance_uid, info.size, info.digest,
+                          info.patient_id, info.accession_number, info.modality)
+        backlog = admission is Admission.BACKLOG and bool(dests)
+        try:
+            if route is None or not dests:  # PACS_ENABLED=false: validated and parked, as without routes
+                rows = self.engine.journal.ensure(str(path), dests, sop=info.sop_instance_uid, facts=facts,
+                                                  backlog=backlog)
+            else:
+                rows = self.engine.journal.ensure(str(path), [d for d in route.destinations if d in dests],
+                                                  sop=info.sop_instance_uid, route=route.name, keep=True,
+                                                  facts=facts, backlog=backlog)
+                _check_routed(rows, dests, route)
+        except BaseException:
+            if admission is Admission.IN:
+                window.cancel()
+            raise
+        if admission is Admission.HELD:
+            return  # already queued (a rescan of sending/ found it again)
+        if admission is Admission.BACKLOG:
+            owed_at = [d for d, r in rows.items() if d in dests and owed(r.state)]
+            if owed_at:
+                window.spilled(owed_at)
+                return
+            if not dests:
+                return  # PACS_ENABLED=false: validated and left in sending/; the window holds what it can
+        self.queue(path, spool, info, rows, reserved=admission is Admission.IN, routed=route is not None)
+
+    def queue(self, path: Path, spool: Spool, info: DicomInfo, rows: dict[str, DeliveryRow], reserved: bool,
+              routed: bool, now_due: bool = False) -> None:
+        """Hold a file in the window and queue it at each destination that owes it (`now_due`: at once, whatever
+        its next try said); one settled everywhere goes to the finisher. `routed`: it goes to the destinations
+        its rows name (its route's), not to every active one."""
+        dests = self.engine.destinations
+        targets = frozenset(d for d in rows if d in dests) if routed and dests else frozenset()
+        route = next((r.route for r in rows.values() if r.route), "") if routed else ""  # '' for rows before routing
+        now_wall, now_mono = time.time(), time.monotonic()
+        first_seen = min((r.first_seen for r in rows.values()), default=now_wall)
+        born = now_mono - max(0.0, now_wall - first_seen)
+        pending = {d for d, r in rows.items() if d in dests and owed(r.state)}
+        item = Item(path=path, spool=spool, info=info, born=born, pending=set(pending), first_seen=first_seen,
+                    route=route, targets=targets)
+        if not self.engine.window.add(item, reserved):
+            return  # already queued (a rescan of sending/ found it again)
+        if not dests:
+            return  # PACS_ENABLED=false: validated and parked in sending/
+        if not pending:
+            item.done = True
+            self.engine._hand_over([item])
+            return
+        # A PACS that is down first: one that is up may send and settle the file at once, and the look whether the
+        # others can send it soon (let_go) must find it queued there already.
+        for name in sorted(pending, key=lambda n: dests[n].healthy):
+            row = rows[name]
+            at = now_mono + max(0.0, row.next_try - now_wall) if row.state == "waiting" and not now_due else 0.0
+            dests[name].put(item, at)
+
+    def take_in(self, page: list[Backlogged], now_due: bool) -> None:
+        """Hold and queue the files the refill took from the backlog, described by their rows (not read again)."""
+        for b in page:
+            self.engine.window.taken([d for d, r in b.rows.items() if owed(r.state)])
+            path = Path(b.path)
+            spool = next((s for s in self.spools if path.is_relative_to(s.sending)), None)
+            if spool is None:
+                continue  # its watch root is no longer configured
+            routed = bool(self.engine.config.routes)
+            if b.facts is None or (not routed and any(d not in b.rows for d in self.engine.destinations)):
+                # Rows an older journal wrote, or a PACS added since: validation reads it and writes its rows.
+                if self._revalidate is not None:
+                    self._revalidate(spool, path)
+                continue
+            f = b.facts  # what delivery and its records read (not the transfer syntax: C-STORE reads the file's)
+            info = DicomInfo(sop_class_uid=f.sop_class, sop_instance_uid=b.sop, study_instance_uid=f.study,
+                             series_instance_uid=f.series, transfer_syntax_uid="", size=f.size, digest=f.digest,
+                             patient_id=f.patient_id, accession_number=f.accession, modality=f.modality)
+            self.queue(path, spool, info, b.rows, reserved=False, routed=routed, now_due=now_due)
+
+    def let_go(self, items: list[Item]) -> int:
+        """Put held files that no PACS can send soon (down, or a retry beyond the next sweep) back in the backlog;
+        return how many went."""
+        engine = self.engine
+        gone = let_go(items, engine.destinations, time.monotonic() + engine.config.delivery.retry_sweep_interval)
+        if gone:
+            # Out of the window before the mark: the refill must not find a file that is still held.
+            engine.window.remove(gone)
+            engine.journal.to_backlog([str(i.path) for i in gone])
+            for item in gone:
+                engine.window.spilled(sorted(item.pending))
+        return len(gone)
+
+
+def _check_routed(rows: dict[str, DeliveryRow], dests: Mapping[str, object], route: RouteDecision) -> None:
+    """Raise Unrouted when a routed file is left with no active destination."""
+    if any(d in dests for d in rows):
+        return
+    name = next((r.route for r in rows.values() if r.route), "")
+    if rows:
+        raise Unrouted(kept_inactive_reason(name, sorted(rows)), route, name)
+    raise Unrouted(inactive_reason(route) if route.matched else unmatched_reason(route), route)
