@@ -121,7 +121,7 @@ class TestNode:
         node = Node(_config(tmp_path), journal)
         node.join()
         paths = [tmp_path / "spool" / "sending" / f"{i}.dcm" for i in range(3)]
-        assert node.mine(paths) == paths and node.reserve(paths) is None  # None: every one of them
+        assert node.mine(paths) == paths and node.reserve(paths) == set(paths)
 
 
 def test_nodes_as_status_and_the_metrics_show_them(tmp_path, journal):
