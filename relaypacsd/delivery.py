@@ -1,6 +1,6 @@
-"""Deliver claimed files to every active destination: take batches, send, record each instance's outcome as
-fate.py decides, hand settled files to the finisher. The per-PACS queues live in queues.py, one batch's
-delivery in batches.py, the UID-conflict check in conflicts.py, the moves in finishing.py."""
+"""Deliver claimed files to every active destination: take batches, send, have each instance's outcome recorded,
+sweep and probe. The per-PACS queues live in queues.py, one batch's delivery in batches.py, the UID-conflict check
+in conflicts.py, the journal writes that fate.py decides in recording.py, the moves in finishing.py."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from relaypacsd.config import Config
 from relaypacsd.conflicts import CONFLICT_NEXT_STEP, UidChecked
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import JournalError
-from relaypacsd.fate import instance_fate
 from relaypacsd.finishing import Finisher
 from relaypacsd.holding import Holder
 from relaypacsd.journal import Journal, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.queues import Destination, Item
-from relaypacsd.records import changed_update, log_attempt, update_for
+from relaypacsd.recording import Recorder
+from relaypacsd.records import log_attempt
 from relaypacsd.routing import RouteDecision
 from relaypacsd.spool import Spool
 from relaypacsd.window import Window
@@ -49,8 +49,10 @@ class Engine:
                              lambda: {n: d.healthy for n, d in self.destinations.items()}, self.holder.take_in)
         self._items = self.window.items
         self._items_lock = self.window.lock
-        self._recording = threading.Lock()  # see _record_many
         self.finisher = Finisher(journal, self.destinations, self._untrack, self._finished)
+        # Through the engine's methods, so tests that replace _hand_over see the hand-overs.
+        self.recorder = Recorder(config, journal, self.window, self.destinations,
+                                 lambda items: self._hand_over(items), self.let_go, self._settled, self._changed)
         self.on_finished: Callable[[Item, str], None] | None = None
         # A file changed or vanished in sending/ after validation, dropped here: (item, gone).
         self.on_changed: Callable[[Item, bool], None] | None = None
@@ -216,84 +218,25 @@ class Engine:
             except Exception:  # an observer must never break delivery
                 logger.exception("batch observer failed")
 
-    # -- outcomes -> states --------------------------------------------------------------------------
+    # -- outcomes -> states (recording.Recorder; kept as methods so tests can slow or watch them) ------------
 
     def _record_many(self, dest: Destination, pairs: list[tuple[Item, InstanceResult]],
                      duration_ms: float | None = None) -> None:
-        """Turn each instance's outcome at one destination into journal state and history (one commit) and, for
-        the files that have settled everywhere, a folder move. `duration_ms`: the request's that answered."""
-        cfg = self.config.delivery
-        # The look at which files are still tracked and the commit are one step for _drop_changed: a file
-        # dropped in between gets a new version's rows under its name, which this answer must not update.
-        with self._recording:
-            with self._items_lock:  # a file dropped meanwhile (it changed): its answer is about an old version
-                dropped = [(item, r) for item, r in pairs if self._items.get(item.path) is not item]
-                pairs = [(item, r) for item, r in pairs if self._items.get(item.path) is item]
-            # Yet the PACS has those old bytes under the UID now: remembered, so the new version conflicts there.
-            self.journal.remember([changed_update(dest.name, item, r, cfg, duration_ms)
-                                   for item, r in dropped if r.outcome.delivered])
-            if not pairs:
-                return
-            rows = self.journal.rows_at(dest.name, [str(item.path) for item, _ in pairs])
-            updates: list[Update] = []
-            settled: list[tuple[Item, Update]] = []
-            parked: list[tuple[Item, float]] = []
-            for item, result in pairs:
-                row = rows.get(str(item.path))
-                attempt = (row.attempts if row else 0) + 1
-                fate = instance_fate(result.outcome, attempt, time.monotonic() - item.born, cfg.max_age_hours * 3600)
-                update, delay = update_for(dest.name, item, result, fate, cfg, attempt=attempt, duration_ms=duration_ms)
-                updates.append(update)
-                if delay is None:
-                    settled.append((item, update))
-                else:
-                    parked.append((item, delay))
-            self.journal.apply(updates)
-        if settled and self.on_settled is not None:
+        self.recorder.record(dest, pairs, duration_ms)
+
+    def _drop_changed(self, item: Item, result: Changed) -> None:
+        self.recorder.drop_changed(item, result)
+
+    def _settled(self, dest: Destination, settled: list[tuple[Item, Update]]) -> None:
+        if self.on_settled is not None:
             try:
                 self.on_settled(dest, settled)
             except Exception:  # an observer must never break delivery
                 logger.exception("settled observer failed")
-        for item, delay in parked:
-            if not item.done:  # dropped meanwhile (changed in sending/): it must not come back
-                dest.put(item, time.monotonic() + delay)
-        finishing, owed_elsewhere = [], []
-        for item, update in settled:
-            with item.lock:
-                item.settled[dest.name] = update
-                item.pending.discard(dest.name)
-                if item.pending and not item.done:
-                    owed_elsewhere.append(item)
-                if item.pending or item.done:
-                    continue
-                item.done = True
-            finishing.append(item)
-        self._hand_over(finishing)
-        if owed_elsewhere:  # owed only to PACS that are down: they wait in the backlog for their return
-            self.let_go(owed_elsewhere)
 
-    def _drop_changed(self, item: Item, result: Changed) -> None:
-        """Take a file that changed or vanished since its validation out of every queue and the journal, and
-        hand it back (on_changed): validated again as a new version, or forgotten."""
-        with item.lock:
-            if item.done:  # settled everywhere meanwhile: its move decides
-                return
-            item.done = True
-        for dest in self.destinations.values():
-            dest.drop(item)
-        # Rows of PACS that confirmed the old version go too: what sits in sending/ now is another file, which
-        # no PACS has confirmed; marking it delivered would move an unsent file to sent/.
-        with self._recording, self._items_lock:
-            self.journal.forget(str(item.path))
-            if self._items.get(item.path) is item:
-                del self._items[item.path]
-        self.window.remove([])  # room for the refill
-        what = "was removed" if result.gone else "changed"
-        then = "forgotten" if result.gone else "it is validated again"
-        logger.warning("{} {} in sending/ after validation ({}): not sent; {}", item.spool.relative(item.path),
-                       what, result.reason, then)
+    def _changed(self, item: Item, gone: bool) -> None:
         if self.on_changed:
-            self.on_changed(item, result.gone)
+            self.on_changed(item, gone)
 
     # -- sweep and health --------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from tests.dicomfactory import write_study
 from tests.helpers import ScriptedPacs, count, wait_until
 
 
-def setup(tmp_path, senders, n, window, **delivery):
+def setup(tmp_path, senders, n, window, state=None, **delivery):
     config = build_config({"watch": [{"path": str(tmp_path / "root")}],
                            "delivery": {"retry_delay": 0.01, "workers_per_pacs": 1, "batch_max_instances": 4,
                                         "active_window": window, **delivery},
@@ -27,7 +27,7 @@ def setup(tmp_path, senders, n, window, **delivery):
     spool.prepare()
     write_study(spool.sending, n)
     revalidated = []
-    engine = Engine(config, open_journal(tmp_path / "state"), {s.name: s for s in senders}, spools=[spool],
+    engine = Engine(config, open_journal(state or tmp_path / "state"), {s.name: s for s in senders}, spools=[spool],
                     revalidate=lambda s, p: revalidated.append(p))
     return engine, spool, revalidated
 
@@ -135,9 +135,7 @@ def test_a_new_engine_takes_the_backlog_from_the_journal_without_reading_the_fil
     engine.destinations["orthanc"].set_health(False, "away")
     submit_all(engine, spool)
     engine.journal.close()
-    later, _, revalidated = setup(tmp_path / "again", [pacs], n=0, window=2)
-    later.journal.close()
-    later.journal = later.window._journal = later.finisher.journal = open_journal(tmp_path / "state")
+    later, _, revalidated = setup(tmp_path / "again", [pacs], n=0, window=2, state=tmp_path / "state")
     later.holder.spools = [spool]
     monkeypatch.setattr(dicomfile, "inspect", lambda *a, **k: pytest.fail("a file was read again"))
     later.start()
