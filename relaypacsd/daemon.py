@@ -1,4 +1,5 @@
-"""The daemon: wires watchers, validation, delivery and scheduled jobs; handles signals and shutdown."""
+"""The daemon: conducts one generation of running pieces (generation.py) at a time: start, reload, let go of a
+lost lease, shutdown; signals, systemd, the metrics and web servers, the snapshot and the heartbeat."""
 
 from __future__ import annotations
 
@@ -12,29 +13,17 @@ from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd import auditing, recovery, retention, routing
+from relaypacsd import auditing
 from relaypacsd import reload as reloading
 from relaypacsd.audit_syslog import AuditCounters
 from relaypacsd.config import Config
-from relaypacsd.delivery import Engine, Item
-from relaypacsd.errors import ConfigError, JournalError
-from relaypacsd.folders import EmptiedFolders
+from relaypacsd.generation import Generation
 from relaypacsd.heartbeat import write_heartbeat
-from relaypacsd.intake import VALIDATOR, Intake
-from relaypacsd.jobs import Jobs
-from relaypacsd.journal import journal_for
 from relaypacsd.models import Sender
-from relaypacsd.nodes import journal_shown, what_to_check
-from relaypacsd.nodes_gateway import Gateway
-from relaypacsd.scanning import Scanner
-from relaypacsd.untracked import UntrackedScan
 from relaypacsd.notify import Notifier
 from relaypacsd.pauses import PauseFollower
-from relaypacsd.senders import build_sender
 from relaypacsd.snapshot import Folders, Snapshot, heartbeat_body, kept_folders, systemd_status, take
 from relaypacsd.spool import Spool
-from relaypacsd.validation import Validation
-from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
     from relaypacsd.metrics import Metrics
@@ -68,81 +57,26 @@ class Daemon:
         self.pauses = PauseFollower(self.state_dir)  # state_dir stays across reloads
 
     def _build(self, config: Config) -> None:
-        """Create the running pieces (spools, watchers, journal, engine, scheduler) from `config`; start nothing."""
-        senders = self._senders
+        """Create the running pieces from `config` (a new Generation); start nothing."""
         self.config = config
         self.state_dir = Path(config.daemon.state_dir)
-        self.stop_event = threading.Event()  # stops this generation's threads (a reload makes a new one)
-        self.spools = [Spool(Path(w.path)) for w in config.watch]
-        # Each watcher sets its own event when a file may have completed: its scanner need not wait for scanning.TICK.
-        self.watchers = [InboxWatcher(s.inbox, w, threading.Event()) for s, w in zip(self.spools, config.watch)]
-        self._settle = {s.root: w.settle_seconds for s, w in zip(self.spools, config.watch)}
-        try:
-            self.journal = journal_for(config)
-        except JournalError as exc:
-            if config.journal.url:
-                raise ConfigError(f"journal.url = {journal_shown(config)}: cannot use the journal ({exc}): "
-                                  f"{what_to_check(config)}") from None
-            raise ConfigError(f"daemon.state_dir = {str(self.state_dir)!r}: cannot keep the journal there ({exc}): "
-                              "make the folder writable by the service user") from None
-        if senders is None:
-            active = config.active() if config.delivery.enabled else []
-            senders = {p.name: build_sender(p) for p in active}
-        self.engine = Engine(config, self.journal, senders, spools=self.spools, revalidate=self._queue_intake)
-        self.engine.on_finished = self._on_finished
-        self.engine.on_changed = self._on_changed
-        self.gateway = Gateway(config, self.journal, self.spools, self.engine, self._request_let_go)
-        if self.audit.enabled:
-            self.engine.on_settled = lambda dest, settled: self.audit.settled(dest, settled)
-        self.folders = EmptiedFolders(self._settle)  # removed at the next sweep once quiet
-        self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
-        if self.metrics is not None:
-            self.engine.on_batch = self.metrics.observe_batch
-        self.validation = Validation(config, self.engine, self.counters, self._settle, self._queue_intake,
-                                     self._may_be_empty)
-        self._growing, self._grown = self.validation._growing, self.validation._grown  # tests look at them
-        self.intake = Intake(lambda spool, path: self._validate(spool, path))
-        self.intake.on_journal_error = self.gateway.node.journal_failed
-        self._intake = self.intake.queue  # tests look at (and count) the queue itself
-        self.untracked = UntrackedScan(self.spools, self.engine.known, self.journal.backlogged, self._queue_claimed,
-                                       self.stop_event, self.validation.waiting, self.gateway.node.mine)
-        self.untracked.on_journal_error = self.gateway.node.journal_failed
-        self.scanners = [Scanner(s, w, self.stop_event, self._queue_claimed, self._may_be_empty, self.gateway.node)
-                         for s, w in zip(self.spools, self.watchers)]
-        self._threads: list[threading.Thread] = []
-        self.jobs = Jobs()
+        self.pieces = g = Generation(config, self._senders, self.counters, self.audit, self.metrics,
+                                     lambda: self.tally, self._request_let_go)
+        # The pieces under the names the reporters, the web view and the tests use.
+        self.stop_event, self.spools, self.watchers, self.journal = g.stop_event, g.spools, g.watchers, g.journal
+        self.engine, self.gateway, self.folders, self.deleted_failures = g.engine, g.gateway, g.folders, g.deleted_failures
+        self.validation, self.intake, self.untracked, self.scanners = g.validation, g.intake, g.untracked, g.scanners
+        self._threads, self.jobs, self._intake = g.threads, g.jobs, g.intake.queue
+        self._growing, self._grown = g.validation._growing, g.validation._grown
+        self._validate, self._queue_intake, self._may_be_empty = g.validation.validate, g.queue_intake, g.may_be_empty
+        self._on_finished, self._recover, self._retention_job = g.on_finished, g.recover, g.retention_job
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Prepare spools, recover sending/, start watchers, workers and jobs."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.gateway.start()  # joins; refuses a spool another node serves with another journal
-        self._settle_spools()
-        recovery.warn_if_nothing_forwards(self.config.delivery.enabled, bool(self.engine.destinations))
-        if self.config.delivery.enabled:  # the routes, and their PACS that are not active (once per start)
-            for level, line in routing.start_report(self.config.routes, self.engine.destinations):
-                logger.log(level, line)
-        if not self.audit.started:  # Application Start once per process, before any transfer
-            self.audit.start()
-        self.pauses.follow(self.engine.destinations, force=True)  # before any worker takes a batch
-        if self.tally is not None:
-            self.tally.count(self.spools, self.stop_event)
-        self.engine.start()
-        # Each generation's threads watch its own stop event: one that outlives a reload's wait must end, not
-        # go on beside the new generation with the old settings.
-        for name in range(self.intake.validators):
-            self._spawn(lambda intake=self.intake, stop=self.stop_event: intake.run(stop), f"{VALIDATOR}{name}")
-        self.deleted_failures.look()  # the first look (see there)
-        self._housekeeping()
-        self._spawn(self.untracked.run, "untracked")  # its first pass: what an earlier run left in sending/
-        for scanner in self.scanners:
-            scanner.initialize()
-        for i, scanner in enumerate(self.scanners):
-            self._spawn(scanner.run, f"scanner-{i}")
-        # The health probe's first run is at once, in the scheduler: a PACS that hangs must not hold up
-        # start-up (nor a reload, which watchdog pings do not cover here).
-        self.jobs.start(self.config, self._sweep_job, self.engine.probe, self._heartbeat_job, self._retention_job)
+        self.pieces.start(self.audit, self.pauses, self._unpacks_resumed, self._heartbeat_job)
         self.ready.set()
         self._write_heartbeat()
         logger.info("relaypacsd ready: {} watch root(s), forwarding to {}", len(self.spools),
@@ -236,9 +170,6 @@ class Daemon:
         self._let_go_requested.set()
         self._wake.set()
 
-    def _settle_spools(self) -> None:
-        self.gateway.settle(self._unpacks_resumed, self._may_be_empty)
-
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop claiming, let batches in flight finish, stop jobs; unfinished files stay in sending/."""
         logger.info("relaypacsd stopping: no new files are claimed; batches in flight finish")
@@ -257,21 +188,8 @@ class Daemon:
 
     def _stop_pieces(self, timeout: float = 30.0, give_up: Callable[[], bool] = lambda: False,
                      threads_timeout: float = 5.0, leave: bool = False) -> None:
-        """Stop watchers, jobs, workers and threads of this generation; unfinished files stay in sending/.
-        `timeout` bounds the wait for requests in flight, `threads_timeout` the wait for a validation (or
-        unpack) under way (other threads get 5 s: a scanner stuck on a hung share must not hold up a reload);
-        give_up() ends both waits early."""
-        self.stop_event.set()
-        self.intake.shutdown()
-        for scanner in self.scanners:
-            scanner.shutdown()
-        self.untracked.shutdown()
-        self.jobs.shutdown()
-        self.engine.stop(timeout=timeout, give_up=give_up)
-        reloading.wait_for_threads(self._threads, threads_timeout, give_up)
-        if leave:  # a stop, not a reload: other nodes may take this one's files at once
-            self.gateway.stop()
-        self.journal.close()
+        """Stop this generation (Generation.stop); unfinished files stay in sending/."""
+        self.pieces.stop(timeout, give_up, threads_timeout, leave)
 
     def _install_signals(self) -> None:
         def handler(signum: int, _frame: object) -> None:
@@ -326,82 +244,9 @@ class Daemon:
         """One line for `systemctl status`: queue figures and PACS health."""
         return systemd_status(self.snapshot())
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
-
     def alive(self) -> bool:
-        """True while the watchers, the scanner, the validators, the workers and the scheduler run."""
-        return (all(w.alive() for w in self.watchers) and all(t.is_alive() for t in self._threads)
-                and self.engine.alive() and self.jobs.running)
-
-    # -- finding and validating files ------------------------------------------------------------------
-
-    def _may_be_empty(self, spool: Spool, folder: Path, since: float | None = None) -> None:
-        self.folders.mark(spool, folder, since)
-
-    def _queue_intake(self, spool: Spool, path: Path) -> None:
-        self.intake.put(spool, path)  # this generation's: a file an old one's validation queues goes to the new
-
-    def _validate(self, spool: Spool, path: Path) -> None:
-        self.validation.validate(spool, path)
-
-    def _queue_claimed(self, spool: Spool, path: Path) -> None:
-        # A scanner's or the untracked scan's: waits while the intake is full, so a huge inbox or sending/ is
-        # taken in as fast as validation goes.
-        self.intake.put(spool, path, stop=self.stop_event)
-
-    def _recover(self) -> int:
-        """The light housekeeping of each sweep, and one pass of the untracked scan now (tests; the daemon's
-        own passes run on the "untracked" thread)."""
-        self._housekeeping()
-        return self.untracked.scan()
-
-    def _housekeeping(self) -> None:
-        """Emptied study folders; rows of deleted failures (hourly)."""
-        self.folders.prune()
-        self.deleted_failures.look_if_due()
-
-    def _on_changed(self, item: Item, gone: bool) -> None:
-        """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
-        let its folder go."""
-        if gone:
-            self._may_be_empty(item.spool, item.path.parent)
-        else:
-            self._queue_intake(item.spool, item.path)
-
-    def _on_finished(self, item: Item, folder: str) -> None:
-        self.counters[folder] += 1
-        if self.tally is not None and folder == "sent":
-            self.tally.moved_to_sent(item.spool.root)
-        if item.path.parent != item.spool.sending:
-            self._may_be_empty(item.spool, item.path.parent)
-        if item.path.exists():
-            # A new file of the same name was claimed while this one was being moved out: validation
-            # skipped it as already known; take it now rather than at the next sweep.
-            self._queue_intake(item.spool, item.path)
-
-    # -- scheduled jobs --------------------------------------------------------------------------------
-
-    def _sweep_job(self) -> None:
-        self.gateway.sweep(self._sweep, self._settle_spools)
-
-    def _sweep(self) -> None:
-        released = self.engine.sweep()
-        self._housekeeping()
-        if self.tally is not None:
-            self.tally.count_if_due(self.spools, self.stop_event)
-        self.untracked.request()  # files in sending/ without a task: found and logged by its thread
-        if released:
-            logger.info("retry sweep: {} file(s) due again", released)
-
-    def _retention_job(self) -> None:
-        if self.config.delivery.sent_retention_days > 0:
-            removed = retention.remove_expired_sent(self.spools, self.config.delivery.sent_retention_days)
-            if removed and self.tally is not None:
-                self.tally.count(self.spools, self.stop_event)  # removed per root is not told: walk sent/ again
-        retention.prune_history(self.journal, self.config.delivery.history_days, self.stop_event)
+        """True while every piece of this generation runs."""
+        return self.pieces.alive()
 
     def _heartbeat_job(self) -> None:
         self.gateway.beat()
