@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 
 from relaypacsd.dicomfile import ZIP_MAGIC
 from relaypacsd.errors import InvalidDicomError, RelayPacsError
-from relaypacsd.spool import Spool, _same_file, fsync_dir, rename_noreplace, sync_dirs
+from relaypacsd.renames import fsync_dir, rename_noreplace, same_file, sync_dirs
+from relaypacsd.spool import Spool
 
 TEMP_PREFIX = ".relaypacs-unzip-"
 MANIFEST = ".relaypacs-manifest.json"  # in the temp folder: the zip's place, relative to sending/
@@ -213,7 +214,7 @@ def _write_manifest(tmp: Path, zip_rel: Path) -> None:
 def _finish_unpack(spool: Spool, tmp: Path) -> list[Path]:
     """Move a committed unpack's members to sending/<folder>/ (one rename each), then its zip to sent/."""
     zip_rel = Path(json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))["zip"])
-    if _same_file(spool.sending / zip_rel, tmp / SOURCE):
+    if same_file(spool.sending / zip_rel, tmp / SOURCE):
         # A commit by the link fallback (NFS) killed before its unlink: the zip must leave sending/ now, or
         # recovery unpacks it again and every member is sent twice.
         os.unlink(spool.sending / zip_rel)

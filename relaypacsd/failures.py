@@ -12,7 +12,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from relaypacsd.errors import RequeueError
-from relaypacsd.spool import Spool, read_sidecar, sidecar_path
+from relaypacsd.sidecars import read_sidecar, sidecar_path
+from relaypacsd.spool import Spool
 
 LIMIT = 5000  # files listed at most (the count is exact): a failed/ larger than that is a setup problem
 

@@ -16,7 +16,8 @@ from relaypacsd.fate import file_fate
 from relaypacsd.errors import JournalError
 from relaypacsd.journal import DeliveryRow, Journal
 from relaypacsd.queues import Destination, Item
-from relaypacsd.spool import now_iso, sync_dirs
+from relaypacsd.renames import sync_dirs
+from relaypacsd.sidecars import now_iso
 
 
 class Finisher:

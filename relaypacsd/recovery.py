@@ -11,7 +11,9 @@ from loguru import logger
 
 from relaypacsd import archive, dicomfile
 from relaypacsd.journal import Journal
-from relaypacsd.spool import Namesakes, Spool, read_sidecar, unclashed
+from relaypacsd.names import Namesakes, unclashed
+from relaypacsd.sidecars import read_sidecar
+from relaypacsd.spool import Spool
 
 FAILED_ROWS_INTERVAL = 3600.0  # seconds between looks for journal rows of files deleted from failed/
 PAGE = 1000  # paths read from the journal at once

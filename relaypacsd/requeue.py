@@ -14,7 +14,9 @@ from pathlib import Path
 from relaypacsd.errors import JournalError, RequeueError
 from relaypacsd.history import REQUEUED, record_of_file
 from relaypacsd.journal import Journal
-from relaypacsd.spool import Spool, clashed, read_sidecar, sidecar_path
+from relaypacsd.names import clashed
+from relaypacsd.sidecars import read_sidecar, sidecar_path
+from relaypacsd.spool import Spool
 
 
 @dataclass(frozen=True)

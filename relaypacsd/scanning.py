@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Callable
 from loguru import logger
 
 from relaypacsd.errors import JournalError, RelayPacsError
-from relaypacsd.spool import Spool, printable, sync_dirs, valid_path
+from relaypacsd.names import printable, valid_path
+from relaypacsd.renames import sync_dirs
+from relaypacsd.spool import Spool
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:

@@ -2,101 +2,19 @@
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import functools
-import json
 import os
-import re
-import stat
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from relaypacsd.errors import SpoolError
-from relaypacsd.timefmt import iso_time
+from relaypacsd.names import NAME_MAX, fit_name, valid_path
+from relaypacsd.renames import free_folders, fsync_dir, move_to_free_name, rename_noreplace, same_file
+from relaypacsd.sidecars import SIDECAR_SUFFIX, sidecar_path, write_sidecar
 
 FOLDERS = ("inbox", "sending", "sent", "failed")
-SIDECAR_SUFFIX = ".error.json"
-NAME_MAX = 255  # bytes of one name (Linux, most filesystems); names we make are cut to fit, sidecar suffix included
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _renameat2 = _libc.renameat2
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-except (AttributeError, OSError):  # not glibc >= 2.28: fall back to check-then-rename
-    _renameat2 = None
-# Tests on a fake filesystem (pyfakefs) turn this off: ctypes calls would reach the real disk.
-USE_RENAMEAT2 = _renameat2 is not None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable: fsync the directory itself."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network filesystems refuse fsync on a directory; the rename itself stands
-        pass
-    finally:
-        os.close(fd)
-
-
-_SIDECAR_MOVES = threading.Lock()  # serialises this process's moves that place a sidecar (see Spool._move)
-
-
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename atomically, failing with FileExistsError instead of overwriting `dst`."""
-    if USE_RENAMEAT2:
-        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
-        if rc == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(src), None, str(dst))
-        # this filesystem (NFS, older CIFS) cannot do it: fall through
-    _link_noreplace(src, dst)
-
-
-def _link_noreplace(src: Path, dst: Path) -> None:
-    """Rename without overwriting where renameat2 cannot: link(2) refuses a taken name atomically, even on
-    NFS; then the old name goes. Where hard links are refused too (some CIFS), check-then-rename."""
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except FileExistsError:
-        # NFS over UDP may retry a LINK that succeeded and report EEXIST: the same inode is ours.
-        if not _same_file(src, dst):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EACCES):
-            raise
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
-        os.replace(src, dst)
-        return
-    try:
-        os.unlink(src)
-    except FileNotFoundError:  # a retried NFS UNLINK that had already succeeded
-        pass
-    except OSError:
-        # link(2) needs no write access to src's folder, unlink(2) does: undo the link, or the file would
-        # stand in two folders (sent from one, claimed again from the other, for ever).
-        os.unlink(dst)
-        raise
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        sa, sb = os.lstat(a), os.lstat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 @dataclass(frozen=True)
@@ -224,13 +142,13 @@ class Spool:
         return removed
 
     def finish_interrupted_claims(self) -> list[Path]:
-        """At start-up: a claim by the link fallback (`_link_noreplace`) killed between its link and its unlink
+        """At start-up: a claim by the link fallback (`renames._link_noreplace`) killed between its link and its unlink
         left one file under two names, inbox/ and sending/; its inbox/ name goes now, or it is sent twice."""
         removed = []
         for path in self.walk("sending"):  # a million files waiting: never a list of them
             twin = self.inbox / self.relative(path)
             try:
-                if os.lstat(path).st_nlink > 1 and _same_file(path, twin):
+                if os.lstat(path).st_nlink > 1 and same_file(path, twin):
                     os.unlink(twin)
                     removed.append(twin)
             except OSError:  # gone meanwhile, or a folder we may not write: the claim sorts it out later
@@ -283,101 +201,14 @@ class Spool:
                         oldest = age if oldest is None else max(oldest, age)
         return counts, oldest
 
-    def _reserve(self, dest: Path) -> Path:
-        """A free name near `dest`: a same-named file never overwrites another (a.dcm, a~1.dcm, ...)."""
-        candidate, n = dest, 0
-        while os.path.lexists(candidate) or os.path.lexists(sidecar_path(candidate)):
-            n += 1
-            candidate = clashed(dest, n)
-        return candidate
-
     def _move(self, src: Path, dest: Path, *, missing_ok: bool,
               before: Callable[[Path], object] | None = None, sync: bool = True) -> Path | None:
-        if before is None:
-            return self._rename_to_free_name(src, dest, missing_ok=missing_ok, before=None, sync=sync)
-        # Two threads failing files onto one free name would each write the sidecar there; the loser of
-        # the rename then removes it, leaving the winner's file without its reason. One at a time.
-        with _SIDECAR_MOVES:
-            return self._rename_to_free_name(src, dest, missing_ok=missing_ok, before=before, sync=sync)
-
-    def _rename_to_free_name(self, src: Path, dest: Path, *, missing_ok: bool,
-                             before: Callable[[Path], object] | None, sync: bool) -> Path | None:
-        wanted = dest
-        if before is not None:  # the sidecar is written into the destination folder first
-            wanted = self._make_parent(wanted)
-            if _same_file(src, wanted):  # a link-fallback move killed after its link: finish it, one failure
-                before(wanted)
-                os.unlink(src)
-                if sync:
-                    fsync_dir(wanted.parent)
-                return wanted
-        parents = 0
-        for attempt in range(1000):
-            # Without a sidecar, try the name itself first: renameat2 refuses a taken name, and the free
-            # name is the common case. After a clash, or with a sidecar to place, probe for a free name.
-            dest = wanted if attempt == 0 and before is None else self._reserve(wanted)
-            if before is not None:
-                before(dest)
-            try:
-                rename_noreplace(src, dest)
-            except OSError as exc:
-                if before is not None:
-                    sidecar_path(dest).unlink(missing_ok=True)
-                if isinstance(exc, FileExistsError):
-                    continue  # taken, or another process took it between our check and the rename
-                if isinstance(exc, FileNotFoundError) and os.path.lexists(src) and (
-                        not os.path.isdir(dest.parent) or parents < 5):
-                    # The first file of a subfolder; or another gateway on the share made that folder just after
-                    # our move missed it, or removed it as emptied just before: make it (again) and move.
-                    parents += 1
-                    wanted = self._make_parent(wanted)
-                    continue
-                if exc.errno == errno.ENAMETOOLONG and fit_name(wanted.stem, wanted.suffix) != wanted.name:
-                    wanted = wanted.with_name(fit_name(wanted.stem, wanted.suffix))  # the suffix stays
-                    continue
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.lexists(src):
-                    # A file holds a folder's name there (sent/CT1 is a file, sending/CT1/IM0001 comes):
-                    # the folder gets a free name instead, sent/CT1~1/IM0001.
-                    wanted = self._free_folders(wanted)
-                    continue
-                if isinstance(exc, FileNotFoundError) and missing_ok and (not os.path.lexists(src) or parents >= 5):
-                    # Gone (another gateway took it: a share's cache may still show it for a moment): not ours.
-                    return None
-                if exc.errno == errno.EXDEV:
-                    raise SpoolError(f"{src} -> {dest}: crosses filesystems; keep the watch root on one "
-                                     "filesystem") from None
-                raise
-            # One fsync makes the rename durable: on journaling filesystems (ext4, xfs) it commits the
-            # transaction holding both directory entries. Were it lost in a power cut, the file would be
-            # found in its old folder and sent again (a duplicate, accepted as delivered), never lost.
-            if sync:
-                fsync_dir(dest.parent)
-            return dest
-        raise SpoolError(f"cannot find a free name for {dest}: clean up {dest.parent}")
-
-
-    def _make_parent(self, dest: Path) -> Path:
-        """Create the folder of `dest`; where a file holds a folder's name, the folder gets a free one."""
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            return dest
-        except (FileExistsError, NotADirectoryError):
-            dest = self._free_folders(dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            return dest
+        """Rename within this spool to `dest` or a free name near it (renames.move_to_free_name)."""
+        return move_to_free_name(src, dest, self.relative, missing_ok=missing_ok, before=before, sync=sync)
 
     def _free_folders(self, dest: Path) -> Path:
-        """`dest` with every folder below its spool folder that a file (not a folder) holds renamed to a free
-        ~N name: sent/CT1/IM0001, sent/CT1 a file -> sent/CT1~1/IM0001."""
-        rel = self.relative(dest)
-        current = Path(os.fspath(dest)[:-len(os.fspath(rel)) - 1])
-        for part in rel.parts[:-1]:
-            candidate, n = current / part, 0
-            while os.path.lexists(candidate) and not stat.S_ISDIR(os.lstat(candidate).st_mode):
-                n += 1
-                candidate = current / fit_name(part, f"~{n}")
-            current = candidate
-        return current / rel.name
+        """`dest` with folders that a file holds the name of renamed to free names (renames.free_folders)."""
+        return free_folders(dest, self.relative)
 
     def prune(self, folder: Path, min_age: float) -> int:
         """Remove `folder` and its parents, up to (never) the spool folder, while they are empty and have not
@@ -425,48 +256,6 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def sync_dirs(paths: Iterable[Path]) -> None:
-    """fsync the directories holding `paths`, each once: the group commit of a batch of renames."""
-    for directory in {p.parent for p in paths}:
-        fsync_dir(directory)
-
-
-def sidecar_path(path: Path) -> Path:
-    """Where the reason for a failed file is kept: <name>.error.json beside it."""
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
-def write_sidecar(path: Path, error: dict[str, Any]) -> Path:
-    """Write <name>.error.json atomically (temp file, fsync, rename)."""
-    side = sidecar_path(path)
-    body = dict(error)
-    body.setdefault("file", path.name)
-    body.setdefault("time", now_iso())
-    # Not named after the file: a long name would make the temp name too long (ENAMETOOLONG).
-    tmp = side.with_name(f".relaypacs-sidecar.{os.getpid()}-{threading.get_ident()}.tmp")
-    side.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(body, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, side)
-    return side
-
-
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    """The sidecar of a failed file, or None."""
-    try:
-        return json.loads(sidecar_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def now_iso() -> str:
-    """The current UTC time, ISO 8601, for sidecars and journals."""
-    return iso_time(time.time())
-
-
 def age_seconds(path: Path, now: float | None = None) -> float | None:
     """Seconds since the file arrived in its folder (None if it is gone), whatever mtime it carries.
 
@@ -481,91 +270,3 @@ def age_seconds(path: Path, now: float | None = None) -> float | None:
     return max(0.0, (time.time() if now is None else now) - max(st.st_mtime, st.st_ctime))
 
 
-_CLASH = re.compile(r"~\d+(?=(\.[^.]*)?$)")
-
-
-def clashed(path: Path, n: int) -> Path:
-    """The n-th name a clash gives `path`: a.dcm -> a~n.dcm (what `unclashed` undoes), its stem cut to fit
-    NAME_MAX."""
-    return path.with_name(fit_name(path.stem, f"~{n}{path.suffix}"))
-
-
-def fit_name(stem: str, tail: str = "") -> str:
-    """`stem + tail`, the stem cut (on a character boundary) so that the name, and its sidecar's, fit
-    NAME_MAX bytes in UTF-8: the tail (~N, suffix) is what tells names apart, so it stays."""
-    room = NAME_MAX - len(SIDECAR_SUFFIX) - len(tail.encode("utf-8", "surrogateescape"))
-    if room < 1:  # an absurd suffix: keep only the ~N of the tail
-        return fit_name(stem + tail, "")
-    raw = stem.encode("utf-8", "surrogateescape")
-    if len(raw) <= room:
-        return stem + tail
-    return raw[:room].decode("utf-8", "ignore") + tail
-
-
-def valid_name(name: str) -> str:
-    """A name that is valid UTF-8: bytes that are not (an SMB client's Latin-1) are read as cp1252, which
-    is what such a client meant, else Latin-1; the result is cut to fit NAME_MAX."""
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:  # os.listdir gave undecodable bytes as surrogates
-        pass
-    raw = os.fsencode(name)
-    try:
-        text = raw.decode("cp1252")
-    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D are not cp1252
-        text = raw.decode("latin-1")
-    path = Path(text)
-    return fit_name(path.stem, path.suffix) if path.suffix else fit_name(text)
-
-
-def valid_path(rel: Path) -> Path:
-    """`rel` with each component made valid UTF-8 (`valid_name`)."""
-    text = os.fspath(rel)
-    try:
-        text.encode("utf-8")
-        return rel  # the common case: one check, no per-component work
-    except UnicodeEncodeError:
-        return Path(*(valid_name(part) for part in rel.parts))
-
-
-def printable(path: Path | str) -> str:
-    """A path for a log line, bytes that are not UTF-8 escaped (\\xe9)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def unclashed(name: str) -> str:
-    """The name before a clash gave it a ~N: a~1.dcm -> a.dcm (a name without one is itself)."""
-    return _CLASH.sub("", name, count=1)
-
-
-class Namesakes:
-    """Files by the name they had before a clash gave them a ~N (a~1.dcm -> a.dcm): each folder is listed
-    once, however many names are looked up in it."""
-
-    def __init__(self) -> None:
-        self._folders: dict[Path, dict[str, list[Path]]] = {}
-
-    def of(self, path: Path) -> list[Path]:
-        """`path` and the files a name clash gave its ~N names (a.dcm, a~1.dcm, ...), those that exist."""
-        index = self._folders.get(path.parent)
-        if index is None:
-            index = self._folders[path.parent] = {}
-            try:
-                names = os.listdir(path.parent)
-            except OSError:
-                names = []
-            for name in names:  # under its own name too: a modality may name a file scan~5.dcm itself
-                for key in {name, unclashed(name)}:
-                    index.setdefault(key, []).append(path.parent / name)
-        found = set(index.get(path.name, []))
-        if clashed(path, 1).name != f"{path.stem}~1{path.suffix}":
-            # Long enough for its ~N names (and its name in failed/) to be cut: those unclashed is blind to.
-            found.update(p for paths in index.values() for p in paths if _cut_from(p.name, path.name))
-        return sorted(found)
-
-
-def _cut_from(name: str, full: str) -> bool:
-    """True when `name` is `full` cut by `fit_name` (failed/, or a clash's ~N name)."""
-    stem = Path(unclashed(name)).stem
-    return fit_name(Path(full).stem, name[len(stem):]) == name

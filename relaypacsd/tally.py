@@ -20,7 +20,8 @@ from typing import Iterable
 
 from loguru import logger
 
-from relaypacsd.spool import SIDECAR_SUFFIX, Spool
+from relaypacsd.sidecars import SIDECAR_SUFFIX
+from relaypacsd.spool import Spool
 
 RECOUNT_INTERVAL = 3600.0  # seconds between walks of sent/ (files deleted by hand show within this)
 FAILED_TTL = 5.0  # seconds a count of failed/ is reused

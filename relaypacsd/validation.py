@@ -14,7 +14,9 @@ from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import InvalidDicomError, JournalError, RelayPacsError
-from relaypacsd.spool import Spool, now_iso, printable, valid_path
+from relaypacsd.names import printable, valid_path
+from relaypacsd.sidecars import now_iso
+from relaypacsd.spool import Spool
 
 
 

@@ -23,7 +23,7 @@ from watchdog.observers.inotify_c import InotifyConstants, Mask
 from watchdog.observers.polling import PollingObserver
 
 from relaypacsd.config import WatchConfig
-from relaypacsd.spool import SIDECAR_SUFFIX
+from relaypacsd.sidecars import SIDECAR_SUFFIX
 
 # Names that modalities, copy tools and editors use while a file is still being written.
 DEFAULT_IGNORE = (".*", "*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.filepart", "~*", "*~",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relaypacsd import archive
-from relaypacsd import spool as spool_mod
+from relaypacsd import renames
 from relaypacsd.archive import BadArchive, Limits, is_zip, resume_unpacks, unpack, unpack_to_sending
 from relaypacsd.spool import Spool
 from tests.dicomfactory import write_instance
@@ -126,7 +126,7 @@ def _killed_at_rename(spool: Spool, z: Path, n: int) -> int:
     pid = os.fork()
     if pid == 0:  # the child: count renames, die at the n-th
         calls = [0]
-        real = spool_mod.rename_noreplace
+        real = renames.rename_noreplace
 
         def dying_rename(src, dst):
             calls[0] += 1
@@ -135,7 +135,7 @@ def _killed_at_rename(spool: Spool, z: Path, n: int) -> int:
             return real(src, dst)
 
         archive.rename_noreplace = dying_rename
-        spool_mod.rename_noreplace = dying_rename
+        renames.rename_noreplace = dying_rename
         try:
             unpack_to_sending(spool, z)
         finally:
@@ -169,7 +169,7 @@ def test_a_commit_by_the_link_fallback_killed_before_its_unlink_unpacks_once(tmp
     """On NFS the commit rename is link(2) then unlink(2): killed in between, the zip is both in the temp folder
     (committed) and in sending/. Start-up finished the unpack, then recovery unpacked the zip again: every
     member twice."""
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     spool = Spool(tmp_path / "root")
     spool.prepare()
     members = {}

@@ -21,7 +21,9 @@ from relaypacsd.scanning import Scanner
 from relaypacsd.fate import TRUNCATION_GRACE
 from relaypacsd.dicomfile import inspect
 from relaypacsd.journal import Update, open_journal
-from relaypacsd.spool import Spool, clashed, fit_name, read_sidecar, sidecar_path, write_sidecar
+from relaypacsd.names import clashed, fit_name
+from relaypacsd.sidecars import read_sidecar, sidecar_path, write_sidecar
+from relaypacsd.spool import Spool
 from tests.dicomfactory import write_instance
 from tests.helpers import ScriptedPacs, count, gated, make_daemon, wait_until
 

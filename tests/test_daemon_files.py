@@ -14,11 +14,13 @@ import pytest
 from loguru import logger
 
 from relaypacsd import archive
+from relaypacsd import renames
 from relaypacsd import spool as spool_mod
 from relaypacsd.dicomweb import StowBody
 from relaypacsd.errors import PacsUnreachable
 from relaypacsd.journal import open_journal
-from relaypacsd.spool import SIDECAR_SUFFIX, read_sidecar, rename_noreplace, write_sidecar
+from relaypacsd.renames import rename_noreplace
+from relaypacsd.sidecars import SIDECAR_SUFFIX, read_sidecar, write_sidecar
 from tests.dicomfactory import MR_SMALL, write_instance
 from tests.helpers import ScriptedPacs, count, make_daemon, wait_until
 
@@ -152,7 +154,7 @@ def test_a_zip_with_a_file_and_a_folder_of_one_name_fails_once(tmp_path, monkeyp
 def test_the_check_then_rename_fallback_never_overwrites(tmp_path, monkeypatch):
     """Where renameat2(RENAME_NOREPLACE) fails (NFS: EINVAL), the fallback must still refuse a taken name:
     with link(2), atomically; where hard links are refused too, by the check."""
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     (tmp_path / "a").write_text("a")
     (tmp_path / "b").write_text("b")
     with pytest.raises(FileExistsError):  # never an overwrite
@@ -181,7 +183,7 @@ def test_the_check_then_rename_fallback_never_overwrites(tmp_path, monkeypatch):
 def test_the_fallback_survives_an_nfs_retried_link_and_filesystems_without_hard_links(tmp_path, monkeypatch):
     """NFS may retry a LINK that succeeded and answer EEXIST: the same inode is ours, the move is done. Where
     link(2) is refused (EPERM: some CIFS, protected_hardlinks), check-then-rename, still no overwrite."""
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     real_link = os.link
 
     def retried_link(src, dst, **kwargs):
@@ -205,7 +207,7 @@ def test_the_fallback_survives_an_nfs_retried_link_and_filesystems_without_hard_
 
 
 def test_whole_daemon_on_the_fallback_rename_delivers_and_never_overwrites(tmp_path, monkeypatch):
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
     daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
@@ -221,7 +223,7 @@ def test_a_fallback_move_whose_old_name_cannot_go_leaves_the_file_in_one_folder(
     """link(2) needs no write access to the folder the file leaves, unlink(2) does (a modality's folder the
     service user may read only): the link made sending/img.dcm, the unlink failed, and the file stood in both
     folders: sent from sending/ by the sweep, linked again at the next rescan, and sent again, for ever."""
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
     daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
@@ -448,7 +450,7 @@ def test_the_folder_a_non_utf8_name_leaves_in_sending_goes_once_quiet(tmp_path, 
 def test_a_claim_killed_between_its_link_and_its_unlink_is_finished_at_start_not_sent_twice(tmp_path, monkeypatch):
     """The link fallback (NFS) moves by link(2) then unlink(2): killed in between, one file has two names,
     inbox/ and sending/. Start-up sent the one in sending/, then claimed the other and sent it again."""
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
     daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]
@@ -468,7 +470,7 @@ def test_a_claim_killed_between_its_link_and_its_unlink_is_finished_at_start_not
 def test_a_move_to_failed_killed_between_its_link_and_its_unlink_leaves_one_failure(tmp_path, monkeypatch):
     """Killed after the link fallback made failed/bad.dcm (its sidecar beside it) but before sending/bad.dcm
     went: the next run failed it again beside itself, bad~1.dcm, one file shown as two failures."""
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     pacs = ScriptedPacs("orthanc")
     daemon = make_daemon(tmp_path, pacs)
     spool = daemon.spools[0]

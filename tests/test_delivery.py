@@ -20,7 +20,8 @@ from relaypacsd.dicomfile import inspect
 from relaypacsd.errors import DestinationProblem, PacsUnreachable
 from relaypacsd.models import Part
 from relaypacsd.outcomes import Outcome
-from relaypacsd.spool import Spool, sidecar_path
+from relaypacsd.sidecars import sidecar_path
+from relaypacsd.spool import Spool
 from tests.dicomfactory import write_study
 from tests.helpers import ScriptedPacs, count, gated, submit_all, wait_until
 from tests.helpers import engine_setup as setup

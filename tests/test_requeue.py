@@ -10,7 +10,8 @@ from relaypacsd.errors import RequeueError
 from relaypacsd.history import HistoryQuery
 from relaypacsd.journal import Journal, open_journal
 from relaypacsd.requeue import requeue
-from relaypacsd.spool import Spool, sidecar_path, write_sidecar
+from relaypacsd.sidecars import sidecar_path, write_sidecar
+from relaypacsd.spool import Spool
 from tests.dicomfactory import write_instance
 from tests.helpers import refuse_sidecar_removal
 

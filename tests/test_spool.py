@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from relaypacsd import renames
 from relaypacsd import spool as spool_mod
 from relaypacsd.errors import SpoolError
-from relaypacsd.spool import Spool, read_sidecar, rename_noreplace, sidecar_path
+from relaypacsd.renames import rename_noreplace
+from relaypacsd.sidecars import read_sidecar, sidecar_path
+from relaypacsd.spool import Spool
 
 
 @pytest.fixture
 def fake_spool(fs, monkeypatch):
     # ctypes renameat2 would reach the real disk, not pyfakefs: use the portable path here.
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     s = Spool(Path("/spool/ct"))
     s.prepare()
     return s
@@ -97,7 +100,7 @@ def test_every_file_is_in_exactly_one_folder(fake_spool):
 
 
 def test_unwritable_folder_is_refused(fs, monkeypatch):
-    monkeypatch.setattr(spool_mod, "USE_RENAMEAT2", False)
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
     s = Spool(Path("/spool/x"))
     s.prepare()
     monkeypatch.setattr(os, "access", lambda p, m: "failed" not in str(p))
@@ -122,7 +125,7 @@ def test_real_spool_on_disk(tmp_path):
     (s.inbox / "x.dcm").write_text("1")
     c = s.claim(s.inbox / "x.dcm")
     assert s.finish(c, "sent").read_text() == "1"
-    assert spool_mod.USE_RENAMEAT2
+    assert renames.USE_RENAMEAT2
 
 
 def test_crash_leftovers_in_failed_are_cleaned(fake_spool):
@@ -172,14 +175,14 @@ def test_two_threads_failing_files_onto_one_free_name_each_keep_their_own_sideca
     (s.failed / "img.dcm").write_bytes(b"old")
     for name in ("img.dcm", "img~1.dcm"):
         (s.sending / name).write_bytes(name.encode())
-    real_reserve = Spool._reserve
+    real_reserve = renames.free_name
 
-    def slow_reserve(self, dest):  # both threads pick a name before either writes its sidecar
-        name = real_reserve(self, dest)
+    def slow_reserve(dest):  # both threads pick a name before either writes its sidecar
+        name = real_reserve(dest)
         time.sleep(0.2)
         return name
 
-    monkeypatch.setattr(Spool, "_reserve", slow_reserve)
+    monkeypatch.setattr(renames, "free_name", slow_reserve)
     threads = [threading.Thread(target=s.finish, args=(s.sending / name, "failed", {"reason": f"bad {name}"}))
                for name in ("img.dcm", "img~1.dcm")]
     for t in threads:
@@ -193,7 +196,7 @@ def test_two_threads_failing_files_onto_one_free_name_each_keep_their_own_sideca
 
 
 def test_namesakes_find_a_file_and_the_names_a_clash_gave_its_namesakes(tmp_path):
-    from relaypacsd.spool import Namesakes
+    from relaypacsd.names import Namesakes
 
     for name in ("a.dcm", "a~1.dcm", "a~12.dcm", "a.b~1.dcm", "ab.dcm", "scan~5.dcm", "NOSUFFIX~2", "x[1].dcm"):
         (tmp_path / name).write_bytes(b"x")

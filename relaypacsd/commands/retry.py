@@ -11,7 +11,8 @@ from relaypacsd.commands.common import EXIT_FAIL, EXIT_OK, UsageError, load, sho
 from relaypacsd.errors import RequeueError
 from relaypacsd.journal import journal_for
 from relaypacsd.requeue import requeue
-from relaypacsd.spool import Spool, read_sidecar
+from relaypacsd.sidecars import read_sidecar
+from relaypacsd.spool import Spool
 
 
 def _spool_of(path: Path, spools: list[Spool]) -> tuple[Spool, Path]:

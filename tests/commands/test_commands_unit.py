@@ -23,7 +23,8 @@ from relaypacsd.journal import open_journal
 from relaypacsd.models import Part
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.senders import FallbackSender, stow_unusable
-from relaypacsd.spool import Spool, write_sidecar
+from relaypacsd.sidecars import write_sidecar
+from relaypacsd.spool import Spool
 from tests.commands.helpers import clean_env, write_config
 from tests.helpers import refuse_sidecar_removal
 
