@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,6 +18,7 @@ from relaypacsd.sqlite_backlog import Backlog, BacklogMethods
 from relaypacsd.sqlite_db import Database, Statement
 from relaypacsd.sqlite_destinations import DestinationBook
 from relaypacsd.sqlite_instances import InstanceMemory
+from relaypacsd.sqlite_reads import RowReadMethods, RowReads
 from relaypacsd.timefmt import iso_time
 
 SCHEMA = """
@@ -55,14 +55,13 @@ ADDED_COLUMNS = [
     # The routes that gave a file this destination ([[route]] names, comma-joined): a restart keeps them.
     ("deliveries", "route", "TEXT NOT NULL DEFAULT ''"),
 ] + sqlite_backlog.ADDED_COLUMNS
-# A DeliveryRow's columns, in its order
-ROW_COLUMNS = sqlite_backlog.ROW_COLUMNS
 
 
-class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
-    """Thread-safe access to the journal database in the state directory: the delivery rows and their
-    history here; the lasting instance memory, the destinations' health and counters, and the nodes and
-    file ownership (one node here: relaypacsd.nodes_spool refuses a second) in parts of their own."""
+class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods):
+    """Thread-safe access to the journal database in the state directory: the writes of the delivery rows
+    and their history here; the rows' reads, the lasting instance memory, the destinations' health and
+    counters, and the nodes and file ownership (one node here: relaypacsd.nodes_spool refuses a second) in
+    parts of their own."""
 
     def __init__(self, path: Path, instance_days: float = INSTANCE_MEMORY_DAYS, *, readonly: bool = False):
         self.path = path
@@ -75,21 +74,12 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
         self._destinations = DestinationBook(self._store)
         self._history = HistoryBook(self._store)
         self._backlog = Backlog(self._store)
-        self._columns = "" if readonly else ROW_COLUMNS  # read-only: looked up at the first query (see _rows)
+        self._reads = RowReads(self._store, readonly=readonly)
         self._nodes = NodeBook(self._store, nodes_book.SQLITE, time.time, shared=False)
 
     @property
     def _db(self) -> Any:
         return self._store.db
-
-    @property
-    def _rows(self) -> str:
-        """The SELECT list of a DeliveryRow. A command that only looks at a journal no daemon has upgraded yet
-        reads its rows without routes (asked at the first query: opening never reads the file)."""
-        if not self._columns:
-            self._columns = (ROW_COLUMNS if self._store.has_column("deliveries", "route")
-                             else ROW_COLUMNS.replace("route", "'' AS route"))
-        return self._columns
 
     def close(self) -> None:
         """Close the database."""
@@ -100,11 +90,6 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
 
     def _tx(self, statements: list[Statement]) -> None:
         self._store.transaction(statements)
-
-    def rows(self, path: str) -> dict[str, DeliveryRow]:
-        """Every destination's row for one file."""
-        found = self._exec(f"SELECT {self._rows} FROM deliveries WHERE path = ?", (path,))
-        return {r[1]: DeliveryRow(*r) for r in found}
 
     def ensure(self, path: str, dests: Iterable[str], first_seen: float | None = None,
                sop: str = "", route: str = "", keep: bool = False, facts: FileFacts | None = None,
@@ -201,16 +186,6 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
         if stmts:
             self._tx(stmts)
 
-    def rows_at(self, dest: str, paths: list[str]) -> dict[str, DeliveryRow]:
-        """One destination's rows for several files, in one query."""
-        out: dict[str, DeliveryRow] = {}
-        for i in range(0, len(paths), 500):  # SQLite's parameter limit
-            chunk = paths[i:i + 500]
-            found = self._exec(f"SELECT {self._rows} FROM deliveries WHERE dest = ? "
-                               f"AND path IN ({','.join('?' * len(chunk))})", [dest, *chunk])
-            out.update({r[0]: DeliveryRow(*r) for r in found})
-        return out
-
     def history(self, path: str) -> list[dict[str, Any]]:
         """The history of one file, oldest first, for its sidecar."""
         found = self._exec("SELECT time, dest, event, detail FROM history WHERE path = ? ORDER BY id", (path,))
@@ -262,35 +237,6 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
         if stmts:
             self._tx(stmts + self._nodes.release_statements(paths))
 
-    def sop_of(self, path: str) -> str:
-        """The SOP Instance UID the rows of `path` are about ('' when unknown)."""
-        found = self._exec("SELECT sop FROM deliveries WHERE path = ? AND sop != '' LIMIT 1", (path,))
-        return found[0][0] if found else ""
-
-    def paths_under(self, folder: str, after: str = "", limit: int = 0) -> list[str]:
-        """File paths with rows beneath `folder`, in order; a page of `limit` (0: all) of those after `after`.
-
-        A range of the primary key (every path below the folder sorts between "folder/" and "folder0"), so a
-        page costs its own rows, not a walk of the table."""
-        prefix = folder.rstrip(os.sep) + os.sep
-        end = prefix[:-1] + chr(ord(os.sep) + 1)
-        page = " LIMIT ?" if limit else ""
-        return [r[0] for r in self._exec(f"SELECT DISTINCT path FROM deliveries WHERE path >= ? AND path < ? "
-                                         f"AND path > ? ORDER BY path{page}",
-                                         (prefix, end, after, *((limit,) if limit else ())))]
-
-
-    def rows_of(self, paths: list[str]) -> dict[str, dict[str, DeliveryRow]]:
-        """Every destination's rows for several files, in one query."""
-        out: dict[str, dict[str, DeliveryRow]] = {p: {} for p in paths}
-        for i in range(0, len(paths), 500):  # SQLite's parameter limit
-            chunk = paths[i:i + 500]
-            found = self._exec(f"SELECT {self._rows} FROM deliveries WHERE path IN ({','.join('?' * len(chunk))})",
-                               chunk)
-            for r in found:
-                out[r[0]][r[1]] = DeliveryRow(*r)
-        return out
-
     def reset_failed(self, path: str, reason: str = "operator retry") -> list[str]:
         """Operator retry: 'failed' rows go back to 'pending' with fresh attempts and age; 'delivered'
         rows stay, so a PACS that confirmed the file never gets it again. A PACS where the file had a UID
@@ -328,17 +274,3 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods):
     def destinations(self) -> dict[str, DestinationStats]:
         """Health (True, False, None: not known yet), last error, last change and success, and counters."""
         return self._destinations.stats()
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Number of rows per destination and state."""
-        out: dict[str, dict[str, int]] = {}
-        for dest, state, n in self._exec("SELECT dest, state, COUNT(*) FROM deliveries GROUP BY dest, state"):
-            out.setdefault(dest, {})[state] = n
-        return out
-
-    def route_counts(self) -> dict[str, int]:
-        """Files that some destination still owes (pending or waiting), per route name ('' unrouted)."""
-        if "''" in self._rows:  # read-only on a journal older than routing: no route recorded anywhere
-            return {}
-        return dict(self._exec("SELECT route, COUNT(DISTINCT path) FROM deliveries "
-                               "WHERE state IN ('pending', 'waiting') GROUP BY route"))

@@ -26,7 +26,7 @@ INDEXES = f"""
 CREATE INDEX IF NOT EXISTS deliveries_backlog ON deliveries(dest, next_try) WHERE backlog = 1 AND {OWED};
 """
 CHUNK = 500  # paths per IN (...) list
-# A DeliveryRow's columns, in its order (journal_sqlite's too)
+# A DeliveryRow's columns, in its order (sqlite_reads' too)
 ROW_COLUMNS = "path, dest, state, attempts, next_try, first_seen, last_error, last_code, route"
 
 
