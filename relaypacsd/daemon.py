@@ -61,7 +61,7 @@ class Daemon:
         self.config = config
         self.state_dir = Path(config.daemon.state_dir)
         self.pieces = g = Generation(config, self._senders, self.counters, self.audit, self.metrics,
-                                     lambda: self.tally, self._request_let_go)
+                                     lambda: self.tally, self._request_let_go, lambda: self.pieces)
         # The pieces under the names the reporters, the web view and the tests use.
         self.stop_event, self.spools, self.watchers, self.journal = g.stop_event, g.spools, g.watchers, g.journal
         self.engine, self.gateway, self.folders, self.deleted_failures = g.engine, g.gateway, g.folders, g.deleted_failures

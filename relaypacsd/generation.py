@@ -39,12 +39,16 @@ class Generation:
 
     def __init__(self, config: Config, senders: dict[str, Sender] | None, counters: dict[str, int],
                  audit: auditing.Auditor, metrics: "Metrics | None", tally: Callable[[], "Tally | None"],
-                 request_let_go: Callable[[], None]):
+                 request_let_go: Callable[[], None], current: Callable[[], "Generation"] | None = None):
         """Create every piece from `config`; start nothing. `counters` (sent, failed) and the tally (the
-        dashboard's kept counts, or None) belong to the daemon and outlive the generation."""
+        dashboard's kept counts, or None) belong to the daemon and outlive the generation; `current()` is the
+        daemon's newest generation."""
         self.config = config
         self.counters = counters
         self._tally = tally
+        # A thread that outlived a reload's wait (a long unpack, a scanner on a hung share) hands its files and
+        # emptied folders to the newest generation: this one's intake and sweeps have stopped.
+        self._current = current or (lambda: self)
         self.stop_event = threading.Event()  # stops this generation's threads
         self.spools = [Spool(Path(w.path)) for w in config.watch]
         # Each watcher sets its own event when a file may have completed: its scanner need not wait for scanning.TICK.
@@ -72,7 +76,7 @@ class Generation:
         self.folders = EmptiedFolders(self.settle)  # removed at the next sweep once quiet
         self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         self.validation = Validation(config, self.engine, counters, self.settle, self.queue_intake, self.may_be_empty)
-        self.intake = Intake(lambda spool, path: self.validation.validate(spool, path))
+        self.intake = Intake(lambda spool, path: self._current().validation.validate(spool, path))
         self.intake.on_journal_error = self.gateway.node.journal_failed
         self.untracked = UntrackedScan(self.spools, self.engine.known, self.journal.backlogged, self.queue_claimed,
                                        self.stop_event, self.validation.waiting, self.gateway.node.mine)
@@ -152,15 +156,16 @@ class Generation:
     # -- between the pieces ------------------------------------------------------------------------
 
     def may_be_empty(self, spool: Spool, folder: Path, since: float | None = None) -> None:
-        self.folders.mark(spool, folder, since)
+        self._current().folders.mark(spool, folder, since)
 
     def queue_intake(self, spool: Spool, path: Path) -> None:
-        self.intake.put(spool, path)
+        self._current().intake.put(spool, path)
 
     def queue_claimed(self, spool: Spool, path: Path) -> None:
         # A scanner's or the untracked scan's: waits while the intake is full, so a huge inbox or sending/ is
         # taken in as fast as validation goes.
-        self.intake.put(spool, path, stop=self.stop_event)
+        current = self._current()
+        current.intake.put(spool, path, stop=current.stop_event)
 
     def on_changed(self, item: Item, gone: bool) -> None:
         """The engine dropped a file that changed in sending/ after its validation: validate it again, or, gone,
