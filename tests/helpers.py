@@ -103,7 +103,6 @@ def make_daemon(tmp_path, pacs):
 
 
 # The schema of journals written before the instances table and the token/conflicts columns existed.
-# The schema of journals written before the instances table and the token/conflicts columns existed.
 OLD_SCHEMA = """
 CREATE TABLE deliveries (path TEXT NOT NULL, dest TEXT NOT NULL, sop TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0, first_seen REAL NOT NULL,
