@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,11 +210,12 @@ def _pydicom_meta(path: Path) -> dict[str, str]:
     try:
         # pydicom judges the Part-10 envelope: preamble, 'DICM', the file meta group and its transfer syntax.
         meta = pydicom.filereader.read_file_meta_info(path)
+        # Inside the try: pydicom decodes an element when it is read, and a damaged one fails only then.
+        return {keyword: str(meta.get(keyword, "")) for keyword in _META_UIDS.values()}
     except _PydicomInvalid:
         raise InvalidDicomError(_no_part10_reason(path)) from None
     except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
         raise InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; send it again") from None
-    return {keyword: str(meta.get(keyword, "")) for keyword in _META_UIDS.values()}
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -428,7 +430,16 @@ def _check_complete(reader: "_Reader", path: Path, transfer_syntax: str, wanted:
     """
     if transfer_syntax == _DEFLATED:
         # the deflate stream is checked by zlib while pydicom inflates it; read the whole data set instead
-        ds = pydicom.dcmread(path, defer_size=_DEFER)
+        try:
+            ds = pydicom.dcmread(path, defer_size=_DEFER)
+        except zlib.error as exc:  # before, it escaped inspect: the file stayed in sending/, read at every sweep
+            if "incomplete or truncated" in str(exc):
+                raise TruncatedDicom("truncated: the deflated data set ends early (the file was cut off while "
+                                     "being written or copied); send it again") from None
+            raise InvalidDicomError(f"the deflated data set is damaged ({exc}); send it again") from None
+        except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
+            raise InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; "
+                                    "send it again") from None
         found = {}
         for tag in _REQUIRED_TAGS.values():
             try:

@@ -353,6 +353,29 @@ def test_an_implicit_vr_meta_header_falls_back_to_pydicom_and_still_passes(tmp_p
     assert inspect(path).sop_instance_uid == ds.SOPInstanceUID
 
 
+def test_a_meta_element_with_a_damaged_vr_is_refused_as_damaged(tmp_path):
+    """pydicom reads the meta header, then fails when the damaged element is decoded: that too is a refusal
+    (before, the error escaped inspect and the file stayed in sending/, validated again at every sweep)."""
+    raw = bytearray(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    at = raw.index(b"\x02\x00\x03\x00UI")  # (0002,0003) MediaStorageSOPInstanceUID, explicit VR
+    raw[at + 4:at + 6] = b"Ud"
+    path = tmp_path / "damaged-meta.dcm"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InvalidDicomError, match="not readable as DICOM .*Unknown Value Representation"):
+        inspect(path)
+
+
+def test_a_deflated_file_cut_off_is_truncated(tmp_path):
+    """zlib's errors escaped inspect before: the file stayed in sending/, validated again at every sweep."""
+    ds = fresh()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "dfl.dcm", enforce_file_format=True)
+    raw = (tmp_path / "dfl.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(raw[:len(raw) - 2000])
+    with pytest.raises(TruncatedDicom, match="deflated data set ends early"):
+        inspect(tmp_path / "cut.dcm")
+
+
 def test_a_zip_is_told_apart_by_the_same_read(tmp_path):
     """A zip dropped into the inbox is recognised by inspect itself (validation unpacks it)."""
     import zipfile
