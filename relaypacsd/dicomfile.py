@@ -22,6 +22,12 @@ from pydicom.errors import InvalidDicomError as _PydicomInvalid
 
 from relaypacsd.errors import InvalidDicomError
 
+try:  # the walk in C (relaypacsd/elementwalk.c); without a compiler at install, the same walk in Python below
+    from relaypacsd import _elementwalk
+except ImportError:
+    _elementwalk = None
+C_WALK = _elementwalk is not None  # said once at start-up when False: validation then costs more CPU
+
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _REQUIRED_TAGS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
                   "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E}
@@ -402,6 +408,19 @@ class _Truncated(Exception):
     pass
 
 
+# What a walk says when it stops early: worded here once, for both walks
+def _header_cut(pos: int) -> _Truncated:
+    return _Truncated(f"the file ends inside an element header at byte {pos}")
+
+
+def _needs(tag: int, end: int, size: int) -> _Truncated:
+    return _Truncated(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {end} bytes but the file has {size}")
+
+
+def _delimiter(tag: int, pos: int) -> _Truncated:
+    return _Truncated(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {pos}")
+
+
 class _ZeroTail(_Truncated):
     def __init__(self, pos: int):
         super().__init__(f"zeros from byte {pos}")
@@ -457,7 +476,11 @@ def _check_complete(reader: "_Reader", path: Path, transfer_syntax: str, wanted:
         if start >= size:
             raise TruncatedDicom("no data set after the file meta header: the file is truncated or empty; "
                                  "send it again")
-        pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw, wanted=wanted.caps)
+        walked = _walk_in_c(reader, start, explicit, little, wanted.caps) if reader.whole else None
+        if walked is None:
+            pos = _walk(reader, start, explicit, little, until=None, seen=seen, values=raw, wanted=wanted.caps)
+        else:
+            pos, seen, raw = walked
     except _ZeroTail as exc:
         padding = _all_zero(reader, exc.pos)
         raise ZeroTail(f"zeros where data should be, from byte {exc.pos} of {size} (still being written, "
@@ -517,14 +540,14 @@ class _Reader:
     def view(self, pos: int, n: int) -> tuple[bytes, int]:
         """(buffer, offset) holding bytes pos..pos+n of the file."""
         if pos + n > self.size:
-            raise _Truncated(f"the file ends inside an element header at byte {pos}")
+            raise _header_cut(pos)
         off = pos - self.start
         if off < 0 or off + n > len(self.buf):
             self.whole = False  # the buffer no longer holds the whole file
             self.start, self.buf = pos, os.pread(self.fd, max(self.WINDOW, n), pos)
             off = 0
             if len(self.buf) < n:  # the file shrank under us
-                raise _Truncated(f"the file ends inside an element header at byte {pos}")
+                raise _header_cut(pos)
         return self.buf, off
 
 
@@ -588,7 +611,7 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
                 else:
                     pos = _skip(pos, length, size, tag)
                 continue
-            raise _Truncated(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos}")
+            raise _delimiter(tag, pos)
         tag = (group << 16) | element
         if seen is not None:
             # A file preallocated at full size and not yet filled reads on as zeros: tag (0000,0000) after the
@@ -624,16 +647,43 @@ def _walk(reader: _Reader, pos: int, explicit: bool, little: bool, until: int | 
                 values[tag] = (vr, bytes(buf[value_at:value_at + length]))  # type: ignore[index]
             end = pos + length
             if end > size:
-                raise _Truncated(f"element ({group:04X},{element:04X}) needs {end} bytes but the file has {size}")
+                raise _needs(tag, end, size)
             pos = end
         if single:
             return pos
 
 
+# The statuses of elementwalk.c's walk
+_C_OK, _C_HEADER_CUT, _C_DELIMITER, _C_NEEDS, _C_ZERO_TAIL, _C_TOO_DEEP = range(6)
+_LONG_VR_NAMES = b"".join(sorted(_LONG_VRS))
+
+
+def _walk_in_c(reader: _Reader, start: int, explicit: bool, little: bool, wanted: Mapping[int, int]
+               ) -> tuple[int, set[int], dict[int, tuple[bytes, bytes]]] | None:
+    """The top-level walk of a file held whole in memory, in C: (end, top-level tags, wanted values), or the
+    same _Truncated as `_walk`. None when the C walk is not built, or the file nests sequences deeper than it
+    goes: `_walk` judges it then."""
+    if _elementwalk is None:
+        return None
+    caps = wanted if isinstance(wanted, dict) else dict(wanted)
+    status, pos, seen, values, tag, end = _elementwalk.walk(reader.buf, start, explicit, little, caps, _LONG_VR_NAMES)
+    if status == _C_OK:
+        return pos, seen, values
+    if status == _C_HEADER_CUT:
+        raise _header_cut(pos)
+    if status == _C_DELIMITER:
+        raise _delimiter(tag, pos)
+    if status == _C_NEEDS:
+        raise _needs(tag, end, reader.size)
+    if status == _C_ZERO_TAIL:
+        raise _ZeroTail(pos)
+    return None
+
+
 def _skip(pos: int, length: int, size: int, tag: int) -> int:
     end = pos + length
     if end > size:
-        raise _Truncated(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {end} bytes but the file has {size}")
+        raise _needs(tag, end, size)
     return end
 
 

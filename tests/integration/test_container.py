@@ -62,11 +62,11 @@ def podman_ready() -> None:
 def image(podman_ready: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Build the image from the repository's Dockerfile, offline, from wheels in the build context."""
     ctx = tmp_path_factory.mktemp("image-context")
-    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "LICENSE"):
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "setup.py", "README.md", "LICENSE"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, ctx / name)
     for name in ("relaypacsd", "docker"):
-        shutil.copytree(ROOT / name, ctx / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(ROOT / name, ctx / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(ctx / "wheels"), str(ctx)],
                    check=True, capture_output=True, timeout=300)
     tag = "localhost/relaypacsd:test"
