@@ -4,7 +4,6 @@ is turned into a UID conflict before anything logs or records it."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from relaypacsd.journal import Journal, KnownInstance
 from relaypacsd.models import Part
@@ -24,7 +23,7 @@ CONFLICT_NEXT_STEP = (
 def _shown(spool: Spool, path: str) -> str:
     """A file's path as a technician finds it: below its spool folder when it is in this watch root."""
     try:
-        return str(spool.relative(Path(path)))
+        return spool.relative_text(path)
     except ValueError:
         return path
 

@@ -89,7 +89,7 @@ def record_of(info: "DicomInfo", spool: "Spool", path: Path, now: float, *, rout
               outcome: str, status_code: int | None = None, reason: str = "", attempt: int = 0,
               duration_ms: float | None = None, user: str = "") -> HistoryRecord:
     """The record of one valid instance's event (its identifying attributes from the validation's walk)."""
-    return HistoryRecord(now, str(spool.root), str(spool.relative(path)), info.sop_instance_uid, info.sop_class_uid,
+    return HistoryRecord(now, str(spool.root), spool.relative_text(path), info.sop_instance_uid, info.sop_class_uid,
                          info.series_instance_uid, info.study_instance_uid, info.patient_id, info.accession_number,
                          info.modality, route, destination, outcome, status_code, reason, info.size, attempt,
                          duration_ms, user)
@@ -118,7 +118,7 @@ def record_of_file(spool: "Spool", path: Path, now: float, *, outcome: str, reas
         size = os.stat(path).st_size
     except OSError:
         size = 0
-    return HistoryRecord(now, str(spool.root), str(spool.relative(name if name is not None else path)),
+    return HistoryRecord(now, str(spool.root), spool.relative_text(name if name is not None else path),
                          values["SOPInstanceUID"], values["SOPClassUID"], values["SeriesInstanceUID"],
                          values["StudyInstanceUID"], values["PatientID"], values["AccessionNumber"], values["Modality"],
                          route, destination, outcome, None, reason, size, 0, None, user)

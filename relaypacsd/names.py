@@ -51,12 +51,18 @@ def valid_name(name: str) -> str:
 
 def valid_path(rel: Path) -> Path:
     """`rel` with each component made valid UTF-8 (`valid_name`)."""
-    text = os.fspath(rel)
-    try:
-        text.encode("utf-8")
+    if is_valid_utf8(rel):
         return rel  # the common case: one check, no per-component work
+    return Path(*(valid_name(part) for part in rel.parts))
+
+
+def is_valid_utf8(path: str | os.PathLike[str]) -> bool:
+    """True when a path's text is valid UTF-8: no byte the file system gave it that UTF-8 cannot say."""
+    try:
+        os.fspath(path).encode("utf-8")
+        return True
     except UnicodeEncodeError:
-        return Path(*(valid_name(part) for part in rel.parts))
+        return False
 
 
 def printable(path: Path | str) -> str:

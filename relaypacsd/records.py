@@ -85,7 +85,7 @@ def log_attempt(dest: str, items: list[Item], results: list[InstanceResult], sta
         by_outcome.setdefault(result.outcome, []).append((item, result))
     http = f"HTTP {status}" if status is not None else "no answer"
     for outcome, pairs in by_outcome.items():
-        files = ",".join(str(i.spool.relative(i.path)) for i, _ in pairs)
+        files = ",".join(i.spool.relative_text(i.path) for i, _ in pairs)
         uids = ",".join(i.info.sop_instance_uid for i, _ in pairs)
         reason = pairs[0][1].reason
         routes = _routes(i for i, _ in pairs)

@@ -78,7 +78,7 @@ def _requeue_with_rows(spool: Spool, journal: Journal, path: Path, user: str = "
     journal.forget(key)
     warnings = []
     try:  # a record per PACS that gets the file again; one without a PACS for a file no PACS saw (a refusal)
-        journal.record_history([replace(record, file=str(spool.relative(target)), destination=d)
+        journal.record_history([replace(record, file=spool.relative_text(target), destination=d)
                                 for d in (reset or [""])])
     except JournalError as exc:  # the file is back in sending/ with its rows: only the history lacks the retry
         warnings.append(f"the delivery history could not record this retry ({exc})")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 from loguru import logger
 
 from relaypacsd.errors import JournalError, RelayPacsError
-from relaypacsd.names import printable, valid_path
+from relaypacsd.names import is_valid_utf8, printable
 from relaypacsd.renames import sync_dirs
 from relaypacsd.spool import Spool
 from relaypacsd.watcher import InboxWatcher
@@ -89,17 +89,17 @@ class Scanner:
     def claim(self, path: Path) -> Path | None:
         """Claim one file; a file that cannot be moved is logged and left, never holding up the others."""
         spool = self.spool
-        rel = spool.relative(path)
         try:
             moved = spool.claim(path, sync=False)
         except (OSError, RelayPacsError) as exc:
             logger.error("cannot claim {} (moving it to sending/ failed: {}); it stays in inbox/ and is tried at "
-                         "the next rescan: check that folder's permissions", printable(rel), printable(str(exc)))
+                         "the next rescan: check that folder's permissions", printable(spool.relative(path)),
+                         printable(str(exc)))
             return None
         if moved is not None:
-            if valid_path(rel) is not rel:  # once: from here on the file has a valid UTF-8 name everywhere
+            if not is_valid_utf8(path):  # once: from here on the file has a valid UTF-8 name everywhere
                 logger.warning("{} has a name that is not valid UTF-8 (an SMB client's Latin-1?): claimed as {}",
-                               printable(rel), spool.relative(moved))
+                               printable(spool.relative(path)), spool.relative(moved))
             if path.parent != spool.inbox:
                 self._emptied(spool, path.parent)
         return moved

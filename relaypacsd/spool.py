@@ -65,14 +65,19 @@ class Spool:
 
     def relative(self, path: Path) -> Path:
         """The path of a spooled file below its folder (inbox/a/b.dcm -> a/b.dcm)."""
+        return Path(self.relative_text(path))
+
+    def relative_text(self, path: str | os.PathLike[str]) -> str:
+        """`relative` as text, for records and log lines: building the Path cost more than finding it."""
         # String prefixes, not Path.relative_to: this runs several times per file, and relative_to
-        # raised and caught a ValueError for every folder that did not match.
+        # raised and caught a ValueError for every folder that did not match. The paths come from Paths,
+        # so the text is already in the form Path would give it.
         text = os.fspath(path)
         for prefix, n in self._prefixes:
             if text.startswith(prefix):
-                return Path(text[n:] or ".")
+                return text[n:] or "."
             if text == prefix[:-1]:
-                return Path(".")
+                return "."
         raise ValueError(f"{path} is not inside watch root {self.root}")
 
     def claim(self, path: Path, *, sync: bool = True) -> Path | None:

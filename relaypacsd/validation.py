@@ -14,7 +14,7 @@ from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import InvalidDicomError, JournalError, RelayPacsError
-from relaypacsd.names import printable, valid_path
+from relaypacsd.names import is_valid_utf8, printable
 from relaypacsd.sidecars import now_iso
 from relaypacsd.spool import Spool
 
@@ -43,9 +43,9 @@ class Validation:
         """Submit a valid file, refuse an invalid one to failed/, unpack a zip; a truncated one waits its grace."""
         if self.engine.known(path):
             return
-        rel = spool.relative(path)
-        if valid_path(rel) is not rel:
+        if not is_valid_utf8(path):
             # Left in sending/ by an older run (or put there by hand): SQLite, sidecars and logs need UTF-8.
+            rel = spool.relative(path)
             renamed = spool.make_valid(path)
             if renamed is not None:
                 logger.warning("{} in sending/ has a name that is not valid UTF-8: renamed {}",
@@ -83,13 +83,14 @@ class Validation:
             logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
                            "set's UID, which the PACS files it under (delivery.strict_meta_uid = true refuses "
                            "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
-        decision = routing.decide(self._routes, info.attrs, str(spool.root), rel.as_posix()) if self._routes else None
+        decision = (routing.decide(self._routes, info.attrs, str(spool.root), spool.relative_text(path))
+                    if self._routes else None)
         try:
             self.engine.submit(path, spool, info, decision)
         except routing.Unrouted as exc:  # no route matched, or none of its PACS is active: failed/, stage routing
             new = self._refuse(spool, path, exc, _routing_sidecar(info, exc), info=info, route=exc.route)
             self.engine.journal.rename(str(path), str(new))  # rows it kept from before (a retry finds them)
-            logger.warning("routing refused {}: {} (moved to failed/{})", rel, exc, spool.relative(new))
+            logger.warning("routing refused {}: {} (moved to failed/{})", spool.relative(path), exc, spool.relative(new))
 
     def _unpack(self, spool: Spool, path: Path) -> None:
         """Unpack a zip into sending/<name>/... and queue its members; a bad archive goes to failed/."""

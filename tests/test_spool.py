@@ -159,6 +159,8 @@ def test_real_spool_subfolders_collisions_and_sidecars(tmp_path):
 def test_relative_strips_the_folder(rel):
     s = Spool(Path("/spool/ct"))
     assert s.relative(Path("/spool/ct") / rel) == Path(*Path(rel).parts[1:])
+    assert s.relative_text(Path("/spool/ct") / rel) == str(Path(*Path(rel).parts[1:]))  # records, log lines
+    assert s.relative_text(Path("/spool/ct/inbox")) == "."
 
 
 @pytest.mark.parametrize("path", ["/spool/ct/inboxx/a.dcm", "/spool/other/inbox/a.dcm", "/spool/ct/a.dcm"])
