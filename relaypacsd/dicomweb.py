@@ -54,7 +54,8 @@ class StowResponse:
 
 class StowBody:
     """A multipart/related body read from disk chunk by chunk; re-iterable (a 401 re-send restarts it)
-    and sized, so requests sends Content-Length instead of chunked transfer encoding."""
+    and sized, so requests sends Content-Length instead of chunked transfer encoding. Each chunk is a view of
+    one buffer, valid until the next is asked for: copy it (bytes(chunk)) to keep it."""
 
     def __init__(self, parts: list[Part], boundary: str, chunk_size: int = CHUNK_SIZE):
         self.parts = parts
@@ -66,53 +67,64 @@ class StowBody:
     def __len__(self) -> int:
         return sum(len(self._head) + p.size + 2 for p in self.parts) + len(self._tail)
 
-    def __iter__(self) -> Iterator[bytes | memoryview]:
+    def __iter__(self) -> Iterator[memoryview]:
         # Each yield is one send() and, with TCP_NODELAY, at least one segment: three per file (header,
-        # data, CRLF) made the PACS read in small pieces, so the pieces are packed into full writes.
-        return _packed(self._pieces(), self.chunk_size)
+        # data, CRLF) made the PACS read in small pieces, so the body goes out in full chunks. The files are
+        # read straight into one chunk buffer that is handed out again and again: http.client sends each
+        # chunk whole (sendall) before it asks for the next. A fresh 256 KiB string per chunk (a join) cost
+        # more than the copy it saved, its pages faulted in each time (18 -> 11 us per 39 KB file).
+        size = self.chunk_size
+        buf = bytearray(size)
+        view = memoryview(buf)
+        n = 0  # bytes of buf filled
+        for piece in self._pieces():
+            if isinstance(piece, bytes):  # a part's header, its CRLF, the closing boundary
+                done = 0
+                while done < len(piece):
+                    if n == size:
+                        yield view
+                        n = 0
+                    k = min(size - n, len(piece) - done)
+                    buf[n:n + k] = piece[done:done + k]
+                    n, done = n + k, done + k
+                continue
+            fd, sent = _open_part(piece), 0
+            try:
+                while sent < piece.size:
+                    if n == size:
+                        yield view
+                        n = 0
+                    got = os.readv(fd, [view[n:min(size, n + piece.size - sent)]])
+                    if not got:
+                        raise PartChanged(piece.path, piece.size, sent)
+                    n += got
+                    sent += got
+            finally:
+                os.close(fd)
+        if n:
+            yield view[:n]
 
-    def _pieces(self) -> Iterator[bytes]:
+    def _pieces(self) -> Iterator[bytes | Part]:
         for part in self.parts:
             yield self._head
-            sent = 0
-            try:
-                fh = open(part.path, "rb")
-            except FileNotFoundError:
-                # Deleted after the check before the request: the file's problem. As an OSError it would reach
-                # urllib3, which reports it as a broken connection, and the PACS would be marked down.
-                raise PartChanged(part.path, part.size, 0) from None
-            with fh:
-                actual = os.fstat(fh.fileno()).st_size
-                if actual != part.size:
-                    raise PartChanged(part.path, part.size, actual)
-                while sent < part.size:
-                    chunk = fh.read(min(self.chunk_size, part.size - sent))
-                    if not chunk:
-                        raise PartChanged(part.path, part.size, sent)
-                    sent += len(chunk)
-                    yield chunk
+            yield part
             yield b"\r\n"
         yield self._tail
 
 
-def _packed(pieces: Iterator[bytes], size: int) -> Iterator[bytes | memoryview]:
-    """Repack a stream of byte strings into chunks of exactly `size` bytes (the last one shorter)."""
-    # Joined once and handed out as views of that immutable string: slicing a bytearray and copying each
-    # slice to bytes cost 29 us per 39 KB file (a tenth of request building), this 10.
-    held: list[bytes] = []
-    n = 0
-    for piece in pieces:
-        held.append(piece)
-        n += len(piece)
-        if n >= size:
-            data = b"".join(held)
-            view, off = memoryview(data), 0
-            while n - off >= size:
-                yield view[off:off + size]
-                off += size
-            held, n = ([data[off:]] if off < n else []), n - off
-    if held:
-        yield b"".join(held)
+def _open_part(part: Part) -> int:
+    """An open descriptor of the part's file, when it still has the size it had when the batch was made."""
+    try:
+        fd = os.open(part.path, os.O_RDONLY)
+    except FileNotFoundError:
+        # Deleted after the check before the request: the file's problem. As an OSError it would reach
+        # urllib3, which reports it as a broken connection, and the PACS would be marked down.
+        raise PartChanged(part.path, part.size, 0) from None
+    actual = os.fstat(fd).st_size
+    if actual != part.size:
+        os.close(fd)
+        raise PartChanged(part.path, part.size, actual)
+    return fd
 
 
 class DicomWebClient:

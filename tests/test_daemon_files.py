@@ -35,7 +35,7 @@ class ReadingPacs(ScriptedPacs):
         self.bodies: list[bytes] = []
 
     def send(self, parts):
-        self.bodies.append(b"".join(StowBody(parts, "b")))  # raises PartChanged / OSError like a real request
+        self.bodies.append(b"".join(bytes(c) for c in StowBody(parts, "b")))  # raises PartChanged / OSError like a real request
         return super().send(parts)
 
 
