@@ -17,14 +17,14 @@ from relaypacsd.conflicts import CONFLICT_NEXT_STEP, UidChecked
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import JournalError
 from relaypacsd.finishing import Finisher
-from relaypacsd.holding import Holder
+from relaypacsd.holding import Holder, Valid
 from relaypacsd.journal import Journal, Update
 from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome
 from relaypacsd.queues import Destination, Item
 from relaypacsd.recording import Recorder
 from relaypacsd.records import log_attempt
-from relaypacsd.routing import RouteDecision
+from relaypacsd.routing import RouteDecision, Unrouted
 from relaypacsd.spool import Spool
 from relaypacsd.window import Window
 
@@ -137,6 +137,10 @@ class Engine:
         wait in the backlog before it, it waits there (holding.Holder). Unrouted when it is left with no active
         destination."""
         self.holder.submit(path, spool, info, route)
+
+    def submit_many(self, files: list[Valid]) -> list[Unrouted | None]:
+        """`submit` for validation's group of files, with one journal commit: for each, None or its Unrouted."""
+        return self.holder.submit_many(files)
 
     def known(self, path: Path) -> bool:
         """True if the engine holds this file in its window (one in the backlog is only in the journal)."""

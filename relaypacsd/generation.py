@@ -26,7 +26,7 @@ from relaypacsd.scanning import Scanner
 from relaypacsd.senders import build_sender
 from relaypacsd.spool import Spool
 from relaypacsd.untracked import UntrackedScan
-from relaypacsd.validation import Validation
+from relaypacsd.validation import Valid, Validation
 from relaypacsd.watcher import InboxWatcher
 
 if TYPE_CHECKING:
@@ -76,7 +76,8 @@ class Generation:
         self.folders = EmptiedFolders(self.settle)  # removed at the next sweep once quiet
         self.deleted_failures = recovery.DeletedFailures(self.journal, self.spools)
         self.validation = Validation(config, self.engine, counters, self.settle, self.queue_intake, self.may_be_empty)
-        self.intake = Intake(lambda spool, path: self._current().validation.validate(spool, path))
+        self.intake: Intake[Valid] = Intake(lambda spool, path: self._current().validation.check(spool, path),
+                                            submit=lambda valid: self._current().validation.submit(valid))
         self.intake.on_journal_error = self.gateway.node.journal_failed
         self.untracked = UntrackedScan(self.spools, self.engine.known, self.journal.backlogged, self.queue_claimed,
                                        self.stop_event, self.validation.waiting, self.gateway.node.mine)

@@ -5,13 +5,14 @@ may be held; this says what becomes of each file."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.eviction import let_go
 from relaypacsd.fate import owed
-from relaypacsd.journal import Backlogged, DeliveryRow, FileFacts
+from relaypacsd.journal import Backlogged, DeliveryRow, Ensure, FileFacts
 from relaypacsd.queues import Item
 from relaypacsd.routing import RouteDecision, Unrouted, inactive_reason, kept_inactive_reason, unmatched_reason
 from relaypacsd.spool import Spool
@@ -19,6 +20,16 @@ from relaypacsd.window import Admission
 
 if TYPE_CHECKING:
     from relaypacsd.delivery import Engine
+
+
+@dataclass(frozen=True)
+class Valid:
+    """A file validation found valid, with its route (None without routing), ready to be held."""
+
+    path: Path
+    spool: Spool
+    info: DicomInfo
+    route: RouteDecision | None = None
 
 
 class Holder:
@@ -35,24 +46,54 @@ class Holder:
         destinations it was given (a reload's routes apply to files claimed after it); Unrouted when it is
         left with no active destination (no route matched, or none of its PACS is active). When the active
         window is full, or files wait in the backlog before it, it waits there (its rows say so)."""
+        refused = self.submit_many([Valid(path, spool, info, route)])[0]
+        if refused is not None:
+            raise refused
+
+    def submit_many(self, files: list["Valid"]) -> list[Unrouted | None]:
+        """`submit` for several files with one journal commit (`Journal.ensure_many`): for each, None, or the
+        Unrouted that leaves it with no active destination. A journal error submits none of them."""
         window, dests = self.engine.window, self.engine.destinations
-        admission = window.admit(path)
+        admissions: list[Admission] = []
+        try:
+            asks = []
+            for f in files:
+                admissions.append(window.admit(f.path))
+                asks.append(self._ensure_of(f, backlog=admissions[-1] is Admission.BACKLOG and bool(dests)))
+            found = self.engine.journal.ensure_many(asks)
+        except BaseException:
+            for admission in admissions:
+                if admission is Admission.IN:
+                    window.cancel()
+            raise
+        out: list[Unrouted | None] = []
+        for f, admission, rows in zip(files, admissions, found):
+            if f.route is not None and dests:
+                try:
+                    _check_routed(rows, dests, f.route)
+                except Unrouted as exc:
+                    if admission is Admission.IN:
+                        window.cancel()
+                    out.append(exc)
+                    continue
+            out.append(None)
+            self._hold(f, admission, rows)
+        return out
+
+    def _ensure_of(self, f: "Valid", backlog: bool) -> Ensure:
+        """What the journal is asked to ensure for a valid file: its rows at every active PACS, or (routed) at its
+        route's active ones, kept as they are when it has rows."""
+        info, dests = f.info, self.engine.destinations
         facts = FileFacts(info.sop_class_uid, info.study_instance_uid, info.series_instance_uid, info.size, info.digest,
                           info.patient_id, info.accession_number, info.modality)
-        backlog = admission is Admission.BACKLOG and bool(dests)
-        try:
-            if route is None or not dests:  # PACS_ENABLED=false: validated and parked, as without routes
-                rows = self.engine.journal.ensure(str(path), dests, sop=info.sop_instance_uid, facts=facts,
-                                                  backlog=backlog)
-            else:
-                rows = self.engine.journal.ensure(str(path), [d for d in route.destinations if d in dests],
-                                                  sop=info.sop_instance_uid, route=route.name, keep=True,
-                                                  facts=facts, backlog=backlog)
-                _check_routed(rows, dests, route)
-        except BaseException:
-            if admission is Admission.IN:
-                window.cancel()
-            raise
+        if f.route is None or not dests:  # PACS_ENABLED=false: validated and parked, as without routes
+            return Ensure(str(f.path), tuple(dests), sop=info.sop_instance_uid, facts=facts, backlog=backlog)
+        return Ensure(str(f.path), tuple(d for d in f.route.destinations if d in dests), sop=info.sop_instance_uid,
+                      route=f.route.name, keep=True, facts=facts, backlog=backlog)
+
+    def _hold(self, f: "Valid", admission: Admission, rows: dict[str, DeliveryRow]) -> None:
+        """After its rows are written: queue the file, or leave it in the backlog its admission put it in."""
+        window, dests = self.engine.window, self.engine.destinations
         if admission is Admission.HELD:
             return  # already queued (a rescan of sending/ found it again)
         if admission is Admission.BACKLOG:
@@ -62,7 +103,7 @@ class Holder:
                 return
             if not dests:
                 return  # PACS_ENABLED=false: validated and left in sending/; the window holds what it can
-        self.queue(path, spool, info, rows, reserved=admission is Admission.IN, routed=route is not None)
+        self.queue(f.path, f.spool, f.info, rows, reserved=admission is Admission.IN, routed=f.route is not None)
 
     def queue(self, path: Path, spool: Spool, info: DicomInfo, rows: dict[str, DeliveryRow], reserved: bool,
               routed: bool, now_due: bool = False) -> None:

@@ -87,6 +87,20 @@ class FileFacts:
 
 
 @dataclass(frozen=True)
+class Ensure:
+    """One file's part of `Journal.ensure_many`: the arguments of `Journal.ensure`."""
+
+    path: str
+    dests: tuple[str, ...]
+    first_seen: float | None = None
+    sop: str = ""
+    route: str = ""
+    keep: bool = False
+    facts: FileFacts | None = None
+    backlog: bool = False
+
+
+@dataclass(frozen=True)
 class Backlogged:
     """A file taken from the backlog: its SOP Instance UID, what delivery needs of it (None for rows written
     before the journal kept it: the file is validated again) and every destination's row."""
@@ -150,6 +164,10 @@ class Journal(Protocol):
         `keep` (routing): a file that still has rows keeps exactly those destinations; none are added. With
         `facts`, every row of the file keeps them, and its place in the backlog (`backlog`: it waits outside
         the active window)."""
+
+    def ensure_many(self, files: list[Ensure]) -> list[dict[str, DeliveryRow]]:
+        """`ensure` for several files (distinct paths) in one transaction: all or none; each file's rows, in
+        order. Validation's group of files is one commit: a commit per file was most of the journal's cost."""
 
     # The backlog: valid files in sending/ that no engine holds in memory (its active window is full). They wait
     # with their rows, marked, and are taken in page by page as the window drains (Postfix's incoming queue).

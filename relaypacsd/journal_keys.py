@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from relaypacsd.journal import Backlogged, DeliveryRow, Journal, KnownInstance, Update
+from relaypacsd.journal import Backlogged, DeliveryRow, Ensure, Journal, KnownInstance, Update
 
 
 class RootKeys:
@@ -75,6 +75,10 @@ class KeyedJournal:
                **options: Any) -> dict[str, DeliveryRow]:
         return {d: dataclasses.replace(r, path=path)
                 for d, r in self.inner.ensure(self._k(path), dests, first_seen, sop, **options).items()}
+
+    def ensure_many(self, files: list[Ensure]) -> list[dict[str, DeliveryRow]]:
+        found = self.inner.ensure_many([dataclasses.replace(f, path=self._k(f.path)) for f in files])
+        return [{d: dataclasses.replace(r, path=f.path) for d, r in rows.items()} for f, rows in zip(files, found)]
 
     def update(self, path: str, dest: str, **kwargs: Any) -> None:
         self.inner.update(self._k(path), dest, **kwargs)

@@ -13,8 +13,8 @@ from typing import Any, Iterable
 from relaypacsd import nodes_book, pg_backlog, pg_history, pg_parts
 from relaypacsd.history_sqlite import HistoryMethods
 from relaypacsd.config import Secret
-from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, FileFacts,
-                                KnownInstance, Update)
+from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, Ensure,
+                                FileFacts, KnownInstance, Update)
 from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.pg_db import PgDatabase, Statement
 from relaypacsd.sqlite_backlog import FACTS, SET_FACTS, BacklogMethods, values_of
@@ -99,9 +99,26 @@ class PgJournal(HistoryMethods, NodeMethods, BacklogMethods):
         instance's rows under the same path first); with `keep` (routing) a file that has rows keeps exactly
         those. With `facts`, every row of the file keeps them and the backlog mark (`backlog`). A fenced node
         owns the file from now on if nobody does. Returns all rows."""
+        return self.ensure_many([Ensure(path, tuple(dests), first_seen, sop, route, keep, facts, backlog)])[0]
+
+    def ensure_many(self, files: list[Ensure]) -> list[dict[str, DeliveryRow]]:
+        """`ensure` for several files in one transaction; each file's rows, in order."""
         now = time.time()
-        seen = first_seen or now
-        dests = list(dests)
+        stmts: list[Statement] = []
+        for f in files:
+            stmts += self._ensure_statements(f, now) + self._nodes.own_statements(f.path)
+        # The rows read in the same message and transaction: one round trip less per group claimed (the intake
+        # waits on the journal's one connection, not on its CPU).
+        paths = [f.path for f in files]
+        found = self._store.transaction(stmts + [(f"SELECT {_ROW} FROM deliveries WHERE path = ANY(%s)", (paths,))])
+        rows: dict[str, dict[str, DeliveryRow]] = {p: {} for p in paths}
+        for r in found:
+            rows[r[0]][r[1]] = DeliveryRow(*r)
+        return [rows[p] for p in paths]
+
+    @staticmethod
+    def _ensure_statements(f: Ensure, now: float) -> list[Statement]:
+        path, sop, dests, route, seen = f.path, f.sop, list(f.dests), f.route, f.first_seen or now
         stmts: list[Statement] = []
         if sop:
             stale = "SELECT 1 FROM deliveries WHERE path = %s AND sop != '' AND sop != %s"
@@ -109,20 +126,16 @@ class PgJournal(HistoryMethods, NodeMethods, BacklogMethods):
                       ("DELETE FROM deliveries WHERE path = %s AND sop != '' AND sop != %s", (path, sop))]
         if dests:
             # One statement: its look at the file's rows (with `keep`) is taken once, before any row is written.
-            keeping = " WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE path = %s)" if keep else ""
+            keeping = " WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE path = %s)" if f.keep else ""
             stmts.append(("INSERT INTO deliveries (path, dest, sop, state, first_seen, updated, route) SELECT %s, d, %s, "
                           f"'pending', %s, %s, %s FROM unnest(%s::text[]) AS d{keeping} ON CONFLICT (path, dest) DO NOTHING",
-                          (path, sop, seen, now, route, dests) + ((path,) if keep else ())))
-        if facts is None:
+                          (path, sop, seen, now, route, dests) + ((path,) if f.keep else ())))
+        if f.facts is None:
             stmts.append(("UPDATE deliveries SET token = '' WHERE path = %s AND token != ''", (path,)))
         else:  # the same one statement: every row of the file (at any PACS) holds its facts and one mark
             stmts.append((nodes_book.POSTGRES.sql(f"UPDATE deliveries SET token = '', {SET_FACTS}, backlog = ? "
-                                                  "WHERE path = ?"), (*values_of(facts), int(backlog), path)))
-        # The rows read in the same message and transaction: one round trip less per file claimed (the intake
-        # waits on the journal's one connection, not on its CPU).
-        found = self._store.transaction(stmts + self._nodes.own_statements(path)
-                                        + [(f"SELECT {_ROW} FROM deliveries WHERE path = %s", (path,))])
-        return {r[1]: DeliveryRow(*r) for r in found}
+                                                  "WHERE path = ?"), (*values_of(f.facts), int(f.backlog), path)))
+        return stmts
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:

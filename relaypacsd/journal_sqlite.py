@@ -11,8 +11,8 @@ from typing import Any, Iterable
 
 from relaypacsd import history_sqlite, nodes_book, sqlite_backlog, sqlite_destinations, sqlite_instances
 from relaypacsd.history_sqlite import HistoryBook, HistoryMethods
-from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, FileFacts,
-                                KnownInstance, Update)
+from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRow, DestinationStats, Ensure,
+                                FileFacts, KnownInstance, Update)
 from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.sqlite_backlog import Backlog, BacklogMethods
 from relaypacsd.sqlite_db import Database, Statement
@@ -101,15 +101,27 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
 
         Rows left under the same path by another instance (a modality reusing IMG0001.dcm) are dropped
         first: they must never make a new file look delivered."""
+        return self.ensure_many([Ensure(path, tuple(dests), first_seen, sop, route, keep, facts, backlog)])[0]
+
+    def ensure_many(self, files: list[Ensure]) -> list[dict[str, DeliveryRow]]:
+        """`ensure` for several files in one transaction; each file's rows, in order."""
         now = time.time()
-        seen = first_seen or now
-        dests = list(dests)
+        stmts: list[Statement] = []
+        for f in files:
+            stmts += self._ensure_statements(f, now) + self._nodes.own_statements(f.path)
+        self._tx(stmts)
+        rows = self.rows_of([f.path for f in files])
+        return [rows[f.path] for f in files]
+
+    @staticmethod
+    def _ensure_statements(f: Ensure, now: float) -> list[Statement]:
+        path, sop, dests, route, seen = f.path, f.sop, f.dests, f.route, f.first_seen or now
         stmts: list[Statement] = []
         if sop:
             stale = "SELECT 1 FROM deliveries WHERE path = ? AND sop != '' AND sop != ?"
             stmts += [(f"DELETE FROM history WHERE path = ? AND EXISTS ({stale})", (path, path, sop)),
                       ("DELETE FROM deliveries WHERE path = ? AND sop != '' AND sop != ?", (path, sop))]
-        if keep and dests:
+        if f.keep and dests:
             # One statement: its look at the file's rows is taken once, before any of them is written.
             values = ", ".join("(?)" for _ in dests)
             stmts.append((f"INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated, route) "
@@ -120,13 +132,12 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
             stmts += [("INSERT OR IGNORE INTO deliveries (path, dest, sop, state, first_seen, updated, route) "
                        "VALUES (?, ?, ?, 'pending', ?, ?, ?)", (path, d, sop, seen, now, route)) for d in dests]
         # Rows a retry copied here are now this file's: the retry must no longer take them back (uncopy).
-        if facts is None:
+        if f.facts is None:
             stmts.append(("UPDATE deliveries SET token = '' WHERE path = ? AND token != ''", (path,)))
         else:  # the same one statement: every row of the file (at any PACS) holds its facts and one mark
             stmts.append((f"UPDATE deliveries SET token = '', {sqlite_backlog.SET_FACTS}, backlog = ? WHERE path = ?",
-                          (*sqlite_backlog.values_of(facts), int(backlog), path)))
-        self._tx(stmts + self._nodes.own_statements(path))
-        return self.rows(path)
+                          (*sqlite_backlog.values_of(f.facts), int(f.backlog), path)))
+        return stmts
 
     def update(self, path: str, dest: str, *, state: str, event: str, detail: str = "",
                attempts: int | None = None, next_try: float = 0.0, code: int | None = None) -> None:

@@ -14,6 +14,7 @@ from relaypacsd.config import Config
 from relaypacsd.delivery import Engine
 from relaypacsd.dicomfile import DicomInfo
 from relaypacsd.errors import InvalidDicomError, JournalError, RelayPacsError
+from relaypacsd.holding import Valid
 from relaypacsd.names import is_valid_utf8, printable
 from relaypacsd.sidecars import now_iso
 from relaypacsd.spool import Spool
@@ -41,8 +42,15 @@ class Validation:
 
     def validate(self, spool: Spool, path: Path) -> None:
         """Submit a valid file, refuse an invalid one to failed/, unpack a zip; a truncated one waits its grace."""
+        valid = self.check(spool, path)
+        if valid is not None:
+            self.submit([valid])
+
+    def check(self, spool: Spool, path: Path) -> Valid | None:
+        """`validate` up to the submission: the valid file with its route, or None when it was refused (to
+        failed/), unpacked, renamed or left to grow, or is held already."""
         if self.engine.known(path):
-            return
+            return None
         if not is_valid_utf8(path):
             # Left in sending/ by an older run (or put there by hand): SQLite, sidecars and logs need UTF-8.
             rel = spool.relative(path)
@@ -53,15 +61,15 @@ class Validation:
                 self._queue_intake(spool, renamed)
                 if renamed.parent != path.parent:
                     self._may_be_empty(spool, path.parent)
-            return
+            return None
         try:
             info = dicomfile.inspect(path, strict_meta_uid=self.config.delivery.strict_meta_uid,
                                      attributes=self._attributes)
         except FileNotFoundError:
-            return
+            return None
         except dicomfile.ArchiveFound:  # unpacked into sending/<name>/..., the archive itself goes to sent/
             self._unpack(spool, path)
-            return
+            return None
         except InvalidDicomError as exc:
             grace = fate.truncation_grace(self._settle.get(spool.root, 2.0))
             if fate.may_still_grow(exc, self._quiet_for(path), grace):
@@ -71,13 +79,13 @@ class Validation:
                     self._growing[path] = time.monotonic()
                     logger.info("{} looks incomplete: checking again at the next sweep; it fails once unchanged "
                                 "for {:.0f} s", spool.relative(path), grace)
-                return
+                return None
             self._forget_growing(path)
             new = self._refuse(spool, path, exc)
             # No PACS saw it: say what refused it ("PACS forward" is for what a PACS did).
             logger.warning("validation refused {}: {} (moved to failed/{})", spool.relative(path), exc,
                            spool.relative(new))
-            return
+            return None
         self._forget_growing(path)
         if info.meta_sop_instance_uid:
             logger.warning("{}: its file meta names SOP instance {} but its data set {}: forwarded by the data "
@@ -85,12 +93,17 @@ class Validation:
                            "such files)", spool.relative(path), info.meta_sop_instance_uid, info.sop_instance_uid)
         decision = (routing.decide(self._routes, info.attrs, str(spool.root), spool.relative_text(path))
                     if self._routes else None)
-        try:
-            self.engine.submit(path, spool, info, decision)
-        except routing.Unrouted as exc:  # no route matched, or none of its PACS is active: failed/, stage routing
-            new = self._refuse(spool, path, exc, _routing_sidecar(info, exc), info=info, route=exc.route)
-            self.engine.journal.rename(str(path), str(new))  # rows it kept from before (a retry finds them)
-            logger.warning("routing refused {}: {} (moved to failed/{})", spool.relative(path), exc, spool.relative(new))
+        return Valid(path, spool, info, decision)
+
+    def submit(self, files: list[Valid]) -> None:
+        """Hand valid files to the engine with one journal commit; one no route takes goes to failed/."""
+        for f, exc in zip(files, self.engine.submit_many(files)):
+            if exc is not None:  # no route matched, or none of its PACS is active: failed/, stage routing
+                spool, path = f.spool, f.path
+                new = self._refuse(spool, path, exc, _routing_sidecar(f.info, exc), info=f.info, route=exc.route)
+                self.engine.journal.rename(str(path), str(new))  # rows it kept from before (a retry finds them)
+                logger.warning("routing refused {}: {} (moved to failed/{})", spool.relative(path), exc,
+                               spool.relative(new))
 
     def _unpack(self, spool: Spool, path: Path) -> None:
         """Unpack a zip into sending/<name>/... and queue its members; a bad archive goes to failed/."""

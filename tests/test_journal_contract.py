@@ -14,7 +14,7 @@ import pytest
 
 from relaypacsd.errors import LeaseLost
 from relaypacsd.history import HistoryQuery, HistoryRecord
-from relaypacsd.journal import JOURNAL_FILE, FileFacts, Journal, Update
+from relaypacsd.journal import JOURNAL_FILE, Ensure, FileFacts, Journal, Update
 from relaypacsd.journal_sqlite import SqliteJournal
 
 
@@ -77,6 +77,24 @@ class TestRows:
         rows = journal.ensure("/s/sending/IMG.dcm", ["a"], sop="4.5.6")
         assert states(rows) == {"a": "pending"} and journal.sop_of("/s/sending/IMG.dcm") == "4.5.6"
         assert journal.history("/s/sending/IMG.dcm") == []
+
+    def test_ensure_many_is_ensure_for_each_file_in_one_commit(self, journal):
+        """Validation's group: each file's rows in order, as ensure gives them, with routes, keep and facts."""
+        facts = FileFacts("1.2.840.10008.5.1.4.1.1.2", "1.2", "1.2.1", 10, "d" * 64, "P1", "A1", "CT")
+        journal.ensure("/s/sending/old.dcm", ["a"], sop="9.9")
+        journal.update("/s/sending/old.dcm", "a", state="delivered", event="delivered")
+        journal.ensure("/s/sending/kept.dcm", ["a"], sop="3.3", route="r1", keep=True)
+        got = journal.ensure_many([
+            Ensure("/s/sending/new.dcm", ("a", "b"), first_seen=5.0, sop="1.1", facts=facts),
+            Ensure("/s/sending/old.dcm", ("a",), sop="2.2"),  # another instance under the old name: rows dropped
+            Ensure("/s/sending/kept.dcm", ("b",), sop="3.3", route="r2", keep=True),  # keeps its own rows
+            Ensure("/s/sending/none.dcm", ()),
+        ])
+        assert [states(r) for r in got] == [{"a": "pending", "b": "pending"}, {"a": "pending"}, {"a": "pending"}, {}]
+        assert got[0]["b"].first_seen == 5.0 and got[2]["a"].route == "r1"
+        assert got == [journal.rows(p) for p in ("/s/sending/new.dcm", "/s/sending/old.dcm", "/s/sending/kept.dcm",
+                                                 "/s/sending/none.dcm")]
+        assert journal.ensure_many([]) == []
 
     def test_apply_records_each_state_with_a_history_line(self, journal):
         journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3")

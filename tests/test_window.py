@@ -173,7 +173,7 @@ def test_the_untracked_scan_queues_only_what_neither_the_window_nor_the_backlog_
 
 
 def test_a_scanner_waits_while_the_intake_is_full_and_validators_never_do(tmp_path):
-    intake = Intake(lambda spool, path: None, validators=1, limit=2)
+    intake = Intake(lambda spool, path: None, validators=1, limit=2, group=1)
     stop, spool = threading.Event(), Spool(tmp_path)
     intake.put(spool, tmp_path / "a")
     intake.put(spool, tmp_path / "b")
@@ -187,6 +187,26 @@ def test_a_scanner_waits_while_the_intake_is_full_and_validators_never_do(tmp_pa
     assert not waiting.is_alive() and intake.queue.qsize() == 2
     stop.set()
     intake.put(spool, tmp_path / "d", stop)  # stopping: no wait
+
+
+def test_a_validator_takes_the_files_waiting_and_submits_the_valid_ones_together(tmp_path):
+    """One journal commit per group: a validator takes up to `group` files that wait already (never waiting for
+    more), submits the valid ones in one call, and a file whose validation fails stays out of it alone."""
+    submitted: list[list[str]] = []
+
+    def check(spool, path):
+        if path.name == "bad":
+            raise RuntimeError("a bug")
+        return None if path.name == "refused" else path.name
+
+    intake = Intake(check, validators=1, submit=submitted.append, group=3)
+    spool = Spool(tmp_path)
+    for name in ("a", "bad", "refused", "b", "c"):
+        intake.put(spool, tmp_path / name)
+    assert intake.loop() and submitted == [["a"]]  # a, bad, refused: the group of three
+    intake.shutdown()
+    assert not intake.loop()  # b, c, then this validator's stop: both submitted before it ends
+    assert submitted == [["a"], ["b", "c"]] and intake.pending_paths() == set()
 
 
 def test_files_owed_only_to_a_pacs_that_is_down_make_room_for_another_that_is_up(tmp_path):
