@@ -235,7 +235,7 @@ class Daemon:
 
     def _kept_folders(self) -> tuple[Folders, ...]:
         assert self.tally is not None
-        held = self.engine.held_by_root()
+        held = self.engine.holder.held_by_root()
         validating = self.intake.pending_paths() | set(self.validation._growing)
         return tuple(kept_folders(s, w.pending(), held, validating, self.tally) for s, w in zip(self.spools, self.watchers))
 

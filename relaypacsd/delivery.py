@@ -117,29 +117,15 @@ class Engine:
         """Files waiting in the journal's backlog, outside the active window (counted at each sweep)."""
         return self.window.waiting()
 
-    def held_by_root(self) -> dict[Path, tuple[int, float | None]]:
-        """Per watch root: the files known to the engine, held or in the backlog (as counted at the last sweep),
-        and the earliest first sighting among them (wall clock): the dashboard's sending/ count and oldest
-        waiting file, without a walk."""
-        out: dict[Path, tuple[int, float | None]] = dict(self.window.under())
-        with self._items_lock:
-            items = list(self._items.values())
-        for item in items:
-            n, first = out.get(item.spool.root, (0, None))
-            out[item.spool.root] = (n + 1, item.first_seen if first is None else min(first, item.first_seen))
-        return out
-
     # -- intake ------------------------------------------------------------------------------------
 
     def submit(self, path: Path, spool: Spool, info: DicomInfo, route: RouteDecision | None = None) -> None:
-        """Take a valid file in sending/ and queue it for every destination that has not confirmed it: every
-        active one, or with `route` (routing configured) its route's; when the active window is full, or files
-        wait in the backlog before it, it waits there (holding.Holder). Unrouted when it is left with no active
-        destination."""
+        """Hold a valid file in sending/ and queue it where it is owed, or leave it in the backlog when the window
+        is full (holding.Holder.submit); Unrouted when it is left with no active destination."""
         self.holder.submit(path, spool, info, route)
 
     def submit_many(self, files: list[Valid]) -> list[Unrouted | None]:
-        """`submit` for validation's group of files, with one journal commit: for each, None or its Unrouted."""
+        """`submit` for validation's group of files, one journal commit: for each, None or its Unrouted."""
         return self.holder.submit_many(files)
 
     def known(self, path: Path) -> bool:

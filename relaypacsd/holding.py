@@ -154,6 +154,19 @@ class Holder:
                              patient_id=f.patient_id, accession_number=f.accession, modality=f.modality)
             self.queue(path, spool, info, b.rows, reserved=False, routed=routed, now_due=now_due)
 
+    def held_by_root(self) -> dict[Path, tuple[int, float | None]]:
+        """Per watch root: the files known to the engine, held or in the backlog (as counted at the last sweep),
+        and the earliest first sighting among them (wall clock): the dashboard's sending/ count and oldest
+        waiting file, without a walk."""
+        window = self.engine.window
+        out: dict[Path, tuple[int, float | None]] = dict(window.under())
+        with window.lock:
+            items = list(window.items.values())
+        for item in items:
+            n, first = out.get(item.spool.root, (0, None))
+            out[item.spool.root] = (n + 1, item.first_seen if first is None else min(first, item.first_seen))
+        return out
+
     def let_go(self, items: list[Item]) -> int:
         """Put held files that no PACS can send soon (down, or a retry beyond the next sweep) back in the backlog;
         return how many went."""
