@@ -77,20 +77,27 @@ class Intake(Generic[T]):
                 break
             jobs.append(more)
         valid: list[T] = []
+        first = True  # the first valid file goes alone, at once: a burst's first file never waits for the rest
         try:
             for spool, path in jobs:
                 found = self._guarded(path, lambda: self._validate(spool, path))
-                if found is not None:
+                if found is not None and first:
+                    self._submit_group([found], path)
+                    first = False
+                elif found is not None:
                     valid.append(found)
-            if valid and self._submit is not None:
-                self._guarded(jobs[0][1] if len(jobs) == 1 else f"{len(jobs)} files",
-                              lambda: self._submit(valid))  # type: ignore[misc]
+            self._submit_group(valid, f"{len(valid)} files")
         finally:
             with self._lock:
                 for _, path in jobs:
                     self._paths.discard(path)
                 self._room.notify(len(jobs))
         return not stopping
+
+    def _submit_group(self, valid: list[T], what: object) -> None:
+        if valid and self._submit is not None:
+            submit = self._submit
+            self._guarded(what, lambda: submit(valid))
 
     def _guarded(self, what: object, step: Callable[[], T | None]) -> T | None:
         """Run one step of validation; an error leaves its files in sending/ for the next sweep."""

@@ -190,8 +190,8 @@ def test_a_scanner_waits_while_the_intake_is_full_and_validators_never_do(tmp_pa
 
 
 def test_a_validator_takes_the_files_waiting_and_submits_the_valid_ones_together(tmp_path):
-    """One journal commit per group: a validator takes up to `group` files that wait already (never waiting for
-    more), submits the valid ones in one call, and a file whose validation fails stays out of it alone."""
+    """A validator takes up to `group` files that wait already (never waiting for more), submits the first valid
+    one at once and the others in one call (one journal commit); a file whose validation fails stays out alone."""
     submitted: list[list[str]] = []
 
     def check(spool, path):
@@ -206,7 +206,12 @@ def test_a_validator_takes_the_files_waiting_and_submits_the_valid_ones_together
     assert intake.loop() and submitted == [["a"]]  # a, bad, refused: the group of three
     intake.shutdown()
     assert not intake.loop()  # b, c, then this validator's stop: both submitted before it ends
-    assert submitted == [["a"], ["b", "c"]] and intake.pending_paths() == set()
+    # The first valid file of a group goes alone, at once (a burst's first file waits for no other)
+    assert submitted == [["a"], ["b"], ["c"]] and intake.pending_paths() == set()
+    intake = Intake(check, validators=1, submit=submitted.append, group=3)
+    for name in ("d", "e", "f"):
+        intake.put(spool, tmp_path / name)
+    assert intake.loop() and submitted[3:] == [["d"], ["e", "f"]]
 
 
 def test_files_owed_only_to_a_pacs_that_is_down_make_room_for_another_that_is_up(tmp_path):
