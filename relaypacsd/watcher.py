@@ -268,7 +268,17 @@ class InboxWatcher:
         elif self._more and len(self._candidates) < CANDIDATES // 2:
             self._rescan(now)  # the rest of a huge inbox, now that claims have made room
         ready: list[Path] = []
+        native = self.mode == "native"
         for path, cand in list(self._candidates.items()):
+            # With inotify we know a writer still holds the file open: wait for its close, however long it
+            # pauses, unless it stays silent for WRITER_STALL (a lost event must not block a file forever).
+            settle = max(self.config.settle_seconds, WRITER_STALL) if cand.writing else self.config.settle_seconds
+            if native and cand.closed_key is None and now - cand.since < settle:
+                # It cannot be ready before its settle time, and a write raises an event that resets it: its
+                # state is compared with the one it was seen with at that time (a lost event is caught then),
+                # not stat'ed at every tick (a burst of 2,000 files took 11 stats each over a 2 s settle).
+                # Polling sees writes only by the stat: it looks at every tick.
+                continue
             key = self._key(path)
             if key is None:
                 del self._candidates[path]
@@ -278,9 +288,6 @@ class InboxWatcher:
                 continue
             # An empty file that was closed may be touched first and written later: let it settle.
             closed_done = cand.closed_key == key and key[0] > 0
-            # With inotify we know a writer still holds the file open: wait for its close, however long it
-            # pauses, unless it stays silent for WRITER_STALL (a lost event must not block a file forever).
-            settle = max(self.config.settle_seconds, WRITER_STALL) if cand.writing else self.config.settle_seconds
             if closed_done or now - cand.since >= settle:
                 del self._candidates[path]
                 ready.append(Path(path))

@@ -34,6 +34,33 @@ def test_a_file_is_ready_only_after_it_settles(tmp_path):
     assert w.tick(now=110.0) == []  # reported once
 
 
+def test_with_native_events_a_settling_file_is_stated_at_its_settle_time_not_every_tick(tmp_path, monkeypatch):
+    """A write raises an event; the stat at the settle time catches a change whose event was lost."""
+    import relaypacsd.watcher as watcher
+
+    stats: list[str] = []
+    real = watcher._stat_key
+    monkeypatch.setattr(watcher, "_stat_key", lambda p: stats.append(p) or real(p))
+    w = make(tmp_path)
+    w.mode = "native"
+    quiet, written, lost = (w.inbox / n for n in ("quiet.dcm", "written.dcm", "lost.dcm"))
+    for f in (quiet, written, lost):
+        f.write_bytes(b"x" * 10)
+    assert w.tick(now=100.0) == [] and len(stats) == 3  # seen by the first rescan
+    for t in (100.2, 100.4, 100.6, 100.8):
+        assert w.tick(now=t) == []
+    assert len(stats) == 3  # no stat while nothing can be ready
+    with open(written, "ab") as fh:
+        fh.write(b"more")
+    _Handler(w._events).dispatch(FileCreatedEvent(str(written)))  # an event (a late create): settle starts again
+    with open(lost, "ab") as fh:
+        fh.write(b"more")  # no event
+    assert w.tick(now=101.0) == []
+    assert w.tick(now=102.0) == [quiet]  # lost.dcm: changed since it was seen, settles again from now
+    assert w.tick(now=103.0) == [written]
+    assert w.tick(now=104.0) == [lost]
+
+
 def test_close_event_makes_a_file_ready_at_once(tmp_path):
     w = make(tmp_path, settle=60)
     f = w.inbox / "b.dcm"
