@@ -226,11 +226,24 @@ class PacsSession(requests.Session):
     Plain requests lets those variables replace session.verify on every request that does not pass
     verify= itself (requests issue #3829), which would silently drop a configured ca_bundle."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple[Any, ...], dict[str, Any]] = {}
+
     def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
                                    cert: Any) -> dict[str, Any]:
         if verify is None:
             verify = self.verify
-        return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        # Once per address: requests walks os.environ for proxies at every request (5 us per file sent); a
+        # daemon's environment does not change while it runs.
+        key = (urlsplit(url)[:2], tuple(sorted((proxies or {}).items())), stream, verify, cert)
+        try:
+            found = self._environment.get(key)
+        except TypeError:  # an unhashable argument: as requests does it
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if found is None:
+            found = self._environment[key] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        return dict(found)
 
 
 def _is_loopback(url: str) -> bool:

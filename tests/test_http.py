@@ -303,3 +303,22 @@ def test_sender_gives_each_thread_its_own_session_and_one_shared_auth(canned: Ca
     sessions = {id(c.session) for c in seen}
     assert len(sessions) == 3 and len({id(c.session.auth) for c in seen}) == 1
     assert sender.client is sender.client  # one per thread, reused
+
+
+def test_the_environment_is_read_once_per_address_with_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """requests walks os.environ for proxies at every request (140 us): a session reads it once per address."""
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    calls: list[str] = []
+    real = requests.Session.merge_environment_settings
+    monkeypatch.setattr(requests.Session, "merge_environment_settings",
+                        lambda self, url, *a: calls.append(url) or real(self, url, *a))
+    session = make_session(PacsConfig(name="p", url="http://pacs.example:8042"))
+    for url in ("http://pacs.example:8042/dicom-web/studies", "http://pacs.example:8042/dicom-web/studies?x=1",
+                "http://127.0.0.1:8042/studies"):
+        for _ in range(3):
+            got = session.merge_environment_settings(url, {}, None, None, None)
+            assert got == real(requests.Session(), url, {}, None, session.verify, None)
+    assert len(calls) == 2  # once per address
+    proxies = session.merge_environment_settings("http://pacs.example:8042/a", {}, None, None, None)["proxies"]
+    assert proxies["http"] == "http://proxy.example:3128"
