@@ -3,6 +3,8 @@ started and stopped together, and the callbacks between them. A reload, or a los
 
 from __future__ import annotations
 
+import os
+
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -182,7 +184,7 @@ class Generation:
         tally = self._tally()
         if tally is not None and folder == "sent":
             tally.moved_to_sent(item.spool.root)
-        if item.path.parent != item.spool.sending:
+        if os.path.dirname(item.path) != item.spool.sending_text:  # as text: this runs for every file
             self.may_be_empty(item.spool, item.path.parent)
         if item.path.exists():
             # A new file of the same name was claimed while this one was being moved out: validation

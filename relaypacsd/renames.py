@@ -97,8 +97,8 @@ def same_file(a: Path, b: Path) -> bool:
 
 def sync_dirs(paths: Iterable[Path]) -> None:
     """fsync the directories holding `paths`, each once: the group commit of a batch of renames."""
-    for directory in {p.parent for p in paths}:
-        fsync_dir(directory)
+    for directory in {os.path.dirname(p) for p in paths}:  # text: a Path.parent per file cost more than the fsync
+        fsync_dir(Path(directory))
 
 
 def free_name(dest: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -100,7 +102,7 @@ class Scanner:
             if not is_valid_utf8(path):  # once: from here on the file has a valid UTF-8 name everywhere
                 logger.warning("{} has a name that is not valid UTF-8 (an SMB client's Latin-1?): claimed as {}",
                                printable(spool.relative(path)), spool.relative(moved))
-            if path.parent != spool.inbox:
+            if os.path.dirname(path) != spool.inbox_text:  # as text: this runs for every file
                 self._emptied(spool, path.parent)
         return moved
 

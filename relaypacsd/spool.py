@@ -41,6 +41,16 @@ class Spool:
         return self.root / "failed"
 
     @functools.cached_property
+    def inbox_text(self) -> str:
+        """inbox/'s path as text, for comparisons that run per file."""
+        return os.fspath(self.inbox)
+
+    @functools.cached_property
+    def sending_text(self) -> str:
+        """sending/'s path as text, for comparisons that run per file."""
+        return os.fspath(self.sending)
+
+    @functools.cached_property
     def _prefixes(self) -> tuple[tuple[str, int], ...]:
         """(folder path + separator, its length) of the four folders."""
         return tuple((text, len(text)) for text in (os.path.join(self.root, name) + os.sep for name in FOLDERS))
@@ -90,7 +100,7 @@ class Spool:
         """Move a file from sending/ to sent/ or failed/; a failed file gets its sidecar first."""
         if folder not in ("sent", "failed"):
             raise ValueError(folder)
-        dest = self.root / folder / self.relative(path)
+        dest = (self.sent if folder == "sent" else self.failed) / self.relative_text(path)
         if folder == "failed" and len(os.fsencode(dest.name)) + len(SIDECAR_SUFFIX) > NAME_MAX:
             dest = dest.with_name(fit_name(dest.stem, dest.suffix))  # else its sidecar's name is too long
         # The sidecar goes first: a file that reaches failed/ always has its reason beside it.
