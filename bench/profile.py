@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--keep", type=Path, help="also write py-spy's raw stacks here")
+    parser.add_argument("--routes", type=int, default=0, metavar="N", help="the daemon with N [[route]] tables "
+                        "(bench/benchmark.py's: N-1 that the files fail, then a default)")
     parser.add_argument("--all-threads", action="store_true", help="sample every running thread, not only the "
                         "one holding the GIL (counts GIL waits and system calls as well)")
     args = parser.parse_args()
@@ -88,7 +90,7 @@ def main() -> int:
         work = Path(tmp)
         paths = generate(work / "files", args.count)
         with LocalOrthanc(Path(pacs_tmp) / "orthanc") as orthanc:
-            cfg = daemon_config(orthanc, work / "relay")
+            cfg = daemon_config(orthanc, work / "relay", routes=args.routes)
             proc = subprocess.Popen([sys.executable, "-m", "relaypacsd", "-c", str(cfg), "run"],
                                     stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
             try:
