@@ -221,7 +221,12 @@ def _pydicom_meta(path: Path) -> dict[str, str]:
     except _PydicomInvalid:
         raise InvalidDicomError(_no_part10_reason(path)) from None
     except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
-        raise InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; send it again") from None
+        raise _damaged(exc) from None
+
+
+def _damaged(exc: Exception) -> InvalidDicomError:
+    """What pydicom's failure on a damaged file is said as."""
+    return InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; send it again")
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -457,8 +462,7 @@ def _check_complete(reader: "_Reader", path: Path, transfer_syntax: str, wanted:
                                      "being written or copied); send it again") from None
             raise InvalidDicomError(f"the deflated data set is damaged ({exc}); send it again") from None
         except Exception as exc:  # pydicom raises many kinds on damaged input; every one means 'damaged'
-            raise InvalidDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc}): the file is damaged; "
-                                    "send it again") from None
+            raise _damaged(exc) from None
         found = {}
         for tag in _REQUIRED_TAGS.values():
             try:
