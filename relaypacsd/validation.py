@@ -22,9 +22,8 @@ from relaypacsd.spool import Spool
 
 
 class Validation:
-    """Validates one file at a time for the intake's threads; remembers the truncated files that may still grow.
-
-    Moved out of the Daemon unchanged: `validate` is the body of `Daemon._validate`."""
+    """Validates files for the intake's threads (`check` each, `submit` a group's valid ones together; `validate`
+    both for one file, `Daemon._validate`); remembers the truncated files that may still grow."""
 
     def __init__(self, config: Config, engine: Engine, counters: dict[str, int], settle: dict[Path, float],
                  queue: Callable[[Spool, Path], None], emptied: Callable[[Spool, Path], None]):
