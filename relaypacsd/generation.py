@@ -4,7 +4,6 @@ started and stopped together, and the callbacks between them. A reload, or a los
 from __future__ import annotations
 
 import os
-
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
