@@ -67,3 +67,32 @@ def test_a_read_only_journal_writes_nothing(locked_postgres):
             looking.set_health("orthanc", False, "x")
     finally:
         looking.close()
+
+
+def test_schema_creation_that_deadlocks_with_a_running_node_is_tried_again():
+    """ALTER TABLE ... IF NOT EXISTS takes the table's strongest lock: a running node upgrading its own lock
+    deadlocks with it and PostgreSQL ends one. The starting node exited 2 (seen once in CI); it retries now."""
+    import contextlib
+
+    import psycopg.errors
+
+    from relaypacsd.pg_db import PgDatabase
+
+    class Conn:
+        def __init__(self, fail: int):
+            self.fail, self.ran = fail, []
+
+        def transaction(self):
+            return contextlib.nullcontext()
+
+        def execute(self, sql, args=None):
+            if sql.startswith("ALTER") and self.fail:
+                self.fail -= 1
+                raise psycopg.errors.DeadlockDetected("deadlock detected")
+            self.ran.append(sql)
+
+    conn = Conn(fail=2)
+    PgDatabase._create(conn, "CREATE TABLE t (a int); ALTER TABLE t ADD COLUMN IF NOT EXISTS b int")
+    assert conn.ran[-1].startswith("ALTER") and conn.fail == 0
+    with pytest.raises(psycopg.errors.DeadlockDetected):
+        PgDatabase._create(Conn(fail=9), "ALTER TABLE t ADD COLUMN IF NOT EXISTS b int", attempts=3)
