@@ -15,7 +15,7 @@ from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRo
                                 FileFacts, KnownInstance, Update)
 from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.sqlite_backlog import Backlog, BacklogMethods
-from relaypacsd.sqlite_db import Database, Statement
+from relaypacsd.sqlite_db import Database, Run, Statement
 from relaypacsd.sqlite_destinations import DestinationBook
 from relaypacsd.sqlite_instances import InstanceMemory
 from relaypacsd.sqlite_reads import RowReadMethods, RowReads
@@ -104,14 +104,48 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
         return self.ensure_many([Ensure(path, tuple(dests), first_seen, sop, route, keep, facts, backlog)])[0]
 
     def ensure_many(self, files: list[Ensure]) -> list[dict[str, DeliveryRow]]:
-        """`ensure` for several files in one transaction; each file's rows, in order."""
+        """`ensure` for several files in one transaction; each file's rows, in order.
+
+        One look at which of them have rows, in the same write transaction: a file with none (a new file, the
+        common case) is one insert per destination, its facts in it, and its rows are what was inserted."""
         now = time.time()
-        stmts: list[Statement] = []
-        for f in files:
-            stmts += self._ensure_statements(f, now) + self._nodes.own_statements(f.path)
-        self._tx(stmts)
-        rows = self.rows_of([f.path for f in files])
-        return [rows[f.path] for f in files]
+        paths = [f.path for f in files]
+
+        def write(run: Run) -> set[str]:
+            known: set[str] = set()
+            for i in range(0, len(paths), sqlite_backlog.CHUNK):
+                chunk = paths[i:i + sqlite_backlog.CHUNK]
+                known.update(r[0] for r in run(f"SELECT DISTINCT path FROM deliveries WHERE path IN "
+                                               f"({','.join('?' * len(chunk))})", chunk))
+            looked_up = set(known)  # these are read back after the commit
+            for f in files:
+                if f.path in known or f.facts is None:
+                    stmts = self._ensure_statements(f, now)
+                    looked_up.add(f.path)
+                else:
+                    stmts = self._insert_statements(f, now)
+                known.add(f.path)  # a path twice in `files`: the second is ensured as one with rows
+                for sql, args in stmts + self._nodes.own_statements(f.path):
+                    run(sql, args)
+            return looked_up
+
+        looked_up = self._store.write(write)
+        rows = self.rows_of([p for p in paths if p in looked_up]) if looked_up else {}
+        return [rows[f.path] if f.path in looked_up else
+                {d: DeliveryRow(f.path, d, "pending", 0, 0.0, f.first_seen or now, "", None, f.route) for d in f.dests}
+                for f in files]
+
+    @staticmethod
+    def _insert_statements(f: Ensure, now: float) -> list[Statement]:
+        """A file without rows: its pending row at each destination, with its facts and backlog mark (what
+        `_ensure_statements` writes for it in four statements)."""
+        assert f.facts is not None
+        columns = "path, dest, sop, state, first_seen, updated, route, " + ", ".join(sqlite_backlog.FACTS) + ", backlog"
+        marks = ", ".join("?" * (8 + len(sqlite_backlog.FACTS)))
+        facts = sqlite_backlog.values_of(f.facts)
+        return [(f"INSERT INTO deliveries ({columns}) VALUES ({marks})",
+                 (f.path, d, f.sop, "pending", f.first_seen or now, now, f.route, *facts, int(f.backlog)))
+                for d in dict.fromkeys(f.dests)]
 
     @staticmethod
     def _ensure_statements(f: Ensure, now: float) -> list[Statement]:
@@ -243,8 +277,11 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
     def forget(self, *paths: str) -> None:
         """Drop files that reached sent/, in one transaction: their memory is no longer needed."""
         stmts: list[Statement] = []
-        for path in paths:
-            stmts += [("DELETE FROM deliveries WHERE path = ?", (path,)), ("DELETE FROM history WHERE path = ?", (path,))]
+        for i in range(0, len(paths), sqlite_backlog.CHUNK):  # one statement per table for a finished group
+            chunk = paths[i:i + sqlite_backlog.CHUNK]
+            marks = ",".join("?" * len(chunk))
+            stmts += [(f"DELETE FROM deliveries WHERE path IN ({marks})", chunk),
+                      (f"DELETE FROM history WHERE path IN ({marks})", chunk)]
         if stmts:
             self._tx(stmts + self._nodes.release_statements(paths))
 

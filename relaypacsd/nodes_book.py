@@ -213,7 +213,8 @@ class NodeBook:
 
     def release_statements(self, keys: Iterable[str]) -> list[Statement]:
         """A file left sending/ (or changed): nobody owns it any more."""
-        return [(self.d.sql("DELETE FROM owners WHERE key = ?"), (key,)) for key in keys]
+        return [(self.d.sql(f"DELETE FROM owners WHERE key IN ({_marks(chunk)})"), tuple(chunk))
+                for chunk in _chunks(list(keys))]
 
     def identity(self) -> str:
         """This journal's id, made once: gateways on one spool must all use the same journal."""

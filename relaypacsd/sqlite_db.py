@@ -6,11 +6,13 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from relaypacsd.errors import JournalError, LeaseLost
 
 Statement = tuple[str, tuple[Any, ...]]
+Run = Callable[[str, Iterable[Any]], list[tuple[Any, ...]]]  # one statement in a `write`: its rows
+T = TypeVar("T")
 
 
 class Database:
@@ -83,6 +85,22 @@ class Database:
                 self.db.execute("ROLLBACK")
                 raise
         return rows
+
+    def write(self, step: Callable[[Run], T]) -> T:
+        """Run `step` in one write transaction (BEGIN IMMEDIATE: its reads and writes see no other writer's
+        commit in between); `step` runs statements with the function it is given. All or nothing."""
+        def run(sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+            return self.db.execute(sql, tuple(args)).fetchall()
+
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                result = step(run)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return result
 
     def has_column(self, table: str, column: str) -> bool:
         """Whether `table` has `column` (a journal opened read-only may be older than this code)."""

@@ -96,6 +96,30 @@ class TestRows:
                                                  "/s/sending/none.dcm")]
         assert journal.ensure_many([]) == []
 
+    def test_ensure_many_new_files_with_facts_twice_and_kept(self, journal):
+        """New files with facts (one insert each in SQLite): rows as the journal reads them back, facts kept for
+        the backlog, a path given twice ensured once, a kept file's second ensure adds nothing."""
+        facts = FileFacts("1.2.840.10008.5.1.4.1.1.2", "1.2", "1.2.1", 10, "d" * 64, "P1", "A1", "CT")
+        got = journal.ensure_many([
+            Ensure("/s/sending/n1.dcm", ("a", "b", "a"), sop="1.1", facts=facts),
+            Ensure("/s/sending/n2.dcm", ("a",), first_seen=7.0, sop="2.2", route="r1", keep=True, facts=facts,
+                   backlog=True),
+            Ensure("/s/sending/n2.dcm", ("b",), sop="2.2", route="r2", keep=True, facts=facts, backlog=True),
+        ])
+        assert got[:2] == [journal.rows("/s/sending/n1.dcm"), journal.rows("/s/sending/n2.dcm")]
+        assert got[2] == got[1] and states(got[1]) == {"a": "pending"} and got[1]["a"].route == "r1"
+        assert got[1]["a"].first_seen == 7.0 and states(got[0]) == {"a": "pending", "b": "pending"}
+        assert journal.backlogged(["/s/sending/n1.dcm", "/s/sending/n2.dcm"]) == {"/s/sending/n2.dcm"}
+        page = journal.take_backlog("a", float("inf"), 10)
+        assert [(b.path, b.sop, b.facts) for b in page] == [("/s/sending/n2.dcm", "2.2", facts)]
+
+    def test_forget_many_files_at_once(self, journal):
+        paths = [f"/s/sending/{i}.dcm" for i in range(1100)]  # more than one statement's parameters
+        journal.ensure_many([Ensure(p, ("a",), sop=f"1.{i}") for i, p in enumerate(paths)])
+        journal.forget(*paths[:1050])
+        of = journal.rows_of(paths)
+        assert sum(1 for p in paths if of[p]) == 50 and of[paths[1049]] == {} and of[paths[1050]]
+
     def test_apply_records_each_state_with_a_history_line(self, journal):
         journal.ensure("/s/sending/a.dcm", ["a", "b"], sop="1.2.3")
         journal.apply([Update("/s/sending/a.dcm", "a", "waiting", "transient", "503 busy", 2, 99.5, 503),
