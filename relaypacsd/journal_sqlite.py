@@ -181,7 +181,9 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
     def apply(self, updates: list["Update"]) -> None:
         """Record several new states in one transaction (one batch's answer is one commit)."""
         now = time.time()
-        stmts: list[Statement] = []
+        stmts: list[Statement] = []  # the rows' updates; then, statement by statement, the rest: one call each
+        lines: list[Statement] = []
+        memory: list[Statement] = []
         delivered: dict[str, int] = {}
         failed: dict[str, int] = {}
         for u in updates:
@@ -191,14 +193,14 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
                 sets += ", attempts = ?"
                 args.append(u.attempts)
             stmts.append((f"UPDATE deliveries SET {sets} WHERE path = ? AND dest = ?", tuple(args + [u.path, u.dest])))
-            stmts.append(("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
+            lines.append(("INSERT INTO history (path, dest, time, event, detail) VALUES (?, ?, ?, ?, ?)",
                           (u.path, u.dest, now, u.event, u.detail)))
             if u.state == "delivered":
                 delivered[u.dest] = delivered.get(u.dest, 0) + 1
             elif u.state == "failed":
                 failed[u.dest] = failed.get(u.dest, 0) + 1
-            stmts += self._instances.statements(u, now)
-        stmts += self._destinations.count_statements(delivered, failed, now)
+            memory += self._instances.statements(u, now)
+        stmts += lines + memory + self._destinations.count_statements(delivered, failed, now)
         stmts += self._history.statements([u.record for u in updates if u.record is not None])
         if stmts:
             self._store.transaction(stmts, self._nodes.guard())  # a node taken over writes nothing: LeaseLost

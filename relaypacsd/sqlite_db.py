@@ -78,8 +78,19 @@ class Database:
             try:
                 if guard is not None and not self.db.execute(*guard).fetchall():
                     raise LeaseLost(f"{self.path}: this node was taken over by another one")
-                for sql, args in statements:
-                    rows = self.db.execute(sql, args).fetchall()
+                i, n = 0, len(statements)
+                while i < n:
+                    sql, args = statements[i]
+                    j = i + 1
+                    while j < n and statements[j][0] == sql:  # a run of the same statement (a group's rows): one call
+                        j += 1
+                    if j - i > 1 and not sql.lstrip().upper().startswith("SELECT") and "RETURNING" not in sql.upper():
+                        self.db.executemany(sql, [a for _, a in statements[i:j]])
+                        rows = []
+                    else:
+                        for sql, args in statements[i:j]:
+                            rows = self.db.execute(sql, args).fetchall()
+                    i = j
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
