@@ -37,7 +37,7 @@ _DEFER = 1024
 _UNDEFINED = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: made for every file (see journal.DeliveryRow)
 class DicomInfo:
     """What delivery needs to know about one valid instance."""
 
@@ -58,7 +58,7 @@ class DicomInfo:
     # The top-level attributes `inspect` was asked for (routing), by keyword: each one present in the data set
     # with its values decoded, one string per value (ImageType ORIGINAL\\PRIMARY: ('ORIGINAL', 'PRIMARY'); an
     # empty element: ('',)). An attribute the file lacks is not a key.
-    attrs: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    attrs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class TruncatedDicom(InvalidDicomError):

@@ -40,7 +40,7 @@ OUTCOMES = (DELIVERED, DUPLICATE, UID_CONFLICT, WAITING, FAILED, TOO_OLD, RETRIE
 DEFAULT_LIMIT = 50
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: made for every answer (see journal.DeliveryRow)
 class HistoryRecord:
     """One event in an instance's life: where it went and what the destination said. Times in seconds since
     the epoch; `status_code` is the HTTP status of a DICOMweb answer, the DIMSE status of a C-STORE; `user` is
