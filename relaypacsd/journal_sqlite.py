@@ -15,7 +15,7 @@ from relaypacsd.journal import (CONFLICT_EVENT, INSTANCE_MEMORY_DAYS, DeliveryRo
                                 FileFacts, KnownInstance, Update)
 from relaypacsd.nodes_book import NodeBook, NodeMethods
 from relaypacsd.sqlite_backlog import Backlog, BacklogMethods
-from relaypacsd.sqlite_db import Database, Run, Statement
+from relaypacsd.sqlite_db import Database, Run, Statement, in_lists
 from relaypacsd.sqlite_destinations import DestinationBook
 from relaypacsd.sqlite_instances import InstanceMemory
 from relaypacsd.sqlite_reads import RowReadMethods, RowReads
@@ -113,10 +113,8 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
 
         def write(run: Run) -> set[str]:
             known: set[str] = set()
-            for i in range(0, len(paths), sqlite_backlog.CHUNK):
-                chunk = paths[i:i + sqlite_backlog.CHUNK]
-                known.update(r[0] for r in run(f"SELECT DISTINCT path FROM deliveries WHERE path IN "
-                                               f"({','.join('?' * len(chunk))})", chunk))
+            for marks, chunk in in_lists(paths, sqlite_backlog.CHUNK):
+                known.update(r[0] for r in run(f"SELECT DISTINCT path FROM deliveries WHERE path IN ({marks})", chunk))
             looked_up = set(known)  # these are read back after the commit
             for f in files:
                 if f.path in known or f.facts is None:
@@ -279,9 +277,7 @@ class SqliteJournal(HistoryMethods, NodeMethods, BacklogMethods, RowReadMethods)
     def forget(self, *paths: str) -> None:
         """Drop files that reached sent/, in one transaction: their memory is no longer needed."""
         stmts: list[Statement] = []
-        for i in range(0, len(paths), sqlite_backlog.CHUNK):  # one statement per table for a finished group
-            chunk = paths[i:i + sqlite_backlog.CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in in_lists(paths, sqlite_backlog.CHUNK):  # one statement per table for a finished group
             stmts += [(f"DELETE FROM deliveries WHERE path IN ({marks})", chunk),
                       (f"DELETE FROM history WHERE path IN ({marks})", chunk)]
         if stmts:

@@ -12,7 +12,7 @@ import os
 from typing import Any, Iterable
 
 from relaypacsd.journal import Backlogged, DeliveryRow, FileFacts
-from relaypacsd.sqlite_db import Database
+from relaypacsd.sqlite_db import Database, in_lists
 
 # Added in place to older journals (their rows have no facts: such a file is validated again when taken in).
 FACTS = ("sop_class", "study", "series", "size", "digest", "patient_id", "accession", "modality")  # FileFacts' order
@@ -84,18 +84,16 @@ class Backlog:
     def put_back(self, paths: Iterable[str]) -> None:
         """Mark files as waiting in the backlog again."""
         paths = list(paths)
-        self.store.transaction([(f"UPDATE deliveries SET backlog = 1 WHERE path IN ({_marks(len(chunk))})",
-                                 tuple(chunk)) for chunk in (paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK))])
+        self.store.transaction([(f"UPDATE deliveries SET backlog = 1 WHERE path IN ({marks})", tuple(chunk))
+                                for marks, chunk in in_lists(paths, CHUNK)])
 
     def marked(self, paths: Iterable[str]) -> set[str]:
         """Those of `paths` in the backlog with a row still owed."""
         paths = list(paths)
         out: set[str] = set()
-        for i in range(0, len(paths), CHUNK):
-            chunk = paths[i:i + CHUNK]
+        for marks, chunk in in_lists(paths, CHUNK):
             out.update(r[0] for r in self.store.query(
-                f"SELECT DISTINCT path FROM deliveries WHERE backlog = 1 AND {OWED} AND path IN ({_marks(len(chunk))})",
-                chunk))
+                f"SELECT DISTINCT path FROM deliveries WHERE backlog = 1 AND {OWED} AND path IN ({marks})", chunk))
         return out
 
     def counts(self, dests: Iterable[str]) -> dict[str, int]:

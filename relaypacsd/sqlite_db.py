@@ -6,13 +6,21 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from relaypacsd.errors import JournalError, LeaseLost
 
 Statement = tuple[str, tuple[Any, ...]]
 Run = Callable[[str, Iterable[Any]], list[tuple[Any, ...]]]  # one statement in a `write`: its rows
 T = TypeVar("T")
+
+
+def in_lists(values: Sequence[Any], size: int) -> Iterator[tuple[str, Sequence[Any]]]:
+    """`values` in slices of `size` for `IN (...)` (SQLite limits a statement's parameters): each slice with
+    its placeholders ('?,?,?')."""
+    for i in range(0, len(values), size):
+        chunk = values[i:i + size]
+        yield ",".join("?" * len(chunk)), chunk
 
 
 class Database:

@@ -12,7 +12,7 @@ import time
 from typing import Iterable
 
 from relaypacsd.journal import CONFLICT_EVENT, HEALTH_UNKNOWN, KnownInstance, Update
-from relaypacsd.sqlite_db import Database, Statement
+from relaypacsd.sqlite_db import Database, Statement, in_lists
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -67,10 +67,9 @@ class InstanceMemory:
         """What `dest` confirmed earlier under these SOP Instance UIDs, in one query per 500."""
         wanted = sorted(set(sops))
         out: dict[str, KnownInstance] = {}
-        for i in range(0, len(wanted), 500):  # SQLite's parameter limit
-            chunk = wanted[i:i + 500]
+        for marks, chunk in in_lists(wanted, 500):
             found = self.store.query(f"SELECT sop, digest, path, time FROM instances WHERE dest = ? "
-                                     f"AND sop IN ({','.join('?' * len(chunk))})", [dest, *chunk])
+                                     f"AND sop IN ({marks})", [dest, *chunk])
             out.update({r[0]: KnownInstance(r[1], r[2], r[3]) for r in found})
         return out
 

@@ -9,7 +9,7 @@ import os
 
 from relaypacsd.journal import DeliveryRow
 from relaypacsd.sqlite_backlog import CHUNK, ROW_COLUMNS
-from relaypacsd.sqlite_db import Database
+from relaypacsd.sqlite_db import Database, in_lists
 
 
 class RowReads:
@@ -36,10 +36,9 @@ class RowReads:
     def rows_at(self, dest: str, paths: list[str]) -> dict[str, DeliveryRow]:
         """One destination's rows for several files, in one query per CHUNK (SQLite's parameter limit)."""
         out: dict[str, DeliveryRow] = {}
-        for i in range(0, len(paths), CHUNK):
-            chunk = paths[i:i + CHUNK]
-            found = self.store.query(f"SELECT {self.columns} FROM deliveries WHERE dest = ? "
-                                     f"AND path IN ({','.join('?' * len(chunk))})", [dest, *chunk])
+        for marks, chunk in in_lists(paths, CHUNK):
+            found = self.store.query(f"SELECT {self.columns} FROM deliveries WHERE dest = ? AND path IN ({marks})",
+                                     [dest, *chunk])
             out.update({r[0]: DeliveryRow(*r) for r in found})
         return out
 

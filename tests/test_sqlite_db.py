@@ -1,10 +1,11 @@
-"""The shared SQLite connection: transactions (runs of one statement in one call), look-and-write transactions."""
+"""The shared SQLite connection: transactions (runs of one statement in one call), look-and-write transactions,
+IN lists."""
 
 import sqlite3
 
 import pytest
 
-from relaypacsd.sqlite_db import Database
+from relaypacsd.sqlite_db import Database, in_lists
 
 SCHEMA = "CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 
@@ -45,3 +46,9 @@ def test_write_looks_and_writes_in_one_transaction_and_rolls_back_on_error(db):
     with pytest.raises(sqlite3.IntegrityError):  # x is there: the look was taken, the write fails, none of it stays
         db.write(step)
     assert db.query("SELECT k, v FROM t") == [("x", 0)]
+
+
+def test_in_lists_slices_values_with_their_placeholders():
+    assert list(in_lists([], 3)) == []
+    assert list(in_lists(["a", "b", "c", "d"], 3)) == [("?,?,?", ["a", "b", "c"]), ("?", ["d"])]
+    assert list(in_lists(("a", "b"), 2)) == [("?,?", ("a", "b"))]
