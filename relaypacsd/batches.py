@@ -14,7 +14,7 @@ from relaypacsd.models import Part, Sender
 from relaypacsd.outcomes import InstanceResult, Outcome, results_for_error
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen, as InstanceResult
 class Changed(InstanceResult):
     """Not sent: the file is no longer the one validated (its size differs), or it is gone. Sending it again
     cannot help: it is validated again (a new version), or forgotten."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from relaypacsd.delivery import Engine
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one per file (see journal.DeliveryRow)
 class Valid:
     """A file validation found valid, with its route (None without routing), ready to be held."""
 

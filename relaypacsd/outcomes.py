@@ -45,7 +45,7 @@ class Outcome(str, enum.Enum):
         return self in (Outcome.DELIVERED, Outcome.DUPLICATE)
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one per instance answered (see journal.DeliveryRow)
 class InstanceResult:
     """One instance's outcome, with the words a technician reads in the log and the journal."""
 

@@ -127,7 +127,7 @@ class Route:
         return ", ".join(f"{c.key} = {_show_written(c.written)}" for c in self.conditions) or "every file"
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one per route tried, for every file (see journal.DeliveryRow)
 class Tried:
     """One route tried for a file: did it match, and if not, the condition that failed and what it saw."""
 
@@ -147,7 +147,7 @@ class Tried:
         return {"route": self.route, "matched": self.matched, "failed": self.failed}
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one per file (see journal.DeliveryRow)
 class RouteDecision:
     """Which routes matched a file (in order), the destinations they give, and every route tried."""
 
