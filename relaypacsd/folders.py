@@ -20,14 +20,24 @@ class EmptiedFolders:
 
     def __init__(self, settle: dict[Path, float]):
         self._settle = settle  # watch root -> its settle time
-        self._since: dict[tuple[Spool, Path], float] = {}
+        # (watch root, folder) as text -> (its spool, the folder, since when). Text: a mark runs twice per file,
+        # and a (Spool, Path) key hashed and compared the dataclass and the Path's parts each time (5 us a mark).
+        self._since: dict[tuple[str, str], tuple[Spool, Path, float]] = {}
         self._lock = threading.Lock()
 
     def mark(self, spool: Spool, folder: Path, since: float | None = None) -> None:
         """Remember that `folder` may be empty since `since` (now if None); the latest time wins."""
         since = time.monotonic() if since is None else since
+        key = (os.fspath(spool.root), os.fspath(folder))
         with self._lock:
-            self._since[(spool, folder)] = max(since, self._since.get((spool, folder), since))
+            known = self._since.get(key)
+            if known is None or known[2] < since:
+                self._since[key] = (spool, folder, since)
+
+    def marked(self, spool: Spool, folder: Path) -> bool:
+        """Whether `folder` is remembered as maybe emptied (until a prune removes or keeps it)."""
+        with self._lock:
+            return (os.fspath(spool.root), os.fspath(folder)) in self._since
 
     def prune(self) -> None:
         """Remove the study folders that claims and moves emptied, once untouched for FOLDER_QUIET: a writer
@@ -35,7 +45,7 @@ class EmptiedFolders:
         with self._lock:
             candidates, self._since = self._since, {}
         now = time.monotonic()
-        for (spool, folder), since in candidates.items():
+        for spool, folder, since in candidates.values():
             if now - since < self._quiet(spool):
                 self.mark(spool, folder, since)  # emptied by this run too recently, whatever its mtime
                 continue

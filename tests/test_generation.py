@@ -23,6 +23,6 @@ def test_what_an_old_generation_hands_on_after_a_reload_goes_to_the_new_one(tmp_
         old.queue_intake(spool, path)  # the old generation's validation asks for it to be validated again
         old.may_be_empty(spool, spool.sending / "study")
         assert path in daemon.intake.pending_paths()
-        assert daemon.folders is not old.folders and (spool, spool.sending / "study") in daemon.folders._since
+        assert daemon.folders is not old.folders and daemon.folders.marked(spool, spool.sending / "study")
     finally:
         daemon._stop_pieces(timeout=5)
