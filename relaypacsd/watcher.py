@@ -137,8 +137,8 @@ class _Handler(FileSystemEventHandler):
 
     kind: "complete" (closed after writing, or renamed into place: key is the file's state at that
     moment, so a file reopened before the scanner looks waits again), "writing" (written to, or
-    created empty: a writer holds it), "seen" (anything else), "dir" (a folder appeared: walk it,
-    a folder moved in brings files that raise no event of their own).
+    created empty: a writer holds it), "seen" (anything else; key is its state when seen, or None),
+    "dir" (a folder appeared: walk it, a folder moved in brings files that raise no event of their own).
     """
 
     def __init__(self, events: "queue.SimpleQueue[_Event]", arrived: threading.Event | None = None,
@@ -172,7 +172,10 @@ class _Handler(FileSystemEventHandler):
             # just before its watch (no writer may be left, and no close event may come): settle.
             path = os.fsdecode(event.src_path)
             key = _stat_key(path)
-            self.events.put((path, "writing" if key is not None and key[0] == 0 else "seen", None))
+            if key is not None and key[0] == 0:
+                self.events.put((path, "writing", None))
+            else:
+                self.events.put((path, "seen", key))  # its state now: the scanner need not stat it again
             self._wake_idle()
 
     def _arrived(self) -> None:
@@ -307,14 +310,16 @@ class InboxWatcher:
             return tick
         return max(tick, self._next_rescan - now)
 
-    def _note(self, path: str, kind: str, closed_key: _Key | None, now: float) -> None:
+    def _note(self, path: str, kind: str, event_key: _Key | None, now: float) -> None:
         # Every component counts: a file in inbox/.staging/ is as unfinished as one named .x.dcm,
         # whether an event or a rescan (which skips such folders) reports it.
         prefix = self._prefix
         rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.inbox)
         if any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep)):
             return
-        key = self._key(path)
+        # The handler's stat at the event, where it made one: a second one here would tell nothing more (a
+        # change since is caught by the stat at the settle time, which then waits a settle time again).
+        key = event_key if event_key is not None else self._key(path)
         if key is None:
             self._candidates.pop(path, None)
             return
@@ -323,8 +328,8 @@ class InboxWatcher:
             cand = self._candidates[path] = _Candidate(key=key, since=now)
         elif cand.key != key:
             cand.key, cand.since = key, now
-        if kind == "complete" and closed_key is not None:
-            cand.closed_key = closed_key
+        if kind == "complete" and event_key is not None:
+            cand.closed_key = event_key
             cand.writing = False
         elif kind == "writing" and self.mode == "native":
             cand.writing = True

@@ -61,6 +61,29 @@ def test_with_native_events_a_settling_file_is_stated_at_its_settle_time_not_eve
     assert w.tick(now=104.0) == [lost]
 
 
+def test_an_event_that_carries_the_files_state_is_not_stated_again_by_the_scanner(tmp_path, monkeypatch):
+    """The handler stats a created or closed file to queue its event; the scanner takes that state (a renamed-in
+    burst stated each file twice more: for the create watchdog replays and for the close)."""
+    import relaypacsd.watcher as watcher
+
+    stats: list[str] = []
+    real = watcher._stat_key
+    monkeypatch.setattr(watcher, "_stat_key", lambda p: stats.append(p) or real(p))
+    w = make(tmp_path, settle=2)
+    w.mode = "native"
+    created, closed = w.inbox / "created.dcm", w.inbox / "closed.dcm"
+    created.write_bytes(b"x" * 10)
+    closed.write_bytes(b"y" * 10)
+    _Handler(w._events).dispatch(FileCreatedEvent(str(created)))  # watchdog's replay for a folder moved in
+    _Handler(w._events).dispatch(FileClosedEvent(str(closed)))
+    assert len(stats) == 2  # the handler's
+    assert w.tick(now=100.0) == [closed]  # closed: ready at once, stated once to check it did not change
+    assert sorted(stats) == sorted([str(created), str(closed), str(closed)])
+    assert w.tick(now=101.0) == []
+    assert w.tick(now=102.0) == [created]  # settled: stated once more, at its settle time
+    assert len(stats) == 4
+
+
 def test_close_event_makes_a_file_ready_at_once(tmp_path):
     w = make(tmp_path, settle=60)
     f = w.inbox / "b.dcm"
