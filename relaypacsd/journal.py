@@ -29,7 +29,7 @@ def health_of(value: int) -> bool | None:
     return None if value == HEALTH_UNKNOWN else bool(value)
 
 
-# Not frozen, like the other values made for every file (Update, FileFacts, Ensure, DicomInfo, HistoryRecord):
+# Not frozen, like the other values made for every file or answer (each points here: Update, DicomInfo, ...):
 # a frozen dataclass's __init__ sets each field through object.__setattr__, 4-8x the cost (3.0 against 0.5 µs
 # for HistoryRecord), and a file makes a dozen of them. Nobody changes one: dataclasses.replace makes a new one.
 @dataclass
