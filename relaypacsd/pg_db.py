@@ -26,6 +26,7 @@ STATEMENT_TIMEOUT_MS = 30000
 # Our transactions are sent whole and never wait on anything: one idle this long belongs to a node that was
 # paused (SIGSTOP, a frozen VM) in the middle of it. PostgreSQL ends it, so its locks hold no other node up.
 IDLE_IN_TRANSACTION_MS = 2000
+DEADLOCK_TRIES = 5  # a transaction PostgreSQL ended to break a deadlock runs again, up to this many times in all
 SCHEMA_LOCK = 0x72656c6179  # pg_advisory_xact_lock key: nodes starting together create the schema once
 
 
@@ -96,16 +97,28 @@ class PgDatabase:
         import psycopg
         import psycopg.errors
 
-        try:
-            return work()
-        except LeaseLost:
-            raise
-        except psycopg.errors.LockNotAvailable as exc:
-            raise JournalBusy(f"{self.shown}: {self._reason(exc)}") from None
-        except psycopg.Error as exc:
-            if conn.broken or conn.closed or isinstance(exc, psycopg.OperationalError):
-                self._drop()  # the next call connects again
-            raise JournalError(f"{self.shown}: {self._reason(exc)}") from None
+        attempt = 0
+        while True:
+            try:
+                return work()
+            except LeaseLost:
+                raise
+            except psycopg.errors.DeadlockDetected as exc:
+                # Two nodes' transactions locked the same rows (owners, deliveries) in opposite orders, and
+                # PostgreSQL rolled this one back: nothing of it was written, so it runs again, a moment later.
+                # Said as "cannot be reached", it told the technician of an outage there was not.
+                attempt += 1
+                if attempt < DEADLOCK_TRIES:
+                    time.sleep(0.05 * attempt)
+                    continue
+                self._drop()
+                raise JournalError(f"{self.shown}: {self._reason(exc)}") from None
+            except psycopg.errors.LockNotAvailable as exc:
+                raise JournalBusy(f"{self.shown}: {self._reason(exc)}") from None
+            except psycopg.Error as exc:
+                if conn.broken or conn.closed or isinstance(exc, psycopg.OperationalError):
+                    self._drop()  # the next call connects again
+                raise JournalError(f"{self.shown}: {self._reason(exc)}") from None
 
     @staticmethod
     def _create(conn: Any, schema: str, attempts: int = 5) -> None:

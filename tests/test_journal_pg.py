@@ -3,6 +3,8 @@ a read-only view. The behaviour every backend shares is in test_journal_contract
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from relaypacsd.config import Secret
@@ -96,3 +98,44 @@ def test_schema_creation_that_deadlocks_with_a_running_node_is_tried_again():
     assert conn.ran[-1].startswith("ALTER") and conn.fail == 0
     with pytest.raises(psycopg.errors.DeadlockDetected):
         PgDatabase._create(Conn(fail=9), "ALTER TABLE t ADD COLUMN IF NOT EXISTS b int", attempts=3)
+
+
+def test_a_transaction_ended_to_break_a_deadlock_runs_again_and_commits(locked_postgres):
+    """Two nodes lock the same rows in opposite orders; PostgreSQL ends one transaction to break the deadlock.
+    Nothing of it was written, so it runs again. It was said as "journal cannot be reached" (test_gateways)."""
+    import threading
+
+    import psycopg
+
+    from relaypacsd.pg_db import PgDatabase
+
+    db = PgDatabase(locked_postgres.url, Secret("pg-t0p-secret"),
+                    schema="CREATE TABLE IF NOT EXISTS locks_t (k int PRIMARY KEY, v int NOT NULL)")
+    other = psycopg.connect(locked_postgres.url, password="pg-t0p-secret", autocommit=True)
+    try:
+        db.change("DELETE FROM locks_t")
+        db.transaction([("INSERT INTO locks_t (k, v) VALUES (%s, %s)", (1, 0)),
+                        ("INSERT INTO locks_t (k, v) VALUES (%s, %s)", (2, 0))])
+        tx = other.transaction()
+        tx.__enter__()
+        other.execute("UPDATE locks_t SET v = 20 WHERE k = 2")  # the other node holds row 2
+        done: list[object] = []
+
+        def ours() -> None:  # row 1, then row 2: waits for the other node
+            try:
+                done.append(db.transaction([("UPDATE locks_t SET v = v + 1 WHERE k = %s", (1,)),
+                                            ("UPDATE locks_t SET v = v + 1 WHERE k = %s", (2,))]))
+            except Exception as exc:  # noqa: BLE001 - the test reports it
+                done.append(exc)
+
+        worker = threading.Thread(target=ours)
+        worker.start()
+        time.sleep(0.3)  # ours holds row 1 and waits for row 2
+        other.execute("UPDATE locks_t SET v = 10 WHERE k = 1")  # the cycle: PostgreSQL ends ours (the older wait)
+        tx.__exit__(None, None, None)  # the other node commits
+        worker.join(30)
+        assert done == [[]], done
+        assert sorted(db.query("SELECT k, v FROM locks_t")) == [(1, 11), (2, 21)]  # ours ran once, after theirs
+    finally:
+        other.close()
+        db.close()
