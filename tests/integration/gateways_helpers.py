@@ -169,7 +169,9 @@ def assert_each_file_once(share: Share, n: int) -> None:
     """Every file in exactly one folder: n in sent/ under n distinct names, nothing left anywhere else."""
     sent = folder_files(share, "sent")
     names = {p.relative_to(share.spool / "sent").as_posix() for p in sent}
-    assert len(sent) == n and len(names) == n, sorted(names)[:20]
+    # On failure, what is odd: names that are not plain instance files (a~1.dcm: a second copy), and the count.
+    odd = sorted(name for name in names if "~" in name or not name.endswith(".dcm"))
+    assert len(sent) == n and len(names) == n, f"{len(sent)} in sent/ for {n}; odd names: {odd[:20]}"
     for folder in ("inbox", "sending", "failed"):
         assert folder_files(share, folder) == [], folder
 
