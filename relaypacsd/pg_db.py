@@ -121,24 +121,14 @@ class PgDatabase:
                 raise JournalError(f"{self.shown}: {self._reason(exc)}") from None
 
     @staticmethod
-    def _create(conn: Any, schema: str, attempts: int = 5) -> None:
-        import psycopg.errors
-
-        for attempt in range(attempts):
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                    for statement in (s.strip() for s in schema.split(";")):
-                        if statement:
-                            conn.execute(statement)
-                return
-            except psycopg.errors.DeadlockDetected:
-                # ALTER TABLE takes its table's strongest lock even when there is nothing to add; a node already
-                # running that upgrades its own lock on the table meanwhile deadlocks with it, and PostgreSQL ends
-                # one of the two. Nothing was changed (rolled back): create again, a moment later.
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+    def _create(conn: Any, schema: str) -> None:
+        # ALTER TABLE takes its table's strongest lock even when there is nothing to add: a node already running
+        # that upgrades its own lock on the table meanwhile deadlocks with it. `_run` runs it again then.
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            for statement in (s.strip() for s in schema.split(";")):
+                if statement:
+                    conn.execute(statement)
 
     def close(self) -> None:
         """Close the connection; later calls fail."""
