@@ -20,6 +20,10 @@ class SpoolError(RelayPacsError):
     """A watch root cannot be used as a spool (permissions, several filesystems, ...)."""
 
 
+class AlreadyFinished(SpoolError):
+    """A claimed name was a second name of a file already in sent/ or failed/ (a move stopped halfway): it went."""
+
+
 class InvalidDicomError(RelayPacsError):
     """A file is not a DICOM instance this gateway can forward (a permanent, per-file problem)."""
 

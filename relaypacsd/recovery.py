@@ -25,9 +25,9 @@ def repair_spool(spool: Spool, quiet_for: float = 0.0) -> None:
     spool.prepare()
     for path in spool.clean_after_crash(quiet_for):
         logger.info("removed {} left in failed/ by an interrupted run", path.name)
-    for path in spool.finish_interrupted_claims():
-        logger.info("{} was claimed by an interrupted run: its second name in inbox/ went (one file, "
-                    "in sending/)", spool.relative(path))
+    for path in spool.finish_interrupted_moves():
+        logger.info("{} was moved by an interrupted run: the file stood under two names, and its second one in "
+                    "{}/ went", spool.relative(path), path.relative_to(spool.root).parts[0])
 
 
 def resume_unpacks(spool: Spool, quiet_for: float = 0.0) -> bool:

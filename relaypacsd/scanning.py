@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from loguru import logger
 
-from relaypacsd.errors import JournalError, RelayPacsError
+from relaypacsd.errors import AlreadyFinished, JournalError, RelayPacsError
 from relaypacsd.names import is_valid_utf8, printable
 from relaypacsd.renames import sync_dirs
 from relaypacsd.spool import Spool
@@ -92,6 +92,9 @@ class Scanner:
         spool = self.spool
         try:
             moved = spool.claim(path, sync=False)
+        except AlreadyFinished as exc:
+            logger.info("{}", exc)
+            return None
         except (OSError, RelayPacsError) as exc:
             logger.error("cannot claim {} (moving it to sending/ failed: {}); it stays in inbox/ and is tried at "
                          "the next rescan: check that folder's permissions", printable(spool.relative(path)),

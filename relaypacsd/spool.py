@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from relaypacsd.errors import SpoolError
+from relaypacsd.errors import AlreadyFinished, SpoolError
 from relaypacsd.names import NAME_MAX, fit_name, valid_path
 from relaypacsd.renames import free_folders, fsync_dir, move_to_free_name, rename_noreplace, same_file
 from relaypacsd.sidecars import SIDECAR_SUFFIX, sidecar_path, write_sidecar
@@ -91,10 +91,27 @@ class Spool:
         raise ValueError(f"{path} is not inside watch root {self.root}")
 
     def claim(self, path: Path, *, sync: bool = True) -> Path | None:
-        """Move a complete file from inbox/ to sending/; None if someone else took it first.
+        """Move a complete file from inbox/ to sending/; None if someone else took it first, AlreadyFinished
+        (the name gone) if it was a second name of a file in sent/ or failed/.
 
         sync=False leaves the directory fsync to the caller, who batches it (`sync_dirs`)."""
-        return self._move(path, self.sending / valid_path(self.relative(path)), missing_ok=True, sync=sync)
+        moved = self._move(path, self.sending / valid_path(self.relative(path)), missing_ok=True, sync=sync)
+        # One lstat a file: a claim by the link fallback stopped between its link and its unlink (a node paused
+        # on a share) left its inbox/ name beside a file another node then sent; claimed again, it went twice.
+        if moved is not None and os.lstat(moved).st_nlink > 1 and self._finished_twin(moved) is not None:
+            os.unlink(moved)
+            raise AlreadyFinished(f"{self.relative_text(moved)} in inbox/ was a second name of a file already in sent/ "
+                                  "or failed/ (a move between folders stopped halfway, on a share without renameat2): "
+                                  "that name went, nothing is sent")
+        return moved
+
+    def _finished_twin(self, path: Path) -> Path | None:
+        """The name in sent/ or failed/ that `path`, in sending/, is a second name of (one inode), if any."""
+        relative = self.relative_text(path)
+        for twin in (self.sent / relative, self.failed / relative):
+            if same_file(path, twin):
+                return twin
+        return None
 
     def finish(self, path: Path, folder: str, error: dict[str, Any] | None = None, *, sync: bool = True) -> Path:
         """Move a file from sending/ to sent/ or failed/; a failed file gets its sidecar first."""
@@ -156,14 +173,18 @@ class Spool:
                         pass
         return removed
 
-    def finish_interrupted_claims(self) -> list[Path]:
-        """At start-up: a claim by the link fallback (`renames._link_noreplace`) killed between its link and its unlink
-        left one file under two names, inbox/ and sending/; its inbox/ name goes now, or it is sent twice."""
+    def finish_interrupted_moves(self) -> list[Path]:
+        """At start-up: a move by the link fallback (`renames._link_noreplace`) killed between its link and its
+        unlink left one file under two names. inbox/ and sending/: its inbox/ name goes, or it is sent twice;
+        sending/ and sent/ or failed/ (a finishing move): its sending/ name goes, or it is sent again."""
         removed = []
         for path in self.walk("sending"):  # a million files waiting: never a list of them
-            twin = self.inbox / self.relative(path)
             try:
-                if os.lstat(path).st_nlink > 1 and same_file(path, twin):
+                if os.lstat(path).st_nlink == 1:
+                    continue
+                finished = self._finished_twin(path)
+                twin = self.inbox / self.relative(path) if finished is None else path
+                if finished is not None or same_file(path, twin):
                     os.unlink(twin)
                     removed.append(twin)
             except OSError:  # gone meanwhile, or a folder we may not write: the claim sorts it out later

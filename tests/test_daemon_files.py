@@ -467,6 +467,27 @@ def test_a_claim_killed_between_its_link_and_its_unlink_is_finished_at_start_not
         daemon.shutdown(timeout=5)
 
 
+def test_an_inbox_name_of_a_file_already_sent_is_dropped_not_sent_again(tmp_path, monkeypatch):
+    """Another gateway paused mid-claim (link made, unlink not yet) while this one sent the file: the inbox/
+    name left beside sent/ was claimed, sent a second time, and kept in sent/ as img~1.dcm."""
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", False)
+    pacs = ScriptedPacs("orthanc")
+    daemon = make_daemon(tmp_path, pacs)
+    spool = daemon.spools[0]
+    spool.prepare()
+    write_instance(spool.sent / "S1" / "img.dcm")
+    daemon.start()
+    try:
+        (spool.inbox / "S1").mkdir()
+        os.link(spool.sent / "S1" / "img.dcm", spool.inbox / "S1" / "img.dcm")
+        assert wait_until(lambda: count(spool, "inbox") == 0)
+        time.sleep(0.5)
+        assert count(spool, "sent") == 1 and count(spool, "sending") == 0 and not pacs.calls
+        assert os.stat(spool.sent / "S1" / "img.dcm").st_nlink == 1
+    finally:
+        daemon.shutdown(timeout=5)
+
+
 def test_a_move_to_failed_killed_between_its_link_and_its_unlink_leaves_one_failure(tmp_path, monkeypatch):
     """Killed after the link fallback made failed/bad.dcm (its sidecar beside it) but before sending/bad.dcm
     went: the next run failed it again beside itself, bad~1.dcm, one file shown as two failures."""

@@ -10,7 +10,7 @@ import pytest
 
 from relaypacsd import renames
 from relaypacsd import spool as spool_mod
-from relaypacsd.errors import SpoolError
+from relaypacsd.errors import AlreadyFinished, SpoolError
 from relaypacsd.renames import rename_noreplace
 from relaypacsd.sidecars import read_sidecar, sidecar_path
 from relaypacsd.spool import Spool
@@ -244,3 +244,50 @@ def test_walk_finds_what_files_finds_without_listing_a_folder(tmp_path):
     (spool.sending / "link").symlink_to(spool.sending / "s1")  # a link to a folder is not followed
     assert sorted(spool.walk("sending")) == list(spool.files("sending"))
     assert spool.empty_folders("sending") == [spool.sending / "empty"]
+
+
+@pytest.mark.parametrize("use_renameat2", [False, True])
+@pytest.mark.parametrize("finished_in", ["sent", "failed"])
+def test_an_inbox_name_left_by_a_claim_stopped_halfway_is_not_claimed_again(tmp_path, monkeypatch, use_renameat2,
+                                                                            finished_in):
+    """A node paused between its claim's link and unlink (a share without renameat2) left inbox/S1/a.dcm beside
+    sending/S1/a.dcm; another node took the file over and finished it. Claimed again, it was sent twice and
+    stood in sent/ as a.dcm and a~1.dcm. The claiming node may reach the share with renameat2 or without."""
+    monkeypatch.setattr(renames, "USE_RENAMEAT2", use_renameat2 and renames.USE_RENAMEAT2)
+    s = Spool(tmp_path / "root")
+    s.prepare()
+    done = s.root / finished_in / "S1" / "a.dcm"
+    done.parent.mkdir()
+    done.write_text("1")
+    _drop(s, "S1/b.dcm", "2")
+    os.link(done, s.inbox / "S1" / "a.dcm")
+    with pytest.raises(AlreadyFinished, match="S1/a.dcm in inbox/ was a second name"):
+        s.claim(s.inbox / "S1" / "a.dcm")
+    assert s.claim(s.inbox / "S1" / "b.dcm") == s.sending / "S1" / "b.dcm"  # a plain file is claimed as ever
+    assert not (s.inbox / "S1" / "a.dcm").exists() and not (s.sending / "S1" / "a.dcm").exists()
+    assert done.read_text() == "1" and os.stat(done).st_nlink == 1
+
+
+def test_a_hard_linked_file_whose_twin_is_elsewhere_is_claimed(tmp_path):
+    """A modality or a script that hard-links its files into inbox/ (nlink 2, the twin outside the spool)."""
+    s = Spool(tmp_path / "root")
+    s.prepare()
+    (tmp_path / "archive.dcm").write_text("1")
+    os.link(tmp_path / "archive.dcm", s.inbox / "a.dcm")
+    assert s.claim(s.inbox / "a.dcm") == s.sending / "a.dcm"
+
+
+def test_start_up_finishes_moves_stopped_between_link_and_unlink(tmp_path):
+    """Each leftover keeps the name of the later folder: inbox/+sending/ -> sending/; sending/+sent/ -> sent/;
+    sending/+failed/ -> failed/. A file that merely has a link elsewhere stays."""
+    s = Spool(tmp_path / "root")
+    s.prepare()
+    for name, later in (("claimed.dcm", "inbox"), ("sent.dcm", "sent"), ("failed.dcm", "failed")):
+        (s.sending / name).write_text(name)
+        os.link(s.sending / name, s.root / later / name)
+    (tmp_path / "outside.dcm").write_text("o")
+    os.link(tmp_path / "outside.dcm", s.sending / "outside.dcm")
+    removed = sorted(p.relative_to(s.root).as_posix() for p in s.finish_interrupted_moves())
+    assert removed == ["inbox/claimed.dcm", "sending/failed.dcm", "sending/sent.dcm"]
+    assert sorted(p.name for p in s.sending.iterdir()) == ["claimed.dcm", "outside.dcm"]
+    assert (s.sent / "sent.dcm").exists() and (s.failed / "failed.dcm").exists()
