@@ -94,8 +94,10 @@ def run_curl(orthanc: LocalOrthanc, paths: list[Path], work: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_raw(orthanc: LocalOrthanc, paths: list[Path], batch: int = 50, threads: int = 4) -> float:
-    """Batched STOW-RS with requests: 4 threads, one session each, bodies streamed with Content-Length."""
+def run_raw(orthanc: LocalOrthanc, paths: list[Path], batch: int = 50, threads: int = 4) -> tuple[float, float]:
+    """Batched STOW-RS with requests: 4 threads, one session each, bodies streamed with Content-Length.
+
+    Returns (total, this process's CPU ms per file over the run: the raw sender's own cost)."""
     url = orthanc.dicomweb_url + "/studies"
     batches = [paths[i:i + batch] for i in range(0, len(paths), batch)]
 
@@ -108,10 +110,12 @@ def run_raw(orthanc: LocalOrthanc, paths: list[Path], batch: int = 50, threads: 
                 "Accept": "application/dicom+json"})
             r.raise_for_status()
 
+    cpu_before = cpu_seconds(os.getpid())
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(send, batches))
-    return time.perf_counter() - started
+    total = time.perf_counter() - started
+    return total, (cpu_seconds(os.getpid()) - cpu_before) * 1000 / len(paths)
 
 
 # Routes the benchmark's CT files fail, each a different kind of condition; then a default that takes them.
@@ -250,7 +254,8 @@ def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl
     tables runs too, as "routed"; `other_delivery`: the other's [delivery] settings (this checkout's with them
     alone)."""
     times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
-                                     "routed": [], "routed_cpu": [], "curl": []}
+                                     "routed": [], "routed_cpu": [], "curl": [], "raw_cpu": [],
+                                     "pacs_raw": [], "pacs_relay": []}
     senders = ("raw", "relay") + (("other",) if compare or other_delivery else ()) + (("routed",) if routes else ())
     for r in range(rounds):
         for sender in senders + (("curl",) if with_curl and r == 0 else ()):
@@ -264,9 +269,15 @@ def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl
 
 def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, times: dict[str, list[float]],
              compare: str | None, drop: str, routes: int = 0, other_delivery: dict[str, str] | None = None) -> None:
-    """One sender's run on `orthanc`; its figures appended to `times`."""
+    """One sender's run on `orthanc`; its figures appended to `times`.
+
+    For raw and relay, Orthanc's own CPU per instance over the run goes in too: with shared CPUs, what the
+    sender costs shows there as much as in its own figure."""
+    pacs_before = cpu_seconds(orthanc.pid) if orthanc.pid else 0.0
     if sender == "raw":
-        times["raw"].append(run_raw(orthanc, paths))
+        total, cpu = run_raw(orthanc, paths)
+        times["raw"].append(total)
+        times["raw_cpu"].append(cpu)
     elif sender == "curl":
         times["curl"].append(run_curl(orthanc, paths, work))
     elif sender == "other":
@@ -283,6 +294,8 @@ def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, 
         times["relay"].append(total)
         times["first"].append(first)
         times["cpu"].append(cpu)
+    if sender in ("raw", "relay") and orthanc.pid:
+        times[f"pacs_{sender}"].append((cpu_seconds(orthanc.pid) - pacs_before) * 1000 / len(paths))
 
 
 @contextlib.contextmanager
@@ -347,8 +360,9 @@ def main() -> int:
     other = " | other relaypacsd / raw | its CPU per file" if compared else ""
     other += f" | with {args.routes} routes / raw | its CPU per file" if args.routes else ""
     print("| CPUs | instances | one curl per file | raw batched STOW, 4 threads | relaypacsd inbox -> sent "
-          f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file{other} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if compared else "")
+          f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file | raw sender's CPU per file "
+          f"| Orthanc's CPU per instance, raw / relaypacsd{other} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if compared else "")
           + ("---:|---:|" if args.routes else ""))
     for r in rows:
         n = r["n"]
@@ -357,7 +371,8 @@ def main() -> int:
         low, high = r["spread"]
         print(f"| {r['layout']} | {n} | {curl} | {r['raw']:.2f} s ({n / r['raw']:.0f}/s) | {r['relay']:.2f} s "
               f"({n / r['relay']:.0f}/s), first file in sent/ after {r['first']:.2f} s "
-              f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} | {r['cpu']:.2f} ms |"
+              f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} | {r['cpu']:.2f} ms "
+              f"| {r['raw_cpu']:.2f} ms | {r.get('pacs_raw', 0):.2f} / {r.get('pacs_relay', 0):.2f} ms |"
               + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if compared else "")
               + (f" {r['raw'] / r['routed']:.2f}x | {r['routed_cpu']:.2f} ms |" if args.routes else ""))
     return 0
