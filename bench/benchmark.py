@@ -352,7 +352,8 @@ def main() -> int:
                             max(r / x for r, x in zip(t["raw"], t["relay"]))
                         rows.append(row)
                         print(f"{layout} n={count}: " + "; ".join(
-                            f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in t.items() if v) + " s", flush=True)
+                            f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in t.items() if v)
+                              + " (times s, *cpu and pacs_* ms per file)", flush=True)
             finally:
                 pin(os.getpid(), everything)
             print(f"(Orthanc holds {orthanc.count_instances()} instances)")
