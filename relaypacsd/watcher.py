@@ -118,6 +118,15 @@ class _InboxEmitter(InotifyFullEmitter):
     def get_event_mask_from_filter(self) -> Mask:
         return Mask(super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM)
 
+    def queue_event(self, event: FileSystemEvent) -> None:
+        # For a folder moved in, watchdog walks it and makes a synthetic created event per file, each queued,
+        # dispatched and stat'ed: a fifth of the watching cost of a study folder renamed into the inbox. The
+        # folder's own moved event makes the scanner walk it (_Handler: "dir"), which finds the same files, so
+        # those are dropped here. Events inotify reported (watches it adds, files made before them) all pass.
+        if event.is_synthetic and event.event_type == "created":
+            return
+        super().queue_event(event)
+
 
 class _InboxObserver(InotifyObserver):
     """watchdog's inotify observer with the inbox emitter."""
@@ -321,13 +330,14 @@ class InboxWatcher:
             return tick
         return max(tick, self._next_rescan - now)
 
-    def _note(self, path: str, kind: str, event_key: _Key | None, now: float) -> None:
+    def _note(self, path: str, kind: str, event_key: _Key | None, now: float, checked: bool = False) -> None:
         # Every component counts: a file in inbox/.staging/ is as unfinished as one named .x.dcm,
-        # whether an event or a rescan (which skips such folders) reports it.
-        prefix = self._prefix
-        rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.inbox)
-        if any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep)):
-            return
+        # whether an event or a rescan reports it (`checked`: the rescan's walk looked at each already).
+        if not checked:
+            prefix = self._prefix
+            rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.inbox)
+            if any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep)):
+                return
         # The handler's stat at the event, where it made one: a second one here would tell nothing more (a
         # change since is caught by the stat at the settle time, which then waits a settle time again).
         key = event_key if event_key is not None else self._key(path)
@@ -351,6 +361,11 @@ class InboxWatcher:
         files taken on; the walk reads one entry at a time, so a flat folder of a million is never listed)."""
         self._more = False
         folders = [str(top or self.inbox)]
+        if top is not None and top != self.inbox:
+            # The walk looks at the names below `top`; the folders down to it are looked at here.
+            rel = os.path.relpath(top, self.inbox)
+            if any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep)):
+                return
         while folders:
             folder = folders.pop()
             try:
@@ -369,7 +384,7 @@ class InboxWatcher:
                             if len(self._candidates) >= CANDIDATES:
                                 self._more = True
                                 return
-                            self._note(entry.path, "seen", None, now)
+                            self._note(entry.path, "seen", None, now, checked=True)
             except OSError as exc:
                 self._unreadable(exc)
 

@@ -461,3 +461,43 @@ def test_polling_keeps_its_tick_whatever_the_settle_time(tmp_path):
     w.mode = "polling"
     assert w.tick(now=100.0) == []
     assert w.idle_wait(0.2, now=100.45) == 0.2
+
+
+def test_a_folder_moved_in_is_walked_once_not_replayed_file_by_file(tmp_path):
+    """watchdog replays a folder moved in as a created event per file; the scanner walks the folder on its moved
+    event anyway, so the replay (queued, dispatched and stat'ed per file) is dropped: every file is still found,
+    in subfolders too, and only the folder's own event reaches the scanner."""
+    w = make(tmp_path, settle=30, observer="native", rescan_interval=3600)
+    w.arrived = threading.Event()
+    study = tmp_path / "study"
+    (study / "series2").mkdir(parents=True)
+    files = [study / f"{i}.dcm" for i in range(20)] + [study / "series2" / f"{i}.dcm" for i in range(5)]
+    for f in files:
+        f.write_bytes(b"x" * 100)
+    w.start()
+    try:
+        w.tick()
+        os.rename(study, w.inbox / "study")
+        assert w.arrived.wait(10)
+        time.sleep(0.3)  # the observer has queued whatever it makes of the move
+        queued = []
+        while not w._events.empty():
+            queued.append(w._events.get_nowait())
+        assert [(p, kind) for p, kind, _ in queued] == [(str(w.inbox / "study"), "dir")]
+        for item in queued:
+            w._events.put(item)
+        w.tick()
+        assert sorted(w._candidates) == sorted(str(w.inbox / f.relative_to(tmp_path)) for f in files)
+    finally:
+        w.stop()
+
+
+def test_a_folder_with_an_unfinished_name_moved_in_is_not_walked(tmp_path):
+    """The walk of a folder that appeared looks at the names below it; the folder's own name (and those above it)
+    still counts: a copy tool's `.staging` folder moved in is not taken."""
+    w = make(tmp_path, settle=0.1)
+    for folder in (w.inbox / ".staging", w.inbox / "study" / "copy.part"):
+        folder.mkdir(parents=True)
+        (folder / "img.dcm").write_bytes(b"x" * 100)
+        _Handler(w._events).dispatch(DirCreatedEvent(str(folder)))
+    assert w.tick(now=0.0) == [] and w.pending() == 0
