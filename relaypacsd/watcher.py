@@ -120,9 +120,9 @@ class _InboxEmitter(InotifyFullEmitter):
 
     def queue_event(self, event: FileSystemEvent) -> None:
         # For a folder moved in, watchdog walks it and makes a synthetic created event per file, each queued,
-        # dispatched and stat'ed: a fifth of the watching cost of a study folder renamed into the inbox. The
-        # folder's own moved event makes the scanner walk it (_Handler: "dir"), which finds the same files, so
-        # those are dropped here. Events inotify reported (watches it adds, files made before them) all pass.
+        # dispatched and stat'ed. The folder's own moved event makes the scanner walk it (_Handler: "dir"),
+        # which finds the same files, so those are dropped here. Events inotify reported (watches it adds,
+        # files made before them) all pass.
         if event.is_synthetic and event.event_type == "created":
             return
         super().queue_event(event)
@@ -333,11 +333,8 @@ class InboxWatcher:
     def _note(self, path: str, kind: str, event_key: _Key | None, now: float, checked: bool = False) -> None:
         # Every component counts: a file in inbox/.staging/ is as unfinished as one named .x.dcm,
         # whether an event or a rescan reports it (`checked`: the rescan's walk looked at each already).
-        if not checked:
-            prefix = self._prefix
-            rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.inbox)
-            if any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep)):
-                return
+        if not checked and self._unfinished(path):
+            return
         # The handler's stat at the event, where it made one: a second one here would tell nothing more (a
         # change since is caught by the stat at the settle time, which then waits a settle time again).
         key = event_key if event_key is not None else self._key(path)
@@ -361,11 +358,8 @@ class InboxWatcher:
         files taken on; the walk reads one entry at a time, so a flat folder of a million is never listed)."""
         self._more = False
         folders = [str(top or self.inbox)]
-        if top is not None and top != self.inbox:
-            # The walk looks at the names below `top`; the folders down to it are looked at here.
-            rel = os.path.relpath(top, self.inbox)
-            if any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep)):
-                return
+        if top is not None and top != self.inbox and self._unfinished(str(top)):
+            return  # the walk looks at the names below `top`; the folders down to it are looked at here
         while folders:
             folder = folders.pop()
             try:
@@ -387,6 +381,12 @@ class InboxWatcher:
                             self._note(entry.path, "seen", None, now, checked=True)
             except OSError as exc:
                 self._unreadable(exc)
+
+    def _unfinished(self, path: str) -> bool:
+        """True when a component of `path` below the inbox is an ignored name (a temp file, inbox/.staging/...)."""
+        prefix = self._prefix
+        rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.inbox)
+        return any(is_ignored(part, self.config.ignore) for part in rel.split(os.sep))
 
     def _unreadable(self, exc: OSError) -> None:
         """A folder the walk cannot list: its files would wait unseen, so say so (once per folder)."""
