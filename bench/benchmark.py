@@ -5,6 +5,7 @@
     .venv/bin/python bench/benchmark.py --counts 200 --rounds 1  # a quick look
     .venv/bin/python bench/benchmark.py --routes 5               # also with five [[route]] tables (#11)
     .venv/bin/python bench/benchmark.py --other-delivery history_days=0  # beside itself without the history
+    .venv/bin/python bench/benchmark.py --other-cpus 1           # beside itself on one CPU (CPUAffinity=1)
 
 Everything runs on 127.0.0.1: a private Orthanc (DICOMweb plugin) started here, stopped at the end.
 Each sender gets its own freshly generated instances (new UIDs), so nobody is timed on duplicates.
@@ -165,8 +166,8 @@ SETTLE_SECONDS = 2.0  # the daemon's default settle time: what a folder moved in
 
 def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
                    python: str = sys.executable, drop: str = "write", routes: int = 0,
-                   delivery: dict[str, str] | None = None) -> tuple[float, float, float]:
-    """Start the daemon, drop the files into inbox/, time until all are in sent/.
+                   delivery: dict[str, str] | None = None, cpus: set[int] | None = None) -> tuple[float, float, float]:
+    """Start the daemon (on `cpus` only, when given), drop the files into inbox/, time until all are in sent/.
 
     Returns (total, first, the daemon's CPU ms per file over the drain); with drop="rename" both times are
     net of the settle time."""
@@ -174,7 +175,9 @@ def run_relaypacsd(orthanc: LocalOrthanc, paths: list[Path], work: Path,
     credit = SETTLE_SECONDS if drop == "rename" else 0.0
     # cwd: `python -m` puts it first on sys.path: run from a checkout, --compare's Python would import this
     # checkout's relaypacsd, not its own.
-    proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"], cwd=work,
+    # cpus: set before exec, so every thread the daemon starts inherits it (systemd's CPUAffinity= does the same)
+    pinned = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen([python, "-m", "relaypacsd", "-c", str(cfg), "run"], cwd=work, preexec_fn=pinned,
                             stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
     try:
         inbox, sent = work / "spool" / "inbox", work / "spool" / "sent"
@@ -246,29 +249,31 @@ def layouts() -> dict[str, tuple[set[int], set[int]]]:
 def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool,
             compare: str | None = None, drop: str = "write",
             fresh: Callable[[], contextlib.AbstractContextManager[LocalOrthanc]] | None = None,
-            routes: int = 0, other_delivery: dict[str, str] | None = None) -> dict[str, list[float]]:
+            routes: int = 0, other_delivery: dict[str, str] | None = None,
+            other_cpus: set[int] | None = None) -> dict[str, list[float]]:
     """Run the senders `rounds` times, alternating, each on fresh instances; return their times.
 
     `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other";
     `fresh`, when given, makes a new Orthanc for each run; `routes`: this relaypacsd with that many [[route]]
     tables runs too, as "routed"; `other_delivery`: the other's [delivery] settings (this checkout's with them
-    alone)."""
+    alone); `other_cpus`: the only CPUs the other may use (this checkout's, pinned, when alone)."""
     times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
                                      "routed": [], "routed_cpu": [], "curl": [], "raw_cpu": [],
                                      "pacs_raw": [], "pacs_relay": []}
-    senders = ("raw", "relay") + (("other",) if compare or other_delivery else ()) + (("routed",) if routes else ())
+    senders = ("raw", "relay") + (("other",) if compare or other_delivery or other_cpus else ()) + (("routed",) if routes else ())
     for r in range(rounds):
         for sender in senders + (("curl",) if with_curl and r == 0 else ()):
             work = tmp / f"n{count}-{sender}-{r}"
             paths = generate(work / "files", count)
             with (fresh() if fresh else contextlib.nullcontext(orthanc)) as pacs:
-                _run_one(sender, pacs, paths, work, times, compare, drop, routes, other_delivery)
+                _run_one(sender, pacs, paths, work, times, compare, drop, routes, other_delivery, other_cpus)
             shutil.rmtree(work, ignore_errors=True)
     return times
 
 
 def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, times: dict[str, list[float]],
-             compare: str | None, drop: str, routes: int = 0, other_delivery: dict[str, str] | None = None) -> None:
+             compare: str | None, drop: str, routes: int = 0, other_delivery: dict[str, str] | None = None,
+             other_cpus: set[int] | None = None) -> None:
     """One sender's run on `orthanc`; its figures appended to `times`.
 
     For raw and relay, Orthanc's own CPU per instance over the run goes in too: with shared CPUs, what the
@@ -282,7 +287,7 @@ def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, 
         times["curl"].append(run_curl(orthanc, paths, work))
     elif sender == "other":
         total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable, drop=drop,
-                                            delivery=other_delivery)
+                                            delivery=other_delivery, cpus=other_cpus)
         times["other"].append(total)
         times["other_cpu"].append(cpu)
     elif sender == "routed":
@@ -325,9 +330,12 @@ def main() -> int:
     parser.add_argument("--other-delivery", metavar="KEY=VALUE", action="append", default=[],
                         help="[delivery] settings of the other relaypacsd (this checkout's without --compare), e.g. "
                         "history_days=0 for the cost of the delivery history")
+    parser.add_argument("--other-cpus", metavar="LIST", help="run the other relaypacsd (this checkout's without "
+                        "--compare) on these CPUs only, as systemd's CPUAffinity= would, e.g. 1 or 0,1")
     args = parser.parse_args()
     other_delivery = dict(kv.split("=", 1) for kv in args.other_delivery) or None
-    compared = args.compare or other_delivery
+    other_cpus = {int(c) for c in args.other_cpus.split(",")} if args.other_cpus else None
+    compared = args.compare or other_delivery or other_cpus
     rows = []
     everything = os.sched_getaffinity(0)
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -346,7 +354,7 @@ def main() -> int:
                         if args.fresh_orthanc:
                             fresh = functools.partial(_fresh_orthanc, Path(pacs_tmp), orthanc_cpus)
                         t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare,
-                                    args.drop, fresh, args.routes, other_delivery)
+                                    args.drop, fresh, args.routes, other_delivery, other_cpus)
                         row = {"layout": layout, "n": count, **{k: statistics.median(v) for k, v in t.items() if v}}
                         row["spread"] = min(r / x for r, x in zip(t["raw"], t["relay"])), \
                             max(r / x for r, x in zip(t["raw"], t["relay"]))
