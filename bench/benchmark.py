@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -246,34 +247,40 @@ def layouts() -> dict[str, tuple[set[int], set[int]]]:
     return result
 
 
+@dataclass
+class Other:
+    """A second relaypacsd run beside this one, as "other": another checkout's Python (its venv), other
+    [delivery] settings, or only some CPUs; this checkout's with the default settings where not given."""
+
+    python: str = sys.executable
+    delivery: dict[str, str] | None = None
+    cpus: set[int] | None = None
+
+
 def measure(orthanc: LocalOrthanc, tmp: Path, count: int, rounds: int, with_curl: bool,
-            compare: str | None = None, drop: str = "write",
+            other: Other | None = None, drop: str = "write",
             fresh: Callable[[], contextlib.AbstractContextManager[LocalOrthanc]] | None = None,
-            routes: int = 0, other_delivery: dict[str, str] | None = None,
-            other_cpus: set[int] | None = None) -> dict[str, list[float]]:
+            routes: int = 0) -> dict[str, list[float]]:
     """Run the senders `rounds` times, alternating, each on fresh instances; return their times.
 
-    `compare` is the Python of another relaypacsd checkout (its venv): it runs beside this one, as "other";
-    `fresh`, when given, makes a new Orthanc for each run; `routes`: this relaypacsd with that many [[route]]
-    tables runs too, as "routed"; `other_delivery`: the other's [delivery] settings (this checkout's with them
-    alone); `other_cpus`: the only CPUs the other may use (this checkout's, pinned, when alone)."""
+    `other`, when given, runs beside this relaypacsd; `fresh`, when given, makes a new Orthanc for each run;
+    `routes`: this relaypacsd with that many [[route]] tables runs too, as "routed"."""
     times: dict[str, list[float]] = {"raw": [], "relay": [], "first": [], "cpu": [], "other": [], "other_cpu": [],
                                      "routed": [], "routed_cpu": [], "curl": [], "raw_cpu": [],
                                      "pacs_raw": [], "pacs_relay": []}
-    senders = ("raw", "relay") + (("other",) if compare or other_delivery or other_cpus else ()) + (("routed",) if routes else ())
+    senders = ("raw", "relay") + (("other",) if other else ()) + (("routed",) if routes else ())
     for r in range(rounds):
         for sender in senders + (("curl",) if with_curl and r == 0 else ()):
             work = tmp / f"n{count}-{sender}-{r}"
             paths = generate(work / "files", count)
             with (fresh() if fresh else contextlib.nullcontext(orthanc)) as pacs:
-                _run_one(sender, pacs, paths, work, times, compare, drop, routes, other_delivery, other_cpus)
+                _run_one(sender, pacs, paths, work, times, other, drop, routes)
             shutil.rmtree(work, ignore_errors=True)
     return times
 
 
 def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, times: dict[str, list[float]],
-             compare: str | None, drop: str, routes: int = 0, other_delivery: dict[str, str] | None = None,
-             other_cpus: set[int] | None = None) -> None:
+             other: Other | None, drop: str, routes: int = 0) -> None:
     """One sender's run on `orthanc`; its figures appended to `times`.
 
     For raw and relay, Orthanc's own CPU per instance over the run goes in too: with shared CPUs, what the
@@ -285,9 +292,9 @@ def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, 
         times["raw_cpu"].append(cpu)
     elif sender == "curl":
         times["curl"].append(run_curl(orthanc, paths, work))
-    elif sender == "other":
-        total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=compare or sys.executable, drop=drop,
-                                            delivery=other_delivery, cpus=other_cpus)
+    elif sender == "other" and other is not None:
+        total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=other.python, drop=drop,
+                                            delivery=other.delivery, cpus=other.cpus)
         times["other"].append(total)
         times["other_cpu"].append(cpu)
     elif sender == "routed":
@@ -335,7 +342,8 @@ def main() -> int:
     args = parser.parse_args()
     other_delivery = dict(kv.split("=", 1) for kv in args.other_delivery) or None
     other_cpus = {int(c) for c in args.other_cpus.split(",")} if args.other_cpus else None
-    compared = args.compare or other_delivery or other_cpus
+    compared = bool(args.compare or other_delivery or other_cpus)
+    other = Other(args.compare or sys.executable, other_delivery, other_cpus) if compared else None
     rows = []
     everything = os.sched_getaffinity(0)
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -353,8 +361,8 @@ def main() -> int:
                         fresh = None
                         if args.fresh_orthanc:
                             fresh = functools.partial(_fresh_orthanc, Path(pacs_tmp), orthanc_cpus)
-                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, args.compare,
-                                    args.drop, fresh, args.routes, other_delivery, other_cpus)
+                        t = measure(orthanc, tmp_path, count, args.rounds, count <= args.curl_up_to, other,
+                                    args.drop, fresh, args.routes)
                         row = {"layout": layout, "n": count, **{k: statistics.median(v) for k, v in t.items() if v}}
                         row["spread"] = min(r / x for r, x in zip(t["raw"], t["relay"])), \
                             max(r / x for r, x in zip(t["raw"], t["relay"]))
@@ -366,11 +374,11 @@ def main() -> int:
                 pin(os.getpid(), everything)
             print(f"(Orthanc holds {orthanc.count_instances()} instances)")
     print()
-    other = " | other relaypacsd / raw | its CPU per file" if compared else ""
-    other += f" | with {args.routes} routes / raw | its CPU per file" if args.routes else ""
+    extra = " | other relaypacsd / raw | its CPU per file" if compared else ""
+    extra += f" | with {args.routes} routes / raw | its CPU per file" if args.routes else ""
     print("| CPUs | instances | one curl per file | raw batched STOW, 4 threads | relaypacsd inbox -> sent "
           f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file | raw sender's CPU per file "
-          f"| Orthanc's CPU per instance, raw / relaypacsd{other} |")
+          f"| Orthanc's CPU per instance, raw / relaypacsd{extra} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if compared else "")
           + ("---:|---:|" if args.routes else ""))
     for r in rows:
