@@ -58,20 +58,18 @@ def _backlog_of(postgres, node: str) -> int:
     return int(out or 0)
 
 
-def _drop_until_both_wait_in_backlogs(share, postgres, procs) -> list[str]:
-    """Drop 200 files, then waves of 100 until both nodes have files in their backlogs: one node's scan may claim
-    nearly a whole wave before the other's sees it (seen in CI: 185 against 15, with windows of 20, leaves the
-    smaller node nothing in its backlog); the UIDs dropped."""
-    sops = drop(share, 200)
-    for _ in range(4):
-        wait_for(lambda: len(list((share.spool / "sending").rglob("*.dcm"))) == len(sops), timeout=30)
+def _drop_in_waves(share, ready, failure, first: int = 100) -> list[str]:
+    """Drop `first` files, then waves of 100 until `ready()`: one node's scan of the share may claim nearly a whole
+    wave before the others see it (seen in CI: 185 against 15); the UIDs dropped, or AssertionError(failure())."""
+    sops: list[str] = []
+    for wave in range(4):
+        sops += drop(share, first if wave == 0 else 100)
         try:
-            wait_for(lambda: _backlog_of(postgres, "gw-b") > 0 and _backlog_of(postgres, "gw-a") > 0, timeout=15)
+            wait_for(ready, timeout=20, interval=0.02)
             return sops
         except AssertionError:
-            sops += drop(share, 100)
-    raise AssertionError(f"a node never had files in its backlog: gw-a {_backlog_of(postgres, 'gw-a')}, gw-b "
-                         f"{_backlog_of(postgres, 'gw-b')}\n" + "\n".join(daemon_log(p)[-2500:] for p in procs))
+            continue
+    raise AssertionError(failure())
 
 
 def test_an_outage_longer_than_two_windows_with_a_node_killed_sends_each_file_once(tmp_path, share, counting_orthanc,
@@ -83,7 +81,11 @@ def test_an_outage_longer_than_two_windows_with_a_node_killed_sends_each_file_on
     survivor, killed = procs
     try:
         counting_orthanc.stop()
-        sops = _drop_until_both_wait_in_backlogs(share, clean_postgres, procs)
+        # With windows of 20, a node that claimed 20 or fewer has nothing in its backlog: waves until both have.
+        sops = _drop_in_waves(share, lambda: _backlog_of(clean_postgres, "gw-b") > 0 and
+                              _backlog_of(clean_postgres, "gw-a") > 0,
+                              lambda: "\n".join(daemon_log(p)[-2500:] for p in procs), first=200)
+        wait_for(lambda: len(list((share.spool / "sending").rglob("*.dcm"))) == len(sops), timeout=30)
         killed.send_signal(signal.SIGKILL)
         killed.wait(10)
         wait_for(lambda: log_lines(survivor, "took over its"), timeout=30,
@@ -124,17 +126,9 @@ def _holds(postgres, node: str) -> int:
 
 
 def _drop_until_holding(share, postgres, proc, node: str) -> list[str]:
-    """Drop files in waves of 100 until `node` has delivered some and holds some (a loaded machine may let the
-    other nodes claim a whole wave first); the UIDs dropped."""
-    sops: list[str] = []
-    for _ in range(4):
-        sops += drop(share, 100)
-        try:
-            wait_for(lambda: _delivered_uids(proc) and _holds(postgres, node) >= 3, timeout=20, interval=0.02)
-            return sops
-        except AssertionError:
-            continue
-    raise AssertionError(f"{node} never held a file:\n{daemon_log(proc)[-3000:]}")
+    """Drop files in waves of 100 until `node` has delivered some and holds some; the UIDs dropped."""
+    return _drop_in_waves(share, lambda: _delivered_uids(proc) and _holds(postgres, node) >= 3,
+                          lambda: f"{node} never held a file:\n{daemon_log(proc)[-3000:]}")
 
 
 def _in_flight_bound(procs_killed: int = 1) -> int:
