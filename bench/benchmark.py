@@ -292,7 +292,8 @@ def _run_one(sender: str, orthanc: LocalOrthanc, paths: list[Path], work: Path, 
         times["raw_cpu"].append(cpu)
     elif sender == "curl":
         times["curl"].append(run_curl(orthanc, paths, work))
-    elif sender == "other" and other is not None:
+    elif sender == "other":
+        assert other is not None, "the other relaypacsd runs only when described"
         total, _first, cpu = run_relaypacsd(orthanc, paths, work, python=other.python, drop=drop,
                                             delivery=other.delivery, cpus=other.cpus)
         times["other"].append(total)
@@ -342,8 +343,8 @@ def main() -> int:
     args = parser.parse_args()
     other_delivery = dict(kv.split("=", 1) for kv in args.other_delivery) or None
     other_cpus = {int(c) for c in args.other_cpus.split(",")} if args.other_cpus else None
-    compared = bool(args.compare or other_delivery or other_cpus)
-    other = Other(args.compare or sys.executable, other_delivery, other_cpus) if compared else None
+    other = Other(args.compare or sys.executable, other_delivery, other_cpus) \
+        if args.compare or other_delivery or other_cpus else None
     rows = []
     everything = os.sched_getaffinity(0)
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -374,12 +375,12 @@ def main() -> int:
                 pin(os.getpid(), everything)
             print(f"(Orthanc holds {orthanc.count_instances()} instances)")
     print()
-    extra = " | other relaypacsd / raw | its CPU per file" if compared else ""
+    extra = " | other relaypacsd / raw | its CPU per file" if other else ""
     extra += f" | with {args.routes} routes / raw | its CPU per file" if args.routes else ""
     print("| CPUs | instances | one curl per file | raw batched STOW, 4 threads | relaypacsd inbox -> sent "
           f"| relaypacsd / raw (range) | relaypacsd / curl | daemon CPU per file | raw sender's CPU per file "
           f"| Orthanc's CPU per instance, raw / relaypacsd{extra} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if compared else "")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if other else "")
           + ("---:|---:|" if args.routes else ""))
     for r in rows:
         n = r["n"]
@@ -390,7 +391,7 @@ def main() -> int:
               f"({n / r['relay']:.0f}/s), first file in sent/ after {r['first']:.2f} s "
               f"| **{r['raw'] / r['relay']:.2f}x** ({low:.2f}-{high:.2f}) | {ratio_curl} | {r['cpu']:.2f} ms "
               f"| {r['raw_cpu']:.2f} ms | {r.get('pacs_raw', 0):.2f} / {r.get('pacs_relay', 0):.2f} ms |"
-              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if compared else "")
+              + (f" {r['raw'] / r['other']:.2f}x | {r['other_cpu']:.2f} ms |" if other else "")
               + (f" {r['raw'] / r['routed']:.2f}x | {r['routed_cpu']:.2f} ms |" if args.routes else ""))
     return 0
 
